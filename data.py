@@ -1,0 +1,275 @@
+"""Datasets for the trainer: CIFAR-10, CIFAR-100 and SVHN as uint8 tensors, and batches.
+
+Whole datasets are small (CIFAR: 150 MB as uint8), so they live on the training device and
+every batch is gathered, normalised and augmented there in a few tensor operations: no
+per-image Python or PIL work in the training loop.
+
+The epoch's order and augmentation come from one CPU ``torch.Generator``. An epoch is
+planned at its start (order, crop offsets, flips) from the generator's state, so a run
+resumed from a saved state, on any device or number of processes, sees the same batches.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+DATASETS = tuple(NUM_CLASSES)
+PAD = 4  # the paper's augmentation: 4-pixel zero padding, random 32x32 crop, random flip
+
+
+class DataError(Exception):
+    """A dataset problem the user can fix; the message says how."""
+
+
+@dataclass
+class Split:
+    images: Tensor  # uint8, (N, 3, 32, 32)
+    labels: Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Tensor) -> Split:
+        return Split(self.images[indices], self.labels[indices])
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR files, which hold only dicts, lists and numpy arrays.
+
+    Refusing every other global means a tampered dataset file cannot run code.
+    """
+    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            content = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; the folder must hold the official python "
+                        f"version of the dataset") from None
+    except Exception as error:  # any failure to parse means a damaged file
+        raise DataError(f"{path} is not a readable CIFAR python file ({error}); "
+                        f"replace it with a fresh copy") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path} is not a readable CIFAR python file; replace it with a fresh copy")
+    return content
+
+
+def _read_cifar_files(paths: list[Path], label_key: str) -> Split:
+    images, labels = [], []
+    for path in paths:
+        content = _unpickle(path)
+        try:
+            data = np.asarray(content["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            target = np.asarray(content[label_key], dtype=np.int64)
+        except (KeyError, ValueError) as error:
+            raise DataError(f"{path} lacks CIFAR image data or labels ({error}); "
+                            f"replace it with a fresh copy") from None
+        if len(data) != len(target):
+            raise DataError(f"{path} has {len(data)} images but {len(target)} labels; "
+                            f"replace it with a fresh copy")
+        images.append(data)
+        labels.append(target)
+    return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+_CIFAR = {
+    # name: (folder, train files, test files, label key, meta file, class-name key, torchvision class)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels", "batches.meta", "label_names", "CIFAR10"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta",
+                 "fine_label_names", "CIFAR100"),
+}
+
+
+def _download_failed(name: str, where: Path, error: Exception, holds: str) -> DataError:
+    return DataError(f"{name} is not in {where} and could not be downloaded ({error}); "
+                     f"copy it there or point --data-dir at the folder that holds {holds}")
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
+    folder, train_files, test_files, label_key, meta_file, names_key, tv_class = _CIFAR[name]
+    where = root / folder
+    if not where.is_dir():
+        if not download:
+            raise DataError(f"{name} is not in {where}; point --data-dir at the folder that "
+                            f"holds {folder}/ (or allow the download)")
+        try:
+            import torchvision
+            getattr(torchvision.datasets, tv_class)(str(root), download=True)
+        except Exception as error:  # network errors come in many types
+            raise _download_failed(name, where, error, f"{folder}/") from None
+    meta = _unpickle(where / meta_file)
+    return Dataset(name, _read_cifar_files([where / f for f in train_files], label_key),
+                   _read_cifar_files([where / f for f in test_files], label_key),
+                   list(meta.get(names_key, [])))
+
+
+def _load_svhn(root: Path, download: bool, extra: bool) -> Dataset:
+    import torchvision
+    where = root / "svhn"
+
+    def split(name: str) -> Split:
+        try:
+            data = torchvision.datasets.SVHN(str(where), split=name, download=download)
+        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(f"SVHN {name} split is not in {where} ({error}); put "
+                            f"{name}_32x32.mat there or point --data-dir at its parent") from None
+        except Exception as error:
+            raise _download_failed(f"SVHN {name} split", where, error, "svhn/") from None
+        return Split(torch.from_numpy(data.data), torch.from_numpy(data.labels.astype(np.int64)))
+
+    train = split("train")
+    if extra:
+        more = split("extra")
+        train = Split(torch.cat([train.images, more.images]), torch.cat([train.labels, more.labels]))
+    return Dataset("svhn", train, split("test"), [str(d) for d in range(10)])
+
+
+def load_dataset(name: str, root: str | os.PathLike, download: bool = True,
+                 svhn_extra: bool = True) -> Dataset:
+    """Read a dataset from ``root`` (torchvision layout), downloading it when absent.
+
+    CIFAR is read from the official python files directly, so copies that hold fewer images
+    than the official release (or whose checksums differ) work as they are.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    root = Path(root)
+    if name == "svhn":
+        return _load_svhn(root, download, svhn_extra)
+    return _load_cifar(name, root, download)
+
+
+def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images, on the 0-1 scale.
+
+    This is what the trainer normalises with; attic/dataset_stats.py prints it.
+    """
+    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
+    std, mean = torch.std_mean(pixels, dim=1, correction=0)
+    return mean.tolist(), std.tolist()
+
+
+def split_validation(train: Split, size: int, seed: int) -> tuple[Split, Split]:
+    """Hold ``size`` training images out as a validation set, chosen by ``seed``."""
+    if not 0 < size < len(train):
+        raise DataError(f"--val-size must be between 1 and {len(train) - 1}, got {size}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[size:].sort().values), train.subset(order[:size].sort().values)
+
+
+class Normalizer:
+    """uint8 images -> normalised float: (x / 255 - mean) / std, as one multiply-add."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device) -> None:
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1 / (255 * std_t)
+        self.shift = -mean_t / std_t
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return torch.addcmul(self.shift, images.float(), self.scale)
+
+
+class TrainBatches:
+    """Shuffled, augmented training batches gathered on the device.
+
+    ``batch_size`` is the global batch: with ``world_size`` processes each takes its own
+    contiguous share of every batch, so all of them together see what one process would.
+    The last incomplete batch of an epoch is dropped (the order changes every epoch).
+    """
+
+    def __init__(self, data: Split, batch_size: int, normalizer: Normalizer, augment: bool,
+                 seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False) -> None:
+        if len(data) < batch_size:
+            raise DataError(f"the training set has {len(data)} images, fewer than one batch "
+                            f"of {batch_size}; lower --batch-size")
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.batch_size, self.normalizer, self.augment = batch_size, normalizer, augment
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.channels_last = channels_last
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = len(data) // batch_size
+
+    def state(self) -> Tensor:
+        """The generator state from which the next epoch is planned."""
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+    def epoch(self, start_step: int = 0):
+        """Yield (images, labels) for the steps of one epoch from ``start_step`` on."""
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator)
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=self.generator)
+        flips = torch.rand(n, generator=self.generator) < 0.5
+        order, offsets, flips = (t.to(self.device) for t in (order, offsets, flips))
+        share = self.batch_size // self.world_size
+        for step in range(start_step, self.steps):
+            begin = step * self.batch_size + self.rank * share
+            end = begin + share if self.rank < self.world_size - 1 else (step + 1) * self.batch_size
+            picked = slice(begin, end)
+            index = order[picked]
+            images = self.normalizer(self.images[index])
+            if self.augment:
+                images = random_crop_flip(images, offsets[picked], flips[picked])
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            else:
+                images = images.contiguous()
+            yield images, self.labels[index]
+
+
+def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
+    """Zero-pad by PAD, crop 32x32 at per-image ``offsets`` (row, col), mirror where ``flips``.
+
+    Padding follows normalisation, as in the authors' code, so padded pixels are the mean
+    colour. One gather does crop and flip for the whole batch.
+    """
+    size = images.shape[-1]
+    padded = F.pad(images, (PAD, PAD, PAD, PAD))
+    span = torch.arange(size, device=images.device)
+    rows = offsets[:, :1] + span
+    cols = offsets[:, 1:] + torch.where(flips[:, None], size - 1 - span, span)
+    batch = torch.arange(len(images), device=images.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def eval_batches(data: Split, batch_size: int, normalizer: Normalizer, device: torch.device,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+    """Yield (images, labels) over this process's share of ``data``, in order."""
+    indices = torch.tensor_split(torch.arange(len(data)), world_size)[rank]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for chunk in indices.split(batch_size):
+        images = normalizer(data.images[chunk].to(device, non_blocking=True))
+        yield images.contiguous(memory_format=memory_format), data.labels[chunk].to(device)

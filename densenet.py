@@ -1,0 +1,226 @@
+"""DenseNet and DenseNet-BC for 32x32 images (CIFAR-10, CIFAR-100, SVHN).
+
+The architecture of *Densely Connected Convolutional Networks* (Huang et al., CVPR 2017,
+arXiv 1608.06993), section 3 and Table 2: a 3x3 stem convolution, three dense blocks at
+32x32, 16x16 and 8x8 joined by transitions, then BN-ReLU, global average pooling and a
+linear classifier. With ``bottleneck=True, compression=0.5`` this is DenseNet-BC; the
+parameter counts match Table 2 exactly (see tests/test_densenet.py).
+
+``memory_efficient=True`` recomputes each layer's concatenation, BN, ReLU and first
+convolution during the backward pass instead of storing them, which makes activation
+memory grow linearly rather than quadratically with depth. It gives the same outputs,
+gradients and BatchNorm running statistics as the standard mode.
+
+This module depends on torch alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+__all__ = ["DenseNet", "model_name", "valid_depths"]
+
+
+def valid_depths(bottleneck: bool) -> tuple[int, int]:
+    """Return (step, smallest) of the valid depths: depth = 4 + step * n for n >= 1.
+
+    Depth counts the stem conv, every conv in the blocks, the two transition convs and the
+    classifier. Each of the three blocks has (L - 4) / 3 convs, i.e. (L - 4) / 6 layers
+    when every layer has a bottleneck conv as well.
+    """
+    step = 6 if bottleneck else 3
+    return step, 4 + step
+
+
+def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: float) -> str:
+    """A short name for a configuration, e.g. ``densenet-bc-100-12`` or ``densenet-40-12``.
+
+    The paper's suffixes: B for the bottleneck, C for compression below 1.
+    """
+    suffix = ("b" if bottleneck else "") + ("c" if compression < 1 else "")
+    variant = f"densenet-{suffix}" if suffix else "densenet"
+    if compression < 1 and compression != 0.5:
+        variant += f"{compression:g}"
+    return f"{variant}-{depth}-{growth_rate}"
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(norm: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
+    """Run ``norm`` in training mode without updating its running statistics.
+
+    A momentum of 0 leaves running_mean and running_var bit-for-bit unchanged, which also
+    works for SyncBatchNorm; the batch counter is restored by hand.
+    """
+    momentum, tracked = norm.momentum, None
+    if norm.num_batches_tracked is not None:
+        tracked = norm.num_batches_tracked.clone()
+    norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        norm.momentum = momentum
+        if tracked is not None:
+            norm.num_batches_tracked.copy_(tracked)
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv(3x3, k) on the concatenation of all earlier feature maps.
+
+    With a bottleneck, BN-ReLU-Conv(1x1, 4k) comes first. Dropout follows every conv.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool,
+                 dropout: float, memory_efficient: bool) -> None:
+        super().__init__()
+        first_out = 4 * growth_rate if bottleneck else growth_rate
+        first_kernel = 1 if bottleneck else 3
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, first_out, first_kernel,
+                               padding=first_kernel // 2, bias=False)
+        if bottleneck:
+            self.norm2 = nn.BatchNorm2d(first_out)
+            self.conv2 = nn.Conv2d(first_out, growth_rate, 3, padding=1, bias=False)
+        self.bottleneck = bottleneck
+        self.dropout = dropout
+        self.memory_efficient = memory_efficient
+
+    def _first_conv(self, *features: Tensor) -> Tensor:
+        """Concatenate, BN, ReLU, first conv: the part whose input grows with depth."""
+        return self.conv1(F.relu(self.norm1(torch.cat(features, 1))))
+
+    def _first_conv_checkpointed(self, features: list[Tensor]) -> Tensor:
+        """``_first_conv`` that stores only its small output; recomputed in backward.
+
+        The recomputation must not move the BatchNorm running statistics a second time.
+        """
+        recomputing = False
+
+        def run(*inputs: Tensor) -> Tensor:
+            nonlocal recomputing
+            context = _running_stats_frozen(self.norm1) if recomputing else contextlib.nullcontext()
+            recomputing = True
+            with context:
+                return self._first_conv(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *features, use_reentrant=False)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in features)
+        if self.memory_efficient and needs_grad:
+            out = self._first_conv_checkpointed(features)
+        else:
+            out = self._first_conv(*features)
+        out = F.dropout(out, self.dropout, self.training)
+        if self.bottleneck:
+            out = self.conv2(F.relu(self.norm2(out)))
+            out = F.dropout(out, self.dropout, self.training)
+        return out
+
+
+class DenseBlock(nn.Module):
+    """``num_layers`` dense layers; returns the block input and every layer's output, joined."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
+                 dropout: float, memory_efficient: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, dropout,
+                       memory_efficient)
+            for i in range(num_layers))
+        self.out_channels = in_channels + num_layers * growth_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv(1x1) to ``out_channels`` (compression), dropout, 2x2 average pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+        super().__init__(
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.Dropout(dropout),
+            nn.AvgPool2d(2),
+        )
+
+
+class DenseNet(nn.Module):
+    """The paper's CIFAR/SVHN DenseNet; returns logits of shape (batch, num_classes).
+
+    Args:
+        depth: L, the number of layers with weights (4 + 3n, or 4 + 6n with bottleneck).
+        growth_rate: k, feature maps added by each dense layer.
+        bottleneck: use a 1x1 conv to 4k maps before each 3x3 conv (DenseNet-B).
+        compression: theta in (0, 1]; a transition outputs floor(theta * m) maps (DenseNet-C).
+        dropout: rate after every conv but the first (the paper uses 0.2 without augmentation).
+        num_classes: classifier outputs.
+        memory_efficient: recompute concatenation + BN + ReLU + first conv in backward.
+    """
+
+    def __init__(self, depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
+                 compression: float = 0.5, dropout: float = 0.0, num_classes: int = 10,
+                 memory_efficient: bool = False) -> None:
+        super().__init__()
+        step, smallest = valid_depths(bottleneck)
+        if depth < smallest or (depth - 4) % step:
+            kind = "DenseNet-BC (bottleneck)" if bottleneck else "DenseNet without bottleneck"
+            lower = max(smallest, 4 + (depth - 4) // step * step)
+            upper = max(smallest, lower + step) if depth > lower else lower
+            nearest = f"{lower} or {upper}" if lower != upper else f"{lower}"
+            raise ValueError(f"depth {depth} is impossible for {kind}: depth - 4 must be a "
+                             f"positive multiple of {step}; nearest valid depths: {nearest}")
+        if growth_rate < 1:
+            raise ValueError(f"growth rate must be a positive integer, got {growth_rate}")
+        if not 0 < compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+
+        layers_per_block = (depth - 4) // step
+        channels = 2 * growth_rate if bottleneck else 16
+        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        stages: list[nn.Module] = []
+        for index in range(3):
+            block = DenseBlock(layers_per_block, channels, growth_rate, bottleneck, dropout,
+                               memory_efficient)
+            stages.append(block)
+            channels = block.out_channels
+            if index < 2:
+                reduced = math.floor(compression * channels)
+                stages.append(Transition(channels, reduced, dropout))
+                channels = reduced
+        self.features = nn.Sequential(*stages)
+        self.norm = nn.BatchNorm2d(channels)
+        self.classifier = nn.Linear(channels, num_classes)
+        self.name = model_name(depth, growth_rate, bottleneck, compression)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He et al. normal init for convs (fan_out, as the authors' code), BN 1/0, bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(self.stem(x))
+        x = F.relu(self.norm(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)

@@ -1,0 +1,648 @@
+#!/usr/bin/env python3
+"""Train a DenseNet or DenseNet-BC on CIFAR-10, CIFAR-100 or SVHN with the paper's recipe.
+
+Defaults are those of Huang et al. (arXiv 1608.06993): DenseNet-BC L=100 k=12, SGD with
+Nesterov momentum 0.9, weight decay 1e-4, batch 64, 300 epochs (40 for SVHN), learning rate
+0.1 divided by 10 at 50% and 75% of the epochs, standard augmentation.
+
+After every epoch one row goes to train.csv and test.csv (and val.csv with --val-size) in
+the work directory, and the checkpoint is replaced atomically. A work directory that holds
+a run is never overwritten: --resume continues it exactly where it stopped.
+
+Examples:
+  ./train.py                                        # DenseNet-BC-100-12 on CIFAR-10
+  ./train.py --depth 40 --no-bottleneck --compression 1 --epochs 15 --data-dir ../shared/data
+  ./train.py --resume --save work/cifar10-densenet-bc-100-12
+  torchrun --nproc_per_node=4 ./train.py --depth 190 --growth-rate 40
+  ./train.py --evaluate work/cifar10-densenet-bc-100-12/checkpoint.pt --tta
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keep freed memory mapped instead of returning it to the OS after every step: glibc's
+# default re-faults hundreds of MB per training step (see bench/). Must precede torch.
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import data
+from densenet import DenseNet
+from runlog import (CsvLog, RunError, holds_run, load_checkpoint, save_checkpoint, write_json,
+                    write_text)
+
+TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
+EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
+# Flags that may differ when resuming: they change speed or length, not the run's numbers.
+RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "memory_efficient",
+                     "data_dir", "download", "eval_batch_size", "save", "resume"}
+CHECK_EVERY = 50  # steps between progress updates and non-finite-loss checks (host syncs)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was saved at a safe point."""
+
+    def __init__(self, signum: int, save: Path, epoch: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} in epoch {epoch} after "
+                         f"step {step}; saved. Resume with: {sys.argv[0]} --resume --save {save}")
+        self.signum = signum
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    g.add_argument("--data-dir", default="data",
+                   help="torchvision-style root: holds cifar-10-batches-py/, cifar-100-python/ or svhn/")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download the dataset through torchvision when it is absent")
+    g.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
+                   help="SVHN: train on train+extra, as the paper does")
+    g.add_argument("--val-size", type=int, default=0,
+                   help="hold this many training images out as a validation set (paper: 5000)")
+    g.add_argument("--train-subset", type=int, default=0,
+                   help="train on the first N training images only (0: all), for quick experiments")
+    g.add_argument("--test-subset", type=int, default=0, help="test on the first N test images only (0: all)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="4-pixel padding, random 32x32 crop, random horizontal flip (the paper's '+')")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=100, help="L: layers with weights")
+    g.add_argument("--growth-rate", type=int, default=12, help="k: feature maps per layer")
+    g.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
+                   help="1x1 conv to 4k maps before each 3x3 conv (the B of DenseNet-BC)")
+    g.add_argument("--compression", type=float, default=0.5,
+                   help="theta: transitions keep floor(theta*m) maps (1: no compression)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout after each conv but the first (default 0, or 0.2 with --no-augment)")
+    g.add_argument("--memory-efficient", action="store_true",
+                   help="recompute concatenations in backward: memory linear in depth, same results")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--opt", default="sgd", choices=["sgd", "adam", "rmsprop"])
+    g.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.1 for sgd, 0.001 otherwise)")
+    g.add_argument("--schedule", default="step", choices=["step", "cosine"],
+                   help="step: divide by 10 at 50%% and 75%% of the epochs; cosine: anneal to 0")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int, default=None, help="default 300, or 40 for SVHN")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch, over all processes")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision; fp16 uses a gradient scaler")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout (faster on CPU and on tensor-core GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
+    g.add_argument("--eval-batch-size", type=int, default=500)
+    g = p.add_argument_group("run")
+    g.add_argument("--save", default=None, help="work directory (default work/<dataset>-<model name>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --save from its checkpoint")
+    g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
+                   help="only report the test error of a checkpoint, with per-class errors")
+    g.add_argument("--tta", action="store_true", help="with --evaluate: average over horizontal flips")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The flags with defaults filled in, and the names of those given on the command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(parser.parse_args(argv)))
+    if args.epochs is None:
+        args.epochs = 40 if args.dataset == "svhn" else 300
+    if args.lr is None:
+        args.lr = 0.1 if args.opt == "sgd" else 0.001
+    if args.dropout is None:
+        args.dropout = 0.0 if args.augment else 0.2
+    return args, explicit
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible settings before any file is touched."""
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("val_size", "train_subset", "test_subset"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
+    try:
+        DenseNet(args.depth, args.growth_rate, args.bottleneck, args.compression, args.dropout,
+                 memory_efficient=args.memory_efficient)
+    except ValueError as error:
+        raise UserError(f"{error} (--depth, --growth-rate, --compression, --dropout)") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if args.tta and not args.evaluate:
+        raise UserError("--tta only applies with --evaluate CHECKPOINT")
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The flags that define a run, as stored in config.json and the checkpoint."""
+    skip = {"evaluate", "tta"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+# ---------------------------------------------------------------- set-up
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_flag: str) -> Runtime:
+    """One process, or DistributedDataParallel when started by torchrun (NCCL or Gloo)."""
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if "LOCAL_RANK" not in os.environ:
+        return Runtime(torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Runtime(device, dist.get_rank(), dist.get_world_size())
+
+
+def build_model(cfg: dict, num_classes: int) -> DenseNet:
+    return DenseNet(cfg["depth"], cfg["growth_rate"], cfg["bottleneck"], cfg["compression"],
+                    cfg["dropout"], num_classes, cfg["memory_efficient"])
+
+
+def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
+    params, lr, decay = model.parameters(), cfg["lr"], cfg["weight_decay"]
+    if cfg["opt"] == "sgd":
+        return torch.optim.SGD(params, lr, momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0,
+                               weight_decay=decay, foreach=True)
+    if cfg["opt"] == "adam":
+        return torch.optim.Adam(params, lr, weight_decay=decay, foreach=True)
+    return torch.optim.RMSprop(params, lr, weight_decay=decay, foreach=True)
+
+
+def learning_rate(cfg: dict, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: a pure function, so resuming needs no scheduler state."""
+    if cfg["schedule"] == "cosine":
+        return 0.5 * cfg["lr"] * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
+    drops = sum(epoch >= int(cfg["epochs"] * share) for share in (0.5, 0.75))
+    return cfg["lr"] * 0.1 ** drops
+
+
+def prepare_data(cfg: dict, runtime: Runtime, log) -> tuple[data.Dataset, data.Split | None]:
+    """Load the dataset, apply subsets and the validation split, print the counts."""
+    dataset = data.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], cfg["svhn_extra"])
+    log(f"{cfg['dataset']}: found {len(dataset.train)} training and {len(dataset.test)} test "
+        f"images in {cfg['data_dir']}")
+    val = None
+    if cfg["val_size"]:
+        dataset.train, val = data.split_validation(dataset.train, cfg["val_size"], cfg["seed"])
+    if cfg["train_subset"]:
+        dataset.train = dataset.train.subset(torch.arange(min(cfg["train_subset"], len(dataset.train))))
+    if cfg["test_subset"]:
+        dataset.test = dataset.test.subset(torch.arange(min(cfg["test_subset"], len(dataset.test))))
+    log(f"using {len(dataset.train)} training, {len(val) if val else 0} validation and "
+        f"{len(dataset.test)} test images")
+    return dataset, val
+
+
+def rng_state() -> dict:
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop at the next safe point; a second one kills."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._request)
+
+    def _request(self, signum, frame) -> None:
+        if self.signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def requested(self, runtime: Runtime) -> int:
+        """The signal to stop for, agreed by every process."""
+        if runtime.world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=runtime.device)
+        dist.all_reduce(flag, dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    if runtime.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def autocast(cfg: dict, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"])
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches, cfg: dict, runtime: Runtime, num_classes: int,
+             tta: bool = False) -> tuple[float, float, torch.Tensor]:
+    """Mean loss, error in percent and the confusion matrix (true x predicted), all processes."""
+    model.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=runtime.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    for images, labels in batches:
+        with autocast(cfg, runtime.device):
+            logits = model(images).float()
+            if tta:
+                probs = (logits.softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
+                logits = probs.log()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1),
+                                    minlength=num_classes * num_classes)
+    if runtime.world_size > 1:
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    count = confusion.sum().item()
+    error = 100 * (1 - confusion.diagonal().sum().item() / count)
+    return loss_sum.item() / count, error, confusion
+
+
+@dataclass
+class EpochProgress:
+    """Sums of the epoch so far; saved in a mid-epoch checkpoint."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    seconds: float = 0.0
+
+
+def train_epoch(model, optimizer, scaler, batches: data.TrainBatches, cfg: dict, runtime: Runtime,
+                epoch: int, progress: EpochProgress, stop: StopFlag, bar) -> EpochProgress:
+    """Train one epoch from ``progress.step``; returns the sums (global over processes).
+
+    Losses and accuracies stay on the device and are read every CHECK_EVERY steps, so the
+    step itself never waits for the host.
+    """
+    model.train()
+    device = runtime.device
+    start = time.perf_counter()
+    losses = torch.zeros(batches.steps, dtype=torch.float32, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    done, share = progress.step, 0
+    for step, (images, labels) in enumerate(batches.epoch(progress.step), progress.step):
+        with autocast(cfg, device):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        losses[step] = loss.detach()
+        correct += (logits.argmax(1) == labels).sum()
+        share = len(labels)  # the same every step: incomplete batches are dropped
+        done = step + 1
+        at_check = done % CHECK_EVERY == 0 or done == batches.steps
+        if at_check:
+            first = max(progress.step, done - CHECK_EVERY)
+            window = losses[first:done]
+            finite = torch.isfinite(window)
+            if not finite.all():
+                raise NonFiniteLoss(epoch, first + int((~finite).nonzero()[0]) + 1)
+            if bar is not None:
+                bar.update(done - bar.n)
+                seen = (done - progress.step) * share
+                bar.set_postfix(loss=f"{window.mean().item():.3f}",
+                                err=f"{100 * (1 - correct.item() / seen):.1f}%",
+                                img_s=f"{seen * runtime.world_size / (time.perf_counter() - start):.0f}")
+        if done < batches.steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
+            break
+    steps_run = done - progress.step
+    loss_sum, correct_sum, seen_sum = all_sum(
+        [losses[progress.step:done].double().sum().item() * share, correct.item(), steps_run * share],
+        runtime)
+    return EpochProgress(done, progress.loss_sum + loss_sum, progress.correct + correct_sum,
+                         progress.seen + seen_sum, progress.seconds + time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the run
+
+def resumed_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> tuple[dict, dict]:
+    """The saved run's flags, updated by the flags given now that may change on resume.
+
+    Returns (config, changes). A given flag that would change the run's numbers is refused.
+    """
+    given = run_config(args)
+    changes = {k: given[k] for k in explicit if k in given and given[k] != saved.get(k)}
+    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    if fixed:
+        described = ", ".join(f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
+                              for k, v in sorted(fixed.items()))
+        raise UserError(f"--resume: {described} would change the run in {saved['save']}; "
+                        f"drop these flags or start a new run with --save")
+    return {**saved, **changes}, changes
+
+
+def environment(runtime: Runtime) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "host": platform.node(), "device": str(runtime.device),
+            "world_size": runtime.world_size, "threads": torch.get_num_threads()}
+    if runtime.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(runtime.device)
+    return info
+
+
+def open_work_dir(save: Path, cfg: dict, changes: dict, resuming: bool, start_epoch: int,
+                  extra: dict) -> dict[str, CsvLog]:
+    """Create or reopen the work directory: config.json and the CSV logs, trimmed on resume."""
+    try:
+        save.mkdir(parents=True, exist_ok=True)
+        probe = save / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to the work directory {save} ({error.strerror}); "
+                        f"choose another with --save") from None
+    config_path = save / "config.json"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if resuming and config_path.exists():
+        content = json.loads(config_path.read_text())
+        content.setdefault("resumes", []).append({"time": stamp, "from_epoch": start_epoch,
+                                                  "changes": changes, **extra})
+        content["config"] = cfg
+    else:
+        content = {"config": cfg, "started": stamp, **extra}
+    write_json(config_path, content)
+    logs = {"train": CsvLog(save / "train.csv", TRAIN_COLUMNS),
+            "test": CsvLog(save / "test.csv", EVAL_COLUMNS)}
+    if cfg["val_size"]:
+        logs["val"] = CsvLog(save / "val.csv", EVAL_COLUMNS)
+    for log in logs.values():
+        log.keep_epochs_up_to(start_epoch) if resuming else log.create()
+    return logs
+
+
+def train(args: argparse.Namespace, explicit: set[str]) -> int:
+    runtime = setup_runtime(args.device)
+    log = print if runtime.main else (lambda *a, **k: None)
+    default_save = Path("work") / f"{args.dataset}-{build_model(run_config(args), 10).name}"
+    args.save = str(args.save or default_save)
+    save = Path(args.save)
+    state, changes = None, {}
+    if args.resume:
+        state = load_checkpoint(save / "checkpoint.pt")
+        cfg, changes = resumed_config(state["config"], args, explicit)
+    elif holds_run(save):
+        raise UserError(f"{save} already holds a run; continue it with --resume --save {save} "
+                        f"or start a new one with another --save DIR")
+    else:
+        cfg = run_config(args)
+
+    dataset, val = prepare_data(cfg, runtime, log)
+    num_classes = data.NUM_CLASSES[cfg["dataset"]]
+    mean, std = data.channel_stats(dataset.train.images)
+    device = runtime.device
+    normalizer = data.Normalizer(mean, std, device)
+    seed_everything(cfg["seed"])
+    model = build_model(cfg, num_classes)
+    parameters = sum(p.numel() for p in model.parameters())
+    log(f"model {model.name}: {parameters:,} parameters; {runtime.world_size} process(es) on {device}")
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
+    batches = data.TrainBatches(dataset.train, cfg["batch_size"], normalizer, cfg["augment"],
+                                cfg["seed"], device, runtime.rank, runtime.world_size,
+                                cfg["channels_last"])
+    test = dataset.test.to(device)
+    val = val.to(device) if val is not None else None
+    start_epoch, progress, best = 0, EpochProgress(), {"error": math.inf, "epoch": 0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        batches.set_state(state["data_rng"])
+        set_rng_state(state["rng"])
+        start_epoch, progress, best = state["epoch"], EpochProgress(**state["progress"]), state["best"]
+        log(f"resuming {save} after epoch {start_epoch}"
+            + (f", step {progress.step}" if progress.step else ""))
+    if start_epoch >= cfg["epochs"]:
+        log(f"{save} has finished its {cfg['epochs']} epochs; pass --epochs N to train longer")
+        return 0
+    if cfg["sync_bn"] and runtime.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model
+    if runtime.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        model = torch.compile(model)
+
+    logs = {}
+    if runtime.main:
+        logs = open_work_dir(save, cfg, changes, state is not None, start_epoch,
+                             {"model": raw_model.name, "parameters": parameters,
+                              "train_images": len(dataset.train), "test_images": len(dataset.test),
+                              "val_images": len(val) if val else 0,
+                              "normalization": {"mean": mean, "std": std},
+                              "environment": environment(runtime)})
+
+    def checkpoint(epoch: int, data_rng: torch.Tensor, progress: EpochProgress) -> None:
+        if runtime.main:
+            save_checkpoint(save / "checkpoint.pt", {
+                "config": cfg, "epoch": epoch, "progress": vars(progress), "best": best,
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "data_rng": data_rng, "rng": rng_state(),
+                "normalization": {"mean": mean, "std": std}, "num_classes": num_classes})
+
+    stop = StopFlag()
+    show_bar = runtime.main and sys.stderr.isatty()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data_rng = batches.state()
+        bar = None
+        if show_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=batches.steps, initial=progress.step, leave=False, unit="step",
+                       desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
+        try:
+            progress = train_epoch(model, optimizer, scaler, batches, cfg, runtime, epoch + 1,
+                                   progress, stop, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if progress.step < batches.steps:
+            checkpoint(epoch, data_rng, progress)
+            raise Interrupted(stop.requested(runtime), save, epoch + 1, progress.step)
+        start = time.perf_counter()
+        test_loss, test_error, _ = evaluate(model, data.eval_batches(
+            test, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
+            cfg["channels_last"]), cfg, runtime, num_classes)
+        test_seconds = time.perf_counter() - start
+        train_loss = progress.loss_sum / progress.seen
+        train_error = 100 * (1 - progress.correct / progress.seen)
+        line = (f"epoch {epoch + 1}/{cfg['epochs']}  lr {lr:.3g}  train loss {train_loss:.4f} "
+                f"error {train_error:.2f}%  test loss {test_loss:.4f} error {test_error:.2f}%")
+        if runtime.main:
+            logs["train"].append({"epoch": epoch + 1, "lr": lr, "loss": train_loss,
+                                  "error": train_error, "seconds": progress.seconds,
+                                  "images_per_s": progress.seen / progress.seconds})
+            logs["test"].append({"epoch": epoch + 1, "loss": test_loss, "error": test_error,
+                                 "seconds": test_seconds})
+        if val is not None:
+            start = time.perf_counter()
+            val_loss, val_error, _ = evaluate(model, data.eval_batches(
+                val, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
+                cfg["channels_last"]), cfg, runtime, num_classes)
+            if runtime.main:
+                logs["val"].append({"epoch": epoch + 1, "loss": val_loss, "error": val_error,
+                                    "seconds": time.perf_counter() - start})
+            line += f"  val error {val_error:.2f}%"
+        if test_error < best["error"]:
+            best = {"error": test_error, "epoch": epoch + 1}
+        line += f"  {progress.seen / progress.seconds:.0f} img/s  {progress.seconds:.1f}s"
+        progress = EpochProgress()
+        checkpoint(epoch + 1, batches.state(), progress)
+        log(line, flush=True)
+        signum = stop.requested(runtime)
+        if signum:
+            raise Interrupted(signum, save, epoch + 1, batches.steps)
+    log(f"done: final test error {test_error:.2f}%, best {best['error']:.2f}% at epoch "
+        f"{best['epoch']}; logs and checkpoint in {save}")
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
+    """--evaluate: test error of a checkpoint; per-class errors and confusion matrix to CSV."""
+    path = Path(args.evaluate)
+    state = load_checkpoint(path)
+    cfg = {**state["config"], "data_dir": args.data_dir, "download": args.download,
+           "test_subset": args.test_subset, "val_size": 0, "train_subset": 0,
+           "eval_batch_size": args.eval_batch_size}
+    runtime = setup_runtime(args.device)
+    dataset = data.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], svhn_extra=False)
+    if cfg["test_subset"]:
+        dataset.test = dataset.test.subset(torch.arange(min(cfg["test_subset"], len(dataset.test))))
+    num_classes = state["num_classes"]
+    model = build_model(cfg, num_classes)
+    model.load_state_dict(state["model"])
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model.to(runtime.device, memory_format=memory_format)
+    normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],
+                                 runtime.device)
+    batches = data.eval_batches(dataset.test.to(runtime.device), cfg["eval_batch_size"],
+                                normalizer, runtime.device, channels_last=cfg["channels_last"])
+    loss, error, confusion = evaluate(model, batches, cfg, runtime, num_classes, tta=args.tta)
+    names = dataset.classes or [str(c) for c in range(num_classes)]
+    suffix = "-tta" if args.tta else ""
+    per_class = path.parent / f"{path.stem}-classes{suffix}.csv"
+    confusion_path = path.parent / f"{path.stem}-confusion{suffix}.csv"
+    images = confusion.sum(1)
+    rows = ["class,name,images,errors,error"] + [
+        f"{c},{names[c]},{int(images[c])},{int(images[c] - confusion[c, c])},"
+        f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"
+        for c in range(num_classes)]
+    write_text(per_class, "\n".join(rows) + "\n")
+    write_text(confusion_path, "true\\predicted," + ",".join(names) + "\n" + "".join(
+        f"{names[c]}," + ",".join(str(int(v)) for v in confusion[c]) + "\n" for c in range(num_classes)))
+    print(f"{path} after epoch {state['epoch']}: test error {error:.2f}% (loss {loss:.4f}) on "
+          f"{int(images.sum())} images{' with flip test-time augmentation' if args.tta else ''}")
+    print(f"per-class errors: {per_class}\nconfusion matrix: {confusion_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, explicit = parse_args(argv)
+    try:
+        check_args(args)
+        if args.evaluate:
+            return evaluate_checkpoint(args)
+        return train(args, explicit)
+    except (UserError, data.DataError, RunError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        print(f"error: the loss is not finite at {error}; stopped without saving that epoch: "
+              f"the last checkpoint and all logged rows are kept. Start a new run (--save) with "
+              f"a lower --lr", file=sys.stderr)
+        return 1
+    except Interrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 128 + interrupted.signum
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
