@@ -49,7 +49,7 @@ TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
 # Flags that may differ when resuming: they change speed or length, not the run's numbers.
 RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "memory_efficient",
-                     "data_dir", "download", "eval_batch_size", "save", "resume"}
+                     "data_dir", "download", "eval_batch_size", "save", "resume", "stop_after"}
 CHECK_EVERY = 50  # steps between progress updates and non-finite-loss checks (host syncs)
 
 
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--save", default=None, help="work directory (default work/<dataset>-<model name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --save from its checkpoint")
+    g.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
+                   help="end this session after EPOCH (0: run all epochs); continue later with --resume")
     g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
                    help="only report the test error of a checkpoint, with per-class errors")
     g.add_argument("--tta", action="store_true", help="with --evaluate: average over horizontal flips")
@@ -154,7 +156,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("val_size", "train_subset", "test_subset"):
+    for name in ("val_size", "train_subset", "test_subset", "stop_after"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not args.lr > 0 or not math.isfinite(args.lr):
@@ -577,6 +579,9 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         signum = stop.requested(runtime)
         if signum:
             raise Interrupted(signum, save, epoch + 1, batches.steps)
+        if epoch + 1 == cfg["stop_after"] and epoch + 1 < cfg["epochs"]:
+            log(f"stopped after epoch {epoch + 1} (--stop-after); continue with --resume --save {save}")
+            return 0
     log(f"done: final test error {test_error:.2f}%, best {best['error']:.2f}% at epoch "
         f"{best['epoch']}; logs and checkpoint in {save}")
     return 0

@@ -1,0 +1,142 @@
+"""The model: Table 2 parameter counts, shapes, errors, dropout, memory-efficient mode."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from densenet import DenseNet, model_name
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def expected_parameters(depth: int, k: int, bottleneck: bool, theta: float, classes: int) -> int:
+    """Parameter count derived from the paper's description, independently of densenet.py.
+
+    BN has 2 parameters per channel; convs have no bias; the classifier has a bias.
+    """
+    per_block = (depth - 4) // (6 if bottleneck else 3)
+    channels = 2 * k if bottleneck else 16
+    total = 3 * 9 * channels  # stem
+    for block in range(3):
+        for _ in range(per_block):
+            if bottleneck:
+                total += 2 * channels + channels * 4 * k + 2 * 4 * k + 4 * k * 9 * k
+            else:
+                total += 2 * channels + channels * 9 * k
+            channels += k
+        if block < 2:
+            out = math.floor(theta * channels)
+            total += 2 * channels + channels * out
+            channels = out
+    return total + 2 * channels + channels * classes + classes
+
+
+TABLE_2 = [  # depth, k, bottleneck, theta, classes, paper's count
+    (40, 12, False, 1.0, 10, 1.0e6), (100, 12, False, 1.0, 10, 7.0e6),
+    (100, 24, False, 1.0, 10, 27.2e6), (100, 12, True, 0.5, 10, 769_162),
+    (100, 12, True, 0.5, 100, 800_032), (250, 24, True, 0.5, 10, 15_324_406),
+    (190, 40, True, 0.5, 10, 25_624_430),
+]
+
+
+@pytest.mark.parametrize("depth,k,bottleneck,theta,classes,paper", TABLE_2)
+def test_table2_parameter_counts(depth, k, bottleneck, theta, classes, paper):
+    model = DenseNet(depth, k, bottleneck, theta, num_classes=classes)
+    derived = expected_parameters(depth, k, bottleneck, theta, classes)
+    assert count(model) == derived
+    if isinstance(paper, int):
+        assert derived == paper  # exact figures quoted for DenseNet-BC
+    else:
+        assert round(derived / 1e5) == round(paper / 1e5)  # the paper rounds to 0.1M
+
+
+def test_non_bc_counts_are_the_derived_figures():
+    assert [count(DenseNet(d, k, False, 1.0)) for d, k in [(40, 12), (100, 12), (100, 24)]] == \
+        [1_019_722, 6_979_642, 27_249_082]
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_output_shape(classes, batch, train):
+    model = DenseNet(16, 4, True, 0.5, num_classes=classes).train(train)
+    assert model(torch.randn(batch, 3, 32, 32)).shape == (batch, classes)
+
+
+@pytest.mark.parametrize("depth,bottleneck,nearest", [
+    (41, False, "40 or 43"), (41, True, "40 or 46"), (101, True, "100 or 106"), (5, False, "7")])
+def test_impossible_depth_names_nearest_valid(depth, bottleneck, nearest):
+    with pytest.raises(ValueError, match=f"depth {depth} is impossible.*nearest valid depths: {nearest}$"):
+        DenseNet(depth, 12, bottleneck)
+
+
+def test_names():
+    assert DenseNet(100, 12, True, 0.5).name == "densenet-bc-100-12"
+    assert DenseNet(40, 12, False, 1.0).name == "densenet-40-12"
+    assert model_name(100, 12, True, 1.0) == "densenet-b-100-12"
+    assert model_name(40, 12, False, 0.5) == "densenet-c-40-12"
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = DenseNet(16, 4, True, 0.5, dropout=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    still = DenseNet(16, 4, True, 0.5, dropout=0.0).train()
+    assert torch.equal(still(x), still(x))
+
+
+def test_stem_width_and_no_conv_bias():
+    assert DenseNet(16, 4, True, 0.5).stem.out_channels == 8
+    assert DenseNet(16, 4, False, 1.0).stem.out_channels == 16
+    convs = [m for m in DenseNet(16, 4, True).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.bias is None for c in convs)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_memory_efficient_matches_standard_in_float64(bottleneck):
+    torch.manual_seed(0)
+    standard = DenseNet(16, 4, bottleneck, 0.5, num_classes=10).double()
+    efficient = DenseNet(16, 4, bottleneck, 0.5, num_classes=10, memory_efficient=True).double()
+    efficient.load_state_dict(standard.state_dict())
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    outputs = []
+    for model in (standard, efficient):
+        model.train()
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(standard.named_parameters(), efficient.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    # the recomputation must not move the BatchNorm running statistics a second time
+    for (name, a), b in zip(standard.named_buffers(), efficient.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
+    model = DenseNet(16, 4, True, 0.5, memory_efficient=True)
+    layer = model.features[0].layers[0]
+    calls = []
+    original = type(layer)._first_conv
+
+    def counting(self, *features):
+        calls.append(1)
+        return original(self, *features)
+
+    monkeypatch.setattr(type(layer), "_first_conv", counting)
+    layers = sum(1 for m in model.modules() if type(m).__name__ == "DenseLayer")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()(x)
+    assert len(calls) == layers
+    calls.clear()
+    model.train()(x).sum().backward()
+    assert len(calls) == 2 * layers  # forward, then one recomputation in backward
