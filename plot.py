@@ -262,8 +262,15 @@ def epoch_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"epoch range must look like 10:200, 50: or :100, got {text!r}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="WORKDIR", help="work directories written by train.py")
     p.add_argument("--out", help="file for several runs (default: comparison.FORMAT beside the runs)")

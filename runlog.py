@@ -68,17 +68,20 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     ``weights_only=True`` refuses any other object, so a crafted file cannot run anything.
     """
     if not path.is_file():
-        raise RunError(f"no checkpoint at {path}; start a new run without --resume")
+        raise RunError(f"no checkpoint file at {path}")
+    corrupt = RunError(f"{path} is truncated or corrupt; use another checkpoint or start a "
+                       f"new run with --save")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise corrupt
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
+        reason = next((line.strip() for line in str(error).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), "unsupported content")
         raise RunError(f"refusing to load {path}: it holds objects other than tensors and "
-                       f"plain data ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RunError(f"{path} is truncated or corrupt ({first_line}); use another "
-                       f"checkpoint or start a new run with --save") from None
+                       f"plain data ({reason})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+        raise corrupt from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise RunError(f"{path} is not a checkpoint of this trainer")
     return state

@@ -74,8 +74,15 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------- command line
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=__doc__.split("\n\n")[0],
         epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -411,6 +418,18 @@ def resumed_config(saved: dict, args: argparse.Namespace, explicit: set[str]) ->
     return {**saved, **changes}, changes
 
 
+def read_config(save: Path) -> dict:
+    """The flags of a run that has no checkpoint yet, from its config.json."""
+    try:
+        return json.loads((save / "config.json").read_text())["config"]
+    except FileNotFoundError:
+        raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
+                        f"start a new run without --resume") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{save / 'config.json'} is damaged and there is no checkpoint; "
+                        f"start a new run with another --save") from None
+
+
 def environment(runtime: Runtime) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "host": platform.node(), "device": str(runtime.device),
@@ -457,9 +476,11 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     args.save = str(args.save or default_save)
     save = Path(args.save)
     state, changes = None, {}
-    if args.resume:
+    if args.resume and (save / "checkpoint.pt").exists():
         state = load_checkpoint(save / "checkpoint.pt")
         cfg, changes = resumed_config(state["config"], args, explicit)
+    elif args.resume:  # stopped before its first checkpoint: start over with its flags
+        cfg, changes = resumed_config(read_config(save), args, explicit)
     elif holds_run(save):
         raise UserError(f"{save} already holds a run; continue it with --resume --save {save} "
                         f"or start a new one with another --save DIR")
@@ -644,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as interrupted:
         print(interrupted, file=sys.stderr)
         return 128 + interrupted.signum
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
