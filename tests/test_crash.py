@@ -1,0 +1,99 @@
+"""Kill training at random moments, resume, and get the run an uninterrupted one gives."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, run_cli
+
+# CI runs a few trials; `KILL_TRIALS=20 pytest tests/test_crash.py -s` runs the full soak.
+TRIALS = int(os.environ.get("KILL_TRIALS", "2"))
+KILLS_PER_TRIAL = 3
+
+
+def flags(data_dir: Path) -> list[str]:
+    # Dropout makes the torch RNG matter; 5 steps per epoch make saves a large share of the time.
+    return [*TINY, "--epochs", "5", "--dropout", "0.1", "--data-dir", str(data_dir)]
+
+
+def epochs_and_metrics(work: Path) -> tuple[list, list]:
+    with open(work / "train.csv") as f:
+        train = [(r["epoch"], r["lr"], r["loss"], r["error"]) for r in csv.DictReader(f)]
+    with open(work / "test.csv") as f:
+        test = [(r["epoch"], r["loss"], r["error"]) for r in csv.DictReader(f)]
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cifar_dir) -> tuple[Path, float]:
+    """An uninterrupted run, and how long it took from start to exit."""
+    work = tmp_path_factory.mktemp("reference") / "run"
+    start = time.monotonic()
+    result = run_cli("train.py", "--save", work, *flags(cifar_dir))
+    assert result.returncode == 0, result.stderr
+    return work, time.monotonic() - start
+
+
+def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
+    reference_dir, duration = reference
+    rng = random.Random(20170707)
+    kills = 0
+    for trial in range(TRIALS):
+        work = tmp_path / f"trial{trial}"
+        command = [sys.executable, str(ROOT / "train.py"), "--save", str(work), *flags(cifar_dir)]
+        for _ in range(KILLS_PER_TRIAL):
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)
+            try:  # anywhere in the run: start-up, steps, evaluation, CSV appends, checkpoints
+                process.wait(timeout=rng.uniform(0.2, 1.0) * duration)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                kills += 1
+            else:
+                assert process.returncode == 0, process.stderr.read()
+                break
+            finally:
+                process.stderr.close()
+            command = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
+                       "--data-dir", str(cifar_dir)]
+        final = subprocess.run(command, capture_output=True, text=True)
+        assert final.returncode == 0, final.stderr
+        assert epochs_and_metrics(work) == epochs_and_metrics(reference_dir), f"trial {trial}"
+    print(f"\n{TRIALS} of {TRIALS} trials resumed exactly after {kills} SIGKILLs")
+    assert kills >= TRIALS  # the delays are drawn so that most attempts are killed
+
+
+def interrupt(command: list[str], after: str, signum: int) -> str:
+    """Run ``command``, send ``signum`` once a stdout line starts with ``after``; return stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith(after):
+            process.send_signal(signum)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr
+    return stderr
+
+
+def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, reference):
+    work = tmp_path / "run"
+    train_py = [sys.executable, str(ROOT / "train.py")]
+    stopped = interrupt([*train_py, "--save", str(work), *flags(cifar_dir)], "epoch 2/5", signal.SIGINT)
+    assert "stopped by SIGINT in epoch 3 after step" in stopped, stopped
+    assert f"Resume with: {ROOT / 'train.py'} --resume --save {work}" in stopped
+    resume = [*train_py, "--resume", "--save", str(work), "--data-dir", str(cifar_dir)]
+    stopped = interrupt(resume, "epoch 3/5", signal.SIGTERM)
+    assert "stopped by SIGTERM in epoch 4 after step" in stopped, stopped
+    resumed = subprocess.run(resume, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert epochs_and_metrics(work) == epochs_and_metrics(reference[0])
