@@ -201,8 +201,8 @@ class Normalizer:
 class TrainBatches:
     """Shuffled, augmented training batches gathered on the device.
 
-    ``batch_size`` is the global batch: with ``world_size`` processes each takes its own
-    contiguous share of every batch, so all of them together see what one process would.
+    ``batch_size`` is the global batch (divisible by ``world_size``): each process takes its
+    own contiguous share of every batch, so all of them together see what one process would.
     The last incomplete batch of an epoch is dropped (the order changes every epoch).
     """
 
@@ -237,8 +237,7 @@ class TrainBatches:
         share = self.batch_size // self.world_size
         for step in range(start_step, self.steps):
             begin = step * self.batch_size + self.rank * share
-            end = begin + share if self.rank < self.world_size - 1 else (step + 1) * self.batch_size
-            picked = slice(begin, end)
+            picked = slice(begin, begin + share)
             index = order[picked]
             images = self.normalizer(self.images[index])
             if self.augment:

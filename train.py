@@ -487,6 +487,11 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     else:
         cfg = run_config(args)
 
+    if cfg["batch_size"] % runtime.world_size:
+        raise UserError(f"--batch-size {cfg['batch_size']} is the global batch and must be "
+                        f"divisible by the {runtime.world_size} processes")
+    if cfg["sync_bn"] and runtime.world_size > 1 and runtime.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
     dataset, val = prepare_data(cfg, runtime, log)
     num_classes = data.NUM_CLASSES[cfg["dataset"]]
     mean, std = data.channel_stats(dataset.train.images)
@@ -529,6 +534,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         model = torch.compile(model)
 
     logs = {}
+    if runtime.world_size > 1:
+        dist.barrier()  # every process has judged the work directory before rank 0 writes to it
     if runtime.main:
         logs = open_work_dir(save, cfg, changes, state is not None, start_epoch,
                              {"model": raw_model.name, "parameters": parameters,
@@ -655,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate_checkpoint(args)
         return train(args, explicit)
     except (UserError, data.DataError, RunError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same error
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
         print(f"error: the loss is not finite at {error}; stopped without saving that epoch: "
