@@ -6,23 +6,25 @@ arXiv 1608.06993), section 3 and Table 2: a 3x3 stem convolution, three dense bl
 linear classifier. With ``bottleneck=True, compression=0.5`` this is DenseNet-BC; the
 parameter counts match Table 2 exactly (see tests/test_densenet.py).
 
-``memory_efficient=True`` recomputes each layer's concatenation, BN, ReLU and first
-convolution during the backward pass instead of storing them, which makes activation
-memory grow linearly rather than quadratically with depth. It gives the same outputs,
-gradients and BatchNorm running statistics as the standard mode.
+``memory_efficient=True`` stores only the convolutions' outputs of each dense layer and
+recomputes its concatenation, BatchNorms and ReLUs during the backward pass, which makes
+activation memory grow linearly rather than quadratically with depth at the cost of a few
+memory-bound passes. It gives the same outputs, gradients and BatchNorm running statistics
+as the standard mode.
 
 This module depends on torch alone.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 __all__ = ["DenseNet", "model_name", "valid_depths"]
 
@@ -54,19 +56,16 @@ def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: floa
 def _running_stats_frozen(norm: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
     """Run ``norm`` in training mode without updating its running statistics.
 
-    A momentum of 0 leaves running_mean and running_var bit-for-bit unchanged, which also
-    works for SyncBatchNorm; the batch counter is restored by hand.
+    A momentum of 0 leaves running_mean and running_var bit-for-bit unchanged (this also
+    works for SyncBatchNorm), and hiding the batch counter keeps it from counting. No tensor
+    operation happens here: inside a recomputation, checkpointing replays operations in order.
     """
-    momentum, tracked = norm.momentum, None
-    if norm.num_batches_tracked is not None:
-        tracked = norm.num_batches_tracked.clone()
-    norm.momentum = 0.0
+    momentum, tracked = norm.momentum, norm.num_batches_tracked
+    norm.momentum, norm.num_batches_tracked = 0.0, None
     try:
         yield
     finally:
-        norm.momentum = momentum
-        if tracked is not None:
-            norm.num_batches_tracked.copy_(tracked)
+        norm.momentum, norm.num_batches_tracked = momentum, tracked
 
 
 class DenseLayer(nn.Module):
@@ -90,37 +89,56 @@ class DenseLayer(nn.Module):
         self.dropout = dropout
         self.memory_efficient = memory_efficient
 
-    def _first_conv(self, *features: Tensor) -> Tensor:
-        """Concatenate, BN, ReLU, first conv: the part whose input grows with depth."""
-        return self.conv1(F.relu(self.norm1(torch.cat(features, 1))))
+    def _layer(self, *features: Tensor) -> Tensor:
+        """Concatenate, BN-ReLU-Conv, and with the bottleneck BN-ReLU-Conv again.
 
-    def _first_conv_checkpointed(self, features: list[Tensor]) -> Tensor:
-        """``_first_conv`` that stores only its small output; recomputed in backward.
+        ReLU runs in place: BN keeps its input for backward, not its output.
+        """
+        out = self.conv1(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
+        if self.dropout:
+            out = F.dropout(out, self.dropout, self.training)
+        if self.bottleneck:
+            out = self.conv2(F.relu(self.norm2(out), inplace=True))
+            if self.dropout:
+                out = F.dropout(out, self.dropout, self.training)
+        return out
 
-        The recomputation must not move the BatchNorm running statistics a second time.
+    def _layer_checkpointed(self, features: list[Tensor]) -> Tensor:
+        """``_layer`` storing only its convolutions' outputs; the rest is recomputed in backward.
+
+        The concatenation and the BN-ReLU outputs (the tensors that grow with depth) are
+        rebuilt from the earlier layers' outputs when backward needs them; the convolutions,
+        the costly part, are not run twice. The recomputation must not move the BatchNorm
+        running statistics a second time.
         """
         recomputing = False
 
         def run(*inputs: Tensor) -> Tensor:
             nonlocal recomputing
-            context = _running_stats_frozen(self.norm1) if recomputing else contextlib.nullcontext()
-            recomputing = True
-            with context:
-                return self._first_conv(*inputs)
+            norms = [self.norm1, self.norm2] if self.bottleneck else [self.norm1]
+            with contextlib.ExitStack() as stack:
+                if recomputing:
+                    for norm in norms:
+                        stack.enter_context(_running_stats_frozen(norm))
+                recomputing = True
+                return self._layer(*inputs)
 
-        return torch.utils.checkpoint.checkpoint(run, *features, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(
+            run, *features, use_reentrant=False,
+            context_fn=functools.partial(create_selective_checkpoint_contexts, _save_convolutions))
 
     def forward(self, features: list[Tensor]) -> Tensor:
         needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in features)
         if self.memory_efficient and needs_grad:
-            out = self._first_conv_checkpointed(features)
-        else:
-            out = self._first_conv(*features)
-        out = F.dropout(out, self.dropout, self.training)
-        if self.bottleneck:
-            out = self.conv2(F.relu(self.norm2(out)))
-            out = F.dropout(out, self.dropout, self.training)
-        return out
+            return self._layer_checkpointed(features)
+        return self._layer(*features)
+
+
+def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep convolution outputs, recompute everything else."""
+    if op is torch.ops.aten.convolution.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class DenseBlock(nn.Module):

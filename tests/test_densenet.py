@@ -125,13 +125,13 @@ def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
     model = DenseNet(16, 4, True, 0.5, memory_efficient=True)
     layer = model.features[0].layers[0]
     calls = []
-    original = type(layer)._first_conv
+    original = type(layer)._layer
 
     def counting(self, *features):
         calls.append(1)
         return original(self, *features)
 
-    monkeypatch.setattr(type(layer), "_first_conv", counting)
+    monkeypatch.setattr(type(layer), "_layer", counting)
     layers = sum(1 for m in model.modules() if type(m).__name__ == "DenseLayer")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
