@@ -31,3 +31,31 @@ def print_table(rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def reset_peak(device) -> int:
+    """Start a new peak measurement; returns the memory in use now, in bytes."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident size
+        f.write("5")
+    return _proc_status("VmRSS")
+
+
+def peak_since(base: int, device) -> int:
+    """Peak memory above ``base`` since ``reset_peak``, in bytes."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() - base
+    return _proc_status("VmHWM") - base
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Training memory of the standard vs the memory-efficient DenseNet, and the step-time ratio.
 
-For each model and mode, in fresh processes: the bytes autograd saves for backward (exact:
-every saved tensor's storage counted once), the peak memory of one training step (CUDA:
-max_memory_allocated; CPU: the growth of peak RSS), and the median step time.
+For each model and mode, in fresh processes: the memory a training step adds at its peak
+over what is held between steps (activations, gradients, temporaries; CUDA:
+max_memory_allocated, CPU: peak resident size from /proc), and the median step time.
+The CPU figure uses glibc's default allocator, which returns large blocks to the system
+when freed, so resident size follows the live tensors.
 
   python bench/memory.py                       # BC-100-12 batch 64, BC-250-24 batch 16
   python bench/memory.py --repeats 5 --steps 5
@@ -12,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
-from common import in_fresh_process, print_table, spread
+from common import in_fresh_process, peak_since, print_table, reset_peak, spread
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
 
@@ -42,36 +43,17 @@ def measure(config: dict) -> dict:
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
 
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(images), labels)
-    del loss
     step()  # warm-up: optimizer state and allocator pools exist from here on
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+    times, peaks = [], []
     for _ in range(config["steps"]):
+        base = reset_peak(device)
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"saved_mb": sum(saved.values()) / 2**20, "peak_mb": peak / 2**20,
-            "step_s": statistics.median(times)}
+        peaks.append(peak_since(base, device))
+    return {"peak_mb": statistics.median(peaks) / 2**20, "step_s": statistics.median(times)}
 
 
 def main() -> None:
@@ -87,7 +69,7 @@ def main() -> None:
         return
     print(f"device {args.device}, {args.threads} threads, {args.repeats} processes x "
           f"{args.steps} steps each; median [min-max]")
-    rows = [("model", "batch", "mode", "saved for backward MB", "peak step MB", "step s")]
+    rows = [("model", "batch", "mode", "step peak MB", "step s")]
     summary = []
     for name, depth, k, batch in MODELS:
         results = {}
@@ -99,13 +81,12 @@ def main() -> None:
                                   for _ in range(args.repeats)]
             runs = results[efficient]
             rows.append((name, batch, "memory-efficient" if efficient else "standard",
-                         spread([r["saved_mb"] for r in runs]), spread([r["peak_mb"] for r in runs]),
+                         spread([r["peak_mb"] for r in runs]),
                          spread([r["step_s"] for r in runs])))
         med = {e: {key: statistics.median(r[key] for r in results[e]) for key in results[e][0]}
                for e in results}
         summary.append(f"{name} batch {batch}: memory-efficient / standard = "
-                       f"{med[True]['saved_mb'] / med[False]['saved_mb']:.3f}x saved activations, "
-                       f"{med[True]['peak_mb'] / med[False]['peak_mb']:.3f}x peak step memory, "
+                       f"{med[True]['peak_mb'] / med[False]['peak_mb']:.3f}x step peak memory, "
                        f"{med[True]['step_s'] / med[False]['step_s']:.3f}x step time")
     print_table(rows)
     print("\n".join(summary))
