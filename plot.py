@@ -228,13 +228,17 @@ def summary(runs: list[Run]) -> str:
 
 def draw(opts: argparse.Namespace) -> list[Path]:
     """Draw everything once; returns the files written."""
-    runs = [load_run(Path(folder)) for folder in opts.runs]
+    runs, written = [], []
+    for folder in map(Path, opts.runs):
+        if (folder / "lr_find.csv").is_file() and not (folder / "train.csv").exists():
+            written += draw_lr_find(folder, opts)  # a learning-rate sweep without a run
+        else:
+            runs.append(load_run(folder))
     empty = [run for run in runs if run.epochs == 0]
     for run in empty:
         print(f"{run.folder}: no epochs logged yet")
     runs = [run for run in runs if run.epochs > 0]
-    written: list[Path] = []
-    if len(opts.runs) == 1 and runs:
+    if len(runs) == 1 and len(opts.runs) == 1:
         run = runs[0]
         written.append(save(make_figure(runs, ["loss"], opts), run.folder / "loss", opts))
         written.append(save(make_figure(runs, ["error"], opts), run.folder / "error", opts))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from densenet import DenseNet
+from densenet import DenseNet, model_name
 from runlog import (CsvLog, RunError, holds_run, load_checkpoint, save_checkpoint, write_json,
                     write_text)
 
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-subset", type=int, default=0,
                    help="train on the first N training images only (0: all), for quick experiments")
     g.add_argument("--test-subset", type=int, default=0, help="test on the first N test images only (0: all)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="4-pixel padding, random 32x32 crop, random horizontal flip (the paper's '+')")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="4-pixel padding, random 32x32 crop, random horizontal flip (the paper's "
+                        "'+'; default on for CIFAR, off for SVHN as in the paper)")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=100, help="L: layers with weights")
     g.add_argument("--growth-rate", type=int, default=12, help="k: feature maps per layer")
@@ -139,15 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
-    """The flags with defaults filled in, and the names of those given on the command line."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+               ) -> tuple[argparse.Namespace, set[str]]:
+    """The flags with defaults filled in, and the names of those given on the command line.
+
+    ``parser`` lets other tools (attic/, bench/) add their own flags to the trainer's.
+    """
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(parser.parse_args(argv)))
     if args.epochs is None:
         args.epochs = 40 if args.dataset == "svhn" else 300
+    if args.augment is None:
+        args.augment = args.dataset != "svhn"
     if args.lr is None:
         args.lr = 0.1 if args.opt == "sgd" else 0.001
     if args.dropout is None:
@@ -486,8 +493,8 @@ def open_work_dir(save: Path, cfg: dict, changes: dict, resuming: bool, start_ep
 def train(args: argparse.Namespace, explicit: set[str]) -> int:
     runtime = setup_runtime(args.device)
     log = print if runtime.main else (lambda *a, **k: None)
-    default_save = Path("work") / f"{args.dataset}-{build_model(run_config(args), 10).name}"
-    args.save = str(args.save or default_save)
+    name = model_name(args.depth, args.growth_rate, args.bottleneck, args.compression)
+    args.save = str(args.save or Path("work") / f"{args.dataset}-{name}")
     save = Path(args.save)
     state, changes = None, {}
     if args.resume and (save / "checkpoint.pt").exists():

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Per-channel mean and standard deviation of a dataset's training images.
+
+These are the figures train.py normalises with: both call data.channel_stats on the same
+images (0-1 scale, population standard deviation over every pixel of the training set). For
+the full CIFAR-10 training set they are mean 0.4914, 0.4822, 0.4465 and std 0.2470, 0.2435,
+0.2616.
+
+  attic/dataset_stats.py --data-dir ../shared/data
+  attic/dataset_stats.py --dataset cifar100 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+
+OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    try:
+        dataset = data.load_dataset(args.dataset, args.data_dir, args.download)
+    except data.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mean, std = data.channel_stats(dataset.train.images)
+    if args.json:
+        print(json.dumps({"dataset": args.dataset, "images": len(dataset.train), "mean": mean, "std": std}))
+        return 0
+    print(f"{args.dataset}: {len(dataset.train)} training images")
+    print("channel  mean    std")
+    for name, m, s in zip("RGB", mean, std):
+        print(f"{name}        {m:.4f}  {s:.4f}")
+    if args.dataset in OFFICIAL:
+        ref_mean, ref_std = OFFICIAL[args.dataset]
+        print(f"full training set: mean {', '.join(f'{v:.4f}' for v in ref_mean)}; "
+              f"std {', '.join(f'{v:.4f}' for v in ref_std)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

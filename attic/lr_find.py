@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Learning-rate finder: train with an exponentially growing learning rate and watch the loss.
+
+From a fresh model (train.py's flags), the learning rate rises from --start-lr to --end-lr
+over --steps steps while the smoothed training loss is recorded; the sweep stops early when
+the loss explodes. The suggestion is the learning rate where the smoothed loss falls fastest
+(per log step of lr) before its minimum. Writes lr_find.csv and lr_find.json into the work
+directory (train.py's --save, so ./plot.py on that run draws the sweep too).
+
+  attic/lr_find.py --depth 40 --data-dir ../shared/data --steps 200
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+import train  # noqa: E402
+from runlog import write_json, write_text  # noqa: E402
+
+SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> float:
+    """The lr of the steepest fall of the smoothed loss, before its minimum."""
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
+    start = max(1, len(smoothed) // 10)  # the first steps mostly reflect the moving average
+    if lowest <= start:
+        return lrs[lowest]
+    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1])
+              for i in range(start, lowest)]
+    return lrs[start + min(range(len(slopes)), key=slopes.__getitem__)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = train.build_parser()
+    group = parser.add_argument_group("learning-rate finder")
+    group.add_argument("--steps", type=int, default=200)
+    group.add_argument("--start-lr", type=float, default=1e-5)
+    group.add_argument("--end-lr", type=float, default=10.0)
+    parser.description = __doc__.split("\n\n")[0]
+    args, _ = train.parse_args(argv, parser)
+    if not 0 < args.start_lr < args.end_lr or args.steps < 3:
+        print("error: need 0 < --start-lr < --end-lr and --steps of at least 3", file=sys.stderr)
+        return 2
+    cfg = train.run_config(args)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    runtime = train.Runtime(device)
+    torch.manual_seed(args.seed)
+    try:
+        dataset, _ = train.prepare_data(cfg, runtime, print)
+    except data.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mean, std = data.channel_stats(dataset.train.images)
+    model = train.build_model(cfg, data.NUM_CLASSES[args.dataset]).to(device)
+    optimizer = train.build_optimizer(cfg, model)
+    batches = data.TrainBatches(dataset.train, args.batch_size, data.Normalizer(mean, std, device),
+                                args.augment, args.seed, device)
+    ratio = args.end_lr / args.start_lr
+    rows, lrs, smoothed, average, best = ["step,lr,raw_loss,loss"], [], [], 0.0, math.inf
+    model.train()
+    step = 0
+    while step < args.steps:
+        for images, labels in batches.epoch():
+            lr = args.start_lr * ratio ** (step / (args.steps - 1))
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            average = SMOOTHING * average + (1 - SMOOTHING) * value
+            current = average / (1 - SMOOTHING ** (step + 1))
+            rows.append(f"{step + 1},{lr:.6g},{value:.6g},{current:.6g}")
+            lrs.append(lr)
+            smoothed.append(current)
+            best = min(best, current)
+            step += 1
+            if step >= args.steps or not math.isfinite(current) or current > 4 * best:
+                step = args.steps
+                break
+    finite = [(lr, s) for lr, s in zip(lrs, smoothed) if math.isfinite(s)]
+    suggestion = suggest([lr for lr, _ in finite], [s for _, s in finite])
+    lowest_lr = min(finite, key=lambda pair: pair[1])[0]
+    save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}")
+    save.mkdir(parents=True, exist_ok=True)
+    write_text(save / "lr_find.csv", "\n".join(rows) + "\n")
+    write_json(save / "lr_find.json", {"suggested_lr": suggestion, "lowest_loss_lr": lowest_lr,
+                                       "steps": len(lrs), "config": cfg})
+    print(f"{len(lrs)} steps from lr {args.start_lr:g} to {lrs[-1]:.3g}: suggested lr "
+          f"{suggestion:.3g} (steepest fall of the loss); lowest loss at lr {lowest_lr:.3g}")
+    print(f"wrote {save / 'lr_find.csv'} and {save / 'lr_find.json'}; ./plot.py {save} draws it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""attic/ scripts on tiny configurations: gradient check, dataset statistics, summary, lr finder."""
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_cli
+
+sys.path.insert(0, str(ROOT / "attic"))
+import dataset_stats  # noqa: E402
+import gradcheck  # noqa: E402
+import summary  # noqa: E402
+from densenet import DenseLayer, DenseNet  # noqa: E402
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward, gradient times 1.01 backward: a planted bug."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+class _BuggyLayer(DenseLayer):
+    def forward(self, features):
+        return _ScaledGradient.apply(super().forward(features))
+
+
+def test_gradcheck_passes_on_the_model(capsys):
+    assert gradcheck.main(["--growth-rate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ok    cpu   memory-efficient  densenet" in out and "all gradients agree" in out
+
+
+def test_gradcheck_catches_a_planted_wrong_gradient():
+    torch.manual_seed(0)
+    problems = gradcheck.check(_BuggyLayer(4, 2, True, 0.0, False), [torch.randn(2, 4, 6, 6)],
+                               torch.device("cpu"))
+    assert problems and problems[0].startswith("input: autograd")
+    names = {p.split(":")[0] for p in problems}
+    assert {"norm1.weight", "conv2.weight"} <= names
+    correct = gradcheck.check(DenseLayer(4, 2, True, 0.0, False), [torch.randn(2, 4, 6, 6)],
+                              torch.device("cpu"))
+    assert correct == []
+
+
+def test_dataset_stats_are_the_subset_statistics(shared_data, capsys):
+    assert dataset_stats.main(["--data-dir", str(shared_data), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    pixels = []
+    for i in range(1, 6):
+        with open(shared_data / "cifar-10-batches-py" / f"data_batch_{i}", "rb") as f:
+            pixels.append(pickle.load(f, encoding="latin1")["data"].reshape(-1, 3, 1024))
+    pixels = np.concatenate(pixels).astype(np.float64) / 255
+    assert printed["images"] == 4660
+    assert printed["mean"] == pytest.approx(pixels.mean(axis=(0, 2)).tolist(), abs=1e-9)
+    assert printed["std"] == pytest.approx(pixels.std(axis=(0, 2)).tolist(), abs=1e-9)
+    assert printed["mean"] == pytest.approx([0.4914, 0.4822, 0.4465], abs=0.003)  # near the full set
+
+
+@pytest.mark.parametrize("flags", [["--depth", "22", "--growth-rate", "6"],
+                                   ["--depth", "13", "--no-bottleneck", "--compression", "1"]])
+def test_summary_totals_equal_the_model(tmp_path, capsys, flags):
+    image = tmp_path / "arch.png"
+    assert summary.main([*flags, "--image", str(image)]) == 0
+    out = capsys.readouterr().out
+    bottleneck = "--no-bottleneck" not in flags
+    model = DenseNet(int(flags[1]), int(flags[3]) if bottleneck else 12, bottleneck,
+                     0.5 if bottleneck else 1.0)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"total: {total:,} parameters" in out
+    rows = summary.rows_of(model, 10)
+    assert sum(r["parameters"] for r in rows) == total
+    assert image.stat().st_size > 10_000
+
+
+def test_summary_flops_of_bc_100_12():
+    rows = summary.rows_of(DenseNet(100, 12, True, 0.5), 10)
+    assert sum(r["flops"] for r in rows) / 1e9 == pytest.approx(0.5759, abs=1e-4)
+
+
+def test_lr_finder_writes_csv_and_plot_marks_suggestion(tmp_path, cifar_dir):
+    work = tmp_path / "sweep"
+    result = run_cli("attic/lr_find.py", "--data-dir", cifar_dir, "--save", work, *TINY,
+                     "--steps", "12", "--start-lr", "1e-4", "--end-lr", "1")
+    assert result.returncode == 0, result.stderr
+    with open(work / "lr_find.csv") as f:
+        rows = list(csv.DictReader(f))
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-4) and lrs == sorted(lrs) and len(rows) <= 12
+    suggestion = json.loads((work / "lr_find.json").read_text())["suggested_lr"]
+    assert lrs[0] <= suggestion <= lrs[-1]
+    drawn = run_cli("plot.py", work)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (work / "lr_find.png").stat().st_size > 10_000
+
+
+def test_confusion_matrix_and_per_class_errors_are_drawn(tmp_path, cifar_dir):
+    work = tmp_path / "run"
+    assert run_cli("train.py", "--data-dir", cifar_dir, "--save", work, *TINY,
+                   "--epochs", "1").returncode == 0
+    assert run_cli("train.py", "--evaluate", work / "checkpoint.pt",
+                   "--data-dir", cifar_dir).returncode == 0
+    drawn = run_cli("plot.py", work)
+    assert drawn.returncode == 0, drawn.stderr
+    for name in ("checkpoint-classes.png", "checkpoint-confusion.png", "curves.png"):
+        assert f"wrote {work / name}" in drawn.stdout
