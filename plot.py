@@ -28,6 +28,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa:
 
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
 
 
@@ -64,8 +65,8 @@ def read_csv(path: Path, required: tuple[str, ...] = ("epoch",)) -> pd.DataFrame
     if missing:
         raise PlotError(f"{path} lacks the column(s) {', '.join(missing)}; is it a train.py log?")
     numeric = frame.apply(pd.to_numeric, errors="coerce")
-    bad = [c for c in frame.columns if numeric[c].isna().any() and not frame[c].isna().all()
-           and c in required + ("loss", "error", "lr")]
+    bad = [c for c in frame.columns if c in NUMERIC_COLUMNS and numeric[c].isna().any()
+           and not frame[c].isna().all()]
     if bad:
         raise PlotError(f"{path} has non-numeric values in {', '.join(bad)}")
     return frame

@@ -303,7 +303,7 @@ class StopFlag:
     """Turns SIGINT/SIGTERM into a request to stop at the next safe point; a second one kills."""
 
     def __init__(self) -> None:
-        self.signum = 0
+        self.signum = self.agreed = 0
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._request)
 
@@ -314,12 +314,13 @@ class StopFlag:
         self.signum = signum
 
     def requested(self, runtime: Runtime) -> int:
-        """The signal to stop for, agreed by every process."""
-        if runtime.world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], device=runtime.device)
-        dist.all_reduce(flag, dist.ReduceOp.MAX)
-        return int(flag.item())
+        """The signal to stop for, agreed by every process (0: go on); kept in ``agreed``."""
+        self.agreed = self.signum
+        if runtime.world_size > 1:
+            flag = torch.tensor([self.signum], device=runtime.device)
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            self.agreed = int(flag.item())
+        return self.agreed
 
 
 def all_sum(values: list[float], runtime: Runtime) -> list[float]:
@@ -594,7 +595,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 bar.close()
         if progress.step < batches.steps:
             checkpoint(epoch, data_rng, progress)
-            raise Interrupted(stop.requested(runtime), save, epoch + 1, progress.step)
+            raise Interrupted(stop.agreed, save, epoch + 1, progress.step)
         start = time.perf_counter()
         test_loss, test_error, _ = evaluate(model, data.eval_batches(
             test, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,

@@ -48,8 +48,12 @@ def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
     kills = 0
     for trial in range(TRIALS):
         work = tmp_path / f"trial{trial}"
-        command = [sys.executable, str(ROOT / "train.py"), "--save", str(work), *flags(cifar_dir)]
+        start = [sys.executable, str(ROOT / "train.py"), "--save", str(work), *flags(cifar_dir)]
+        resume = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
+                  "--data-dir", str(cifar_dir)]
         for _ in range(KILLS_PER_TRIAL):
+            # as a user would: resume once the run has written its config, else start again
+            command = resume if (work / "config.json").exists() else start
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                        text=True)
             try:  # anywhere in the run: start-up, steps, evaluation, CSV appends, checkpoints
@@ -63,8 +67,7 @@ def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
                 break
             finally:
                 process.stderr.close()
-            command = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
-                       "--data-dir", str(cifar_dir)]
+        command = resume if (work / "config.json").exists() else start
         final = subprocess.run(command, capture_output=True, text=True)
         assert final.returncode == 0, final.stderr
         assert epochs_and_metrics(work) == epochs_and_metrics(reference_dir), f"trial {trial}"
@@ -96,4 +99,26 @@ def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, refere
     assert "stopped by SIGTERM in epoch 4 after step" in stopped, stopped
     resumed = subprocess.run(resume, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert epochs_and_metrics(work) == epochs_and_metrics(reference[0])
+
+
+def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference, monkeypatch):
+    """A stop request after the 7th step (epoch 2, step 2 of 5) saves a mid-epoch checkpoint."""
+    import train
+    calls = []
+
+    def requested(self, runtime):
+        calls.append(1)
+        self.agreed = signal.SIGINT if len(calls) == 7 else 0
+        return self.agreed
+
+    monkeypatch.setattr(train.StopFlag, "requested", requested)
+    work = tmp_path / "run"
+    status = train.main(["--save", str(work), *flags(cifar_dir)])
+    assert status == 128 + signal.SIGINT
+    assert len(epochs_and_metrics(work)[0]) == 1
+    state = train.load_checkpoint(work / "checkpoint.pt")
+    assert (state["epoch"], state["progress"]["step"]) == (1, 2)
+    monkeypatch.undo()
+    assert train.main(["--resume", "--save", str(work), "--data-dir", str(cifar_dir)]) == 0
     assert epochs_and_metrics(work) == epochs_and_metrics(reference[0])
