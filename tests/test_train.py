@@ -108,3 +108,12 @@ def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir):
     flipped = run_cli("train.py", "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir, "--tta")
     assert flipped.returncode == 0 and "flip test-time augmentation" in flipped.stdout
     assert (work / "checkpoint-classes-tta.csv").is_file()
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"],
+                                   ["--compile", "--memory-efficient", "--no-channels-last"]])
+def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, flags):
+    work = tmp_path / "run"
+    result = train(work, cifar_dir, "--epochs", "1", *flags)
+    assert result.returncode == 0, result.stderr
+    assert float(read_csv(work / "test.csv")[0]["loss"]) > 0
