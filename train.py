@@ -71,6 +71,15 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------- command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not for derived or off-by-default flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line instead of the whole usage."""
 
@@ -82,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description=__doc__.split("\n\n")[0],
         epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="which dataset")
     g.add_argument("--data-dir", default="data",
                    help="torchvision-style root: holds cifar-10-batches-py/, cifar-100-python/ or svhn/")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
@@ -109,26 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout after each conv but the first (default 0, or 0.2 with --no-augment)")
     g.add_argument("--memory-efficient", action="store_true",
-                   help="recompute concatenations in backward: memory linear in depth, same results")
+                   help="store only conv outputs, recompute concatenations, BN and ReLU in backward: "
+                        "memory linear in depth, same results, slower steps")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--opt", default="sgd", choices=["sgd", "adam", "rmsprop"])
+    g.add_argument("--opt", default="sgd", choices=["sgd", "adam", "rmsprop"], help="optimiser")
     g.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.1 for sgd, 0.001 otherwise)")
     g.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="step: divide by 10 at 50%% and 75%% of the epochs; cosine: anneal to 0")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on all weights")
     g.add_argument("--epochs", type=int, default=None, help="default 300, or 40 for SVHN")
     g.add_argument("--batch-size", type=int, default=64, help="global batch, over all processes")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: a GPU when there is one")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast precision; fp16 uses a gradient scaler")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout (faster on CPU and on tensor-core GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
-    g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--eval-batch-size", type=int, default=500, help="batch size for evaluation")
     g = p.add_argument_group("run")
     g.add_argument("--save", default=None, help="work directory (default work/<dataset>-<model name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --save from its checkpoint")
