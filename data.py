@@ -116,6 +116,8 @@ def _download_failed(name: str, where: Path, error: Exception, holds: str) -> Da
 def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
     folder, train_files, test_files, label_key, meta_file, names_key, tv_class = _CIFAR[name]
     where = root / folder
+    if not where.is_dir() and (root / meta_file).is_file():
+        where = root  # --data-dir names the dataset folder itself
     if not where.is_dir():
         if not download:
             raise DataError(f"{name} is not in {where}; point --data-dir at the folder that "

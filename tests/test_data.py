@@ -72,3 +72,27 @@ def test_validation_split_is_disjoint_and_seeded(cifar_dir):
     assert len(rest) == 120 and len(val) == 40 and torch.equal(val.images, val_again.images)
     together = torch.cat([rest.images, val.images]).flatten(1)
     assert len(torch.unique(together, dim=0)) == 160
+
+
+def test_data_dir_may_name_the_dataset_folder_itself(cifar_dir):
+    dataset = data.load_dataset("cifar10", cifar_dir / "cifar-10-batches-py", download=False)
+    assert len(dataset.train) == 160
+
+
+def test_reads_cifar100_layout(tmp_path):
+    import pickle
+
+    import numpy as np
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 30), ("test", 10)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                         "fine_labels": rng.integers(0, 100, count).tolist(),
+                         "coarse_labels": rng.integers(0, 20, count).tolist()}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    dataset = data.load_dataset("cifar100", tmp_path, download=False)
+    assert (len(dataset.train), len(dataset.test), len(dataset.classes)) == (30, 10, 100)
+    assert data.NUM_CLASSES["cifar100"] == 100
