@@ -133,19 +133,35 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
                    list(meta.get(names_key, [])))
 
 
+def _read_svhn_file(path: Path) -> Split:
+    """One SVHN ``*_32x32.mat`` file: X is (32, 32, 3, N), y holds 1..10 with 10 for digit 0."""
+    from scipy.io import loadmat
+    try:
+        content = loadmat(path)
+        images = np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1), dtype=np.uint8)
+        labels = content["y"].astype(np.int64).reshape(-1) % 10
+    except Exception as error:  # scipy raises several types for damaged files
+        raise DataError(f"{path} is not a readable SVHN .mat file ({error}); replace it "
+                        f"with a fresh copy") from None
+    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+
+
 def _load_svhn(root: Path, download: bool, extra: bool) -> Dataset:
-    import torchvision
+    """Read SVHN's .mat files from ``root/svhn`` directly, so copies need no checksum match."""
     where = root / "svhn"
 
     def split(name: str) -> Split:
-        try:
-            data = torchvision.datasets.SVHN(str(where), split=name, download=download)
-        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
-            raise DataError(f"SVHN {name} split is not in {where} ({error}); put "
-                            f"{name}_32x32.mat there or point --data-dir at its parent") from None
-        except Exception as error:
-            raise _download_failed(f"SVHN {name} split", where, error, "svhn/") from None
-        return Split(torch.from_numpy(data.data), torch.from_numpy(data.labels.astype(np.int64)))
+        path = where / f"{name}_32x32.mat"
+        if not path.is_file():
+            if not download:
+                raise DataError(f"SVHN's {path.name} is not in {where}; point --data-dir at the "
+                                f"folder that holds svhn/ (or allow the download)")
+            try:
+                import torchvision
+                torchvision.datasets.SVHN(str(where), split=name, download=True)
+            except Exception as error:  # network errors come in many types
+                raise _download_failed(f"SVHN's {path.name}", where, error, "svhn/") from None
+        return _read_svhn_file(path)
 
     train = split("train")
     if extra:

@@ -96,3 +96,22 @@ def test_reads_cifar100_layout(tmp_path):
     dataset = data.load_dataset("cifar100", tmp_path, download=False)
     assert (len(dataset.train), len(dataset.test), len(dataset.classes)) == (30, 10, 100)
     assert data.NUM_CLASSES["cifar100"] == 100
+
+
+def test_reads_svhn_mat_files(tmp_path):
+    import numpy as np
+    from scipy.io import savemat
+    folder = tmp_path / "svhn"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for name, count in (("train", 12), ("extra", 8), ("test", 5)):
+        pixels[name] = rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8)
+        labels = (np.arange(count) + 9) % 10 + 1  # 10, 1, 2, ...: SVHN writes digit 0 as 10
+        savemat(folder / f"{name}_32x32.mat", {"X": pixels[name], "y": labels.reshape(-1, 1)})
+    dataset = data.load_dataset("svhn", tmp_path, download=False)
+    assert (len(dataset.train), len(dataset.test)) == (20, 5)
+    assert torch.equal(dataset.test.images[2], torch.from_numpy(pixels["test"][..., 2]).permute(2, 0, 1))
+    assert dataset.test.labels.tolist() == [0, 1, 2, 3, 4]
+    no_extra = data.load_dataset("svhn", tmp_path, download=False, svhn_extra=False)
+    assert len(no_extra.train) == 12
