@@ -92,11 +92,12 @@ def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, refere
     work = tmp_path / "run"
     train_py = [sys.executable, str(ROOT / "train.py")]
     stopped = interrupt([*train_py, "--save", str(work), *flags(cifar_dir)], "epoch 2/5", signal.SIGINT)
-    assert "stopped by SIGINT in epoch 3 after step" in stopped, stopped
+    assert "stopped by SIGINT in epoch" in stopped, stopped
     assert f"Resume with: {ROOT / 'train.py'} --resume --save {work}" in stopped
     resume = [*train_py, "--resume", "--save", str(work), "--data-dir", str(cifar_dir)]
-    stopped = interrupt(resume, "epoch 3/5", signal.SIGTERM)
-    assert "stopped by SIGTERM in epoch 4 after step" in stopped, stopped
+    # the first epoch the resumed run finishes: where the first stop landed decides which
+    stopped = interrupt(resume, "epoch ", signal.SIGTERM)
+    assert "stopped by SIGTERM in epoch" in stopped, stopped
     resumed = subprocess.run(resume, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert epochs_and_metrics(work) == epochs_and_metrics(reference[0])
