@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-__all__ = ["DenseNet", "model_name", "valid_depths"]
+__all__ = ["DenseNet", "check_config", "model_name", "valid_depths"]
 
 
 def valid_depths(bottleneck: bool) -> tuple[int, int]:
@@ -38,6 +38,27 @@ def valid_depths(bottleneck: bool) -> tuple[int, int]:
     """
     step = 6 if bottleneck else 3
     return step, 4 + step
+
+
+def check_config(depth: int, growth_rate: int, bottleneck: bool, compression: float,
+                 dropout: float = 0.0, num_classes: int = 10) -> None:
+    """Raise ValueError, saying what would be valid, for a configuration that cannot be built."""
+    step, smallest = valid_depths(bottleneck)
+    if depth < smallest or (depth - 4) % step:
+        kind = "DenseNet-BC (bottleneck)" if bottleneck else "DenseNet without bottleneck"
+        lower = max(smallest, 4 + (depth - 4) // step * step)
+        upper = max(smallest, lower + step) if depth > lower else lower
+        nearest = f"{lower} or {upper}" if lower != upper else f"{lower}"
+        raise ValueError(f"depth {depth} is impossible for {kind}: depth - 4 must be a "
+                         f"positive multiple of {step}; nearest valid depths: {nearest}")
+    if growth_rate < 1:
+        raise ValueError(f"growth rate must be a positive integer, got {growth_rate}")
+    if not 0 < compression <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {compression}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
 
 
 def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: float) -> str:
@@ -190,23 +211,8 @@ class DenseNet(nn.Module):
                  compression: float = 0.5, dropout: float = 0.0, num_classes: int = 10,
                  memory_efficient: bool = False) -> None:
         super().__init__()
-        step, smallest = valid_depths(bottleneck)
-        if depth < smallest or (depth - 4) % step:
-            kind = "DenseNet-BC (bottleneck)" if bottleneck else "DenseNet without bottleneck"
-            lower = max(smallest, 4 + (depth - 4) // step * step)
-            upper = max(smallest, lower + step) if depth > lower else lower
-            nearest = f"{lower} or {upper}" if lower != upper else f"{lower}"
-            raise ValueError(f"depth {depth} is impossible for {kind}: depth - 4 must be a "
-                             f"positive multiple of {step}; nearest valid depths: {nearest}")
-        if growth_rate < 1:
-            raise ValueError(f"growth rate must be a positive integer, got {growth_rate}")
-        if not 0 < compression <= 1:
-            raise ValueError(f"compression must be in (0, 1], got {compression}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-
+        check_config(depth, growth_rate, bottleneck, compression, dropout, num_classes)
+        step, _ = valid_depths(bottleneck)
         layers_per_block = (depth - 4) // step
         channels = 2 * growth_rate if bottleneck else 16
         self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from densenet import DenseNet, model_name
+from densenet import DenseNet, check_config, model_name
 from runlog import (CsvLog, RunError, holds_run, load_checkpoint, save_checkpoint, write_json,
                     write_text)
 
@@ -188,8 +188,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.weight_decay < 0:
         raise UserError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
     try:
-        DenseNet(args.depth, args.growth_rate, args.bottleneck, args.compression, args.dropout,
-                 memory_efficient=args.memory_efficient)
+        check_config(args.depth, args.growth_rate, args.bottleneck, args.compression, args.dropout)
     except ValueError as error:
         raise UserError(f"{error} (--depth, --growth-rate, --compression, --dropout)") from None
     if args.device == "cuda" and not torch.cuda.is_available():
