@@ -25,6 +25,10 @@ DATASETS = tuple(NUM_CLASSES)
 PAD = 4  # the paper's augmentation: 4-pixel zero padding, random 32x32 crop, random flip
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class DataError(Exception):
     """A dataset problem the user can fix; the message says how."""
 
@@ -39,6 +43,10 @@ class Split:
 
     def subset(self, indices: Tensor) -> Split:
         return Split(self.images[indices], self.labels[indices])
+
+    def first(self, count: int) -> Split:
+        """The first ``count`` images (all of them when there are fewer)."""
+        return self.subset(torch.arange(min(count, len(self))))
 
     def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
@@ -234,7 +242,7 @@ class TrainBatches:
         self.labels = data.labels.to(device)
         self.batch_size, self.normalizer, self.augment = batch_size, normalizer, augment
         self.device, self.rank, self.world_size = device, rank, world_size
-        self.channels_last = channels_last
+        self.memory_format = memory_format(channels_last)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = len(data) // batch_size
 
@@ -260,11 +268,7 @@ class TrainBatches:
             images = self.normalizer(self.images[index])
             if self.augment:
                 images = random_crop_flip(images, offsets[picked], flips[picked])
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            else:
-                images = images.contiguous()
-            yield images, self.labels[index]
+            yield images.contiguous(memory_format=self.memory_format), self.labels[index]
 
 
 def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
@@ -286,7 +290,7 @@ def eval_batches(data: Split, batch_size: int, normalizer: Normalizer, device: t
                  rank: int = 0, world_size: int = 1, channels_last: bool = False):
     """Yield (images, labels) over this process's share of ``data``, in order."""
     indices = torch.tensor_split(torch.arange(len(data)), world_size)[rank]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format(channels_last)
     for chunk in indices.split(batch_size):
         images = normalizer(data.images[chunk].to(device, non_blocking=True))
-        yield images.contiguous(memory_format=memory_format), data.labels[chunk].to(device)
+        yield images.contiguous(memory_format=layout), data.labels[chunk].to(device)

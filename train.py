@@ -278,9 +278,9 @@ def prepare_data(cfg: dict, runtime: Runtime, log) -> tuple[data.Dataset, data.S
     if cfg["val_size"]:
         dataset.train, val = data.split_validation(dataset.train, cfg["val_size"], cfg["seed"])
     if cfg["train_subset"]:
-        dataset.train = dataset.train.subset(torch.arange(min(cfg["train_subset"], len(dataset.train))))
+        dataset.train = dataset.train.first(cfg["train_subset"])
     if cfg["test_subset"]:
-        dataset.test = dataset.test.subset(torch.arange(min(cfg["test_subset"], len(dataset.test))))
+        dataset.test = dataset.test.first(cfg["test_subset"])
     log(f"using {len(dataset.train)} training, {len(val) if val else 0} validation and "
         f"{len(dataset.test)} test images")
     return dataset, val
@@ -536,8 +536,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     model = build_model(cfg, num_classes)
     parameters = sum(p.numel() for p in model.parameters())
     log(f"model {model.name}: {parameters:,} parameters; {runtime.world_size} process(es) on {device}")
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=data.memory_format(cfg["channels_last"]))
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
     batches = data.TrainBatches(dataset.train, cfg["batch_size"], normalizer, cfg["augment"],
@@ -588,6 +587,14 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 "data_rng": data_rng, "rng": rng_state(),
                 "normalization": {"mean": mean, "std": std}, "num_classes": num_classes})
 
+    def evaluate_split(split: data.Split) -> tuple[float, float, float]:
+        """Loss, error in percent and seconds over ``split``, shared by all processes."""
+        start = time.perf_counter()
+        loss, error, _ = evaluate(model, data.eval_batches(
+            split, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
+            cfg["channels_last"]), cfg, runtime, num_classes)
+        return loss, error, time.perf_counter() - start
+
     stop = StopFlag()
     show_bar = runtime.main and sys.stderr.isatty()
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -609,11 +616,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         if progress.step < batches.steps:
             checkpoint(epoch, data_rng, progress)
             raise Interrupted(stop.agreed, save, epoch + 1, progress.step)
-        start = time.perf_counter()
-        test_loss, test_error, _ = evaluate(model, data.eval_batches(
-            test, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
-            cfg["channels_last"]), cfg, runtime, num_classes)
-        test_seconds = time.perf_counter() - start
+        test_loss, test_error, test_seconds = evaluate_split(test)
         train_loss = progress.loss_sum / progress.seen
         train_error = 100 * (1 - progress.correct / progress.seen)
         line = (f"epoch {epoch + 1}/{cfg['epochs']}  lr {lr:.3g}  train loss {train_loss:.4f} "
@@ -625,13 +628,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             logs["test"].append({"epoch": epoch + 1, "loss": test_loss, "error": test_error,
                                  "seconds": test_seconds})
         if val is not None:
-            start = time.perf_counter()
-            val_loss, val_error, _ = evaluate(model, data.eval_batches(
-                val, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
-                cfg["channels_last"]), cfg, runtime, num_classes)
+            val_loss, val_error, val_seconds = evaluate_split(val)
             if runtime.main:
                 logs["val"].append({"epoch": epoch + 1, "loss": val_loss, "error": val_error,
-                                    "seconds": time.perf_counter() - start})
+                                    "seconds": val_seconds})
             line += f"  val error {val_error:.2f}%"
         if test_error < best["error"]:
             best = {"error": test_error, "epoch": epoch + 1}
@@ -660,12 +660,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     runtime = setup_runtime(args.device)
     dataset = data.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], svhn_extra=False)
     if cfg["test_subset"]:
-        dataset.test = dataset.test.subset(torch.arange(min(cfg["test_subset"], len(dataset.test))))
+        dataset.test = dataset.test.first(cfg["test_subset"])
     num_classes = state["num_classes"]
     model = build_model(cfg, num_classes)
     model.load_state_dict(state["model"])
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model.to(runtime.device, memory_format=memory_format)
+    model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
     normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],
                                  runtime.device)
     batches = data.eval_batches(dataset.test.to(runtime.device), cfg["eval_batch_size"],

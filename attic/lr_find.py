@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: need 0 < --start-lr < --end-lr and --steps of at least 3", file=sys.stderr)
         return 2
     cfg = train.run_config(args)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    runtime = train.Runtime(device)
+    runtime = train.setup_runtime(args.device)
+    device = runtime.device
     torch.manual_seed(args.seed)
     try:
         dataset, _ = train.prepare_data(cfg, runtime, print)

@@ -59,8 +59,7 @@ def main() -> int:
 
     data_s = median_time(data_epoch, args.repeats)
     model = train.build_model(cfg, data.NUM_CLASSES[args.dataset])
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=data.memory_format(cfg["channels_last"]))
     optimizer = train.build_optimizer(cfg, model)
     images, labels = next(iter(batches.epoch()))
 
