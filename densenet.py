@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+import fused
+
 __all__ = ["DenseNet", "check_config", "model_name", "valid_depths"]
 
 
@@ -111,21 +113,29 @@ class DenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
 
     def _layer(self, *features: Tensor) -> Tensor:
-        """Concatenate, BN-ReLU-Conv, and with the bottleneck BN-ReLU-Conv again.
+        """Concatenate, then BN-ReLU-Conv, and with the bottleneck BN-ReLU-Conv again.
 
         ReLU runs in place: BN keeps its input for backward, not its output.
         """
-        out = self.conv1(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
+        return self._convolutions(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
+
+    def _layer_shared(self, newest: Tensor, shared: fused.SharedFeatures) -> Tensor:
+        """``_layer`` reading the block's shared buffer, with BN-ReLU fused (see fused.py)."""
+        return self._convolutions(fused.norm_relu(self.norm1, shared, newest))
+
+    def _convolutions(self, activated: Tensor) -> Tensor:
+        """The first conv on the activated concatenation, then the bottleneck's BN-ReLU-Conv."""
+        out = self.conv1(activated)
         if self.dropout:
             out = F.dropout(out, self.dropout, self.training)
         if self.bottleneck:
-            out = self.conv2(F.relu(self.norm2(out), inplace=True))
+            out = self.conv2(_batch_norm_relu(self.norm2, out))
             if self.dropout:
                 out = F.dropout(out, self.dropout, self.training)
         return out
 
-    def _layer_checkpointed(self, features: list[Tensor]) -> Tensor:
-        """``_layer`` storing only its convolutions' outputs; the rest is recomputed in backward.
+    def _checkpointed(self, layer, *inputs: Tensor) -> Tensor:
+        """``layer(*inputs)`` storing only its convolutions' outputs; the rest is recomputed.
 
         The concatenation and the BN-ReLU outputs (the tensors that grow with depth) are
         rebuilt from the earlier layers' outputs when backward needs them; the convolutions,
@@ -134,7 +144,7 @@ class DenseLayer(nn.Module):
         """
         recomputing = False
 
-        def run(*inputs: Tensor) -> Tensor:
+        def run(*args: Tensor) -> Tensor:
             nonlocal recomputing
             norms = [self.norm1, self.norm2] if self.bottleneck else [self.norm1]
             with contextlib.ExitStack() as stack:
@@ -142,17 +152,34 @@ class DenseLayer(nn.Module):
                     for norm in norms:
                         stack.enter_context(_running_stats_frozen(norm))
                 recomputing = True
-                return self._layer(*inputs)
+                return layer(*args)
 
         return torch.utils.checkpoint.checkpoint(
-            run, *features, use_reentrant=False,
+            run, *inputs, use_reentrant=False,
             context_fn=functools.partial(create_selective_checkpoint_contexts, _save_convolutions))
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in features)
-        if self.memory_efficient and needs_grad:
-            return self._layer_checkpointed(features)
+        """The new feature map from all earlier ones (the ATen path)."""
+        if self.memory_efficient and _needs_grad(*features):
+            return self._checkpointed(self._layer, *features)
         return self._layer(*features)
+
+    def forward_shared(self, newest: Tensor, shared: fused.SharedFeatures) -> Tensor:
+        """The new feature map from the shared buffer, ``newest`` being its last feature."""
+        if self.memory_efficient and _needs_grad(newest):
+            return self._checkpointed(functools.partial(self._layer_shared, shared=shared), newest)
+        return self._layer_shared(newest, shared)
+
+
+def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``relu(norm(x))``, fused where fused.py can (in place otherwise: BN keeps its input)."""
+    if fused.available(x):
+        return fused.batch_norm_relu(norm, x)
+    return F.relu(norm(x), inplace=True)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -175,6 +202,13 @@ class DenseBlock(nn.Module):
         self.out_channels = in_channels + num_layers * growth_rate
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused.available(x):
+            shared = fused.SharedFeatures(x, self.out_channels)
+            newest = x
+            for layer in self.layers:
+                newest = layer.forward_shared(newest, shared)
+                shared.append(newest)
+            return fused.gather(shared, newest)
         features = [x]
         for layer in self.layers:
             features.append(layer(features))
@@ -245,6 +279,6 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(self.stem(x))
-        x = F.relu(self.norm(x))
+        x = _batch_norm_relu(self.norm, x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)
