@@ -6,13 +6,19 @@ arXiv 1608.06993), section 3 and Table 2: a 3x3 stem convolution, three dense bl
 linear classifier. With ``bottleneck=True, compression=0.5`` this is DenseNet-BC; the
 parameter counts match Table 2 exactly (see tests/test_densenet.py).
 
-``memory_efficient=True`` stores only the convolutions' outputs of each dense layer and
-recomputes its concatenation, BatchNorms and ReLUs during the backward pass, which makes
-activation memory grow linearly rather than quadratically with depth at the cost of a few
-memory-bound passes. It gives the same outputs, gradients and BatchNorm running statistics
-as the standard mode.
+Two paths compute a dense block, with the same results (tests/test_fused.py). On the CPU,
+for channels-last float inputs, a block writes every feature map once into a shared buffer
+and runs BatchNorm-ReLU as fused loops (fused.py): memory-bound passes, not convolutions,
+are what a CPU step spends its time on. Elsewhere (CUDA, contiguous inputs, autocast,
+torch.compile, no C compiler) a layer concatenates its inputs and uses ATen's BatchNorm.
 
-This module depends on torch alone.
+``memory_efficient=True`` stores only the convolutions' outputs of each dense layer and
+recomputes its concatenation (on the ATen path), BatchNorms and ReLUs during the backward
+pass, which makes activation memory grow linearly rather than quadratically with depth at
+the cost of a few memory-bound passes. It gives the same outputs, gradients and BatchNorm
+running statistics as the standard mode.
+
+This module depends on torch, and on fused.py for the CPU path.
 """
 from __future__ import annotations
 
@@ -227,6 +233,10 @@ class Transition(nn.Sequential):
             nn.AvgPool2d(2),
         )
 
+    def forward(self, x: Tensor) -> Tensor:
+        norm, _, conv, dropout, pool = self  # the ReLU is fused with the norm where it can be
+        return pool(dropout(conv(_batch_norm_relu(norm, x))))
+
 
 class DenseNet(nn.Module):
     """The paper's CIFAR/SVHN DenseNet; returns logits of shape (batch, num_classes).
@@ -238,7 +248,7 @@ class DenseNet(nn.Module):
         compression: theta in (0, 1]; a transition outputs floor(theta * m) maps (DenseNet-C).
         dropout: rate after every conv but the first (the paper uses 0.2 without augmentation).
         num_classes: classifier outputs.
-        memory_efficient: recompute concatenation + BN + ReLU + first conv in backward.
+        memory_efficient: keep only conv outputs; recompute concatenation, BN and ReLU in backward.
     """
 
     def __init__(self, depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,

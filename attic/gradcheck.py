@@ -2,7 +2,8 @@
 """Check DenseNet gradients: analytic (autograd) against numerical (finite differences).
 
 In float64, for a dense layer, a dense block, a transition and a whole tiny DenseNet, in the
-standard and the memory-efficient mode, on the CPU and on CUDA when there is one; then the
+standard and the memory-efficient mode, on the CPU (contiguous inputs take the ATen path,
+channels-last ones the fused path of fused.py) and on CUDA when there is one; then the
 gradients of the same model on CPU and CUDA against each other. Exits 1 and names the part
 that failed when anything disagrees.
 
@@ -37,8 +38,8 @@ def parts(growth_rate: int, bottleneck: bool, memory_efficient: bool) -> dict[st
     }
 
 
-def check(module: nn.Module, inputs, device: torch.device, eps: float = 1e-6,
-          rtol: float = 1e-5, atol: float = 1e-8) -> list[str]:
+def check(module: nn.Module, inputs, device: torch.device, layout: torch.memory_format,
+          eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e-8) -> list[str]:
     """Compare autograd with central differences for the input and every parameter.
 
     For each tensor t, a random direction u: the analytic <dL/dt, u> from one backward pass
@@ -49,7 +50,8 @@ def check(module: nn.Module, inputs, device: torch.device, eps: float = 1e-6,
     """
     module = module.to(device, torch.float64).train()
     as_list = isinstance(inputs, list)
-    x = (inputs[0] if as_list else inputs).to(device, torch.float64).requires_grad_()
+    x = (inputs[0] if as_list else inputs).to(device, torch.float64)
+    x = x.contiguous(memory_format=layout).requires_grad_()
     generator = torch.Generator().manual_seed(0)
 
     def random_like(t: torch.Tensor) -> torch.Tensor:
@@ -93,16 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     failures = 0
     for device in devices:
-        for efficient in (False, True):
-            torch.manual_seed(args.seed)
-            for name, (module, make_input) in parts(args.growth_rate, args.bottleneck, efficient).items():
-                problems = check(module, make_input(), device)
-                mode = "memory-efficient" if efficient else "standard"
-                print(f"{'FAIL' if problems else 'ok  '}  {device.type:4}  {mode:16}  {name}"
-                      + "".join(f"\n      {problem}" for problem in problems))
-                failures += len(problems)
+        for layout_name, layout in layouts.items():
+            for efficient in (False, True):
+                torch.manual_seed(args.seed)
+                for name, (module, make_input) in parts(args.growth_rate, args.bottleneck, efficient).items():
+                    problems = check(module, make_input(), device, layout)
+                    mode = "memory-efficient" if efficient else "standard"
+                    print(f"{'FAIL' if problems else 'ok  '}  {device.type:4}  {layout_name:13}  "
+                          f"{mode:16}  {name}" + "".join(f"\n      {problem}" for problem in problems))
+                    failures += len(problems)
     if len(devices) > 1:
         torch.manual_seed(args.seed)
         for name, (module, make_input) in parts(args.growth_rate, args.bottleneck, False).items():

@@ -27,12 +27,13 @@ MODES = {
     "torchvision": "torchvision.models.DenseNet, CIFAR stem, eager, contiguous (reference)",
     "plain": "ours, contiguous memory format, default glibc allocator",
     "channels_last": "ours, channels_last, default glibc allocator",
+    "aten": "ours, channels_last, freed memory kept mapped, ATen ops instead of fused.py",
     "ours": "ours as train.py runs it: channels_last, freed memory kept mapped",
     "bf16": "ours + bf16 autocast",
     "memory_efficient": "ours + --memory-efficient",
     "compile": "ours + torch.compile",
 }
-DEFAULT_MODES = "torchvision,plain,channels_last,ours,bf16,memory_efficient"
+DEFAULT_MODES = "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient"
 
 
 def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 10):
@@ -55,10 +56,13 @@ def measure(config: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
+    import fused
     import train
     from densenet import DenseNet
 
     mode = config["mode"]
+    if mode == "aten":
+        fused.available = lambda x: False
     if mode not in ("torchvision", "plain", "channels_last"):
         train.keep_freed_memory_mapped()
     torch.manual_seed(0)

@@ -1,0 +1,123 @@
+"""The fused CPU path (fused.py) against the ATen path: same outputs, gradients, statistics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused
+from densenet import DenseNet
+
+pytestmark = pytest.mark.skipif(fused._library() is None,
+                                reason="no C compiler with OpenMP: the fused path is not built")
+CHANNELS_LAST = torch.channels_last
+
+
+def twins(**kwargs) -> tuple[DenseNet, DenseNet]:
+    torch.manual_seed(0)
+    model = DenseNet(16, 4, num_classes=10, **kwargs).double()
+    return model, copy.deepcopy(model)
+
+
+def step(model: DenseNet, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    out = model.train()(x)
+    F.cross_entropy(out, labels).backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_fused_matches_aten_in_float64(bottleneck, memory_efficient):
+    aten, fast = twins(bottleneck=bottleneck, compression=0.5, memory_efficient=memory_efficient)
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    labels = torch.randint(0, 10, (6,))
+    assert not fused.available(x) and fused.available(x.contiguous(memory_format=CHANNELS_LAST))
+    out_aten, grad_aten = step(aten, x, labels)
+    out_fast, grad_fast = step(fast, x.contiguous(memory_format=CHANNELS_LAST), labels)
+    torch.testing.assert_close(out_fast, out_aten, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_fast, grad_aten, rtol=1e-10, atol=1e-14)
+    for (name, a), b in zip(aten.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-14, msg=name)
+    for (name, a), b in zip(aten.named_buffers(), fast.buffers()):  # running statistics
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=name)
+    with torch.no_grad():  # evaluation uses those running statistics
+        torch.testing.assert_close(fast.eval()(x.contiguous(memory_format=CHANNELS_LAST)),
+                                   aten.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_float32_close_to_aten():
+    torch.manual_seed(0)
+    aten = DenseNet(16, 6)
+    fast = copy.deepcopy(aten).to(memory_format=CHANNELS_LAST)
+    x = torch.randn(8, 3, 32, 32)
+    labels = torch.randint(0, 10, (8,))
+    out_aten, _ = step(aten, x, labels)
+    out_fast, _ = step(fast, x.contiguous(memory_format=CHANNELS_LAST), labels)
+    torch.testing.assert_close(out_fast, out_aten, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(aten.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_memory_efficient_fused_with_dropout_matches_standard_fused():
+    """Dropout masks depend on the memory layout, so both models take the fused path here."""
+    standard, efficient = twins(dropout=0.2)
+    efficient.load_state_dict(standard.state_dict())
+    for layer in efficient.modules():
+        if hasattr(layer, "memory_efficient"):
+            layer.memory_efficient = True
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=CHANNELS_LAST)
+    labels = torch.randint(0, 10, (4,))
+    results = []
+    for model in (standard, efficient):
+        torch.manual_seed(1)
+        results.append(step(model, x, labels))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(standard.named_parameters(), efficient.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_memory_efficient_fused_recomputes_once_and_not_without_gradients(monkeypatch):
+    model = DenseNet(16, 4, memory_efficient=True).to(memory_format=CHANNELS_LAST)
+    layer_type = type(model.features[0].layers[0])
+    calls = []
+    original = layer_type._layer_shared
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_type, "_layer_shared", counting)
+    layers = sum(1 for m in model.modules() if isinstance(m, layer_type))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CHANNELS_LAST)
+    with torch.no_grad():
+        model.eval()(x)
+    assert len(calls) == layers
+    calls.clear()
+    model.train()(x).sum().backward()
+    assert len(calls) == 2 * layers  # forward, then one recomputation in backward
+
+
+def test_aten_path_where_fused_cannot_run(monkeypatch):
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CHANNELS_LAST)
+    assert fused.available(x)
+    assert not fused.available(x.half())
+    assert not fused.available(x.contiguous())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused.available(x)
+    monkeypatch.setattr(fused, "_library", lambda: None)  # no compiler: the model still trains
+    assert not fused.available(x)
+    model = DenseNet(10, 4).to(memory_format=CHANNELS_LAST)
+    model(torch.randn(2, 3, 32, 32).contiguous(memory_format=CHANNELS_LAST)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_statistics_kernel_is_accurate_far_from_zero():
+    """A feature with a large mean and a small spread: E[x^2] - E[x]^2 must not cancel."""
+    x = (1000 + torch.randn(16, 5, 8, 8)).contiguous(memory_format=CHANNELS_LAST)
+    shared = fused.SharedFeatures.holding(x)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(shared.mean.double(), mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(shared.var.double(), var, rtol=1e-3, atol=0)
