@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -138,10 +139,10 @@ KERNELS(double, f64)
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """Compile the kernels once per process; None where that is not possible."""
+    """Compile the kernels once per process; None, with a warning, where that is not possible."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or sys.platform != "linux":
-        return None
+    if sys.platform != "linux" or compiler is None:
+        return _unavailable("no C compiler (cc, gcc or $CC) was found")
     folder = tempfile.mkdtemp(prefix="densenet-kernels-")
     source, library = os.path.join(folder, "kernels.c"), os.path.join(folder, "kernels.so")
     with open(source, "w") as f:
@@ -149,11 +150,15 @@ def _library() -> ctypes.CDLL | None:
     try:
         # -march=native: built on the machine that runs it, for this process only
         subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                        source, "-o", library], check=True, capture_output=True, timeout=120)
+                        source, "-o", library], check=True, capture_output=True, text=True,
+                       timeout=120)
         # torch has loaded its OpenMP runtime already; the kernels share its thread pool
         lib = ctypes.CDLL(library)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except subprocess.CalledProcessError as error:
+        detail = (error.stderr or "").strip().splitlines() or [f"exit status {error.returncode}"]
+        return _unavailable(f"{compiler} failed: {detail[0]}")
+    except (OSError, subprocess.SubprocessError) as error:
+        return _unavailable(f"{compiler} could not build them: {error}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -165,6 +170,12 @@ def _library() -> ctypes.CDLL | None:
                                                              ptr, ptr, i64, ctypes.c_int]
         getattr(lib, f"stats_{suffix}").argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     return lib
+
+
+def _unavailable(reason: str) -> None:
+    warnings.warn(f"fused.py: the fused CPU kernels are unavailable ({reason}); dense blocks "
+                  "use ATen operations instead: the same results, slower", stacklevel=3)
+    return None
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

@@ -121,3 +121,15 @@ def test_statistics_kernel_is_accurate_far_from_zero():
     var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(shared.mean.double(), mean, rtol=1e-7, atol=0)
     torch.testing.assert_close(shared.var.double(), var, rtol=1e-3, atol=0)
+
+
+def test_a_failing_compiler_warns_and_falls_back(monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    fused._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused CPU kernels are unavailable.*false failed"):
+            assert fused._library() is None
+    finally:
+        monkeypatch.delenv("CC")
+        fused._library.cache_clear()
+    assert fused._library() is not None
