@@ -50,10 +50,11 @@ void norm_relu_##S(const T* x, int64_t ldx, int64_t P, int64_t C, const T* scale
     for (int64_t c = 0; c < C; ++c) { T v = xp[c] * scale[c] + shift[c]; yp[c] = v > 0 ? v : 0; } \
   }                                                                                          \
 }                                                                                            \
-/* Per channel: sum of gm = g * [y > 0], and of gm * (x - mean); partial sums in T over      \
-   blocks of 64 pixels, totals in double. */                                                 \
-void norm_relu_sums_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t P,          \
-                        int64_t C, const T* mean, double* sum_g, double* sum_gx, int nt) {   \
+/* With gm = g * [y > 0]: out (pixel stride ldo) += gm * a, and per channel the sums of gm  \
+   and of gm * (x - mean); partial sums in T over blocks of 64 pixels, totals in double. */ \
+void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t P,      \
+                            int64_t C, const T* mean, const T* a, T* out, int64_t ldo,       \
+                            double* sum_g, double* sum_gx, int nt) {                         \
   double* part = calloc((size_t)nt * 2 * C, sizeof(double));                                 \
   _Pragma("omp parallel num_threads(nt)")                                                    \
   {                                                                                          \
@@ -65,9 +66,11 @@ void norm_relu_sums_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t
       int64_t p1 = p0 + 64 < hi ? p0 + 64 : hi;                                              \
       for (int64_t p = p0; p < p1; ++p) {                                                    \
         const T* gp = g + p * C; const T* yp = y + p * C; const T* xp = x + p * ldx;         \
+        T* op = out + p * ldo;                                                               \
         _Pragma("omp simd")                                                                  \
         for (int64_t c = 0; c < C; ++c) {                                                    \
-          T gv = gp[c], m = yp[c] > 0 ? gv : 0; ag[c] += m; ax[c] += m * (xp[c] - mean[c]);  \
+          T gv = gp[c], m = yp[c] > 0 ? gv : 0;                                              \
+          op[c] += m * a[c]; ag[c] += m; ax[c] += m * (xp[c] - mean[c]);                     \
         }                                                                                    \
       }                                                                                      \
       for (int64_t c = 0; c < C; ++c) { pg[c] += ag[c]; px[c] += ax[c]; ag[c] = 0; ax[c] = 0; } \
@@ -75,9 +78,9 @@ void norm_relu_sums_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t
     free(ag);                                                                                \
   }                                                                                          \
   for (int64_t c = 0; c < C; ++c) {                                                          \
-    double a = 0, b = 0;                                                                     \
-    for (int t = 0; t < nt; ++t) { a += part[(size_t)t * 2 * C + c]; b += part[(size_t)t * 2 * C + C + c]; } \
-    sum_g[c] = a; sum_gx[c] = b;                                                             \
+    double u = 0, v = 0;                                                                     \
+    for (int t = 0; t < nt; ++t) { u += part[(size_t)t * 2 * C + c]; v += part[(size_t)t * 2 * C + C + c]; } \
+    sum_g[c] = u; sum_gx[c] = v;                                                             \
   }                                                                                          \
   free(part);                                                                                \
 }                                                                                            \
@@ -116,20 +119,6 @@ void stats_##S(const T* f, int64_t P, int64_t C, T* dst, int64_t ldd, double* me
     mean[c] = f[c] + m; var[c] = v > 0 ? v : 0;                                              \
   }                                                                                          \
   free(part);                                                                                \
-}                                                                                            \
-/* out (pixel stride ldo) += g * [y > 0] * a + x * b + d */                                  \
-void norm_relu_grad_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t P,          \
-                        int64_t C, const T* a, const T* b, const T* d, T* out, int64_t ldo,  \
-                        int nt) {                                                            \
-  _Pragma("omp parallel for num_threads(nt) schedule(static)")                               \
-  for (int64_t p = 0; p < P; ++p) {                                                          \
-    const T* gp = g + p * C; const T* yp = y + p * C; const T* xp = x + p * ldx;             \
-    T* op = out + p * ldo;                                                                   \
-    _Pragma("omp simd")                                                                      \
-    for (int64_t c = 0; c < C; ++c) {                                                        \
-      T gv = gp[c], m = yp[c] > 0 ? gv : 0; op[c] += m * a[c] + xp[c] * b[c] + d[c];         \
-    }                                                                                        \
-  }                                                                                          \
 }
 
 KERNELS(float, f32)
@@ -164,10 +153,8 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for suffix in ("f32", "f64"):
         getattr(lib, f"norm_relu_{suffix}").argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-        getattr(lib, f"norm_relu_sums_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr,
-                                                            ptr, ctypes.c_int]
-        getattr(lib, f"norm_relu_grad_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr,
-                                                             ptr, ptr, i64, ctypes.c_int]
+        getattr(lib, f"norm_relu_backward_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr,
+                                                                 ptr, i64, ptr, ptr, ctypes.c_int]
         getattr(lib, f"stats_{suffix}").argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     return lib
 
@@ -200,7 +187,8 @@ class SharedFeatures:
     ``buffer[:, :filled]`` holds the block input and every layer output so far; ``mean`` and
     ``var`` (biased) their per-channel batch statistics, used in training mode. ``grad`` is
     the gradient of the whole buffer: ``gather`` starts it in backward and every layer adds
-    its share, so it is complete from the last channels down to the first.
+    its share, so it is complete from the last channels down to the first; ``finish_grad``
+    hands each feature's part on.
     """
 
     def __init__(self, first: Tensor, channels: int) -> None:
@@ -238,6 +226,25 @@ class SharedFeatures:
 
     def prefix(self, channels: int) -> Tensor:
         return self.buffer[:, :channels]
+
+    def start_grad(self, grad: Tensor) -> None:
+        """Begin backward with the gradient from the block's output (or zeros)."""
+        self.grad = grad
+        self.grad_x_coefficient = grad.new_zeros(grad.shape[1])
+        self.grad_constant = grad.new_zeros(grad.shape[1])
+
+    def finish_grad(self, start: int, end: int) -> Tensor:
+        """The complete gradient of channels start:end, whose every user has run backward.
+
+        A layer's BatchNorm passes gradient through its batch mean and variance as
+        ``x * b + d`` per channel, and every later layer sees the same ``x``: the layers only
+        sum their ``b`` and ``d``, and the sum is applied here once, to these channels.
+        """
+        grad = self.grad[:, start:end]
+        coefficient = self.grad_x_coefficient[start:end].view(1, -1, 1, 1)
+        grad.addcmul_(self.buffer[:, start:end], coefficient)
+        grad.add_(self.grad_constant[start:end].view(1, -1, 1, 1))
+        return grad
 
 
 def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
@@ -286,26 +293,21 @@ class _NormReLU(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         out, weight, mean, invstd = ctx.saved_tensors
         shared: SharedFeatures = ctx.shared
-        channels = weight.shape[0]
+        channels, pixels = weight.shape[0], shared.pixels
         x = shared.prefix(channels)
         g = grad_out.contiguous(memory_format=torch.channels_last)
-        sum_g = torch.empty(channels, dtype=torch.float64)
-        sum_gx = torch.empty(channels, dtype=torch.float64)
-        _call("norm_relu_sums", x.dtype, g, out, x, shared.buffer.shape[1], shared.pixels,
-              channels, mean, sum_g, sum_gx)
-        sum_g, sum_gx = sum_g.to(x.dtype), sum_gx.to(x.dtype)
-        a = weight * invstd
-        if ctx.batch_stats:  # the gradient also flows through the batch mean and variance
-            b = -a * invstd * invstd * sum_gx / shared.pixels
-            d = -a * sum_g / shared.pixels - b * mean
-        else:
-            b = d = torch.zeros_like(a)
         if shared.grad is None:  # a SharedFeatures.holding one tensor
-            shared.grad = torch.zeros_like(shared.buffer)
-        _call("norm_relu_grad", x.dtype, g, out, x, shared.buffer.shape[1], shared.pixels,
-              channels, a, b, d, shared.grad, shared.buffer.shape[1])
-        newest = shared.grad[:, channels - ctx.newest_channels:channels]
-        return newest, sum_gx * invstd, sum_g, None, None
+            shared.start_grad(torch.zeros_like(shared.buffer))
+        a = weight * invstd
+        sums = torch.empty(2, channels, dtype=torch.float64)
+        _call("norm_relu_backward", x.dtype, g, out, x, shared.buffer.shape[1], pixels, channels,
+              mean, a, shared.grad, shared.buffer.shape[1], sums[0], sums[1])
+        sum_g, sum_gx = sums.to(x.dtype)
+        if ctx.batch_stats:  # the part of the gradient through the batch mean and variance
+            b = -a * invstd * invstd * sum_gx / pixels
+            shared.grad_x_coefficient[:channels] += b
+            shared.grad_constant[:channels] += -a * sum_g / pixels - b * mean
+        return shared.finish_grad(channels - ctx.newest_channels, channels), sum_gx * invstd, sum_g, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -319,9 +321,9 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         shared: SharedFeatures = ctx.shared
-        shared.grad = torch.empty_like(shared.buffer)
-        shared.grad.copy_(grad_out)
-        return shared.grad[:, -ctx.newest_channels:], None
+        shared.start_grad(grad_out.clone(memory_format=torch.channels_last))
+        channels = shared.buffer.shape[1]
+        return shared.finish_grad(channels - ctx.newest_channels, channels), None
 
 
 def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor) -> Tensor:
