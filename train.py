@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout after each conv but the first (default 0, or 0.2 with --no-augment)")
     g.add_argument("--memory-efficient", action="store_true",
-                   help="store only conv outputs, recompute concatenations, BN and ReLU in backward: "
-                        "memory linear in depth, same results, slower steps")
+                   help="store only conv outputs, recompute BN and ReLU in backward: "
+                        "memory linear in depth, same results, slightly slower steps")
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", default="sgd", choices=["sgd", "adam", "rmsprop"], help="optimiser")
     g.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.1 for sgd, 0.001 otherwise)")
@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast precision; fp16 uses a gradient scaler")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory layout (faster on CPU and on tensor-core GPUs)")
+                   help="NHWC memory layout (faster on tensor-core GPUs; on the CPU it enables "
+                        "the fused dense blocks of fused.py)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     g.add_argument("--eval-batch-size", type=int, default=500, help="batch size for evaluation")
