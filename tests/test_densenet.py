@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import fused
 from densenet import DenseNet, model_name
 
 
@@ -121,19 +122,24 @@ def test_memory_efficient_matches_standard_in_float64(bottleneck):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
-    model = DenseNet(16, 4, True, 0.5, memory_efficient=True)
-    layer = model.features[0].layers[0]
+@pytest.mark.parametrize("layout,layer_method", [
+    (torch.contiguous_format, "_layer"),  # the ATen path
+    pytest.param(torch.channels_last, "_layer_shared", marks=pytest.mark.skipif(
+        fused._library() is None, reason="no C compiler with OpenMP: the fused path is not built")),
+])
+def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch, layout, layer_method):
+    model = DenseNet(16, 4, True, 0.5, memory_efficient=True).to(memory_format=layout)
+    layer_type = type(model.features[0].layers[0])
     calls = []
-    original = type(layer)._layer
+    original = getattr(layer_type, layer_method)
 
-    def counting(self, *features):
+    def counting(self, *args, **kwargs):
         calls.append(1)
-        return original(self, *features)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(layer), "_layer", counting)
-    layers = sum(1 for m in model.modules() if type(m).__name__ == "DenseLayer")
-    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(layer_type, layer_method, counting)
+    layers = sum(1 for m in model.modules() if isinstance(m, layer_type))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=layout)
     with torch.no_grad():
         model.eval()(x)
     assert len(calls) == layers

@@ -79,27 +79,6 @@ def test_memory_efficient_fused_with_dropout_matches_standard_fused():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-14, msg=name)
 
 
-def test_memory_efficient_fused_recomputes_once_and_not_without_gradients(monkeypatch):
-    model = DenseNet(16, 4, memory_efficient=True).to(memory_format=CHANNELS_LAST)
-    layer_type = type(model.features[0].layers[0])
-    calls = []
-    original = layer_type._layer_shared
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(layer_type, "_layer_shared", counting)
-    layers = sum(1 for m in model.modules() if isinstance(m, layer_type))
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CHANNELS_LAST)
-    with torch.no_grad():
-        model.eval()(x)
-    assert len(calls) == layers
-    calls.clear()
-    model.train()(x).sum().backward()
-    assert len(calls) == 2 * layers  # forward, then one recomputation in backward
-
-
 def test_aten_path_where_fused_cannot_run(monkeypatch):
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CHANNELS_LAST)
     assert fused.available(x)
