@@ -43,7 +43,10 @@ _SOURCE = r"""
 static void combine(const double* part, int nt, int64_t C, double* u, double* v) {
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, b = 0;
-    for (int t = 0; t < nt; ++t) { a += part[(size_t)t * 2 * C + c]; b += part[(size_t)t * 2 * C + C + c]; }
+    for (int t = 0; t < nt; ++t) {
+      a += part[(size_t)t * 2 * C + c];
+      b += part[(size_t)t * 2 * C + C + c];
+    }
     u[c] = a; v[c] = b;
   }
 }
@@ -119,6 +122,9 @@ KERNELS(double, f64)
 """
 
 
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels are built for
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """Compile the kernels once per process; None, with a warning, where that is not possible."""
@@ -144,11 +150,12 @@ def _library() -> ctypes.CDLL | None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for suffix in ("f32", "f64"):
-        getattr(lib, f"norm_relu_{suffix}").argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-        getattr(lib, f"norm_relu_backward_{suffix}").argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr,
-                                                                 ptr, i64, ptr, ptr, ctypes.c_int]
-        getattr(lib, f"stats_{suffix}").argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    arguments = {"norm_relu": [ptr, i64, i64, i64, ptr, ptr, ptr],
+                 "norm_relu_backward": [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr],
+                 "stats": [ptr, i64, i64, ptr, i64, ptr, ptr]}
+    for name, types in arguments.items():
+        for suffix in _SUFFIX.values():
+            getattr(lib, f"{name}_{suffix}").argtypes = types + [ctypes.c_int]  # + threads
     return lib
 
 
@@ -156,9 +163,6 @@ def _unavailable(reason: str) -> None:
     warnings.warn(f"fused.py: the fused CPU kernels are unavailable ({reason}); dense blocks "
                   "use ATen operations instead: the same results, slower", stacklevel=3)
     return None
-
-
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def available(x: Tensor) -> bool:
@@ -170,7 +174,8 @@ def available(x: Tensor) -> bool:
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:
-    converted = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else a for a in args]  # None: NULL
+    # tensors as pointers; None is NULL
+    converted = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else a for a in args]
     getattr(_library(), f"{name}_{_SUFFIX[dtype]}")(*converted, torch.get_num_threads())
 
 
@@ -196,14 +201,16 @@ class SharedFeatures:
         self.append(first)
 
     @classmethod
-    def holding(cls, features: Tensor) -> SharedFeatures:
-        """``features`` alone, as the buffer itself (no copy)."""
+    def holding(cls, features: Tensor, batch_stats: bool) -> SharedFeatures:
+        """``features`` alone, as the buffer itself (no copy); statistics only if asked for."""
         shared = cls.__new__(cls)
         n, channels, h, w = features.shape
         shared.buffer, shared.pixels, shared.filled, shared.grad = features, n * h * w, channels, None
-        stats = torch.empty(2, channels, dtype=torch.float64)
-        _call("stats", features.dtype, features, shared.pixels, channels, None, 0, stats[0], stats[1])
-        shared.mean, shared.var = stats.to(features.dtype)
+        if batch_stats:
+            stats = torch.empty(2, channels, dtype=torch.float64)
+            _call("stats", features.dtype, features, shared.pixels, channels, None, 0,
+                  stats[0], stats[1])
+            shared.mean, shared.var = stats.to(features.dtype)
         return shared
 
     @torch.no_grad()
@@ -300,7 +307,8 @@ class _NormReLU(torch.autograd.Function):
             b = -a * invstd * invstd * sum_gx / pixels
             shared.grad_x_coefficient[:channels] += b
             shared.grad_constant[:channels] += -a * sum_g / pixels - b * mean
-        return shared.finish_grad(channels - ctx.newest_channels, channels), sum_gx * invstd, sum_g, None, None
+        newest = shared.finish_grad(channels - ctx.newest_channels, channels)
+        return newest, sum_gx * invstd, sum_g, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -326,7 +334,7 @@ def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor) -> T
 
 def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
     """``relu(norm(x))`` in one pass, for a tensor that ``available`` accepts."""
-    return norm_relu(norm, SharedFeatures.holding(x), x)
+    return norm_relu(norm, SharedFeatures.holding(x, norm.training), x)
 
 
 def gather(shared: SharedFeatures, newest: Tensor) -> Tensor:
