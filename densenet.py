@@ -164,17 +164,20 @@ class DenseLayer(nn.Module):
             run, *inputs, use_reentrant=False,
             context_fn=functools.partial(create_selective_checkpoint_contexts, _save_convolutions))
 
-    def forward(self, features: list[Tensor]) -> Tensor:
-        """The new feature map from all earlier ones (the ATen path)."""
-        if self.memory_efficient and _needs_grad(*features):
-            return self._checkpointed(self._layer, *features)
-        return self._layer(*features)
+    def forward(self, features: list[Tensor] | Tensor,
+                shared: fused.SharedFeatures | None = None) -> Tensor:
+        """The new feature map from all earlier ones.
 
-    def forward_shared(self, newest: Tensor, shared: fused.SharedFeatures) -> Tensor:
-        """The new feature map from the shared buffer, ``newest`` being its last feature."""
-        if self.memory_efficient and _needs_grad(newest):
-            return self._checkpointed(functools.partial(self._layer_shared, shared=shared), newest)
-        return self._layer_shared(newest, shared)
+        ATen path: ``features`` lists them. Fused path: they are in ``shared``, and
+        ``features`` is the newest of them alone.
+        """
+        if shared is None:
+            layer, inputs = self._layer, features
+        else:
+            layer, inputs = functools.partial(self._layer_shared, shared=shared), [features]
+        if self.memory_efficient and _needs_grad(*inputs):
+            return self._checkpointed(layer, *inputs)
+        return layer(*inputs)
 
 
 def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -212,7 +215,7 @@ class DenseBlock(nn.Module):
             shared = fused.SharedFeatures(x, self.out_channels)
             newest = x
             for layer in self.layers:
-                newest = layer.forward_shared(newest, shared)
+                newest = layer(newest, shared)
                 shared.append(newest)
             return fused.gather(shared, newest)
         features = [x]

@@ -79,6 +79,19 @@ def test_memory_efficient_fused_with_dropout_matches_standard_fused():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-14, msg=name)
 
 
+def test_layers_are_called_as_modules_on_the_fused_path():
+    """Forward hooks (attic/summary.py uses them) see every dense layer on both paths."""
+    model = DenseNet(16, 4).to(memory_format=CHANNELS_LAST)
+    layers = [m for m in model.modules() if type(m).__name__ == "DenseLayer"]
+    seen = []
+    for layer in layers:
+        layer.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CHANNELS_LAST)
+    assert fused.available(model.stem(x))
+    model(x)
+    assert seen == [4] * len(layers)
+
+
 def test_aten_path_where_fused_cannot_run(monkeypatch):
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CHANNELS_LAST)
     assert fused.available(x)
