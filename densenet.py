@@ -143,8 +143,8 @@ class DenseLayer(nn.Module):
     def _checkpointed(self, layer, *inputs: Tensor) -> Tensor:
         """``layer(*inputs)`` storing only its convolutions' outputs; the rest is recomputed.
 
-        The concatenation and the BN-ReLU outputs (the tensors that grow with depth) are
-        rebuilt from the earlier layers' outputs when backward needs them; the convolutions,
+        The concatenation (on the ATen path) and the BN-ReLU outputs, the tensors that grow
+        with depth, are rebuilt from the earlier layers' outputs when backward needs them; the convolutions,
         the costly part, are not run twice. The recomputation must not move the BatchNorm
         running statistics a second time.
         """
@@ -199,7 +199,10 @@ def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class DenseBlock(nn.Module):
-    """``num_layers`` dense layers; returns the block input and every layer's output, joined."""
+    """``num_layers`` dense layers; returns the block input and every layer's output, joined.
+
+    On the fused path they are joined as they are made, in one fused.SharedFeatures buffer.
+    """
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
                  dropout: float, memory_efficient: bool) -> None:
