@@ -215,7 +215,7 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if fused.available(x):
-            shared = fused.SharedFeatures(x, self.out_channels)
+            shared = fused.SharedFeatures.for_block(x, self.out_channels)
             newest = x
             for layer in self.layers:
                 newest = layer(newest, shared)

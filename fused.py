@@ -189,40 +189,38 @@ class SharedFeatures:
     hands each feature's part on.
     """
 
-    def __init__(self, first: Tensor, channels: int) -> None:
-        n, _, h, w = first.shape
-        self.buffer = torch.empty((n, channels, h, w), dtype=first.dtype,
-                                  memory_format=torch.channels_last)
+    def __init__(self, buffer: Tensor, filled: int = 0) -> None:
+        self.buffer, self.filled = buffer, filled
+        n, channels, h, w = buffer.shape
         self.pixels = n * h * w
-        self.mean = first.new_empty(channels)
-        self.var = first.new_empty(channels)
-        self.filled = 0
+        self.mean = buffer.new_empty(channels)
+        self.var = buffer.new_empty(channels)
         self.grad: Tensor | None = None
-        self.append(first)
+
+    @classmethod
+    def for_block(cls, first: Tensor, channels: int) -> SharedFeatures:
+        """A buffer of ``channels`` for a block whose input is ``first``."""
+        n, _, h, w = first.shape
+        shared = cls(torch.empty((n, channels, h, w), dtype=first.dtype,
+                                 memory_format=torch.channels_last))
+        shared.append(first)
+        return shared
 
     @classmethod
     def holding(cls, features: Tensor, batch_stats: bool) -> SharedFeatures:
         """``features`` alone, as the buffer itself (no copy); statistics only if asked for."""
-        shared = cls.__new__(cls)
-        n, channels, h, w = features.shape
-        shared.buffer, shared.pixels, shared.filled, shared.grad = features, n * h * w, channels, None
+        shared = cls(features, filled=features.shape[1])
         if batch_stats:
-            stats = torch.empty(2, channels, dtype=torch.float64)
-            _call("stats", features.dtype, features, shared.pixels, channels, None, 0,
-                  stats[0], stats[1])
-            shared.mean, shared.var = stats.to(features.dtype)
+            shared.mean[:], shared.var[:] = _channel_stats(features)
         return shared
 
-    @torch.no_grad()
     def append(self, feature: Tensor) -> None:
         """Copy ``feature`` into the next channels, and note its batch statistics."""
         feature = feature.contiguous(memory_format=torch.channels_last)
-        start, channels = self.filled, feature.shape[1]
-        self.filled += channels
-        stats = torch.empty(2, channels, dtype=torch.float64)
-        _call("stats", feature.dtype, feature, self.pixels, channels,
-              self.buffer[:, start:], self.buffer.shape[1], stats[0], stats[1])
-        self.mean[start:self.filled], self.var[start:self.filled] = stats
+        start = self.filled
+        self.filled += feature.shape[1]
+        self.mean[start:self.filled], self.var[start:self.filled] = _channel_stats(
+            feature, copy_to=self.buffer[:, start:])
 
     def prefix(self, channels: int) -> Tensor:
         return self.buffer[:, :channels]
@@ -245,6 +243,17 @@ class SharedFeatures:
         grad.addcmul_(self.buffer[:, start:end], coefficient)
         grad.add_(self.grad_constant[start:end].view(1, -1, 1, 1))
         return grad
+
+
+@torch.no_grad()
+def _channel_stats(feature: Tensor, copy_to: Tensor | None = None) -> Tensor:
+    """Mean and biased variance per channel (a (2, C) float64 tensor) of a dense channels-last
+    ``feature``, in one pass that also copies it into ``copy_to`` (a buffer's channel slice)."""
+    stats = torch.empty(2, feature.shape[1], dtype=torch.float64)
+    pixel_stride = 0 if copy_to is None else copy_to.stride(-1)
+    _call("stats", feature.dtype, feature, feature.numel() // feature.shape[1], feature.shape[1],
+          copy_to, pixel_stride, stats[0], stats[1])
+    return stats
 
 
 def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:

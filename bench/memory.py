@@ -72,14 +72,13 @@ def main() -> None:
     rows = [("model", "batch", "mode", "step peak MB", "step s")]
     summary = []
     for name, depth, k, batch in MODELS:
-        results = {}
-        for efficient in (False, True):
-            config = {"depth": depth, "growth_rate": k, "batch": batch, "device": args.device,
-                      "memory_efficient": efficient, "steps": args.steps}
-            # alternate the modes so that machine noise falls on both alike
-            results[efficient] = [in_fresh_process(__file__, config, args.threads)
-                                  for _ in range(args.repeats)]
-            runs = results[efficient]
+        results = {False: [], True: []}
+        for _ in range(args.repeats):  # alternate the modes so that machine noise falls on both alike
+            for efficient in results:
+                config = {"depth": depth, "growth_rate": k, "batch": batch, "device": args.device,
+                          "memory_efficient": efficient, "steps": args.steps}
+                results[efficient].append(in_fresh_process(__file__, config, args.threads))
+        for efficient, runs in results.items():
             rows.append((name, batch, "memory-efficient" if efficient else "standard",
                          spread([r["peak_mb"] for r in runs]),
                          spread([r["step_s"] for r in runs])))
