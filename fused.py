@@ -72,7 +72,9 @@ static void combine(const double* part, int nt, int64_t C, double* u, double* v)
   combine(part, nt, C, u, v);                                                                \
   free(part);
 
-/* x: P pixels of C channels, pixel stride ldx (a channels-last prefix); y: P x C, dense. */
+/* x: P pixels of C channels, pixel stride ldx (a channels-last prefix); y: P x C, dense.
+   Every comparison is written so that a NaN passes through as in ATen: relu(NaN) is NaN, its
+   gradient passes where y is NaN, and a NaN variance stays NaN. */
 #define KERNELS(T, S)                                                                        \
 void norm_relu_##S(const T* x, int64_t ldx, int64_t P, int64_t C, const T* scale,            \
                    const T* shift, T* y, int nt) {                                           \
@@ -80,7 +82,7 @@ void norm_relu_##S(const T* x, int64_t ldx, int64_t P, int64_t C, const T* scale
   for (int64_t p = 0; p < P; ++p) {                                                          \
     const T* xp = x + p * ldx; T* yp = y + p * C;                                            \
     _Pragma("omp simd")                                                                      \
-    for (int64_t c = 0; c < C; ++c) { T v = xp[c] * scale[c] + shift[c]; yp[c] = v > 0 ? v : 0; } \
+    for (int64_t c = 0; c < C; ++c) { T v = xp[c] * scale[c] + shift[c]; yp[c] = v < 0 ? 0 : v; } \
   }                                                                                          \
 }                                                                                            \
 /* With gm = g * [y > 0]: out (pixel stride ldo) += gm * a, and per channel the sums of gm  \
@@ -93,7 +95,7 @@ void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t ldx, int
     T* op = out + p * ldo;                                                                   \
     _Pragma("omp simd")                                                                      \
     for (int64_t c = 0; c < C; ++c) {                                                        \
-      T gv = gp[c], m = yp[c] > 0 ? gv : 0;                                                  \
+      T gv = gp[c], m = yp[c] <= 0 ? 0 : gv;                                                 \
       op[c] += m * a[c]; su[c] += m; sv[c] += m * (xp[c] - mean[c]);                         \
     })                                                                                       \
 }                                                                                            \
@@ -113,7 +115,7 @@ void stats_##S(const T* f, int64_t P, int64_t C, T* dst, int64_t ldd, double* me
     for (int64_t c = 0; c < C; ++c) { T d = fp[c] - f[c]; su[c] += d; sv[c] += d * d; })     \
   for (int64_t c = 0; c < C; ++c) {                                                          \
     double m = mean[c] / P, s = var[c] / P - m * m;                                          \
-    mean[c] = f[c] + m; var[c] = s > 0 ? s : 0;                                              \
+    mean[c] = f[c] + m; var[c] = s < 0 ? 0 : s;                                              \
   }                                                                                          \
 }
 
@@ -137,7 +139,7 @@ def _library() -> ctypes.CDLL | None:
         f.write(_SOURCE)
     try:
         # -march=native: built on the machine that runs it, for this process only
-        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-pipe",
                         source, "-o", library], check=True, capture_output=True, text=True,
                        timeout=120)
         # torch has loaded its OpenMP runtime already; the kernels share its thread pool
