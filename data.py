@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cli import UserError
+
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 DATASETS = tuple(NUM_CLASSES)
 PAD = 4  # the paper's augmentation: 4-pixel zero padding, random 32x32 crop, random flip
@@ -29,7 +31,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A dataset problem the user can fix; the message says how."""
 
 
@@ -89,7 +91,7 @@ def _unpickle(path: Path) -> dict:
     return content
 
 
-def _read_cifar_files(paths: list[Path], label_key: str) -> Split:
+def _read_cifar_files(paths: list[Path], label_key: str, num_classes: int) -> Split:
     images, labels = [], []
     for path in paths:
         content = _unpickle(path)
@@ -102,6 +104,10 @@ def _read_cifar_files(paths: list[Path], label_key: str) -> Split:
         if len(data) != len(target):
             raise DataError(f"{path} has {len(data)} images but {len(target)} labels; "
                             f"replace it with a fresh copy")
+        outside = target[(target < 0) | (target >= num_classes)]
+        if len(outside):
+            raise DataError(f"{path} has labels outside 0-{num_classes - 1} (such as "
+                            f"{outside[0]}); replace it with a fresh copy")
         images.append(data)
         labels.append(target)
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -135,10 +141,11 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
             getattr(torchvision.datasets, tv_class)(str(root), download=True)
         except Exception as error:  # network errors come in many types
             raise _download_failed(name, where, error, f"{folder}/") from None
-    meta = _unpickle(where / meta_file)
-    return Dataset(name, _read_cifar_files([where / f for f in train_files], label_key),
-                   _read_cifar_files([where / f for f in test_files], label_key),
-                   list(meta.get(names_key, [])))
+    names = [str(n) for n in _unpickle(where / meta_file).get(names_key, [])]
+    classes = NUM_CLASSES[name]
+    return Dataset(name, _read_cifar_files([where / f for f in train_files], label_key, classes),
+                   _read_cifar_files([where / f for f in test_files], label_key, classes),
+                   names if len(names) == classes else [])  # a damaged list: numbers instead
 
 
 def _read_svhn_file(path: Path) -> Split:

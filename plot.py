@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +28,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
+import cli  # noqa: E402
+
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
+FORMATS = ("png", "pdf", "svg")
 
 
-class PlotError(Exception):
+class PlotError(cli.UserError):
     """A problem with the input the user can fix; printed as one line, exit status 2."""
 
 
 @dataclass
 class Run:
+    """Everything plot.py reads from one work directory, read before any figure is written."""
     folder: Path
     logs: dict[str, pd.DataFrame]  # "train", "test", "val": one row per epoch
     config: dict = field(default_factory=dict)
+    sweep: pd.DataFrame | None = None  # lr_find.csv
+    suggested_lr: float | None = None  # from lr_find.json
+    per_class: dict[Path, pd.DataFrame] = field(default_factory=dict)  # *-classes*.csv
+    confusion: dict[Path, pd.DataFrame] = field(default_factory=dict)  # *-confusion*.csv
 
     @property
     def name(self) -> str:
@@ -48,12 +58,18 @@ class Run:
 
     @property
     def epochs(self) -> int:
-        return len(self.logs["train"])
+        return len(self.logs["train"]) if "train" in self.logs else 0
 
 
 def read_csv(path: Path, required: tuple[str, ...] = ("epoch",)) -> pd.DataFrame:
-    """Read a CSV that may still be growing: whole lines only, columns by name."""
-    text = path.read_text()
+    """Read a CSV that may still be growing: whole lines only, columns by name.
+
+    The required columns that are curves must hold at least one number once there are rows.
+    """
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlotError(f"{path} is not a readable text file ({error}); move it away") from None
     whole = text[:text.rfind("\n") + 1]  # a half-written last line is left for next time
     if not whole.strip():
         raise PlotError(f"{path} has no header line; is it a train.py log?")
@@ -69,25 +85,63 @@ def read_csv(path: Path, required: tuple[str, ...] = ("epoch",)) -> pd.DataFrame
            and not frame[c].isna().all()]
     if bad:
         raise PlotError(f"{path} has non-numeric values in {', '.join(bad)}")
+    empty = [c for c in required if c in NUMERIC_COLUMNS and len(frame) and frame[c].isna().all()]
+    if empty:
+        raise PlotError(f"{path} has no numbers in {', '.join(empty)}; nothing to draw from it")
     return frame
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object written by train.py or attic/lr_find.py."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PlotError(f"{path} is not readable JSON ({error}); repair it or move it away") from None
+    if not isinstance(content, dict):
+        raise PlotError(f"{path} holds no JSON object; repair it or move it away")
+    return content
+
+
 def load_run(folder: Path) -> Run:
+    """Read a work directory (or a folder with only a learning-rate sweep), refusing bad files."""
     if not folder.is_dir():
         raise PlotError(f"{folder} does not exist or is not a directory")
+    run = Run(folder, {})
+    if (folder / "lr_find.csv").is_file():
+        run.sweep = read_csv(folder / "lr_find.csv", ("lr", "loss"))
+        if (folder / "lr_find.json").is_file():
+            lr = read_json(folder / "lr_find.json").get("suggested_lr")
+            if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise PlotError(f"{folder / 'lr_find.json'} has no valid suggested_lr; run "
+                                f"attic/lr_find.py again or move the file away")
+            run.suggested_lr = lr
+        if not (folder / "train.csv").exists():
+            return run  # a sweep without a training run
     if not (folder / "train.csv").is_file():
         raise PlotError(f"{folder} holds no train.csv: it is not a train.py work directory")
-    logs = {"train": read_csv(folder / "train.csv", ("epoch", "loss", "error"))}
+    run.logs["train"] = read_csv(folder / "train.csv", ("epoch", "loss", "error"))
     for split in ("test", "val"):
         if (folder / f"{split}.csv").is_file():
-            logs[split] = read_csv(folder / f"{split}.csv", ("epoch", "loss", "error"))
-    config = {}
+            run.logs[split] = read_csv(folder / f"{split}.csv", ("epoch", "loss", "error"))
     if (folder / "config.json").is_file():
+        run.config = read_json(folder / "config.json")
+        parameters = run.config.get("parameters")
+        if parameters is not None and (not isinstance(parameters, int) or isinstance(parameters, bool)):
+            raise PlotError(f"{folder / 'config.json'} has a parameter count that is not a whole "
+                            f"number; repair it or move it away")
+    for path in sorted(folder.glob("*-classes*.csv")):
+        run.per_class[path] = read_csv(path, ("name", "error"))
+    for path in sorted(folder.glob("*-confusion*.csv")):
+        frame = read_csv(path, ())
         try:
-            config = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError:
-            config = {}  # the table just lacks the parameter count
-    return Run(folder, logs, config)
+            matrix = frame.iloc[:, 1:].to_numpy(dtype=float)
+        except ValueError:
+            matrix = None
+        if matrix is None or matrix.shape != (len(frame), len(frame)) or not len(frame):
+            raise PlotError(f"{path} is not a square confusion matrix of counts; evaluate the "
+                            f"checkpoint again (train.py --evaluate) or move the file away")
+        run.confusion[path] = frame
+    return run
 
 
 def epoch_window(frame: pd.DataFrame, epochs: tuple[int, int] | None) -> pd.DataFrame:
@@ -148,50 +202,36 @@ def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
     return fig
 
 
-def save(fig, path: Path, opts: argparse.Namespace) -> Path:
-    path = path.with_suffix(f".{opts.format}")
-    fig.savefig(path, dpi=opts.dpi)
-    plt.close(fig)
-    return path
-
-
-def draw_lr_find(folder: Path, opts: argparse.Namespace) -> list[Path]:
-    """The learning-rate finder's sweep, with its suggestion marked, when the run has one."""
-    path = folder / "lr_find.csv"
-    if not path.is_file():
-        return []
-    frame = read_csv(path, ("lr", "loss"))
+def lr_find_figure(run: Run, opts: argparse.Namespace):
+    """The learning-rate finder's sweep, with its suggestion marked."""
     with plt.style.context(opts.style):
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        ax.plot(frame["lr"], frame["loss"], color=COLOURS[0], label="loss (smoothed)")
+        ax.plot(run.sweep["lr"], run.sweep["loss"], color=COLOURS[0], label="loss (smoothed)")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("training loss")
-        suggestion = folder / "lr_find.json"
-        if suggestion.is_file():
-            lr = json.loads(suggestion.read_text())["suggested_lr"]
-            ax.axvline(lr, color=COLOURS[3], linestyle="--", label=f"suggested lr {lr:.3g}")
+        if run.suggested_lr is not None:
+            ax.axvline(run.suggested_lr, color=COLOURS[3], linestyle="--",
+                       label=f"suggested lr {run.suggested_lr:.3g}")
         ax.legend(fontsize=8)
-        ax.set_title(f"{folder.name}: learning-rate finder")
+        ax.set_title(f"{run.name}: learning-rate finder")
         fig.tight_layout()
-    return [save(fig, folder / "lr_find", opts)]
+    return fig
 
 
-def draw_evaluations(folder: Path, opts: argparse.Namespace) -> list[Path]:
+def evaluation_figures(run: Run, opts: argparse.Namespace) -> list[tuple[object, Path]]:
     """Per-class errors and confusion matrices written by ``train.py --evaluate``."""
-    written = []
-    for path in sorted(folder.glob("*-classes*.csv")):
-        frame = read_csv(path, ("name", "error"))
+    figures = []
+    for path, frame in run.per_class.items():
         with plt.style.context(opts.style):
             fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(frame)), 4.2))
             ax.bar(frame["name"].astype(str), frame["error"], color=COLOURS[0])
             ax.set_ylabel("error (%)")
             ax.tick_params(axis="x", labelrotation=60)
-            ax.set_title(f"{folder.name}: per-class test error")
+            ax.set_title(f"{run.name}: per-class test error")
             fig.tight_layout()
-        written.append(save(fig, path.with_suffix(""), opts))
-    for path in sorted(folder.glob("*-confusion*.csv")):
-        frame = read_csv(path, ())
+        figures.append((fig, path.with_suffix("")))
+    for path, frame in run.confusion.items():
         matrix = frame.iloc[:, 1:].to_numpy(dtype=float)
         names = list(frame.columns[1:])
         with plt.style.context(opts.style):
@@ -204,10 +244,10 @@ def draw_evaluations(folder: Path, opts: argparse.Namespace) -> list[Path]:
             ax.set_ylabel("true")
             ax.grid(False)
             fig.colorbar(image, ax=ax, label="images")
-            ax.set_title(f"{folder.name}: confusion matrix")
+            ax.set_title(f"{run.name}: confusion matrix")
             fig.tight_layout()
-        written.append(save(fig, path.with_suffix(""), opts))
-    return written
+        figures.append((fig, path.with_suffix("")))
+    return figures
 
 
 def summary(runs: list[Run]) -> str:
@@ -228,35 +268,51 @@ def summary(runs: list[Run]) -> str:
 
 
 def draw(opts: argparse.Namespace) -> list[Path]:
-    """Draw everything once; returns the files written."""
-    runs, written = [], []
-    for folder in map(Path, opts.runs):
-        if (folder / "lr_find.csv").is_file() and not (folder / "train.csv").exists():
-            written += draw_lr_find(folder, opts)  # a learning-rate sweep without a run
-        else:
-            runs.append(load_run(folder))
-    empty = [run for run in runs if run.epochs == 0]
-    for run in empty:
-        print(f"{run.folder}: no epochs logged yet")
-    runs = [run for run in runs if run.epochs > 0]
-    if len(runs) == 1 and len(opts.runs) == 1:
-        run = runs[0]
-        written.append(save(make_figure(runs, ["loss"], opts), run.folder / "loss", opts))
-        written.append(save(make_figure(runs, ["error"], opts), run.folder / "error", opts))
-        written.append(save(make_figure(runs, ["loss", "error"], opts), run.folder / "curves", opts))
-    elif runs:
-        out = Path(opts.out) if opts.out else Path(os.path.commonpath(
-            [str(r.folder.resolve().parent) for r in runs])) / "comparison"
-        if opts.out and out.suffix:
-            opts.format = out.suffix.lstrip(".")
-        written.append(save(make_figure(runs, ["loss", "error"], opts), out, opts))
+    """Draw everything once; returns the files written.
+
+    Every input is read and checked, and every output folder tried, before the first figure
+    is written: a refusal leaves the figures of the last good drawing in place.
+    """
+    runs = [load_run(Path(folder)) for folder in opts.runs]
     for run in runs:
-        written += draw_lr_find(run.folder, opts) + draw_evaluations(run.folder, opts)
-    if runs:
-        print(summary(runs))
-    for path in written:
+        if "train" in run.logs and run.epochs == 0:
+            print(f"{run.folder}: no epochs logged yet")
+    trained = [run for run in runs if run.epochs > 0]
+    figures = [(lr_find_figure(run, opts), run.folder / "lr_find") for run in runs
+               if run.sweep is not None]
+    if len(trained) == 1 and len(runs) == 1:
+        folder = trained[0].folder
+        figures += [(make_figure(trained, ["loss"], opts), folder / "loss"),
+                    (make_figure(trained, ["error"], opts), folder / "error"),
+                    (make_figure(trained, ["loss", "error"], opts), folder / "curves")]
+    elif trained:
+        out = Path(opts.out) if opts.out else Path(os.path.commonpath(
+            [str(r.folder.resolve().parent) for r in trained])) / "comparison"
+        figures.append((make_figure(trained, ["loss", "error"], opts), out))
+    for run in trained:
+        figures += evaluation_figures(run, opts)
+    paths = [path.with_suffix(f".{opts.format}") for _, path in figures]
+    try:
+        for folder in sorted({path.parent for path in paths}):
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as error:
+                raise PlotError(f"cannot write to {folder} ({error.strerror}); make it writable, "
+                                f"or for several runs choose another folder with --out") from None
+        for (fig, _), path in zip(figures, paths):
+            try:
+                fig.savefig(path, dpi=opts.dpi)
+            except OSError as error:
+                raise PlotError(f"cannot write {path} ({error.strerror}); free space or make "
+                                f"the folder writable") from None
+    finally:
+        for fig, _ in figures:
+            plt.close(fig)
+    if trained:
+        print(summary(trained))
+    for path in paths:
         print(f"wrote {path}")
-    return written
+    return paths
 
 
 def epoch_range(text: str) -> tuple[int, int]:
@@ -267,34 +323,36 @@ def epoch_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"epoch range must look like 10:200, 50: or :100, got {text!r}")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line instead of the whole usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="WORKDIR", help="work directories written by train.py")
     p.add_argument("--out", help="file for several runs (default: comparison.FORMAT beside the runs)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
-    p.add_argument("--format", default="png", choices=["png", "pdf", "svg"])
-    p.add_argument("--dpi", type=int, default=130)
+    p.add_argument("--format", default="png", choices=FORMATS)
+    p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130)
     p.add_argument("--loss-scale", default="log", choices=["log", "linear"], help="loss y axis")
     p.add_argument("--error-scale", default="linear", choices=["log", "linear"], help="error y axis")
     p.add_argument("--epochs", type=epoch_range, default=None, metavar="FIRST:LAST",
                    help="only this range of epochs")
     p.add_argument("--title", default=None)
-    p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+    p.add_argument("--watch", type=cli.non_negative_float, default=0, metavar="SECONDS",
                    help="redraw every SECONDS until Ctrl-C")
     opts = p.parse_args(argv)
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
         p.error(f"unknown --style {opts.style!r}; choose one of: {', '.join(sorted(plt.style.available))}")
+    if opts.out:
+        out = Path(opts.out)
+        if out.suffix:
+            opts.format = out.suffix.lstrip(".").lower()
+            if opts.format not in FORMATS:
+                p.error(f"--out {out}: unknown figure format {out.suffix!r}; use {', '.join(FORMATS)}")
+        if not out.parent.is_dir():
+            p.error(f"--out {out}: the folder {out.parent} does not exist")
     return opts
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     try:
@@ -302,9 +360,6 @@ def main(argv: list[str] | None = None) -> int:
         while opts.watch > 0:
             time.sleep(opts.watch)
             draw(opts)
-    except PlotError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
     return 0

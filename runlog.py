@@ -1,27 +1,41 @@
-"""A run's files: crash-safe CSV logs, atomic writes and safe checkpoint loading.
+"""A run's files: one process per work directory, crash-safe CSV logs, atomic writes, safe loading.
+
+A work directory belongs to one process at a time: an exclusive lock (flock) on its
+``.lock`` file, which the kernel drops when the process ends however it ends, so a killed
+run never leaves a lock that blocks the next one.
 
 Every write that replaces a file goes through a temporary file in the same folder, is
 flushed and fsynced, then renamed over the old one, so a kill at any moment leaves either
-the old file or the new one, never a mix. CSV rows are appended whole and fsynced; on
-resume, rows past the checkpoint and a half-written last line are dropped, so every epoch
-appears exactly once.
+the old file or the new one, never a mix; the temporary file of a killed write is removed
+when the run next starts. CSV rows are appended whole and fsynced; on resume, rows past the
+checkpoint and a half-written last line are dropped, so every epoch appears exactly once.
+A write that fails (disk full, read-only folder) raises RunError naming the file.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import pickle
+import socket
+import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from cli import UserError
+
 RUN_MARKERS = ("config.json", "train.csv", "test.csv", "checkpoint.pt")
+LOCK_FILE = ".lock"
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A problem with a run's files that the user can fix; the message says how."""
 
 
@@ -29,23 +43,108 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
 
 
+class WorkDirLock:
+    """Exclusive use of a work directory by this process, from ``acquire`` to ``release``.
+
+    The holder writes who it is into the lock file (pid, host, command) so that a refused
+    process can name it, on this machine or another one sharing the folder, and removes the
+    file when it is done, so that a finished or refused run leaves no trace; only a killed
+    one leaves the file, which the next holder takes over. ``advice`` ends both refusals:
+    what the user can do instead.
+    """
+
+    def __init__(self, folder: Path, advice: str) -> None:
+        self.folder, self.advice = folder, advice
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock, creating the folder if needed; RunError if it is busy or unwritable."""
+        path = self.folder / LOCK_FILE
+        while self._fd is None:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise RunError(f"cannot write to {self.folder} ({error.strerror}); "
+                               f"{self.advice}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 1000, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunError(f"{self.folder} is in use by {holder or 'another process'}: wait "
+                               f"for it to end or stop it, or {self.advice}") from None
+            try:  # the file may have been removed by its last holder before we locked it
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._fd = fd
+            else:
+                os.close(fd)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        with contextlib.suppress(OSError):  # naming the holder is a courtesy, not a condition
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                (self.folder / LOCK_FILE).unlink()  # while still locked: see acquire
+            os.close(self._fd)  # closing the last descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> WorkDirLock:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def write_errors(advice: str) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, permissions) into a RunError ending in ``advice``."""
+    try:
+        yield
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        raise RunError(f"cannot write{where} ({error.strerror or error}); {advice}") from None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what atomic writes killed halfway left behind (only while holding the lock)."""
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_json(path: Path, content: dict) -> None:
@@ -62,10 +161,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity.
+
+    One host synchronisation for all of them, so it is cheap enough for every save.
+    """
+    names = [name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config"),
+                    map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint holding only tensors and plain data; never unpickle code.
 
     ``weights_only=True`` refuses any other object, so a crafted file cannot run anything.
+    A checkpoint must hold ``keys`` and finite weights: the trainer never saves a diverged
+    model, so NaN weights mean a damaged file or an older version's diverged save.
     """
     if not path.is_file():
         raise RunError(f"no checkpoint file at {path}")
@@ -82,8 +196,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                        f"plain data ({reason})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
         raise corrupt from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise RunError(f"{path} is not a checkpoint of this trainer")
+    if (not isinstance(state, dict) or any(key not in state for key in keys)
+            or not isinstance(state["model"], dict) or not isinstance(state["config"], dict)):
+        raise RunError(f"{path} is not a checkpoint of this trainer; use one that train.py wrote")
+    bad = non_finite(state["model"])
+    if bad:
+        raise RunError(f"{path} holds non-finite weights ({', '.join(bad[:3])}): the run had "
+                       f"diverged when it was saved; use an earlier checkpoint or start a new "
+                       f"run with a lower --lr")
     return state
 
 
@@ -97,29 +217,59 @@ class CsvLog:
     def create(self) -> None:
         atomic_write(self.path, (",".join(self.columns) + "\n").encode())
 
+    def epochs(self) -> list[int]:
+        """The epochs of the whole rows logged so far (none when the file is absent)."""
+        return [epoch for epoch, _ in self._rows()[1]]
+
+    def check_resumable(self, last_epoch: int) -> None:
+        """Refuse, changing nothing, unless the file holds a row for every epoch up to
+        ``last_epoch``: resuming would otherwise leave a run with rows missing."""
+        self._text_up_to(last_epoch)
+
     def keep_epochs_up_to(self, last_epoch: int) -> None:
         """Drop rows after ``last_epoch`` and any half-written line (used on resume)."""
-        if not self.path.exists():
-            self.create()
-            return
-        text = self.path.read_text()
-        lines = text.split("\n")
-        complete = lines[:-1]  # the piece after the last newline is incomplete or empty
-        if not complete or complete[0].split(",") != self.columns:
-            raise RunError(f"{self.path} does not start with the header "
-                           f"{','.join(self.columns)}; move it away or start a new run with --save")
-        kept = [complete[0]] + [line for line in complete[1:]
-                                if line and int(line.split(",", 1)[0]) <= last_epoch]
-        new_text = "\n".join(kept) + "\n"
+        text, new_text = self._text_up_to(last_epoch)
         if new_text != text:
             atomic_write(self.path, new_text.encode())
 
+    def _rows(self) -> tuple[str | None, list[tuple[int, str]]]:
+        """The file's text (None when absent) and its whole rows, each with its epoch."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None, []
+        except (OSError, UnicodeDecodeError) as error:
+            raise RunError(f"{self.path} cannot be read ({error}); move it away or start a new "
+                           f"run with another --save") from None
+        complete = text.split("\n")[:-1]  # the piece after the last newline is incomplete or empty
+        if not complete or complete[0].split(",") != self.columns:
+            raise RunError(f"{self.path} does not start with the header "
+                           f"{','.join(self.columns)}; move it away or start a new run with --save")
+        try:
+            return text, [(int(line.split(",", 1)[0]), line) for line in complete[1:] if line]
+        except ValueError:
+            raise RunError(f"{self.path} has a row that does not start with an epoch number; "
+                           f"repair it or start a new run with another --save") from None
+
+    def _text_up_to(self, last_epoch: int) -> tuple[str | None, str]:
+        """The file's text now, and with the rows after ``last_epoch`` dropped."""
+        text, rows = self._rows()
+        kept = [(epoch, line) for epoch, line in rows if epoch <= last_epoch]
+        if [epoch for epoch, _ in kept] != list(range(1, last_epoch + 1)):
+            raise RunError(f"{self.path} does not hold a row for each of the epochs 1-{last_epoch} "
+                           f"that the checkpoint has trained; put the file back or start a new "
+                           f"run with another --save")
+        return text, "\n".join([",".join(self.columns)] + [line for _, line in kept]) + "\n"
+
     def append(self, row: dict) -> None:
         cells = [_format(row[column]) for column in self.columns]
-        with open(self.path, "a") as f:
-            f.write(",".join(cells) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(",".join(cells) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
 
 
 def _format(value) -> str:

@@ -28,7 +28,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,28 +38,28 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
+import cli
+from cli import OneLineParser, UserError
 from densenet import DenseNet, check_config, model_name
-from runlog import (CsvLog, RunError, holds_run, load_checkpoint, save_checkpoint, write_json,
-                    write_text)
+from runlog import (CsvLog, RunError, WorkDirLock, holds_run, load_checkpoint, non_finite,
+                    remove_stale_temporaries, save_checkpoint, write_errors, write_json, write_text)
 
 TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
-# Flags that may differ when resuming: they change speed or length, not the run's numbers.
+# Flags that may differ when resuming: they change speed or length, not the run's numbers
+# (a longer --epochs may change the schedule: see check_schedule).
 RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "memory_efficient",
                      "data_dir", "download", "eval_batch_size", "save", "resume", "stop_after"}
+# What every checkpoint holds; one that lacks any of it was not written by this trainer.
+CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
+                   "data_rng", "rng", "normalization", "num_classes")
 # Steps between progress updates and non-finite-loss checks. On a GPU each check waits for
 # the queued work, so it is rare; on the CPU every step is synchronous anyway.
 CHECK_EVERY = {"cuda": 50, "cpu": 1}
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit status 2."""
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, epoch: int, step: int) -> None:
-        super().__init__(f"epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
+class Diverged(Exception):
+    """A loss or a weight became NaN or infinite: the run stops before saving (exit status 1)."""
 
 
 class Interrupted(Exception):
@@ -82,13 +82,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line instead of the whole usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description=__doc__.split("\n\n")[0],
@@ -102,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download the dataset through torchvision when it is absent")
     g.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
                    help="SVHN: train on train+extra, as the paper does")
-    g.add_argument("--val-size", type=int, default=0,
+    g.add_argument("--val-size", type=cli.count, default=0,
                    help="hold this many training images out as a validation set (paper: 5000)")
-    g.add_argument("--train-subset", type=int, default=0,
+    g.add_argument("--train-subset", type=cli.count, default=0,
                    help="train on the first N training images only (0: all), for quick experiments")
-    g.add_argument("--test-subset", type=int, default=0, help="test on the first N test images only (0: all)")
+    g.add_argument("--test-subset", type=cli.count, default=0, help="test on the first N test images only (0: all)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="4-pixel padding, random 32x32 crop, random horizontal flip (the paper's "
                         "'+'; default on for CIFAR, off for SVHN as in the paper)")
@@ -124,14 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory linear in depth, same results, slightly slower steps")
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", default="sgd", choices=["sgd", "adam", "rmsprop"], help="optimiser")
-    g.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.1 for sgd, 0.001 otherwise)")
+    g.add_argument("--lr", type=cli.positive_float, default=None, help="initial learning rate (default 0.1 for sgd, 0.001 otherwise)")
     g.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="step: divide by 10 at 50%% and 75%% of the epochs; cosine: anneal to 0")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on all weights")
-    g.add_argument("--epochs", type=int, default=None, help="default 300, or 40 for SVHN")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch, over all processes")
-    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
+    g.add_argument("--momentum", type=cli.float_range(0, 1, high_open=True), default=0.9,
+                   help="SGD Nesterov momentum, in [0, 1)")
+    g.add_argument("--weight-decay", type=cli.non_negative_float, default=1e-4,
+                   help="L2 penalty on all weights")
+    g.add_argument("--epochs", type=cli.positive_int, default=None, help="default 300, or 40 for SVHN")
+    g.add_argument("--batch-size", type=cli.positive_int, default=64, help="global batch, over all processes")
+    g.add_argument("--seed", type=cli.seed, default=0,
+                   help="seeds initialisation, data order and augmentation (0 to 2**32 - 1)")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: a GPU when there is one")
@@ -142,12 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "the fused dense blocks of fused.py)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
-    g.add_argument("--eval-batch-size", type=int, default=500, help="batch size for evaluation")
+    g.add_argument("--eval-batch-size", type=cli.positive_int, default=500, help="batch size for evaluation")
     g = p.add_argument_group("run")
     g.add_argument("--save", default=None, help="work directory (default work/<dataset>-<model name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --save from its checkpoint")
-    g.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
+    g.add_argument("--stop-after", type=cli.count, default=0, metavar="EPOCH",
                    help="end this session after EPOCH (0: run all epochs); continue later with --resume")
+    g.add_argument("--reschedule", action="store_true",
+                   help="with --resume and a larger --epochs: accept the new length's schedule "
+                        "even where it raises the learning rate above the last one trained "
+                        "(without it such a resume is refused, naming the lr it would use)")
     g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
                    help="only report the test error of a checkpoint, with per-class errors")
     g.add_argument("--tta", action="store_true", help="with --evaluate: average over horizontal flips")
@@ -177,17 +177,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse impossible settings before any file is touched."""
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("val_size", "train_subset", "test_subset", "stop_after"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if args.weight_decay < 0:
-        raise UserError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
+    """Refuse impossible combinations before any file is touched (each flag's own range is
+    checked by its argparse type). attic/ and bench/ tools that take these flags call it too."""
     try:
         check_config(args.depth, args.growth_rate, args.bottleneck, args.compression, args.dropout)
     except ValueError as error:
@@ -196,11 +187,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
     if args.tta and not args.evaluate:
         raise UserError("--tta only applies with --evaluate CHECKPOINT")
+    if args.reschedule and not args.resume:
+        raise UserError("--reschedule only applies with --resume")
 
 
 def run_config(args: argparse.Namespace) -> dict:
     """The flags that define a run, as stored in config.json and the checkpoint."""
-    skip = {"evaluate", "tta"}
+    skip = {"evaluate", "tta", "reschedule"}  # what one invocation does, not what the run is
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -419,7 +412,8 @@ def train_epoch(model, optimizer, scaler, batches: data.TrainBatches, cfg: dict,
             window = losses[first:done]
             finite = torch.isfinite(window)
             if not finite.all():
-                raise NonFiniteLoss(epoch, first + int((~finite).nonzero()[0]) + 1)
+                step_number = first + int((~finite).nonzero()[0]) + 1
+                raise Diverged(f"the training loss is not finite at epoch {epoch}, step {step_number}")
             if bar is not None:
                 bar.update(done - bar.n)
                 seen = (done - progress.step) * share
@@ -438,32 +432,128 @@ def train_epoch(model, optimizer, scaler, batches: data.TrainBatches, cfg: dict,
 
 # ---------------------------------------------------------------- the run
 
-def resumed_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> tuple[dict, dict]:
+@dataclass
+class RunPlan:
+    """What this start or resume will do, decided before any file is written."""
+    cfg: dict
+    state: dict | None = None  # the checkpoint to continue from
+    changes: dict = field(default_factory=dict)  # flags that differ at this resume
+    config_json: dict | None = None  # config.json as found, to append this resume to
+    note: str = ""  # a line to print about the schedule
+
+    @property
+    def start_epoch(self) -> int:
+        return self.state["epoch"] if self.state else 0
+
+
+def resumed_config(saved: dict, args: argparse.Namespace, explicit: set[str],
+                   save: Path) -> tuple[dict, dict]:
     """The saved run's flags, updated by the flags given now that may change on resume.
 
     Returns (config, changes). A given flag that would change the run's numbers is refused.
     """
     given = run_config(args)
-    changes = {k: given[k] for k in explicit if k in given and given[k] != saved.get(k)}
+    lacking = sorted(set(given) - set(saved))
+    if lacking:
+        raise RunError(f"the run in {save} was saved without --{lacking[0].replace('_', '-')}: "
+                       f"it is not a run of this trainer; start a new run with another --save")
+    changes = {k: given[k] for k in explicit if k in given and given[k] != saved[k]}
     fixed = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if fixed:
-        described = ", ".join(f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
+        described = ", ".join(f"--{k.replace('_', '-')} {v} (the run has {saved[k]})"
                               for k, v in sorted(fixed.items()))
-        raise UserError(f"--resume: {described} would change the run in {saved['save']}; "
+        raise UserError(f"--resume: {described} would change the run in {save}; "
                         f"drop these flags or start a new run with --save")
     return {**saved, **changes}, changes
 
 
-def read_config(save: Path) -> dict:
-    """The flags of a run that has no checkpoint yet, from its config.json."""
+def check_schedule(saved: dict, cfg: dict, start_epoch: int, partial: bool, reschedule: bool,
+                   save: Path) -> str:
+    """Refuse an --epochs on resume that would shorten the run or raise its learning rate.
+
+    The run continues in 0-based ``start_epoch`` (``partial``: some of its steps are done).
+    A new length whose schedule gives every epoch trained so far the learning rate it had is
+    exact, as if the run had started with it. Any other length is a new schedule from here
+    on: accepted where the next learning rate is no higher than the last one trained (say,
+    more epochs at the final rate of a finished run), refused where it would jump back up
+    unless ``reschedule``. Returns what changed, to print and record ('' when exact).
+    """
+    epochs, planned = cfg["epochs"], saved["epochs"]
+    trained = start_epoch + partial
+    if epochs < planned and epochs <= trained:
+        raise UserError(f"--epochs {epochs}: the run in {save} has trained {trained} of its "
+                        f"{planned} epochs and cannot be shortened to {epochs}; resume without "
+                        f"--epochs to finish it, or pass a larger --epochs")
+    had = [learning_rate(saved, epoch) for epoch in range(trained)]
+    if epochs == planned or had == [learning_rate(cfg, epoch) for epoch in range(trained)]:
+        return ""
+    following = learning_rate(cfg, start_epoch)
+    change = (f"the {trained} epoch(s) trained followed the {planned}-epoch schedule, the last at "
+              f"lr {had[-1]:.3g}; under a {epochs}-epoch schedule epoch {start_epoch + 1} trains "
+              f"at lr {following:.3g}")
+    if following > had[-1] and not reschedule:
+        raise UserError(f"--epochs {epochs} would raise the learning rate: {change}; add "
+                        f"--reschedule to accept that, or resume without --epochs")
+    return change
+
+
+def read_config_json(save: Path, has_checkpoint: bool) -> dict | None:
+    """config.json of a run (None when absent); a damaged one is refused."""
+    path = save / "config.json"
     try:
-        return json.loads((save / "config.json").read_text())["config"]
+        content = json.loads(path.read_text())
     except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        content = None
+    if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
+        fix = ("move it away and resume again (checkpoint.pt holds the run's flags; a new "
+               "config.json is written)" if has_checkpoint else
+               "there is no checkpoint either: start a new run with another --save")
+        raise RunError(f"{path} is damaged; {fix}")
+    return content
+
+
+def run_logs(save: Path, cfg: dict) -> dict[str, CsvLog]:
+    logs = {"train": CsvLog(save / "train.csv", TRAIN_COLUMNS),
+            "test": CsvLog(save / "test.csv", EVAL_COLUMNS)}
+    if cfg["val_size"]:
+        logs["val"] = CsvLog(save / "val.csv", EVAL_COLUMNS)
+    return logs
+
+
+def plan_run(save: Path, args: argparse.Namespace, explicit: set[str]) -> RunPlan:
+    """Decide what to do in ``save``, refusing what cannot start or continue exactly.
+
+    Reads only: a refused start or resume leaves every file as it was.
+    """
+    if not args.resume:
+        if holds_run(save):
+            raise UserError(f"{save} already holds a run; continue it with --resume --save {save} "
+                            f"or start a new one with another --save DIR")
+        return RunPlan(run_config(args))
+    checkpoint = save / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, CHECKPOINT_KEYS) if checkpoint.exists() else None
+    config_json = read_config_json(save, state is not None)
+    if state is not None:
+        saved = state["config"]
+    elif config_json is None:
         raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
-                        f"start a new run without --resume") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{save / 'config.json'} is damaged and there is no checkpoint; "
-                        f"start a new run with another --save") from None
+                        f"start a new run without --resume")
+    elif CsvLog(save / "train.csv", TRAIN_COLUMNS).epochs():
+        raise UserError(f"{save} has epochs logged in train.csv but no checkpoint.pt to continue "
+                        f"from; put the checkpoint back, or start a new run with another --save")
+    else:  # stopped before its first checkpoint: start over with its flags
+        saved = config_json["config"]
+    cfg, changes = resumed_config(saved, args, explicit, save)
+    plan = RunPlan(cfg, state, changes, config_json)
+    partial = bool(state and state["progress"]["step"])
+    plan.note = check_schedule(saved, cfg, plan.start_epoch, partial, args.reschedule, save)
+    if plan.note:
+        changes["schedule"] = plan.note
+    for log in run_logs(save, cfg).values():
+        log.check_resumable(plan.start_epoch)
+    return plan
 
 
 def environment(runtime: Runtime) -> dict:
@@ -475,34 +565,53 @@ def environment(runtime: Runtime) -> dict:
     return info
 
 
-def open_work_dir(save: Path, cfg: dict, changes: dict, resuming: bool, start_epoch: int,
-                  extra: dict) -> dict[str, CsvLog]:
-    """Create or reopen the work directory: config.json and the CSV logs, trimmed on resume."""
-    try:
-        save.mkdir(parents=True, exist_ok=True)
-        probe = save / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to the work directory {save} ({error.strerror}); "
-                        f"choose another with --save") from None
-    config_path = save / "config.json"
+def open_work_dir(save: Path, plan: RunPlan, extra: dict) -> dict[str, CsvLog]:
+    """Write config.json and the CSV headers, or on resume the resume entry and the CSVs
+    trimmed to the checkpoint. Called holding the lock, once every check has passed."""
+    remove_stale_temporaries(save)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if resuming and config_path.exists():
-        content = json.loads(config_path.read_text())
-        content.setdefault("resumes", []).append({"time": stamp, "from_epoch": start_epoch,
-                                                  "changes": changes, **extra})
-        content["config"] = cfg
+    resuming = plan.state is not None or plan.config_json is not None
+    if plan.config_json is not None:
+        content = plan.config_json
+        content.setdefault("resumes", []).append({"time": stamp, "from_epoch": plan.start_epoch,
+                                                  "changes": plan.changes, **extra})
+        content["config"] = plan.cfg
     else:
-        content = {"config": cfg, "started": stamp, **extra}
-    write_json(config_path, content)
-    logs = {"train": CsvLog(save / "train.csv", TRAIN_COLUMNS),
-            "test": CsvLog(save / "test.csv", EVAL_COLUMNS)}
-    if cfg["val_size"]:
-        logs["val"] = CsvLog(save / "val.csv", EVAL_COLUMNS)
+        content = {"config": plan.cfg, "started": stamp, **extra}
+    write_json(save / "config.json", content)
+    logs = run_logs(save, plan.cfg)
     for log in logs.values():
-        log.keep_epochs_up_to(start_epoch) if resuming else log.create()
+        log.keep_epochs_up_to(plan.start_epoch) if resuming else log.create()
     return logs
+
+
+def on_main(runtime: Runtime, action):
+    """``action()`` on rank 0 alone; a UserError there ends every process, all at this point."""
+    error, result = None, None
+    if runtime.main:
+        try:
+            result = action()
+        except UserError as raised:
+            error = raised
+    if runtime.world_size > 1:
+        message = [str(error) if error else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and not runtime.main:
+            raise UserError(message[0])
+    if error is not None:
+        raise error
+    return result
+
+
+def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
+            path: Path) -> None:
+    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
+        raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
+                       f"use a checkpoint that train.py wrote for this run") from None
 
 
 def train(args: argparse.Namespace, explicit: set[str]) -> int:
@@ -511,178 +620,199 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     name = model_name(args.depth, args.growth_rate, args.bottleneck, args.compression)
     args.save = str(args.save or Path("work") / f"{args.dataset}-{name}")
     save = Path(args.save)
-    state, changes = None, {}
-    if args.resume and (save / "checkpoint.pt").exists():
-        state = load_checkpoint(save / "checkpoint.pt")
-        cfg, changes = resumed_config(state["config"], args, explicit)
-    elif args.resume:  # stopped before its first checkpoint: start over with its flags
-        cfg, changes = resumed_config(read_config(save), args, explicit)
-    elif holds_run(save):
-        raise UserError(f"{save} already holds a run; continue it with --resume --save {save} "
-                        f"or start a new one with another --save DIR")
-    else:
-        cfg = run_config(args)
-
-    if cfg["batch_size"] % runtime.world_size:
-        raise UserError(f"--batch-size {cfg['batch_size']} is the global batch and must be "
-                        f"divisible by the {runtime.world_size} processes")
-    if cfg["sync_bn"] and runtime.world_size > 1 and runtime.device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
-    dataset, val = prepare_data(cfg, runtime, log)
-    num_classes = data.NUM_CLASSES[cfg["dataset"]]
-    mean, std = data.channel_stats(dataset.train.images)
-    device = runtime.device
-    normalizer = data.Normalizer(mean, std, device)
-    seed_everything(cfg["seed"])
-    model = build_model(cfg, num_classes)
-    parameters = sum(p.numel() for p in model.parameters())
-    log(f"model {model.name}: {parameters:,} parameters; {runtime.world_size} process(es) on {device}")
-    model.to(device, memory_format=data.memory_format(cfg["channels_last"]))
-    optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
-    batches = data.TrainBatches(dataset.train, cfg["batch_size"], normalizer, cfg["augment"],
-                                cfg["seed"], device, runtime.rank, runtime.world_size,
-                                cfg["channels_last"])
-    test = dataset.test.to(device)
-    val = val.to(device) if val is not None else None
-    start_epoch, progress, best = 0, EpochProgress(), {"error": math.inf, "epoch": 0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        batches.set_state(state["data_rng"])
-        set_rng_state(state["rng"])
-        start_epoch, progress, best = state["epoch"], EpochProgress(**state["progress"]), state["best"]
-        log(f"resuming {save} after epoch {start_epoch}"
-            + (f", step {progress.step}" if progress.step else ""))
-    if start_epoch >= cfg["epochs"]:
-        log(f"{save} has finished its {cfg['epochs']} epochs; pass --epochs N to train longer")
-        return 0
-    if cfg["sync_bn"] and runtime.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raw_model = model
-    if runtime.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["compile"]:
-        model = torch.compile(model)
-
-    logs = {}
-    if runtime.world_size > 1:
-        dist.barrier()  # every process has judged the work directory before rank 0 writes to it
-    if runtime.main:
-        logs = open_work_dir(save, cfg, changes, state is not None, start_epoch,
-                             {"model": raw_model.name, "parameters": parameters,
-                              "train_images": len(dataset.train), "test_images": len(dataset.test),
-                              "val_images": len(val) if val else 0,
-                              "normalization": {"mean": mean, "std": std},
-                              "environment": environment(runtime)})
-
-    def checkpoint(epoch: int, data_rng: torch.Tensor, progress: EpochProgress) -> None:
-        if runtime.main:
-            save_checkpoint(save / "checkpoint.pt", {
-                "config": cfg, "epoch": epoch, "progress": vars(progress), "best": best,
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "data_rng": data_rng, "rng": rng_state(),
-                "normalization": {"mean": mean, "std": std}, "num_classes": num_classes})
-
-    def evaluate_split(split: data.Split) -> tuple[float, float, float]:
-        """Loss, error in percent and seconds over ``split``, shared by all processes."""
-        start = time.perf_counter()
-        loss, error, _ = evaluate(model, data.eval_batches(
-            split, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
-            cfg["channels_last"]), cfg, runtime, num_classes)
-        return loss, error, time.perf_counter() - start
-
-    stop = StopFlag()
-    show_bar = runtime.main and sys.stderr.isatty()
-    for epoch in range(start_epoch, cfg["epochs"]):
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        data_rng = batches.state()
-        bar = None
-        if show_bar:
-            from tqdm import tqdm
-            bar = tqdm(total=batches.steps, initial=progress.step, leave=False, unit="step",
-                       desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
-        try:
-            progress = train_epoch(model, optimizer, scaler, batches, cfg, runtime, epoch + 1,
-                                   progress, stop, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        if progress.step < batches.steps:
-            checkpoint(epoch, data_rng, progress)
-            raise Interrupted(stop.agreed, save, epoch + 1, progress.step)
-        test_loss, test_error, test_seconds = evaluate_split(test)
-        train_loss = progress.loss_sum / progress.seen
-        train_error = 100 * (1 - progress.correct / progress.seen)
-        line = (f"epoch {epoch + 1}/{cfg['epochs']}  lr {lr:.3g}  train loss {train_loss:.4f} "
-                f"error {train_error:.2f}%  test loss {test_loss:.4f} error {test_error:.2f}%")
-        if runtime.main:
-            logs["train"].append({"epoch": epoch + 1, "lr": lr, "loss": train_loss,
-                                  "error": train_error, "seconds": progress.seconds,
-                                  "images_per_s": progress.seen / progress.seconds})
-            logs["test"].append({"epoch": epoch + 1, "loss": test_loss, "error": test_error,
-                                 "seconds": test_seconds})
-        if val is not None:
-            val_loss, val_error, val_seconds = evaluate_split(val)
-            if runtime.main:
-                logs["val"].append({"epoch": epoch + 1, "loss": val_loss, "error": val_error,
-                                    "seconds": val_seconds})
-            line += f"  val error {val_error:.2f}%"
-        if test_error < best["error"]:
-            best = {"error": test_error, "epoch": epoch + 1}
-        line += f"  {progress.seen / progress.seconds:.0f} img/s  {progress.seconds:.1f}s"
-        progress = EpochProgress()
-        checkpoint(epoch + 1, batches.state(), progress)
-        log(line, flush=True)
-        signum = stop.requested(runtime)
-        if signum:
-            raise Interrupted(signum, save, epoch + 1, batches.steps)
-        if epoch + 1 == cfg["stop_after"] and epoch + 1 < cfg["epochs"]:
-            log(f"stopped after epoch {epoch + 1} (--stop-after); continue with --resume --save {save}")
+    with WorkDirLock(save, "choose another with --save") as lock:
+        # an existing directory is locked at once, so that a busy one is refused before any work
+        on_main(runtime, lambda: lock.acquire() if save.is_dir() else None)
+        plan = plan_run(save, args, explicit)
+        cfg, state, start_epoch = plan.cfg, plan.state, plan.start_epoch
+        if start_epoch >= cfg["epochs"]:
+            log(f"{save} has finished its {cfg['epochs']} epochs; pass --epochs N to train longer")
             return 0
-    log(f"done: final test error {test_error:.2f}%, best {best['error']:.2f}% at epoch "
-        f"{best['epoch']}; logs and checkpoint in {save}")
-    return 0
+        if cfg["batch_size"] % runtime.world_size:
+            raise UserError(f"--batch-size {cfg['batch_size']} is the global batch and must be "
+                            f"divisible by the {runtime.world_size} processes")
+        if cfg["sync_bn"] and runtime.world_size > 1 and runtime.device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
+        dataset, val = prepare_data(cfg, runtime, log)
+        num_classes = data.NUM_CLASSES[cfg["dataset"]]
+        mean, std = data.channel_stats(dataset.train.images)
+        device = runtime.device
+        normalizer = data.Normalizer(mean, std, device)
+        seed_everything(cfg["seed"])
+        model = build_model(cfg, num_classes)
+        parameters = sum(p.numel() for p in model.parameters())
+        log(f"model {model.name}: {parameters:,} parameters; {runtime.world_size} process(es) on {device}")
+        model.to(device, memory_format=data.memory_format(cfg["channels_last"]))
+        optimizer = build_optimizer(cfg, model)
+        scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
+        batches = data.TrainBatches(dataset.train, cfg["batch_size"], normalizer, cfg["augment"],
+                                    cfg["seed"], device, runtime.rank, runtime.world_size,
+                                    cfg["channels_last"])
+        test = dataset.test.to(device)
+        val = val.to(device) if val is not None else None
+        progress, best = EpochProgress(), {"error": math.inf, "epoch": 0}
+        if state is not None:
+            checkpoint_path = save / "checkpoint.pt"
+            restore(model, state["model"], checkpoint_path)
+            restore(optimizer, state["optimizer"], checkpoint_path)
+            if scaler is not None and state["scaler"]:
+                restore(scaler, state["scaler"], checkpoint_path)
+            batches.set_state(state["data_rng"])
+            set_rng_state(state["rng"])
+            progress, best = EpochProgress(**state["progress"]), state["best"]
+            log(f"resuming {save} after epoch {start_epoch}"
+                + (f", step {progress.step}" if progress.step else ""))
+        if plan.note:
+            log(f"--epochs {cfg['epochs']}: {plan.note}")
+        if cfg["sync_bn"] and runtime.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raw_model = model
+        if runtime.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg["compile"]:
+            model = torch.compile(model)
+
+        def begin() -> dict[str, CsvLog]:
+            if not lock.held:  # the directory did not exist: make it, then look again
+                lock.acquire()
+                plan_run(save, args, explicit)  # another process may have started a run there
+            with write_errors("choose another work directory with --save"):
+                return open_work_dir(save, plan, {
+                    "model": raw_model.name, "parameters": parameters,
+                    "train_images": len(dataset.train), "test_images": len(dataset.test),
+                    "val_images": len(val) if val else 0, "normalization": {"mean": mean, "std": std},
+                    "environment": environment(runtime)})
+
+        logs = on_main(runtime, begin) or {}
+
+        def ensure_finite(where: str) -> None:
+            """Stop before logging or saving a model whose weights became NaN or infinite."""
+            bad = non_finite(raw_model.state_dict())
+            if bad:
+                raise Diverged(f"the weights are not finite {where} ({', '.join(bad[:3])})")
+
+        def checkpoint(epoch: int, data_rng: torch.Tensor, progress: EpochProgress) -> None:
+            if runtime.main:
+                save_checkpoint(save / "checkpoint.pt", {
+                    "config": cfg, "epoch": epoch, "progress": vars(progress), "best": best,
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "data_rng": data_rng, "rng": rng_state(),
+                    "normalization": {"mean": mean, "std": std}, "num_classes": num_classes})
+
+        def evaluate_split(split: data.Split) -> tuple[float, float, float]:
+            """Loss, error in percent and seconds over ``split``, shared by all processes."""
+            start = time.perf_counter()
+            loss, error, _ = evaluate(model, data.eval_batches(
+                split, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
+                cfg["channels_last"]), cfg, runtime, num_classes)
+            return loss, error, time.perf_counter() - start
+
+        def after_write_error() -> str:
+            if (save / "checkpoint.pt").exists():
+                return (f"free space (or fix permissions), then continue from the last "
+                        f"checkpoint with --resume --save {save}")
+            return "nothing was saved yet: free space (or fix permissions) and start again"
+
+        stop = StopFlag()
+        show_bar = runtime.main and sys.stderr.isatty()
+        for epoch in range(start_epoch, cfg["epochs"]):
+            lr = learning_rate(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            data_rng = batches.state()
+            bar = None
+            if show_bar:
+                from tqdm import tqdm
+                bar = tqdm(total=batches.steps, initial=progress.step, leave=False, unit="step",
+                           desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
+            try:
+                progress = train_epoch(model, optimizer, scaler, batches, cfg, runtime, epoch + 1,
+                                       progress, stop, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if progress.step < batches.steps:
+                ensure_finite(f"at epoch {epoch + 1}, step {progress.step}")
+                with write_errors(after_write_error()):
+                    checkpoint(epoch, data_rng, progress)
+                raise Interrupted(stop.agreed, save, epoch + 1, progress.step)
+            evaluations = {"test": evaluate_split(test)}
+            if val is not None:
+                evaluations["val"] = evaluate_split(val)
+            for split, (loss, _, _) in evaluations.items():
+                if not math.isfinite(loss):
+                    raise Diverged(f"the {split} loss is not finite after epoch {epoch + 1}")
+            train_loss = progress.loss_sum / progress.seen
+            train_error = 100 * (1 - progress.correct / progress.seen)
+            test_error = evaluations["test"][1]
+            if test_error < best["error"]:
+                best = {"error": test_error, "epoch": epoch + 1}
+            line = (f"epoch {epoch + 1}/{cfg['epochs']}  lr {lr:.3g}  train loss {train_loss:.4f} "
+                    f"error {train_error:.2f}%  test loss {evaluations['test'][0]:.4f} error "
+                    f"{test_error:.2f}%" + (f"  val error {evaluations['val'][1]:.2f}%" if val else "")
+                    + f"  {progress.seen / progress.seconds:.0f} img/s  {progress.seconds:.1f}s")
+            rows = {"train": {"lr": lr, "loss": train_loss, "error": train_error,
+                              "seconds": progress.seconds,
+                              "images_per_s": progress.seen / progress.seconds}}
+            rows.update({split: {"loss": loss, "error": error, "seconds": seconds}
+                         for split, (loss, error, seconds) in evaluations.items()})
+            ensure_finite(f"after epoch {epoch + 1}")
+            progress = EpochProgress()
+            with write_errors(after_write_error()):
+                for split, row in rows.items() if runtime.main else ():
+                    logs[split].append({"epoch": epoch + 1, **row})
+                checkpoint(epoch + 1, batches.state(), progress)
+            log(line, flush=True)
+            signum = stop.requested(runtime)
+            if signum:
+                raise Interrupted(signum, save, epoch + 1, batches.steps)
+            if epoch + 1 == cfg["stop_after"] and epoch + 1 < cfg["epochs"]:
+                log(f"stopped after epoch {epoch + 1} (--stop-after); continue with --resume --save {save}")
+                return 0
+        log(f"done: final test error {test_error:.2f}%, best {best['error']:.2f}% at epoch "
+            f"{best['epoch']}; logs and checkpoint in {save}")
+        return 0
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> int:
     """--evaluate: test error of a checkpoint; per-class errors and confusion matrix to CSV."""
     path = Path(args.evaluate)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, CHECKPOINT_KEYS)
     cfg = {**state["config"], "data_dir": args.data_dir, "download": args.download,
            "test_subset": args.test_subset, "val_size": 0, "train_subset": 0,
            "eval_batch_size": args.eval_batch_size}
-    runtime = setup_runtime(args.device)
-    dataset = data.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], svhn_extra=False)
-    if cfg["test_subset"]:
-        dataset.test = dataset.test.first(cfg["test_subset"])
-    num_classes = state["num_classes"]
-    model = build_model(cfg, num_classes)
-    model.load_state_dict(state["model"])
-    model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
-    normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],
-                                 runtime.device)
-    batches = data.eval_batches(dataset.test.to(runtime.device), cfg["eval_batch_size"],
-                                normalizer, runtime.device, channels_last=cfg["channels_last"])
-    loss, error, confusion = evaluate(model, batches, cfg, runtime, num_classes, tta=args.tta)
-    names = dataset.classes or [str(c) for c in range(num_classes)]
-    suffix = "-tta" if args.tta else ""
-    per_class = path.parent / f"{path.stem}-classes{suffix}.csv"
-    confusion_path = path.parent / f"{path.stem}-confusion{suffix}.csv"
-    images = confusion.sum(1)
-    rows = ["class,name,images,errors,error"] + [
-        f"{c},{names[c]},{int(images[c])},{int(images[c] - confusion[c, c])},"
-        f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"
-        for c in range(num_classes)]
-    write_text(per_class, "\n".join(rows) + "\n")
-    write_text(confusion_path, "true\\predicted," + ",".join(names) + "\n" + "".join(
-        f"{names[c]}," + ",".join(str(int(v)) for v in confusion[c]) + "\n" for c in range(num_classes)))
+    with WorkDirLock(path.parent, "copy the checkpoint into a folder of your own and evaluate "
+                                  "it there") as lock:
+        lock.acquire()  # the results go beside the checkpoint: refuse now, not after evaluating
+        runtime = setup_runtime(args.device)
+        dataset = data.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], svhn_extra=False)
+        if cfg["test_subset"]:
+            dataset.test = dataset.test.first(cfg["test_subset"])
+        num_classes = state["num_classes"]
+        model = build_model(cfg, num_classes)
+        restore(model, state["model"], path)
+        model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
+        normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],
+                                     runtime.device)
+        batches = data.eval_batches(dataset.test.to(runtime.device), cfg["eval_batch_size"],
+                                    normalizer, runtime.device, channels_last=cfg["channels_last"])
+        loss, error, confusion = evaluate(model, batches, cfg, runtime, num_classes, tta=args.tta)
+        names = dataset.classes or [str(c) for c in range(num_classes)]
+        suffix = "-tta" if args.tta else ""
+        per_class = path.parent / f"{path.stem}-classes{suffix}.csv"
+        confusion_path = path.parent / f"{path.stem}-confusion{suffix}.csv"
+        images = confusion.sum(1)
+        rows = ["class,name,images,errors,error"] + [
+            f"{c},{names[c]},{int(images[c])},{int(images[c] - confusion[c, c])},"
+            f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"
+            for c in range(num_classes)]
+        with write_errors("free space or copy the checkpoint into a folder you can write to"):
+            write_text(per_class, "\n".join(rows) + "\n")
+            write_text(confusion_path, "true\\predicted," + ",".join(names) + "\n" + "".join(
+                f"{names[c]}," + ",".join(str(int(v)) for v in confusion[c]) + "\n"
+                for c in range(num_classes)))
     print(f"{path} after epoch {state['epoch']}: test error {error:.2f}% (loss {loss:.4f}) on "
           f"{int(images.sum())} images{' with flip test-time augmentation' if args.tta else ''}")
     print(f"per-class errors: {per_class}\nconfusion matrix: {confusion_path}")
@@ -697,14 +827,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             return evaluate_checkpoint(args)
         return train(args, explicit)
-    except (UserError, data.DataError, RunError) as error:
+    except UserError as error:  # data.DataError and runlog.RunError too
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as error:
-        print(f"error: the loss is not finite at {error}; stopped without saving that epoch: "
-              f"the last checkpoint and all logged rows are kept. Start a new run (--save) with "
-              f"a lower --lr", file=sys.stderr)
+    except Diverged as error:
+        print(f"error: {error}; stopped without saving it: the last checkpoint and the rows up "
+              f"to it are kept. Start a new run (--save) with a lower --lr", file=sys.stderr)
         return 1
     except Interrupted as interrupted:
         print(interrupted, file=sys.stderr)

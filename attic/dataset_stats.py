@@ -11,29 +11,26 @@ the full CIFAR-10 training set they are mean 0.4914, 0.4822, 0.4465 and std 0.24
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
 import data  # noqa: E402
 
 OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--no-download", dest="download", action="store_false")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    try:
-        dataset = data.load_dataset(args.dataset, args.data_dir, args.download)
-    except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    dataset = data.load_dataset(args.dataset, args.data_dir, args.download)
     mean, std = data.channel_stats(dataset.train.images)
     if args.json:
         print(json.dumps({"dataset": args.dataset, "images": len(dataset.train), "mean": mean, "std": std}))

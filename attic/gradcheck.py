@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition  # noqa: E402
 
 
@@ -89,10 +90,10 @@ def gradients(module: nn.Module, inputs, device: torch.device) -> list[torch.Ten
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--growth-rate", type=int, default=4)
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--growth-rate", type=cli.positive_int, default=4)
     p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.seed, default=0)
     args = p.parse_args(argv)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -11,7 +11,6 @@ directory (train.py's --save, so ./plot.py on that run draws the sweep too).
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -20,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
-from runlog import write_json, write_text  # noqa: E402
+from runlog import WorkDirLock, write_errors, write_json, write_text  # noqa: E402
 
 SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
 
@@ -38,31 +38,36 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
     return lrs[start + min(range(len(slopes)), key=slopes.__getitem__)]
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = train.build_parser()
     group = parser.add_argument_group("learning-rate finder")
-    group.add_argument("--steps", type=int, default=200)
-    group.add_argument("--start-lr", type=float, default=1e-5)
-    group.add_argument("--end-lr", type=float, default=10.0)
+    group.add_argument("--steps", type=cli.int_range(3), default=200)
+    group.add_argument("--start-lr", type=cli.positive_float, default=1e-5)
+    group.add_argument("--end-lr", type=cli.positive_float, default=10.0)
     parser.description = __doc__.split("\n\n")[0]
     args, _ = train.parse_args(argv, parser)
-    if not 0 < args.start_lr < args.end_lr or args.steps < 3:
-        print("error: need 0 < --start-lr < --end-lr and --steps of at least 3", file=sys.stderr)
-        return 2
+    train.check_args(args)
+    if not args.start_lr < args.end_lr:
+        raise cli.UserError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}")
     cfg = train.run_config(args)
     runtime = train.setup_runtime(args.device)
     device = runtime.device
     torch.manual_seed(args.seed)
-    try:
-        dataset, _ = train.prepare_data(cfg, runtime, print)
-    except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    dataset, _ = train.prepare_data(cfg, runtime, print)
     mean, std = data.channel_stats(dataset.train.images)
     model = train.build_model(cfg, data.NUM_CLASSES[args.dataset]).to(device)
     optimizer = train.build_optimizer(cfg, model)
     batches = data.TrainBatches(dataset.train, args.batch_size, data.Normalizer(mean, std, device),
                                 args.augment, args.seed, device)
+    save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}")
+    with WorkDirLock(save, "choose another with --save") as lock:
+        lock.acquire()  # refused before the sweep, not after it
+        return sweep(args, model, optimizer, batches, save)
+
+
+def sweep(args, model, optimizer, batches: data.TrainBatches, save: Path) -> int:
+    """Train with the rising learning rate, then write the sweep and the suggestion."""
     ratio = args.end_lr / args.start_lr
     rows, lrs, smoothed, average, best = ["step,lr,raw_loss,loss"], [], [], 0.0, math.inf
     model.train()
@@ -90,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     finite = [(lr, s) for lr, s in zip(lrs, smoothed) if math.isfinite(s)]
     suggestion = suggest([lr for lr, _ in finite], [s for _, s in finite])
     lowest_lr = min(finite, key=lambda pair: pair[1])[0]
-    save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}")
-    save.mkdir(parents=True, exist_ok=True)
-    write_text(save / "lr_find.csv", "\n".join(rows) + "\n")
-    write_json(save / "lr_find.json", {"suggested_lr": suggestion, "lowest_loss_lr": lowest_lr,
-                                       "steps": len(lrs), "config": cfg})
+    with write_errors("free space or choose another --save"):
+        write_text(save / "lr_find.csv", "\n".join(rows) + "\n")
+        write_json(save / "lr_find.json", {"suggested_lr": suggestion, "lowest_loss_lr": lowest_lr,
+                                           "steps": len(lrs), "config": train.run_config(args)})
     print(f"{len(lrs)} steps from lr {args.start_lr:g} to {lrs[-1]:.3g}: suggested lr "
           f"{suggestion:.3g} (steepest fall of the loss); lowest loss at lr {lowest_lr:.3g}")
     print(f"wrote {save / 'lr_find.csv'} and {save / 'lr_find.json'}; ./plot.py {save} draws it")

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition  # noqa: E402
+
+FORMATS = ("png", "pdf", "svg")
 
 
 def rows_of(model: DenseNet, num_classes: int) -> list[dict]:
@@ -97,26 +100,34 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
                  f"{sum(r['flops'] for r in rows) / 1e9:.3f} GFLOPs per image (forward)")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as error:
+        raise cli.UserError(f"cannot write {path} ({error.strerror or error}); choose another "
+                            f"--image") from None
+    finally:
+        plt.close(fig)
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=100)
     p.add_argument("--growth-rate", type=int, default=12)
     p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compression", type=float, default=0.5)
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--image", default=None, help="picture file (default work/summary/<model>.png)")
+    p.add_argument("--image", default=None, help="picture file, .png, .pdf or .svg "
+                                                 "(default work/summary/<model>.png)")
     args = p.parse_args(argv)
+    if args.image and Path(args.image).suffix.lstrip(".").lower() not in FORMATS:
+        p.error(f"--image {args.image}: the name must end in .png, .pdf or .svg")
     try:
         model = DenseNet(args.depth, args.growth_rate, args.bottleneck, args.compression,
                          num_classes=args.num_classes)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        p.error(str(error))
     rows = rows_of(model, args.num_classes)
     print(table(rows))
     total_parameters = sum(r["parameters"] for r in rows)

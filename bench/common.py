@@ -1,7 +1,9 @@
 """Helpers shared by the bench/ scripts: fresh-process runs, medians, and a table."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -14,12 +16,25 @@ sys.path.insert(0, str(ROOT))
 def in_fresh_process(script: Path, config: dict, threads: int) -> dict:
     """Run ``script --one CONFIG_JSON`` in a new interpreter and return the JSON it prints last."""
     env_threads = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    import os
     result = subprocess.run([sys.executable, str(script), "--one", json.dumps(config)],
                             capture_output=True, text=True, env={**os.environ, **env_threads})
     if result.returncode:
         raise RuntimeError(f"{config} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def add_device_flag(parser) -> None:
+    """--device, defaulting to a GPU when there is one; cuda without one is refused in one line."""
+    import torch
+
+    def device(text: str) -> str:
+        if text not in ("cpu", "cuda"):
+            raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text!r}")
+        if text == "cuda" and not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("no CUDA GPU is visible; use --device cpu")
+        return text
+
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def spread(values: list[float]) -> str:

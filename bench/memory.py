@@ -18,7 +18,8 @@ import statistics
 import sys
 import time
 
-from common import in_fresh_process, peak_since, print_table, reset_peak, spread
+from common import add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread
+import cli  # noqa: E402  (common puts the project on sys.path)
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
 
@@ -56,17 +57,17 @@ def measure(config: dict) -> dict:
     return {"peak_mb": statistics.median(peaks) / 2**20, "step_s": statistics.median(times)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    p.add_argument("--threads", type=int, default=2)
+def main(argv: list[str] | None = None) -> int:
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per configuration")
+    p.add_argument("--steps", type=cli.positive_int, default=3, help="timed steps per process")
+    add_device_flag(p)
+    p.add_argument("--threads", type=cli.positive_int, default=2)
     p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
-        return
+        return 0
     print(f"device {args.device}, {args.threads} threads, {args.repeats} processes x "
           f"{args.steps} steps each; median [min-max]")
     rows = [("model", "batch", "mode", "step peak MB", "step s")]
@@ -89,11 +90,7 @@ def main() -> None:
                        f"{med[True]['step_s'] / med[False]['step_s']:.3f}x step time")
     print_table(rows)
     print("\n".join(summary))
-
-
-def _has_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common import ROOT  # noqa: F401  (puts the project on sys.path)
+import cli  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from runlog import CsvLog, save_checkpoint  # noqa: E402
@@ -35,12 +36,14 @@ def median_time(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
+@cli.one_line_errors
+def main(argv: list[str] | None = None) -> int:
     parser = train.build_parser()
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--steps", type=int, default=5, help="training steps timed")
-    parser.add_argument("--repeats", type=int, default=3)
-    args, _ = train.parse_args(None, parser)
+    parser.add_argument("--steps", type=cli.positive_int, default=5, help="training steps timed")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    args, _ = train.parse_args(argv, parser)
+    train.check_args(args)
     train.keep_freed_memory_mapped()
     cfg = train.run_config(args)
     runtime = train.setup_runtime(args.device)

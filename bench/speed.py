@@ -21,7 +21,9 @@ import statistics
 import sys
 import time
 
-from common import in_fresh_process, peak_since, print_table, reset_peak, spread
+from common import add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread
+import cli  # noqa: E402  (common puts the project on sys.path)
+from densenet import check_config  # noqa: E402
 
 MODES = {
     "torchvision": "torchvision.models.DenseNet, CIFAR stem, eager, contiguous (reference)",
@@ -109,28 +111,32 @@ def measure(config: dict) -> dict:
             "peak_mb": statistics.median(peaks) / 2**20, "parameters": parameters}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     import torch
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {', '.join(MODES)}")
     p.add_argument("--depth", type=int, default=100)
     p.add_argument("--growth-rate", type=int, default=12)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=cli.positive_int, default=64)
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per mode")
+    p.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per process")
+    p.add_argument("--warmup", type=cli.count, default=2)
+    p.add_argument("--threads", type=cli.positive_int, default=2)
+    add_device_flag(p)
     p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
-        return
+        return 0
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    try:
+        check_config(args.depth, args.growth_rate, True, 0.5)
+    except ValueError as error:
+        p.error(str(error))
     print(f"DenseNet-BC-{args.depth}-{args.growth_rate}, batch {args.batch}, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.repeats} processes x "
           f"{args.steps} steps per mode; median [min-max]")
@@ -154,6 +160,7 @@ def main() -> None:
             if mode != "torchvision":
                 ours = statistics.median(r["images_per_s"] for r in results[mode])
                 print(f"{mode} / torchvision: {ours / reference:.2f}x images/s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,17 +5,19 @@ import csv
 import json
 import pickle
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_cli
+import plot
+import train
+from conftest import ROOT, TINY
 
 sys.path.insert(0, str(ROOT / "attic"))
 import dataset_stats  # noqa: E402
 import gradcheck  # noqa: E402
+import lr_find  # noqa: E402
 import summary  # noqa: E402
 from densenet import DenseLayer, DenseNet  # noqa: E402
 
@@ -92,29 +94,27 @@ def test_summary_flops_of_bc_100_12():
     assert sum(r["flops"] for r in rows) / 1e9 == pytest.approx(0.5759, abs=1e-4)
 
 
-def test_lr_finder_writes_csv_and_plot_marks_suggestion(tmp_path, cifar_dir):
+def test_lr_finder_writes_csv_and_plot_marks_suggestion(tmp_path, cifar_dir, capsys):
     work = tmp_path / "sweep"
-    result = run_cli("attic/lr_find.py", "--data-dir", cifar_dir, "--save", work, *TINY,
-                     "--steps", "12", "--start-lr", "1e-4", "--end-lr", "1")
-    assert result.returncode == 0, result.stderr
+    assert lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY,
+                         "--steps", "12", "--start-lr", "1e-4", "--end-lr", "1"]) == 0
     with open(work / "lr_find.csv") as f:
         rows = list(csv.DictReader(f))
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[0] == pytest.approx(1e-4) and lrs == sorted(lrs) and len(rows) <= 12
     suggestion = json.loads((work / "lr_find.json").read_text())["suggested_lr"]
     assert lrs[0] <= suggestion <= lrs[-1]
-    drawn = run_cli("plot.py", work)
-    assert drawn.returncode == 0, drawn.stderr
+    assert plot.main([str(work)]) == 0
     assert (work / "lr_find.png").stat().st_size > 10_000
+    assert sorted(p.name for p in work.iterdir()) == ["lr_find.csv", "lr_find.json", "lr_find.png"]
 
 
-def test_confusion_matrix_and_per_class_errors_are_drawn(tmp_path, cifar_dir):
+def test_confusion_matrix_and_per_class_errors_are_drawn(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    assert run_cli("train.py", "--data-dir", cifar_dir, "--save", work, *TINY,
-                   "--epochs", "1").returncode == 0
-    assert run_cli("train.py", "--evaluate", work / "checkpoint.pt",
-                   "--data-dir", cifar_dir).returncode == 0
-    drawn = run_cli("plot.py", work)
-    assert drawn.returncode == 0, drawn.stderr
+    assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"]) == 0
+    assert train.main(["--evaluate", str(work / "checkpoint.pt"), "--data-dir", str(cifar_dir)]) == 0
+    capsys.readouterr()
+    assert plot.main([str(work)]) == 0
+    drawn = capsys.readouterr().out
     for name in ("checkpoint-classes.png", "checkpoint-confusion.png", "curves.png"):
-        assert f"wrote {work / name}" in drawn.stdout
+        assert f"wrote {work / name}" in drawn

@@ -7,16 +7,18 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import train
 from conftest import ROOT, TINY, run_cli
 
-# CI runs a few trials; `KILL_TRIALS=20 pytest tests/test_crash.py -s` runs the full soak.
+# CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))
-KILLS_PER_TRIAL = 3
+KILLS_PER_TRIAL = int(os.environ.get("KILLS_PER_TRIAL", "2"))
 
 
 def flags(data_dir: Path) -> list[str]:
@@ -33,17 +35,43 @@ def epochs_and_metrics(work: Path) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cifar_dir) -> tuple[Path, float]:
-    """An uninterrupted run, and how long it took from start to exit."""
+def reference(tmp_path_factory, cifar_dir) -> Path:
+    """An uninterrupted run."""
     work = tmp_path_factory.mktemp("reference") / "run"
-    start = time.monotonic()
     result = run_cli("train.py", "--save", work, *flags(cifar_dir))
     assert result.returncode == 0, result.stderr
-    return work, time.monotonic() - start
+    return work
+
+
+def kill_moments(rng: random.Random, first: bool) -> tuple[str, int]:
+    """An event to kill at: what the run shows of itself, never a timer.
+
+    ``first``: the first attempt of a fresh run, which must not finish before its kill, so
+    its events leave two or more epochs to train. Later attempts (resumes) may finish first.
+    """
+    return rng.choice(["config", "rows", "checkpoint", "line"]), rng.randint(1, 3 if first else 5)
+
+
+def reached(kind: str, count: int, work: Path, lines: list[str], started_inode: int | None) -> bool:
+    if kind == "config":  # written at the start of training (at once when resuming)
+        return (work / "config.json").exists()
+    if kind == "rows":  # appended at the end of an epoch, before its checkpoint
+        try:
+            return len((work / "train.csv").read_text().splitlines()) > count
+        except FileNotFoundError:
+            return False
+    if kind == "checkpoint":  # a new checkpoint replaced the one there was at the start
+        try:
+            return (work / "checkpoint.pt").stat().st_ino != started_inode
+        except FileNotFoundError:
+            return False
+    return any(line.startswith(f"epoch {count}/") for line in lines)  # printed after the save
 
 
 def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
-    reference_dir, duration = reference
+    """Each attempt is killed the moment the run shows a random event (config written, a row
+    appended, a checkpoint replaced, an epoch printed), plus up to 50 ms: start-up, steps,
+    evaluation, CSV appends and checkpoints all get hit; then the run is resumed to the end."""
     rng = random.Random(20170707)
     kills = 0
     for trial in range(TRIALS):
@@ -51,28 +79,38 @@ def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
         start = [sys.executable, str(ROOT / "train.py"), "--save", str(work), *flags(cifar_dir)]
         resume = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
                   "--data-dir", str(cifar_dir)]
-        for _ in range(KILLS_PER_TRIAL):
+        for attempt in range(KILLS_PER_TRIAL):
             # as a user would: resume once the run has written its config, else start again
-            command = resume if (work / "config.json").exists() else start
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True)
-            try:  # anywhere in the run: start-up, steps, evaluation, CSV appends, checkpoints
-                process.wait(timeout=rng.uniform(0.2, 1.0) * duration)
-            except subprocess.TimeoutExpired:
+            fresh = not (work / "config.json").exists()
+            kind, count = kill_moments(rng, first=attempt == 0)
+            checkpoint = work / "checkpoint.pt"
+            started_inode = checkpoint.stat().st_ino if checkpoint.exists() else None
+            process = subprocess.Popen(start if fresh else resume, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+            reader.start()
+            while process.poll() is None and not reached(kind, count, work, lines, started_inode):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.05))
+            killed = process.poll() is None
+            if killed:
                 process.kill()
-                process.wait()
                 kills += 1
-            else:
-                assert process.returncode == 0, process.stderr.read()
+            assert killed or attempt, f"trial {trial}: the run ended before the event {kind} {count}"
+            process.wait()
+            reader.join()
+            stderr = process.stderr.read()
+            process.stderr.close()
+            if process.returncode == 0:
                 break
-            finally:
-                process.stderr.close()
+            assert process.returncode == -signal.SIGKILL, stderr
         command = resume if (work / "config.json").exists() else start
-        final = subprocess.run(command, capture_output=True, text=True)
-        assert final.returncode == 0, final.stderr
-        assert epochs_and_metrics(work) == epochs_and_metrics(reference_dir), f"trial {trial}"
+        assert train.main(command[2:]) == 0  # the last resume in this process: the same code
+        assert epochs_and_metrics(work) == epochs_and_metrics(reference), f"trial {trial}"
+        assert not list(work.glob(".*")), "a temporary or lock file was left behind"
     print(f"\n{TRIALS} of {TRIALS} trials resumed exactly after {kills} SIGKILLs")
-    assert kills >= TRIALS  # the delays are drawn so that most attempts are killed
 
 
 def interrupt(command: list[str], after: str, signum: int) -> str:
@@ -98,14 +136,12 @@ def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, refere
     # the first epoch the resumed run finishes: where the first stop landed decides which
     stopped = interrupt(resume, "epoch ", signal.SIGTERM)
     assert "stopped by SIGTERM in epoch" in stopped, stopped
-    resumed = subprocess.run(resume, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert epochs_and_metrics(work) == epochs_and_metrics(reference[0])
+    assert train.main(resume[2:]) == 0
+    assert epochs_and_metrics(work) == epochs_and_metrics(reference)
 
 
 def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference, monkeypatch):
     """A stop request after the 7th step (epoch 2, step 2 of 5) saves a mid-epoch checkpoint."""
-    import train
     calls = []
 
     def requested(self, runtime):
@@ -122,4 +158,4 @@ def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, ref
     assert (state["epoch"], state["progress"]["step"]) == (1, 2)
     monkeypatch.undo()
     assert train.main(["--resume", "--save", str(work), "--data-dir", str(cifar_dir)]) == 0
-    assert epochs_and_metrics(work) == epochs_and_metrics(reference[0])
+    assert epochs_and_metrics(work) == epochs_and_metrics(reference)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+import train
+from conftest import ROOT, TINY
 
 
 def rows(path: Path) -> list[dict]:
@@ -28,7 +29,7 @@ def test_torchrun_two_processes_match_one_and_resume_with_one(tmp_path, cifar_di
     """
     flags = [*TINY, "--epochs", "2", "--memory-efficient", "--data-dir", str(cifar_dir)]
     single = tmp_path / "single"
-    assert run_cli("train.py", "--save", single, *flags).returncode == 0
+    assert train.main(["--save", str(single), *flags]) == 0
     work = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -40,8 +41,7 @@ def test_torchrun_two_processes_match_one_and_resume_with_one(tmp_path, cifar_di
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "config.json", "test.csv",
                                                       "train.csv"]
     # resume the two-process run in one process: the checkpoint does not depend on the count
-    resumed = run_cli("train.py", "--resume", "--save", work, "--data-dir", cifar_dir)
-    assert resumed.returncode == 0, resumed.stderr
+    assert train.main(["--resume", "--save", str(work), "--data-dir", str(cifar_dir)]) == 0
     for name in ("train.csv", "test.csv"):
         ours, reference = rows(work / name), rows(single / name)
         assert [r["epoch"] for r in ours] == ["1", "2"]

@@ -1,89 +1,256 @@
-"""Every mistake a user can make: one line that says what to do, non-zero exit, nothing changed."""
+"""Every mistake a user can make: one line that says what to do, non-zero exit, nothing changed.
+
+The table runs each bad input through a script's ``main`` in this process (the same code
+the command runs, without a second start-up of torch), a few through the real command
+line, and compares a hash of every file around before and after.
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import math
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import plot
 import train
-from conftest import TINY, folder_snapshot, run_cli, write_cifar10
+from conftest import ROOT, TINY, run_cli, write_cifar10
+
+sys.path[:0] = [str(ROOT / "attic"), str(ROOT / "bench")]
+import dataset_stats  # noqa: E402
+import gradcheck  # noqa: E402
+import lr_find  # noqa: E402
+import memory  # noqa: E402
+import pipeline  # noqa: E402
+import speed  # noqa: E402
+import summary  # noqa: E402
+
+SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": summary.main,
+           "attic/gradcheck.py": gradcheck.main, "attic/dataset_stats.py": dataset_stats.main,
+           "attic/lr_find.py": lr_find.main, "bench/speed.py": speed.main,
+           "bench/memory.py": memory.main, "bench/pipeline.py": pipeline.main}
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cifar_dir) -> Path:
+    """A finished two-epoch run of the tiny model."""
     work = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli("train.py", "--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "1")
-    assert result.returncode == 0, result.stderr
+    assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "2"]) == 0
     return work
 
 
-@pytest.fixture
-def cli(capsys):
-    """train.py's main in this process: the same code path as the script, without the start-up."""
-    def run(*argv) -> tuple[int, str]:
-        try:
-            status = train.main([str(a) for a in argv])
-        except SystemExit as exit:  # argparse
-            status = exit.code
-        return status, capsys.readouterr().err
-    return run
+def snapshot(folder: Path) -> dict[str, str]:
+    """A hash of every file under ``folder``, to show that nothing changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def check_refused(result, message: str, status: int = 2) -> None:
-    if isinstance(result, tuple):
-        code, stderr = result
-    else:
-        code, stderr = result.returncode, result.stderr
+def check_refused(code: int, stderr: str, message: str, status: int = 2) -> None:
     assert code == status, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr  # one line, no traceback
-    assert message in lines[0]
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--depth", "41"], "depth 41 is impossible for DenseNet-BC (bottleneck): depth - 4 must be a "
-                        "positive multiple of 6; nearest valid depths: 40 or 46"),
-    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
-    (["--lr", "-0.1"], "--lr must be a positive number"),
-    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
-    (["--batch-size", "-4"], "--batch-size must be a positive integer, got -4"),
-    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
-    (["--depth", "ten"], "argument --depth: invalid int value: 'ten'"),
-])
-def test_bad_flags(cli, tmp_path, flags, message):
-    check_refused(cli("--save", tmp_path / "run", *flags), message)
-    assert not (tmp_path / "run").exists()
+# ---------------------------------------------------------------- what the cases start from
+
+def plot_run(tmp: Path) -> Path:
+    """A work directory as train.py leaves it, for plot.py."""
+    folder = tmp / "plotted"
+    folder.mkdir()
+    (folder / "train.csv").write_text("epoch,lr,loss,error,seconds,images_per_s\n1,0.1,2.0,80,1,9\n"
+                                      "2,0.1,1.5,60,1,9\n")
+    (folder / "test.csv").write_text("epoch,loss,error,seconds\n1,2.1,81,0.1\n2,1.6,62,0.1\n")
+    (folder / "config.json").write_text('{"parameters": 2666}')
+    return folder
 
 
-def test_data_absent_and_no_download(cli, tmp_path):
-    result = cli("--data-dir", tmp_path / "nothing", "--no-download",
-                     "--save", tmp_path / "run")
-    check_refused(result, f"cifar10 is not in {tmp_path / 'nothing' / 'cifar-10-batches-py'}; "
-                          f"point --data-dir at the folder that holds cifar-10-batches-py/")
-    assert not (tmp_path / "run").exists()
+def damage_labels(tmp: Path, data: Path) -> None:
+    path = data / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "rb") as f:
+        content = pickle.load(f)
+    content["labels"][3] = 12
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
 
 
-def test_data_absent_offline_download_fails(tmp_path):
-    result = run_cli("train.py", "--data-dir", tmp_path / "nothing", "--save", tmp_path / "run",
-                     env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
-    check_refused(result, "could not be downloaded")
-    assert "point --data-dir at the folder that holds cifar-10-batches-py/" in result.stderr
-    assert not (tmp_path / "run").exists()
+def swap_architecture(tmp: Path, run: Path) -> None:
+    """The checkpoint's weights from a deeper model, its config unchanged."""
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["model"] = train.DenseNet(16, 4).state_dict()
+    torch.save(state, run / "checkpoint.pt")
 
 
-def test_corrupt_dataset_file(cli, tmp_path, cifar_dir):
-    data = tmp_path / "data"
-    shutil.copytree(cifar_dir, data)
-    (data / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04not a pickle at all")
-    check_refused(cli("--data-dir", data, "--save", tmp_path / "run", *TINY),
-                  f"{data / 'cifar-10-batches-py' / 'data_batch_3'} is not a readable CIFAR python file")
-    assert not (tmp_path / "run").exists()
+def hold_lock(tmp: Path, run: Path, stack: contextlib.ExitStack) -> None:
+    """Another holder of the run's lock (an open file description of its own, as another
+    process would have), named as train.py names itself."""
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    stack.callback(os.close, fd)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.write(fd, b"pid 4242 on elsewhere since 2026-11-25 10:00:00 (train.py --save run)")
+    stack.callback(os.unlink, run / ".lock")
 
 
-def test_dataset_pickle_cannot_run_code(cli, tmp_path):
+def write(relative: str, content: bytes | str):
+    def setup(tmp: Path, target: Path) -> None:
+        path = target / relative
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+def delete(relative: str):
+    return lambda tmp, target: (target / relative).unlink()
+
+
+# (script, arguments, message, what the case starts from, how it is damaged)
+# {data}: a copy of the generated CIFAR-10; {run}: a copy of the finished run; {plotted}: a
+# run for plot.py; {tmp}: the case's own folder, also the working directory.
+CASES = {
+    # train.py: flags
+    "depth 41": ("train.py", "--depth 41 --save {tmp}/r", "depth 41 is impossible for DenseNet-BC (bottleneck): depth - 4 must be a positive multiple of 6; nearest valid depths: 40 or 46", None, None),
+    "depth not a number": ("train.py", "--depth ten", "argument --depth: invalid int value: 'ten'", None, None),
+    "lr 0": ("train.py", "--lr 0", "argument --lr: must be a positive number, got 0", None, None),
+    "lr nan": ("train.py", "--lr nan", "argument --lr: must be a finite number, got nan", None, None),
+    "epochs 0": ("train.py", "--epochs 0", "argument --epochs: must be a positive integer, got 0", None, None),
+    "batch size -4": ("train.py", "--batch-size -4", "argument --batch-size: must be a positive integer, got -4", None, None),
+    "seed -1": ("train.py", "--seed -1", "argument --seed: must be between 0 and 4294967295, got -1", None, None),
+    "seed 2**70": ("train.py", f"--seed {2**70}", "argument --seed: must be between 0 and 4294967295", None, None),
+    "momentum -1": ("train.py", "--momentum -1", "argument --momentum: must be in [0, 1), got -1", None, None),
+    "momentum nan": ("train.py", "--momentum nan", "argument --momentum: must be a finite number", None, None),
+    "weight decay nan": ("train.py", "--weight-decay nan", "argument --weight-decay: must be a finite number", None, None),
+    "unknown dataset": ("train.py", "--dataset mnist", "invalid choice: 'mnist'", None, None),
+    "tta alone": ("train.py", "--tta", "--tta only applies with --evaluate CHECKPOINT", None, None),
+    "reschedule alone": ("train.py", "--reschedule", "--reschedule only applies with --resume", None, None),
+    "compression 0": ("train.py", "--compression 0", "compression must be in (0, 1], got 0.0", None, None),
+    # train.py: data
+    "data absent": ("train.py", "--data-dir {tmp}/nothing --no-download --save {tmp}/r", "cifar10 is not in {tmp}/nothing/cifar-10-batches-py; point --data-dir at the folder that holds cifar-10-batches-py/", None, None),
+    "labels out of range": ("train.py", "--data-dir {data} --save {tmp}/r " + " ".join(TINY), "data_batch_2 has labels outside 0-9 (such as 12); replace it with a fresh copy", "data", damage_labels),
+    "corrupt data file": ("train.py", "--data-dir {data} --save {tmp}/r " + " ".join(TINY), "data_batch_3 is not a readable CIFAR python file", "data", write("cifar-10-batches-py/data_batch_3", b"\x80\x04not a pickle")),
+    "validation too large": ("train.py", "--data-dir {data} --save {tmp}/r --val-size 500 " + " ".join(TINY), "--val-size must be between 1 and 159, got 500", "data", None),
+    "fewer images than a batch": ("train.py", "--data-dir {data} --save {tmp}/r --train-subset 10 " + " ".join(TINY), "the training set has 10 images, fewer than one batch of 32", "data", None),
+    # train.py: work directories
+    "save under a file": ("train.py", "--data-dir {data} --save {tmp}/a-file/r " + " ".join(TINY), "cannot write to {tmp}/a-file/r", "data", lambda tmp, data: (tmp / "a-file").write_text("x")),
+    "run exists": ("train.py", "--data-dir {data} --save {run} " + " ".join(TINY), "{run} already holds a run; continue it with --resume", "run", None),
+    "resume nothing": ("train.py", "--resume --save {tmp}", "holds no run to resume (no checkpoint.pt or config.json)", None, None),
+    "resume contradicting flag": ("train.py", "--resume --save {run} --depth 16", "--resume: --depth 16 (the run has 10) would change the run in {run}", "run", None),
+    "resume without checkpoint": ("train.py", "--resume --save {run}", "{run} has epochs logged in train.csv but no checkpoint.pt to continue from", "run", delete("checkpoint.pt")),
+    "resume rows missing": ("train.py", "--resume --save {run} --epochs 3 --reschedule", "{run}/test.csv does not hold a row for each of the epochs 1-2", "run", write("test.csv", "epoch,loss,error,seconds\n1,2,80,1\n")),
+    "resume damaged header": ("train.py", "--resume --save {run} --epochs 3 --reschedule", "{run}/train.csv does not start with the header", "run", write("train.csv", "garbage\n")),
+    "resume damaged config.json": ("train.py", "--resume --save {run} --epochs 3", "{run}/config.json is damaged; move it away and resume again", "run", write("config.json", "[1, 2]")),
+    "resume truncated checkpoint": ("train.py", "--resume --save {run} --epochs 3", "{run}/checkpoint.pt is truncated or corrupt", "run", lambda tmp, run: (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000])),
+    "resume other architecture": ("train.py", "--resume --save {run} --epochs 3 --reschedule", "{run}/checkpoint.pt does not fit the model its own config describes (", "run", swap_architecture),
+    "resume shortens": ("train.py", "--resume --save {run} --epochs 1", "--epochs 1: the run in {run} has trained 2 of its 2 epochs and cannot be shortened to 1", "run", None),
+    "resume jumps the lr": ("train.py", "--resume --save {run} --epochs 4", "--epochs 4 would raise the learning rate: the 2 epoch(s) trained followed the 2-epoch schedule, the last at lr 0.001; under a 4-epoch schedule epoch 3 trains at lr 0.01; add --reschedule", "run", None),
+    "resume a busy run": ("train.py", "--resume --save {run} --epochs 3 --reschedule", "{run} is in use by pid 4242 on elsewhere since 2026-11-25 10:00:00 (train.py --save run): wait for it to end or stop it, or choose another with --save", "run", "lock"),
+    "evaluate missing": ("train.py", "--evaluate {tmp}/nope.pt", "no checkpoint file at {tmp}/nope.pt", None, None),
+    "evaluate other architecture": ("train.py", "--evaluate {run}/checkpoint.pt --data-dir {data}", "{run}/checkpoint.pt does not fit the model its own config describes", "run", swap_architecture),
+    "evaluate a busy run": ("train.py", "--evaluate {run}/checkpoint.pt --data-dir {data}", "{run} is in use by pid 4242", "run", "lock"),
+    # plot.py
+    "plot missing folder": ("plot.py", "{tmp}/missing", "{tmp}/missing does not exist", None, None),
+    "plot not a run": ("plot.py", "{tmp}", "{tmp} holds no train.csv: it is not a train.py work directory", None, None),
+    "plot config is a list": ("plot.py", "{plotted}", "{plotted}/config.json holds no JSON object", "plotted", write("config.json", "[1, 2]")),
+    "plot parameters a string": ("plot.py", "{plotted}", "{plotted}/config.json has a parameter count that is not a whole number", "plotted", write("config.json", '{"parameters": "many"}')),
+    "plot non-UTF-8 CSV": ("plot.py", "{plotted}", "{plotted}/train.csv is not a readable text file", "plotted", write("train.csv", b"epoch,loss,error\n1,\xff\xfe,3\n")),
+    "plot all-NaN column": ("plot.py", "{plotted}", "{plotted}/test.csv has no numbers in loss", "plotted", write("test.csv", "epoch,loss,error,seconds\n1,nan,81,0.1\n2,nan,62,0.1\n")),
+    "plot non-numeric": ("plot.py", "{plotted}", "{plotted}/train.csv has non-numeric values in loss", "plotted", write("train.csv", "epoch,lr,loss,error\n1,0.1,abc,50\n")),
+    "plot no loss column": ("plot.py", "{plotted}", "{plotted}/train.csv lacks the column(s) loss", "plotted", write("train.csv", "epoch,error\n1,50\n")),
+    "plot dpi 0": ("plot.py", "{plotted} --dpi 0", "argument --dpi: must be between 10 and 1200, got 0", "plotted", None),
+    "plot out into a missing folder": ("plot.py", "{plotted} {plotted} --out {tmp}/nowhere/c.png", "--out {tmp}/nowhere/c.png: the folder {tmp}/nowhere does not exist", "plotted", None),
+    "plot out unknown suffix": ("plot.py", "{plotted} {plotted} --out {tmp}/c.xyz", "unknown figure format '.xyz'", "plotted", None),
+    "plot out unwritable": ("plot.py", "{plotted} {plotted} --out /proc/c.png", "cannot write", "plotted", None),
+    "plot corrupt lr_find.json": ("plot.py", "{plotted}", "{plotted}/lr_find.json is not readable JSON", "plotted", lambda tmp, run: [(run / "lr_find.csv").write_text("step,lr,raw_loss,loss\n1,0.001,2.3,2.3\n"), (run / "lr_find.json").write_text("{oops")]),
+    "plot corrupt lr_find.csv": ("plot.py", "{plotted}", "{plotted}/lr_find.csv lacks the column(s) loss", "plotted", write("lr_find.csv", "step,lr\n1,0.1\n")),
+    "plot corrupt confusion": ("plot.py", "{plotted}", "{plotted}/checkpoint-confusion.csv is not a square confusion matrix", "plotted", write("checkpoint-confusion.csv", "true\\predicted,a,b\na,1,x\nb,2\n")),
+    "plot watch negative": ("plot.py", "{plotted} --watch -1", "argument --watch: must be 0 or more, got -1", "plotted", None),
+    # attic/
+    "summary depth 11": ("attic/summary.py", "--depth 11", "depth 11 is impossible for DenseNet-BC (bottleneck)", None, None),
+    "summary growth rate 0": ("attic/summary.py", "--growth-rate 0", "growth rate must be a positive integer, got 0", None, None),
+    "summary image suffix": ("attic/summary.py", "--depth 10 --image {tmp}/arch.xyz", "--image {tmp}/arch.xyz: the name must end in .png, .pdf or .svg", None, None),
+    "summary image unwritable": ("attic/summary.py", "--depth 10 --growth-rate 4 --image /proc/arch.png", "cannot write /proc/arch.png", None, None),
+    "gradcheck growth rate 0": ("attic/gradcheck.py", "--growth-rate 0", "argument --growth-rate: must be a positive integer, got 0", None, None),
+    "dataset stats data absent": ("attic/dataset_stats.py", "--data-dir {tmp}/nothing --no-download", "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
+    "lr_find depth 11": ("attic/lr_find.py", "--depth 11 --data-dir {data}", "depth 11 is impossible", "data", None),
+    "lr_find batch size 0": ("attic/lr_find.py", "--batch-size 0 --data-dir {data}", "argument --batch-size: must be a positive integer, got 0", "data", None),
+    "lr_find steps 2": ("attic/lr_find.py", "--steps 2 --data-dir {data}", "argument --steps: must be at least 3, got 2", "data", None),
+    "lr_find lrs reversed": ("attic/lr_find.py", "--start-lr 1 --end-lr 0.1 --data-dir {data}", "--start-lr 1 must be below --end-lr 0.1", "data", None),
+    "lr_find data absent": ("attic/lr_find.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
+    "lr_find unwritable save": ("attic/lr_find.py", "--data-dir {data} --save /proc/sweep --steps 3 " + " ".join(TINY), "cannot write to /proc/sweep", "data", None),
+    "lr_find busy run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY), "{run} is in use by pid 4242", "run", "lock"),
+    # bench/
+    "speed depth 11": ("bench/speed.py", "--depth 11", "depth 11 is impossible", None, None),
+    "speed repeats 0": ("bench/speed.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
+    "speed steps 0": ("bench/speed.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
+    "speed batch 0": ("bench/speed.py", "--batch 0", "argument --batch: must be a positive integer, got 0", None, None),
+    "speed unknown mode": ("bench/speed.py", "--modes ours,fastest", "unknown mode(s) fastest", None, None),
+    "memory repeats 0": ("bench/memory.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
+    "memory threads 0": ("bench/memory.py", "--threads 0", "argument --threads: must be a positive integer, got 0", None, None),
+    "pipeline steps 0": ("bench/pipeline.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
+    "pipeline depth 11": ("bench/pipeline.py", "--depth 11", "depth 11 is impossible", None, None),
+    "pipeline data absent": ("bench/pipeline.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
+}
+if not torch.cuda.is_available():
+    CASES["speed on a missing GPU"] = ("bench/speed.py", "--device cuda", "argument --device: no CUDA GPU is visible; use --device cpu", None, None)
+    CASES["train on a missing GPU"] = ("train.py", "--device cuda", "--device cuda: no CUDA GPU is visible; use --device cpu", None, None)
+# these also go through the real command line: the scripts' entry points end in one line too
+THROUGH_THE_COMMAND_LINE = {"seed -1", "labels out of range", "plot all-NaN column",
+                            "summary depth 11", "speed repeats 0", "lr_find depth 11"}
+
+
+def prepare(case: str, tmp: Path, cifar_dir: Path, finished_run: Path,
+            stack: contextlib.ExitStack) -> list[str]:
+    script, arguments, message, start, damage = CASES[case]
+    places = {"tmp": tmp, "data": tmp / "data", "run": tmp / "run", "plotted": tmp / "plotted"}
+    if start == "data":
+        shutil.copytree(cifar_dir, places["data"])
+    elif start == "run":
+        shutil.copytree(finished_run, places["run"])
+        shutil.copytree(cifar_dir, places["data"])
+    elif start == "plotted":
+        plot_run(tmp)
+    if damage == "lock":
+        hold_lock(tmp, places["run"], stack)
+    elif damage is not None:
+        damage(tmp, places[start])
+    return [part.format(**places) for part in arguments.split()]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_nothing_changed(case, tmp_path, cifar_dir, finished_run, capsys,
+                                            monkeypatch):
+    script, _, message, _, _ = CASES[case]
+    monkeypatch.chdir(tmp_path)  # where defaults such as work/ would land
+    with contextlib.ExitStack() as stack:
+        argv = prepare(case, tmp_path, cifar_dir, finished_run, stack)
+        before = snapshot(tmp_path)
+        try:
+            code = SCRIPTS[script](argv)
+        except SystemExit as exit:  # argparse
+            code = exit.code
+        stderr = capsys.readouterr().err
+        check_refused(code, stderr, message.format(tmp=tmp_path, run=tmp_path / "run",
+                                                   plotted=tmp_path / "plotted"))
+        assert snapshot(tmp_path) == before
+        if case in THROUGH_THE_COMMAND_LINE:
+            result = run_cli(script, *argv, cwd=tmp_path)
+            check_refused(result.returncode, result.stderr,
+                          message.format(tmp=tmp_path, run=tmp_path / "run", plotted=tmp_path / "plotted"))
+            assert snapshot(tmp_path) == before
+
+
+def test_the_table_is_large_enough():
+    scripts = {CASES[case][0].split("/")[0] for case in CASES}
+    assert len(CASES) >= 30 and scripts == {"train.py", "plot.py", "attic", "bench"}
+
+
+def test_malicious_dataset_pickle_cannot_run_code(tmp_path, capsys):
     data = write_cifar10(tmp_path / "data")
     marker = tmp_path / "pwned"
 
@@ -91,49 +258,13 @@ def test_dataset_pickle_cannot_run_code(cli, tmp_path):
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
 
-    import pickle
     (data / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Payload()}))
-    check_refused(cli("--data-dir", data, "--save", tmp_path / "run", *TINY),
-                  "unexpected object")
-    assert not marker.exists()
+    code = train.main(["--data-dir", str(data), "--save", str(tmp_path / "run"), *TINY])
+    check_refused(code, capsys.readouterr().err, "unexpected object")
+    assert not marker.exists() and not (tmp_path / "run").exists()
 
 
-def test_existing_run_without_resume(cli, finished_run, cifar_dir):
-    before = folder_snapshot(finished_run)
-    check_refused(cli("--data-dir", cifar_dir, "--save", finished_run, *TINY),
-                  f"{finished_run} already holds a run; continue it with --resume")
-    assert folder_snapshot(finished_run) == before
-
-
-def test_resume_with_no_run(cli, tmp_path):
-    (tmp_path / "empty").mkdir()
-    check_refused(cli("--resume", "--save", tmp_path / "empty"),
-                  "holds no run to resume (no checkpoint.pt or config.json)")
-    assert not list((tmp_path / "empty").iterdir())
-
-
-def test_unwritable_work_directory(cli, tmp_path, cifar_dir):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    check_refused(cli("--data-dir", cifar_dir, "--save", blocker / "run", *TINY),
-                  f"cannot write to the work directory {blocker / 'run'}")
-    assert blocker.read_text() == "not a folder"
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_checkpoint(cli, tmp_path, finished_run, cifar_dir, damage):
-    work = tmp_path / "run"
-    shutil.copytree(finished_run, work)
-    checkpoint = work / "checkpoint.pt"
-    content = checkpoint.read_bytes()
-    checkpoint.write_bytes(content[:len(content) // 2] if damage == "truncated" else b"\x00" * 100)
-    before = folder_snapshot(work)
-    result = cli("--resume", "--save", work, "--epochs", "2", "--data-dir", cifar_dir)
-    check_refused(result, f"{checkpoint} is truncated or corrupt")
-    assert folder_snapshot(work) == before
-
-
-def test_malicious_checkpoint_is_refused_and_never_runs(cli, tmp_path, finished_run, cifar_dir):
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, finished_run, cifar_dir, capsys):
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
     marker = tmp_path / "pwned"
@@ -145,25 +276,77 @@ def test_malicious_checkpoint_is_refused_and_never_runs(cli, tmp_path, finished_
     state = torch.load(work / "checkpoint.pt", weights_only=True)
     state["model"]["evil"] = Payload()
     torch.save(state, work / "checkpoint.pt")
-    before = folder_snapshot(work)
-    for command in (["--resume", "--save", work, "--epochs", "2"],
+    before = snapshot(work)
+    for command in (["--resume", "--save", work, "--epochs", "3", "--reschedule"],
                     ["--evaluate", work / "checkpoint.pt"]):
-        result = cli(*command, "--data-dir", cifar_dir)
-        check_refused(result, f"refusing to load {work / 'checkpoint.pt'}: it holds objects "
-                              f"other than tensors and plain data")
+        code = train.main([*map(str, command), "--data-dir", str(cifar_dir)])
+        check_refused(code, capsys.readouterr().err, f"refusing to load {work / 'checkpoint.pt'}: "
+                                                     f"it holds objects other than tensors and plain data")
     assert not marker.exists()
-    assert folder_snapshot(work) == before
+    assert snapshot(work) == before
 
 
-def test_non_finite_loss_stops_and_keeps_rows(tmp_path, cifar_dir):
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """``folder`` unwritable, even for root (immutable attribute), while the block runs."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    elif os.system(f"chattr +i '{folder}' 2>/dev/null") == 0:
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        pytest.skip("running as root where chattr +i does not work: cannot make a folder read-only")
+    try:
+        yield
+    finally:
+        import subprocess
+        subprocess.run(undo, check=True)
+
+
+def test_read_only_folders_are_refused_before_any_work(tmp_path, finished_run, cifar_dir, capsys):
     work = tmp_path / "run"
-    result = run_cli("train.py", "--data-dir", cifar_dir, "--save", work, *TINY, "--lr", "1e30",
-                     "--epochs", "2")
-    check_refused(result, "the loss is not finite at epoch 1, step ", status=1)
-    assert (work / "train.csv").read_text() == "epoch,lr,loss,error,seconds,images_per_s\n"
-    assert not (work / "checkpoint.pt").exists()
+    shutil.copytree(finished_run, work)
+    before = snapshot(tmp_path)
+    with read_only(work):
+        for argv in (["--evaluate", work / "checkpoint.pt"],
+                     ["--resume", "--save", work, "--epochs", "3", "--reschedule"]):
+            code = train.main([*map(str, argv), "--data-dir", str(cifar_dir)])
+            check_refused(code, capsys.readouterr().err, f"cannot write to {work} (")
+        code = lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), "--steps", "3", *TINY])
+        check_refused(code, capsys.readouterr().err, f"cannot write to {work} (")
+    assert snapshot(tmp_path) == before
 
 
-def test_evaluate_missing_checkpoint(cli, tmp_path):
-    check_refused(cli("--evaluate", tmp_path / "nope.pt"),
-                  f"no checkpoint file at {tmp_path / 'nope.pt'}")
+def test_data_absent_offline_download_fails(tmp_path):
+    result = run_cli("train.py", "--data-dir", tmp_path / "nothing", "--save", tmp_path / "run",
+                     env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
+    check_refused(result.returncode, result.stderr, "could not be downloaded")
+    assert "point --data-dir at the folder that holds cifar-10-batches-py/" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_while_saving_loses_nothing(tmp_path, finished_run, cifar_dir):
+    """Files may not grow past 40 kB (RLIMIT_FSIZE): the rows of epoch 3 fit, its checkpoint
+    does not. The run stops in one line, keeps the checkpoint of epoch 2, and resumes."""
+    import resource
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    checkpoint = (work / "checkpoint.pt").read_bytes()
+    assert len(checkpoint) > 40_000
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, resource.RLIM_INFINITY))
+
+    import subprocess
+    resume = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
+              "--epochs", "3", "--reschedule", "--data-dir", str(cifar_dir)]
+    full = subprocess.run(resume, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    check_refused(full.returncode, full.stderr, f"cannot write {work / 'checkpoint.pt'} (File too large); "
+                                                f"free space (or fix permissions), then continue from the "
+                                                f"last checkpoint with --resume --save {work}")
+    assert (work / "checkpoint.pt").read_bytes() == checkpoint
+    assert not list(work.glob(".*.tmp"))
+    assert train.main(resume[2:]) == 0  # with space again
+    assert [line.split(",")[0] for line in (work / "train.csv").read_text().splitlines()] == \
+        ["epoch", "1", "2", "3"]
+    assert not math.isnan(float((work / "test.csv").read_text().splitlines()[-1].split(",")[1]))

@@ -1,13 +1,24 @@
-"""train.py end to end, as a user runs it: CSVs, schedule, resume, refusals, evaluation."""
+"""train.py as a user runs it: CSVs, schedules, resume, one process per work directory, evaluation.
+
+Most runs call ``train.main`` in this process (the command's own code, one torch start-up
+for all); the first test and the lock test use real processes.
+"""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, folder_snapshot, run_cli
+import train
+from conftest import ROOT, TINY, folder_snapshot, run_cli
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -15,14 +26,32 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def train(work: Path, data_dir: Path, *extra: str):
-    return run_cli("train.py", "--data-dir", data_dir, "--save", work, *TINY, *extra)
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """train.py's main in this process: (exit status, stdout, stderr)."""
+    try:
+        status = train.main([str(a) for a in argv])
+    except SystemExit as exit:  # argparse
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def start(capsys, work: Path, data_dir: Path, *extra) -> str:
+    status, out, err = run(capsys, "--data-dir", data_dir, "--save", work, *TINY, *extra)
+    assert status == 0, err
+    return out
+
+
+def metrics(work: Path) -> list[tuple]:
+    """Per-epoch losses and errors, the columns that must not depend on interruptions."""
+    return ([(r["epoch"], r["lr"], r["loss"], r["error"]) for r in read_csv(work / "train.csv")],
+            [(r["epoch"], r["loss"], r["error"]) for r in read_csv(work / "test.csv")])
 
 
 def test_two_epochs_on_shared_subset(tmp_path, shared_data):
     work = tmp_path / "run"
-    result = train(work, shared_data, "--epochs", "2", "--train-subset", "256",
-                   "--test-subset", "128")
+    result = run_cli("train.py", "--data-dir", shared_data, "--save", work, *TINY, "--epochs", "2",
+                     "--train-subset", "256", "--test-subset", "128")
     assert result.returncode == 0, result.stderr
     assert "found 4660 training and 846 test images" in result.stdout
     assert "2,666 parameters" in result.stdout
@@ -36,84 +65,247 @@ def test_two_epochs_on_shared_subset(tmp_path, shared_data):
     config = json.loads((work / "config.json").read_text())
     assert config["parameters"] == 2666 and config["config"]["depth"] == 10
     assert config["train_images"] == 256 and config["environment"]["torch"]
-    assert (work / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "config.json", "test.csv",
+                                                      "train.csv"]  # the lock file is gone
 
 
-def test_schedule_validation_and_refusal_to_overwrite(tmp_path, cifar_dir):
+# ---------------------------------------------------------------- pure functions
+
+def config(**changes) -> dict:
+    args, _ = train.parse_args([])
+    return {**train.run_config(args), **changes}
+
+
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
+    cfg = config(epochs=300)
+    assert [train.learning_rate(cfg, e) for e in (0, 149, 150, 224, 225, 299)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    short = config(epochs=4, lr=0.5)
+    assert [train.learning_rate(short, e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
+
+
+def test_cosine_schedule_anneals_from_lr_to_zero():
+    cfg = config(schedule="cosine", epochs=10, lr=0.2)
+    rates = [train.learning_rate(cfg, e) for e in range(10)]
+    assert rates[0] == pytest.approx(0.2) and rates[5] == pytest.approx(0.1)
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.1 * (1 - 0.951056), rel=1e-4)
+    assert train.learning_rate(cfg, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("planned,epochs,done,partial,reschedule,outcome", [
+    (300, 300, 120, False, False, ""),  # nothing changes
+    (300, 400, 100, False, False, ""),  # epochs 1-100 had 0.1 under both: exact
+    (300, 400, 300, False, False, "epoch 301 trains at lr 0.001"),  # longer at the last rate
+    (300, 400, 160, False, False, "refused: would raise the learning rate"),  # 0.01 -> 0.1
+    (300, 400, 160, False, True, "epoch 161 trains at lr 0.1"),  # accepted
+    (3, 8, 3, False, False, "refused: would raise the learning rate"),  # the issue's example
+    (300, 200, 100, False, False, ""),  # shorter, epochs 1-100 at 0.1 under both: exact
+    (300, 200, 120, False, False, "epoch 121 trains at lr 0.01"),  # shorter: an earlier drop
+    (3, 2, 3, False, False, "refused: cannot be shortened to 2"),
+    (300, 150, 149, True, False, "refused: cannot be shortened to 150"),  # 150th in progress
+    (300, 150, 149, False, False, "epoch 150 trains at lr 0.001"),
+])
+def test_resume_schedule_rules(planned, epochs, done, partial, reschedule, outcome):
+    saved, cfg = config(epochs=planned), config(epochs=epochs)
+    if outcome.startswith("refused: "):
+        with pytest.raises(train.UserError, match=outcome.removeprefix("refused: ")):
+            train.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
+    else:
+        note = train.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
+        assert outcome in note and (note == "") == (outcome == "")
+
+
+def test_cosine_resume_with_more_epochs_needs_reschedule():
+    saved, cfg = config(schedule="cosine", epochs=10), config(schedule="cosine", epochs=20)
+    with pytest.raises(train.UserError, match="would raise the learning rate"):
+        train.check_schedule(saved, cfg, 10, False, False, Path("w"))
+    assert train.check_schedule(saved, cfg, 1, False, False, Path("w")) == ""  # epoch 1: lr alike
+
+
+def test_resumed_config_keeps_the_run_and_takes_what_may_change():
+    saved = config(depth=10, epochs=5, save="old/place", data_dir="data")
+    args, explicit = train.parse_args(["--resume", "--save", "new/place", "--epochs", "7",
+                                       "--data-dir", "elsewhere", "--lr", "0.1"])
+    cfg, changes = train.resumed_config(saved, args, explicit, Path("new/place"))
+    assert changes == {"save": "new/place", "epochs": 7, "data_dir": "elsewhere", "resume": True}
+    assert cfg == {**saved, **changes} and cfg["depth"] == 10  # not the default 100
+    args, explicit = train.parse_args(["--resume", "--save", "new/place", "--seed", "3"])
+    with pytest.raises(train.UserError, match=r"--seed 3 \(the run has 0\) would change the run "
+                                              r"in new/place; drop these flags"):
+        train.resumed_config(saved, args, explicit, Path("new/place"))
+
+
+# ---------------------------------------------------------------- runs
+
+def test_schedule_validation_and_refusal_to_overwrite(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    result = train(work, cifar_dir, "--epochs", "4", "--val-size", "32")
-    assert result.returncode == 0, result.stderr
-    assert "using 128 training, 32 validation and 48 test images" in result.stdout
+    out = start(capsys, work, cifar_dir, "--epochs", "4", "--val-size", "32")
+    assert "using 128 training, 32 validation and 48 test images" in out
     lrs = [float(r["lr"]) for r in read_csv(work / "train.csv")]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])  # divided by 10 at 50% and 75%
     assert [r["epoch"] for r in read_csv(work / "val.csv")] == ["1", "2", "3", "4"]
     before = folder_snapshot(work)
-    again = train(work, cifar_dir, "--epochs", "4")
-    assert again.returncode == 2
-    assert again.stderr.strip().splitlines() == [
+    status, _, err = run(capsys, "--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "4")
+    assert status == 2
+    assert err.strip().splitlines() == [
         f"error: {work} already holds a run; continue it with --resume --save {work} "
         f"or start a new one with another --save DIR"]
     assert folder_snapshot(work) == before
 
 
-def metrics(work: Path) -> list[tuple]:
-    """Per-epoch losses and errors, the columns that must not depend on interruptions."""
-    return ([(r["epoch"], r["lr"], r["loss"], r["error"]) for r in read_csv(work / "train.csv")],
-            [(r["epoch"], r["loss"], r["error"]) for r in read_csv(work / "test.csv")])
-
-
-def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir):
+def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir, capsys):
     flags = ["--epochs", "2", "--dropout", "0.1"]  # dropout: the torch RNG must be restored too
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert train(whole, cifar_dir, *flags).returncode == 0
-    first = train(parts, cifar_dir, *flags, "--stop-after", "1")
-    assert first.returncode == 0 and "continue with --resume" in first.stdout
-    assert len(read_csv(parts / "train.csv")) == 1
-    resumed = run_cli("train.py", "--resume", "--save", parts, "--data-dir", cifar_dir)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
+    start(capsys, whole, cifar_dir, *flags)
+    out = start(capsys, parts, cifar_dir, *flags, "--stop-after", "1")
+    assert "continue with --resume" in out and len(read_csv(parts / "train.csv")) == 1
+    stale = parts / ".checkpoint.pt.x1y2z3.tmp"  # what a save killed halfway leaves
+    stale.write_bytes(b"\0" * 1000)
+    status, out, err = run(capsys, "--resume", "--save", parts, "--data-dir", cifar_dir)
+    assert status == 0, err
+    assert "resuming" in out and not stale.exists()
     assert metrics(parts) == metrics(whole)
     config = json.loads((parts / "config.json").read_text())
     assert config["resumes"][0]["from_epoch"] == 1
 
 
-def test_resume_refuses_contradicting_flags(tmp_path, cifar_dir):
+def test_resume_refusals_and_extensions(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    assert train(work, cifar_dir, "--epochs", "1").returncode == 0
+    start(capsys, work, cifar_dir, "--epochs", "2")
     before = folder_snapshot(work)
-    result = run_cli("train.py", "--resume", "--save", work, "--depth", "16", "--data-dir", cifar_dir)
-    assert result.returncode == 2
-    assert "--depth 16 (the run has 10)" in result.stderr
+    status, _, err = run(capsys, "--resume", "--save", work, "--depth", "16")
+    assert status == 2 and "--depth 16 (the run has 10)" in err
+    status, _, err = run(capsys, "--resume", "--save", work, "--epochs", "4")
+    assert status == 2 and "would raise the learning rate" in err and "epoch 3 trains at lr 0.01" in err
     assert folder_snapshot(work) == before
-    finished = run_cli("train.py", "--resume", "--save", work, "--data-dir", cifar_dir)
-    assert finished.returncode == 0 and "pass --epochs N to train longer" in finished.stdout
-    extended = run_cli("train.py", "--resume", "--save", work, "--epochs", "2", "--data-dir", cifar_dir)
-    assert extended.returncode == 0, extended.stderr
+    status, out, _ = run(capsys, "--resume", "--save", work)
+    assert status == 0 and "has finished its 2 epochs; pass --epochs N to train longer" in out
+    status, out, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", cifar_dir)
+    assert status == 0, err  # one more epoch at the last rate, said so
+    assert "--epochs 3: the 2 epoch(s) trained followed the 2-epoch schedule, the last at lr 0.001; " \
+           "under a 3-epoch schedule epoch 3 trains at lr 0.001" in out
+    status, out, err = run(capsys, "--resume", "--save", work, "--epochs", "6", "--reschedule",
+                           "--data-dir", cifar_dir)
+    assert status == 0, err
+    rows = read_csv(work / "train.csv")
+    assert [(r["epoch"], float(r["lr"])) for r in rows] == [
+        ("1", 0.1), ("2", 0.001), ("3", 0.001), ("4", 0.01), ("5", 0.001), ("6", 0.001)]
+    resumes = json.loads((work / "config.json").read_text())["resumes"]
+    assert [r["changes"]["epochs"] for r in resumes] == [3, 6]
+    assert "epoch 4 trains at lr 0.01" in resumes[1]["changes"]["schedule"]
+
+
+def test_a_moved_run_is_named_where_it_is(tmp_path, cifar_dir, capsys):
+    first = tmp_path / "first"
+    start(capsys, first, cifar_dir, "--epochs", "2", "--stop-after", "1")
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    status, _, err = run(capsys, "--resume", "--save", moved, "--seed", "5")
+    assert status == 2 and f"would change the run in {moved};" in err
+    status, _, err = run(capsys, "--resume", "--save", moved, "--data-dir", cifar_dir)
+    assert status == 0, err
+    assert json.loads((moved / "config.json").read_text())["config"]["save"] == str(moved)
+
+
+def test_resume_before_the_first_checkpoint_starts_over_but_never_drops_rows(tmp_path, cifar_dir,
+                                                                             capsys):
+    work = tmp_path / "run"
+    start(capsys, work, cifar_dir, "--epochs", "2")
+    (work / "checkpoint.pt").unlink()
+    before = folder_snapshot(work)
+    status, _, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir)
+    assert status == 2 and "has epochs logged in train.csv but no checkpoint.pt" in err
+    assert folder_snapshot(work) == before
+    for name in ("train.csv", "test.csv"):  # killed before its first checkpoint: header only
+        (work / name).write_text((work / name).read_text().splitlines()[0] + "\n")
+    status, out, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir)
+    assert status == 0, err
     assert [r["epoch"] for r in read_csv(work / "train.csv")] == ["1", "2"]
 
 
-def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir):
+def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    assert train(work, cifar_dir, "--epochs", "1").returncode == 0
+    start(capsys, work, cifar_dir, "--epochs", "1")
     last_error = float(read_csv(work / "test.csv")[-1]["error"])
-    result = run_cli("train.py", "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir)
-    assert result.returncode == 0, result.stderr
-    assert f"test error {last_error:.2f}%" in result.stdout
+    status, out, err = run(capsys, "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir)
+    assert status == 0, err
+    assert f"test error {last_error:.2f}%" in out
     rows = read_csv(work / "checkpoint-classes.csv")
     assert [r["name"] for r in rows][:2] == ["airplane", "automobile"]
     assert sum(int(r["images"]) for r in rows) == 48
     assert sum(int(r["errors"]) for r in rows) == round(last_error * 48 / 100)
     confusion = list(csv.reader(open(work / "checkpoint-confusion.csv")))
     assert len(confusion) == 11 and sum(int(v) for row in confusion[1:] for v in row[1:]) == 48
-    flipped = run_cli("train.py", "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir, "--tta")
-    assert flipped.returncode == 0 and "flip test-time augmentation" in flipped.stdout
-    assert (work / "checkpoint-classes-tta.csv").is_file()
+    status, out, _ = run(capsys, "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir, "--tta")
+    assert status == 0 and "flip test-time augmentation" in out
+    assert (work / "checkpoint-classes-tta.csv").is_file() and not (work / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, cifar_dir) -> Path:
+    """One epoch on the default path (fused, channels-last, fp32)."""
+    work = tmp_path_factory.mktemp("one-epoch") / "run"
+    assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"]) == 0
+    return work
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"],
-                                   ["--compile", "--memory-efficient", "--no-channels-last"]])
-def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, flags):
+                                   ["--memory-efficient", "--no-channels-last"]])
+def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, capsys, one_epoch, flags):
+    """Each precision and path trains to the losses of the default path, within its precision."""
+    start(capsys, tmp_path / "run", cifar_dir, "--epochs", "1", *flags)
+    (_, reference), (_, ours) = metrics(one_epoch), metrics(tmp_path / "run")
+    tolerance = 0.05 if "--precision" in flags else 1e-4
+    assert float(ours[0][1]) == pytest.approx(float(reference[0][1]), rel=tolerance)
+
+
+def test_compile_trains_to_the_eager_losses(tmp_path, cifar_dir, capsys):
+    """--compile (minutes of compiling on a CPU) gives the eager run's numbers."""
+    start(capsys, tmp_path / "eager", cifar_dir, "--epochs", "1", "--memory-efficient")
+    start(capsys, tmp_path / "compiled", cifar_dir, "--epochs", "1", "--memory-efficient", "--compile")
+    (eager_train, eager_test), (train_rows, test_rows) = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    assert float(train_rows[0][2]) == pytest.approx(float(eager_train[0][2]), rel=1e-4)
+    assert float(test_rows[0][1]) == pytest.approx(float(eager_test[0][1]), rel=1e-4)
+
+
+# ---------------------------------------------------------------- one process per directory
+
+def test_a_second_process_is_refused_while_a_run_trains(tmp_path, cifar_dir, capsys):
+    """A real training process holds the directory; a fresh start, a resume and an evaluation
+    from this process are refused in one line naming it, and its rows stay whole."""
     work = tmp_path / "run"
-    result = train(work, cifar_dir, "--epochs", "1", *flags)
-    assert result.returncode == 0, result.stderr
-    assert float(read_csv(work / "test.csv")[0]["loss"]) > 0
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--data-dir", str(cifar_dir), "--save", str(work),
+         *TINY, "--epochs", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in first.stdout:  # the first epoch is logged: the directory is busy from here on
+            if line.startswith("epoch 1/200"):
+                break
+        named = f"{work} is in use by pid {first.pid} on "
+        for argv in (["--data-dir", cifar_dir, "--save", work, *TINY],
+                     ["--resume", "--save", work, "--data-dir", cifar_dir],
+                     ["--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir]):
+            status, _, err = run(capsys, *argv)
+            lines = err.strip().splitlines()
+            assert status == 2 and len(lines) == 1 and named in lines[0], err
+            assert "train.py --data-dir" in lines[0]  # with the other process's command
+        assert first.poll() is None  # it was still training throughout
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 128 + signal.SIGINT, stderr
+    epochs = [int(r["epoch"]) for r in read_csv(work / "train.csv")]
+    assert epochs == list(range(1, len(epochs) + 1)) and not (work / ".lock").exists()
+    status, _, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir, "--stop-after",
+                         str(epochs[-1] + 1))
+    assert status == 0, err  # the kernel dropped the lock with the process
+
+
+def test_run_config_is_what_config_json_records(tmp_path, cifar_dir, capsys):
+    work = tmp_path / "run"
+    start(capsys, work, cifar_dir, "--epochs", "1")
+    recorded = json.loads((work / "config.json").read_text())["config"]
+    args, _ = train.parse_args(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"])
+    assert recorded == train.run_config(args) and "reschedule" not in recorded
+    assert isinstance(args, argparse.Namespace)

@@ -1,0 +1,92 @@
+"""What every script of the project shares on its command line: one-line errors and flag types.
+
+A mistake a user can make (a bad flag, a missing dataset, a damaged file, a busy or
+unwritable work directory) ends as one line on stderr that says what to do, exit status 2,
+and no file changed. Scripts raise ``UserError`` (or a subclass: data.DataError,
+runlog.RunError, plot.PlotError) and wrap their ``main`` in ``one_line_errors``; flags get
+their range checked by argparse through the types below, so train.py, plot.py, attic/ and
+bench/ refuse the same values with the same words.
+
+This module imports no torch: plot.py must run where only the CSVs are.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message says how. Printed as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Turn a ``UserError`` escaping ``main`` into ``error: ...`` on stderr and exit status 2."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when ``high`` is None)."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low or (high is not None and value > high):
+            wanted = (f"between {low} and {high}" if high is not None else
+                      {0: "0 or more", 1: "a positive integer"}.get(low, f"at least {low}"))
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_range(low: float, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval from ``low`` to ``high``."""
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if high is None:
+                wanted = ("a positive number" if low_open else "0 or more") if low == 0 else \
+                    f"{'above' if low_open else 'at least'} {low:g}"
+            else:
+                wanted = (f"in {'(' if low_open else '['}{low:g}, {high:g}"
+                          f"{')' if high_open else ']'}")
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = int_range(1)
+count = int_range(0)  # 0 or more
+positive_float = float_range(0, low_open=True)
+non_negative_float = float_range(0)
+seed = int_range(0, 2**32 - 1)  # what numpy's global generator accepts
