@@ -65,20 +65,16 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def float_range(low: float, high: float | None = None, *, low_open: bool = False,
+def float_range(low: float, high: float = math.inf, *, low_open: bool = False,
                 high_open: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number in the interval from ``low`` to ``high``."""
+    interval = (f"{'(' if low_open else '['}{low:g}, {high:g}"
+                f"{')' if high_open or high == math.inf else ']'}")
+    wanted = {"(0, inf)": "a positive number", "[0, inf)": "0 or more"}.get(interval, f"in {interval}")
+
     def parse(text: str) -> float:
         value = _number(float, text)
-        too_low = value <= low if low_open else value < low
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            if high is None:
-                wanted = ("a positive number" if low_open else "0 or more") if low == 0 else \
-                    f"{'above' if low_open else 'at least'} {low:g}"
-            else:
-                wanted = (f"in {'(' if low_open else '['}{low:g}, {high:g}"
-                          f"{')' if high_open else ']'}")
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {value:g}")
         return value
     parse.__name__ = "number"

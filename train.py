@@ -77,7 +77,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not for derived or off-by-default flags)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or action.help is None:
+        derived = action.default is None or action.default is False  # "is": 0 is shown
+        if derived or action.default == argparse.SUPPRESS or action.help is None:
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -488,8 +489,8 @@ def check_schedule(saved: dict, cfg: dict, start_epoch: int, partial: bool, resc
     if epochs == planned or had == [learning_rate(cfg, epoch) for epoch in range(trained)]:
         return ""
     following = learning_rate(cfg, start_epoch)
-    change = (f"the {trained} epoch(s) trained followed the {planned}-epoch schedule, the last at "
-              f"lr {had[-1]:.3g}; under a {epochs}-epoch schedule epoch {start_epoch + 1} trains "
+    change = (f"the {trained} epoch(s) trained followed the schedule of --epochs {planned}, the "
+              f"last at lr {had[-1]:.3g}; under --epochs {epochs}, epoch {start_epoch + 1} trains "
               f"at lr {following:.3g}")
     if following > had[-1] and not reschedule:
         raise UserError(f"--epochs {epochs} would raise the learning rate: {change}; add "
@@ -540,10 +541,11 @@ def plan_run(save: Path, args: argparse.Namespace, explicit: set[str]) -> RunPla
     elif config_json is None:
         raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
                         f"start a new run without --resume")
-    elif CsvLog(save / "train.csv", TRAIN_COLUMNS).epochs():
+    elif max(CsvLog(save / "train.csv", TRAIN_COLUMNS).epochs(), default=0) > 1:
+        # rows are appended before each checkpoint, so only epoch 1 can be logged without one
         raise UserError(f"{save} has epochs logged in train.csv but no checkpoint.pt to continue "
                         f"from; put the checkpoint back, or start a new run with another --save")
-    else:  # stopped before its first checkpoint: start over with its flags
+    else:  # stopped before its first checkpoint: start over with its flags (epoch 1 again)
         saved = config_json["config"]
     cfg, changes = resumed_config(saved, args, explicit, save)
     plan = RunPlan(cfg, state, changes, config_json)
@@ -832,8 +834,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
     except Diverged as error:
-        print(f"error: {error}; stopped without saving it: the last checkpoint and the rows up "
-              f"to it are kept. Start a new run (--save) with a lower --lr", file=sys.stderr)
+        print(f"error: {error}; stopped without saving that epoch: the last checkpoint and the rows "
+              f"up to it are kept. Start a new run (--save) with a lower --lr", file=sys.stderr)
         return 1
     except Interrupted as interrupted:
         print(interrupted, file=sys.stderr)

@@ -148,7 +148,7 @@ CASES = {
     "resume truncated checkpoint": ("train.py", "--resume --save {run} --epochs 3", "{run}/checkpoint.pt is truncated or corrupt", "run", lambda tmp, run: (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000])),
     "resume other architecture": ("train.py", "--resume --save {run} --epochs 3 --reschedule", "{run}/checkpoint.pt does not fit the model its own config describes (", "run", swap_architecture),
     "resume shortens": ("train.py", "--resume --save {run} --epochs 1", "--epochs 1: the run in {run} has trained 2 of its 2 epochs and cannot be shortened to 1", "run", None),
-    "resume jumps the lr": ("train.py", "--resume --save {run} --epochs 4", "--epochs 4 would raise the learning rate: the 2 epoch(s) trained followed the 2-epoch schedule, the last at lr 0.001; under a 4-epoch schedule epoch 3 trains at lr 0.01; add --reschedule", "run", None),
+    "resume jumps the lr": ("train.py", "--resume --save {run} --epochs 4", "--epochs 4 would raise the learning rate: the 2 epoch(s) trained followed the schedule of --epochs 2, the last at lr 0.001; under --epochs 4, epoch 3 trains at lr 0.01; add --reschedule", "run", None),
     "resume a busy run": ("train.py", "--resume --save {run} --epochs 3 --reschedule", "{run} is in use by pid 4242 on elsewhere since 2026-11-25 10:00:00 (train.py --save run): wait for it to end or stop it, or choose another with --save", "run", "lock"),
     "evaluate missing": ("train.py", "--evaluate {tmp}/nope.pt", "no checkpoint file at {tmp}/nope.pt", None, None),
     "evaluate other architecture": ("train.py", "--evaluate {run}/checkpoint.pt --data-dir {data}", "{run}/checkpoint.pt does not fit the model its own config describes", "run", swap_architecture),

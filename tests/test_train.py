@@ -182,8 +182,8 @@ def test_resume_refusals_and_extensions(tmp_path, cifar_dir, capsys):
     assert status == 0 and "has finished its 2 epochs; pass --epochs N to train longer" in out
     status, out, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", cifar_dir)
     assert status == 0, err  # one more epoch at the last rate, said so
-    assert "--epochs 3: the 2 epoch(s) trained followed the 2-epoch schedule, the last at lr 0.001; " \
-           "under a 3-epoch schedule epoch 3 trains at lr 0.001" in out
+    assert "--epochs 3: the 2 epoch(s) trained followed the schedule of --epochs 2, the last at lr 0.001; " \
+           "under --epochs 3, epoch 3 trains at lr 0.001" in out
     status, out, err = run(capsys, "--resume", "--save", work, "--epochs", "6", "--reschedule",
                            "--data-dir", cifar_dir)
     assert status == 0, err
@@ -211,16 +211,17 @@ def test_resume_before_the_first_checkpoint_starts_over_but_never_drops_rows(tmp
                                                                              capsys):
     work = tmp_path / "run"
     start(capsys, work, cifar_dir, "--epochs", "2")
+    whole = metrics(work)
     (work / "checkpoint.pt").unlink()
     before = folder_snapshot(work)
     status, _, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir)
     assert status == 2 and "has epochs logged in train.csv but no checkpoint.pt" in err
     assert folder_snapshot(work) == before
-    for name in ("train.csv", "test.csv"):  # killed before its first checkpoint: header only
-        (work / name).write_text((work / name).read_text().splitlines()[0] + "\n")
+    for name in ("train.csv", "test.csv"):  # killed between the rows of epoch 1 and its checkpoint
+        (work / name).write_text("\n".join((work / name).read_text().splitlines()[:2]) + "\n")
     status, out, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir)
     assert status == 0, err
-    assert [r["epoch"] for r in read_csv(work / "train.csv")] == ["1", "2"]
+    assert metrics(work) == whole  # epoch 1 again, to the same numbers
 
 
 def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir, capsys):
