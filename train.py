@@ -7,7 +7,8 @@ Nesterov momentum 0.9, weight decay 1e-4, batch 64, 300 epochs (40 for SVHN), le
 
 After every epoch one row goes to train.csv and test.csv (and val.csv with --val-size) in
 the work directory, and the checkpoint is replaced atomically. A work directory that holds
-a run is never overwritten: --resume continues it exactly where it stopped.
+a run is never overwritten: --resume continues it exactly where it stopped, and one process
+at a time works in it. A NaN or infinite loss or weight stops the run before it is saved.
 
 Examples:
   ./train.py                                        # DenseNet-BC-100-12 on CIFAR-10
@@ -37,8 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import data
 import cli
+import data
 from cli import OneLineParser, UserError
 from densenet import DenseNet, check_config, model_name
 from runlog import (CsvLog, RunError, WorkDirLock, holds_run, load_checkpoint, non_finite,
