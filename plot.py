@@ -50,7 +50,7 @@ class Run:
     sweep: pd.DataFrame | None = None  # lr_find.csv
     suggested_lr: float | None = None  # from lr_find.json
     per_class: dict[Path, pd.DataFrame] = field(default_factory=dict)  # *-classes*.csv
-    confusion: dict[Path, pd.DataFrame] = field(default_factory=dict)  # *-confusion*.csv
+    confusion: dict[Path, tuple[list[str], object]] = field(default_factory=dict)  # names, counts
 
     @property
     def name(self) -> str:
@@ -140,7 +140,7 @@ def load_run(folder: Path) -> Run:
         if matrix is None or matrix.shape != (len(frame), len(frame)) or not len(frame):
             raise PlotError(f"{path} is not a square confusion matrix of counts; evaluate the "
                             f"checkpoint again (train.py --evaluate) or move the file away")
-        run.confusion[path] = frame
+        run.confusion[path] = (list(frame.columns[1:]), matrix)
     return run
 
 
@@ -231,9 +231,7 @@ def evaluation_figures(run: Run, opts: argparse.Namespace) -> list[tuple[object,
             ax.set_title(f"{run.name}: per-class test error")
             fig.tight_layout()
         figures.append((fig, path.with_suffix("")))
-    for path, frame in run.confusion.items():
-        matrix = frame.iloc[:, 1:].to_numpy(dtype=float)
-        names = list(frame.columns[1:])
+    for path, (names, matrix) in run.confusion.items():
         with plt.style.context(opts.style):
             size = max(5, 0.45 * len(names))
             fig, ax = plt.subplots(figsize=(size + 1, size))
