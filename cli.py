@@ -18,6 +18,9 @@ import sys
 from collections.abc import Callable
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg")  # what plot.py and attic/summary.py write
+
+
 class UserError(Exception):
     """A mistake the user can fix; the message says how. Printed as one line, exit status 2."""
 

@@ -34,7 +34,6 @@ import cli  # noqa: E402
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
-FORMATS = ("png", "pdf", "svg")
 
 
 class PlotError(cli.UserError):
@@ -327,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", metavar="WORKDIR", help="work directories written by train.py")
     p.add_argument("--out", help="file for several runs (default: comparison.FORMAT beside the runs)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
-    p.add_argument("--format", default="png", choices=FORMATS)
+    p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS)
     p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130)
     p.add_argument("--loss-scale", default="log", choices=["log", "linear"], help="loss y axis")
     p.add_argument("--error-scale", default="linear", choices=["log", "linear"], help="error y axis")
@@ -343,8 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         out = Path(opts.out)
         if out.suffix:
             opts.format = out.suffix.lstrip(".").lower()
-            if opts.format not in FORMATS:
-                p.error(f"--out {out}: unknown figure format {out.suffix!r}; use {', '.join(FORMATS)}")
+            if opts.format not in cli.FIGURE_FORMATS:
+                p.error(f"--out {out}: unknown figure format {out.suffix!r}; use "
+                        f"{', '.join(cli.FIGURE_FORMATS)}")
         if not out.parent.is_dir():
             p.error(f"--out {out}: the folder {out.parent} does not exist")
     return opts

@@ -137,13 +137,11 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as error:
+    except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # name the file meant, not the temporary one
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
 
 

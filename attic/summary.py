@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition  # noqa: E402
 
-FORMATS = ("png", "pdf", "svg")
-
 
 def rows_of(model: DenseNet, num_classes: int) -> list[dict]:
     """One row per stem, dense layer, transition, final norm and classifier."""
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", default=None, help="picture file, .png, .pdf or .svg "
                                                  "(default work/summary/<model>.png)")
     args = p.parse_args(argv)
-    if args.image and Path(args.image).suffix.lstrip(".").lower() not in FORMATS:
+    if args.image and Path(args.image).suffix.lstrip(".").lower() not in cli.FIGURE_FORMATS:
         p.error(f"--image {args.image}: the name must end in .png, .pdf or .svg")
     try:
         model = DenseNet(args.depth, args.growth_rate, args.bottleneck, args.compression,

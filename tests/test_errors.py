@@ -12,7 +12,9 @@ import hashlib
 import math
 import os
 import pickle
+import resource
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -299,7 +301,6 @@ def read_only(folder: Path):
     try:
         yield
     finally:
-        import subprocess
         subprocess.run(undo, check=True)
 
 
@@ -328,7 +329,6 @@ def test_data_absent_offline_download_fails(tmp_path):
 def test_disk_full_while_saving_loses_nothing(tmp_path, finished_run, cifar_dir):
     """Files may not grow past 50 kB (RLIMIT_FSIZE): the rows of epoch 3 fit, its checkpoint
     does not. The run stops in one line, keeps the checkpoint of epoch 2, and resumes."""
-    import resource
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
     checkpoint = (work / "checkpoint.pt").read_bytes()
@@ -337,7 +337,6 @@ def test_disk_full_while_saving_loses_nothing(tmp_path, finished_run, cifar_dir)
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
 
-    import subprocess
     resume = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
               "--epochs", "3", "--reschedule", "--data-dir", str(cifar_dir)]
     full = subprocess.run(resume, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
