@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +238,11 @@ class TrainBatches:
     ``batch_size`` is the global batch (divisible by ``world_size``): each process takes its
     own contiguous share of every batch, so all of them together see what one process would.
     The last incomplete batch of an epoch is dropped (the order changes every epoch).
+
+    ``plan_epoch`` draws an epoch's order, crop offsets and flips on the host and copies them
+    into one device tensor, ``plan``, that stays at the same address; ``batch`` reads batch
+    number ``step``, a device tensor, from it. So a step never waits for the host, and a CUDA
+    graph that captured one step replays any other.
     """
 
     def __init__(self, data: Split, batch_size: int, normalizer: Normalizer, augment: bool,
@@ -252,6 +258,9 @@ class TrainBatches:
         self.memory_format = memory_format(channels_last)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = len(data) // batch_size
+        self.share = batch_size // world_size
+        # per step and image of this process's share: index, crop row, crop column, flip
+        self.plan = torch.zeros((self.steps, self.share, 4), dtype=torch.int64, device=device)
 
     def state(self) -> Tensor:
         """The generator state from which the next epoch is planned."""
@@ -260,22 +269,31 @@ class TrainBatches:
     def set_state(self, state: Tensor) -> None:
         self.generator.set_state(state)
 
-    def epoch(self, start_step: int = 0):
-        """Yield (images, labels) for the steps of one epoch from ``start_step`` on."""
+    def plan_epoch(self) -> None:
+        """Draw the next epoch's order, crops and flips, and put this process's share in ``plan``."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator)
         offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=self.generator)
         flips = torch.rand(n, generator=self.generator) < 0.5
-        order, offsets, flips = (t.to(self.device) for t in (order, offsets, flips))
-        share = self.batch_size // self.world_size
+        drawn = torch.cat([order[:, None], offsets, flips[:, None].long()], 1)
+        every = drawn[:self.steps * self.batch_size].view(self.steps, self.world_size, self.share, 4)
+        self.plan.copy_(every[:, self.rank])
+
+    def batch(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        """(images, labels) of batch ``step`` (a one-element int64 tensor on the device) of
+        the planned epoch, normalised and augmented, without reading ``step`` on the host."""
+        rows = self.plan.index_select(0, step).squeeze(0)
+        index = rows[:, 0]
+        images = self.normalizer(self.images.index_select(0, index))
+        if self.augment:
+            images = random_crop_flip(images, rows[:, 1:3], rows[:, 3].bool())
+        return images.contiguous(memory_format=self.memory_format), self.labels.index_select(0, index)
+
+    def epoch(self, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Plan the next epoch and yield its batches from ``start_step`` on (tools and tests)."""
+        self.plan_epoch()
         for step in range(start_step, self.steps):
-            begin = step * self.batch_size + self.rank * share
-            picked = slice(begin, begin + share)
-            index = order[picked]
-            images = self.normalizer(self.images[index])
-            if self.augment:
-                images = random_crop_flip(images, offsets[picked], flips[picked])
-            yield images.contiguous(memory_format=self.memory_format), self.labels[index]
+            yield self.batch(torch.tensor([step], device=self.device))
 
 
 def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
@@ -294,10 +312,20 @@ def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
 
 
 def eval_batches(data: Split, batch_size: int, normalizer: Normalizer, device: torch.device,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
-    """Yield (images, labels) over this process's share of ``data``, in order."""
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False
+                 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield (images, labels, valid) over this process's share of ``data``, in order.
+
+    Every batch has one shape (``batch_size``, or the share when smaller), so cuDNN's choice
+    of algorithms and any captured graph fit them all: the last batch is padded with copies of
+    the first image, and ``valid`` marks the real rows.
+    """
     indices = torch.tensor_split(torch.arange(len(data)), world_size)[rank]
+    size = max(1, min(batch_size, -(-len(data) // world_size)))
     layout = memory_format(channels_last)
-    for chunk in indices.split(batch_size):
-        images = normalizer(data.images[chunk].to(device, non_blocking=True))
-        yield images.contiguous(memory_format=layout), data.labels[chunk].to(device)
+    for chunk in indices.split(size) if len(indices) else [indices]:
+        valid = torch.arange(size) < len(chunk)
+        chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk))])
+        images = normalizer(data.images[chunk.to(data.images.device)].to(device, non_blocking=True))
+        yield (images.contiguous(memory_format=layout), data.labels[chunk.to(data.labels.device)].to(device),
+               valid.to(device))

@@ -160,8 +160,10 @@ class DenseLayer(nn.Module):
                 recomputing = True
                 return layer(*args)
 
+        # Only dropout draws random numbers in a layer: without it there is no RNG state to
+        # stash and restore (host work each layer, and a CUDA graph cannot read the state).
         return torch.utils.checkpoint.checkpoint(
-            run, *inputs, use_reentrant=False,
+            run, *inputs, use_reentrant=False, preserve_rng_state=self.dropout > 0,
             context_fn=functools.partial(create_selective_checkpoint_contexts, _save_convolutions))
 
     def forward(self, features: list[Tensor] | Tensor,

@@ -20,12 +20,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import platform
-import random
 import signal
 import sys
 import time
@@ -35,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import cli
 import data
+import training
 from cli import OneLineParser, UserError
-from densenet import DenseNet, check_config, model_name
+from densenet import check_config, model_name
+from training import Runtime, TrainStep, setup_runtime
 from runlog import (CsvLog, RunError, WorkDirLock, holds_run, load_checkpoint, non_finite,
                     remove_stale_temporaries, save_checkpoint, write_errors, write_json, write_text)
 
@@ -49,7 +48,7 @@ TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
 # Flags that may differ when resuming: they change speed or length, not the run's numbers
 # (a longer --epochs may change the schedule: see check_schedule).
-RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "memory_efficient",
+RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "cuda_graph", "memory_efficient",
                      "data_dir", "download", "eval_batch_size", "save", "resume", "stop_after"}
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
 CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
@@ -138,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout (faster on tensor-core GPUs; on the CPU it enables "
                         "the fused dense blocks of fused.py)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, capture the whole training step as one CUDA graph after 3 "
+                        "eager steps and replay it (one process; if capture fails, the run goes "
+                        "on eagerly and says why)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inside the CUDA graph on a GPU)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     g.add_argument("--eval-batch-size", type=cli.positive_int, default=500, help="batch size for evaluation")
     g = p.add_argument_group("run")
@@ -201,70 +205,6 @@ def run_config(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------- set-up
 
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device_flag: str) -> Runtime:
-    """One process, or DistributedDataParallel when started by torchrun (NCCL or Gloo)."""
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if "LOCAL_RANK" not in os.environ:
-        return Runtime(torch.device("cuda" if use_cuda else "cpu"))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
-
-
-def keep_freed_memory_mapped() -> None:
-    """Make glibc keep freed memory for reuse instead of handing it back to the system.
-
-    By default every tensor over 32 MB is mmap'd and unmapped again, and the heap is trimmed
-    after frees, so each training step page-faults its activations in afresh (seconds of
-    kernel time per step on the CPU; see bench/speed.py). Serving all sizes from the heap
-    and never trimming it keeps that memory mapped between steps. Other C libraries: no-op.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
-def build_model(cfg: dict, num_classes: int) -> DenseNet:
-    return DenseNet(cfg["depth"], cfg["growth_rate"], cfg["bottleneck"], cfg["compression"],
-                    cfg["dropout"], num_classes, cfg["memory_efficient"])
-
-
-def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
-    params, lr, decay = model.parameters(), cfg["lr"], cfg["weight_decay"]
-    if cfg["opt"] == "sgd":
-        return torch.optim.SGD(params, lr, momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0,
-                               weight_decay=decay, foreach=True)
-    if cfg["opt"] == "adam":
-        return torch.optim.Adam(params, lr, weight_decay=decay, foreach=True)
-    return torch.optim.RMSprop(params, lr, weight_decay=decay, foreach=True)
-
-
-def learning_rate(cfg: dict, epoch: int) -> float:
-    """Learning rate of 0-based ``epoch``: a pure function, so resuming needs no scheduler state."""
-    if cfg["schedule"] == "cosine":
-        return 0.5 * cfg["lr"] * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
-    drops = sum(epoch >= int(cfg["epochs"] * share) for share in (0.5, 0.75))
-    return cfg["lr"] * 0.1 ** drops
-
-
 def prepare_data(cfg: dict, runtime: Runtime, log) -> tuple[data.Dataset, data.Split | None]:
     """Load the dataset, apply subsets and the validation split, print the counts."""
     dataset = data.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], cfg["svhn_extra"])
@@ -280,29 +220,6 @@ def prepare_data(cfg: dict, runtime: Runtime, log) -> tuple[data.Dataset, data.S
     log(f"using {len(dataset.train)} training, {len(val) if val else 0} validation and "
         f"{len(dataset.test)} test images")
     return dataset, val
-
-
-def rng_state() -> dict:
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------- training and evaluation
@@ -338,36 +255,6 @@ def all_sum(values: list[float], runtime: Runtime) -> list[float]:
     return tensor.tolist()
 
 
-def autocast(cfg: dict, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"])
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, batches, cfg: dict, runtime: Runtime, num_classes: int,
-             tta: bool = False) -> tuple[float, float, torch.Tensor]:
-    """Mean loss, error in percent and the confusion matrix (true x predicted), all processes."""
-    model.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=runtime.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    for images, labels in batches:
-        with autocast(cfg, runtime.device):
-            logits = model(images).float()
-            if tta:
-                probs = (logits.softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
-                logits = probs.log()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1),
-                                    minlength=num_classes * num_classes)
-    if runtime.world_size > 1:
-        dist.all_reduce(confusion)
-        dist.all_reduce(loss_sum)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    count = confusion.sum().item()
-    error = 100 * (1 - confusion.diagonal().sum().item() / count)
-    return loss_sum.item() / count, error, confusion
-
-
 @dataclass
 class EpochProgress:
     """Sums of the epoch so far; saved in a mid-epoch checkpoint."""
@@ -378,40 +265,26 @@ class EpochProgress:
     seconds: float = 0.0
 
 
-def train_epoch(model, optimizer, scaler, batches: data.TrainBatches, cfg: dict, runtime: Runtime,
-                epoch: int, progress: EpochProgress, stop: StopFlag, bar) -> EpochProgress:
+def train_epoch(step: TrainStep, run_step, runtime: Runtime, epoch: int, progress: EpochProgress,
+                stop: StopFlag, bar) -> EpochProgress:
     """Train one epoch from ``progress.step``; returns the sums (global over processes).
 
-    Losses and accuracies stay on the device and are read every CHECK_EVERY steps, so the
-    step itself never waits for the host.
+    ``run_step`` is ``step`` itself or its CUDA graph. Losses and the correct count stay on
+    the device and are read every CHECK_EVERY steps, between steps: the step never waits.
     """
-    model.train()
-    device = runtime.device
+    step.model.train()
     start = time.perf_counter()
-    losses = torch.zeros(batches.steps, dtype=torch.float32, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    done, share = progress.step, 0
-    check_every = CHECK_EVERY.get(device.type, 50)
-    for step, (images, labels) in enumerate(batches.epoch(progress.step), progress.step):
-        with autocast(cfg, device):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        losses[step] = loss.detach()
-        correct += (logits.argmax(1) == labels).sum()
-        share = len(labels)  # the same every step: incomplete batches are dropped
-        done = step + 1
-        at_check = done % check_every == 0 or done == batches.steps
+    step.start_epoch(progress.step)
+    steps, share = step.batches.steps, step.batches.share
+    check_every = CHECK_EVERY.get(runtime.device.type, 50)
+    done = progress.step
+    while done < steps:
+        run_step()
+        done += 1
+        at_check = done % check_every == 0 or done == steps
         if at_check:
             first = max(progress.step, done - check_every)
-            window = losses[first:done]
+            window = step.losses[first:done]
             finite = torch.isfinite(window)
             if not finite.all():
                 step_number = first + int((~finite).nonzero()[0]) + 1
@@ -420,14 +293,14 @@ def train_epoch(model, optimizer, scaler, batches: data.TrainBatches, cfg: dict,
                 bar.update(done - bar.n)
                 seen = (done - progress.step) * share
                 bar.set_postfix(loss=f"{window.mean().item():.3f}",
-                                err=f"{100 * (1 - correct.item() / seen):.1f}%",
+                                err=f"{100 * (1 - step.correct.item() / seen):.1f}%",
                                 img_s=f"{seen * runtime.world_size / (time.perf_counter() - start):.0f}")
-        if done < batches.steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
+        if done < steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
             break
     steps_run = done - progress.step
     loss_sum, correct_sum, seen_sum = all_sum(
-        [losses[progress.step:done].double().sum().item() * share, correct.item(), steps_run * share],
-        runtime)
+        [step.losses[progress.step:done].double().sum().item() * share, step.correct.item(),
+         steps_run * share], runtime)
     return EpochProgress(done, progress.loss_sum + loss_sum, progress.correct + correct_sum,
                          progress.seen + seen_sum, progress.seconds + time.perf_counter() - start)
 
@@ -455,6 +328,8 @@ def resumed_config(saved: dict, args: argparse.Namespace, explicit: set[str],
     Returns (config, changes). A given flag that would change the run's numbers is refused.
     """
     given = run_config(args)
+    # a speed flag newer than the run takes its value from this command
+    saved = {**{k: given[k] for k in RESUMABLE_CHANGES if k in given}, **saved}
     lacking = sorted(set(given) - set(saved))
     if lacking:
         raise RunError(f"the run in {save} was saved without --{lacking[0].replace('_', '-')}: "
@@ -486,10 +361,10 @@ def check_schedule(saved: dict, cfg: dict, start_epoch: int, partial: bool, resc
         raise UserError(f"--epochs {epochs}: the run in {save} has trained {trained} of its "
                         f"{planned} epochs and cannot be shortened to {epochs}; resume without "
                         f"--epochs to finish it, or pass a larger --epochs")
-    had = [learning_rate(saved, epoch) for epoch in range(trained)]
-    if epochs == planned or had == [learning_rate(cfg, epoch) for epoch in range(trained)]:
+    had = [training.learning_rate(saved, epoch) for epoch in range(trained)]
+    if epochs == planned or had == [training.learning_rate(cfg, epoch) for epoch in range(trained)]:
         return ""
-    following = learning_rate(cfg, start_epoch)
+    following = training.learning_rate(cfg, start_epoch)
     change = (f"the {trained} epoch(s) trained followed the schedule of --epochs {planned}, the "
               f"last at lr {had[-1]:.3g}; under --epochs {epochs}, epoch {start_epoch + 1} trains "
               f"at lr {following:.3g}")
@@ -641,16 +516,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         mean, std = data.channel_stats(dataset.train.images)
         device = runtime.device
         normalizer = data.Normalizer(mean, std, device)
-        seed_everything(cfg["seed"])
-        model = build_model(cfg, num_classes)
+        model, optimizer, scaler, batches = training.build_training(
+            cfg, dataset.train, normalizer, runtime, num_classes)
         parameters = sum(p.numel() for p in model.parameters())
         log(f"model {model.name}: {parameters:,} parameters; {runtime.world_size} process(es) on {device}")
-        model.to(device, memory_format=data.memory_format(cfg["channels_last"]))
-        optimizer = build_optimizer(cfg, model)
-        scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
-        batches = data.TrainBatches(dataset.train, cfg["batch_size"], normalizer, cfg["augment"],
-                                    cfg["seed"], device, runtime.rank, runtime.world_size,
-                                    cfg["channels_last"])
         test = dataset.test.to(device)
         val = val.to(device) if val is not None else None
         progress, best = EpochProgress(), {"error": math.inf, "epoch": 0}
@@ -661,7 +530,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             if scaler is not None and state["scaler"]:
                 restore(scaler, state["scaler"], checkpoint_path)
             batches.set_state(state["data_rng"])
-            set_rng_state(state["rng"])
+            training.set_rng_state(state["rng"])
             progress, best = EpochProgress(**state["progress"]), state["best"]
             log(f"resuming {save} after epoch {start_epoch}"
                 + (f", step {progress.step}" if progress.step else ""))
@@ -675,6 +544,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg["compile"]:
             model = torch.compile(model)
+        step = TrainStep(model, optimizer, batches, cfg["precision"], scaler)
+        run_step = training.step_runner(step, cfg["cuda_graph"], runtime, log)
 
         def begin() -> dict[str, CsvLog]:
             if not lock.held:  # the directory did not exist: make it, then look again
@@ -701,15 +572,15 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                     "config": cfg, "epoch": epoch, "progress": vars(progress), "best": best,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "data_rng": data_rng, "rng": rng_state(),
+                    "data_rng": data_rng, "rng": training.rng_state(),
                     "normalization": {"mean": mean, "std": std}, "num_classes": num_classes})
 
         def evaluate_split(split: data.Split) -> tuple[float, float, float]:
             """Loss, error in percent and seconds over ``split``, shared by all processes."""
             start = time.perf_counter()
-            loss, error, _ = evaluate(model, data.eval_batches(
+            loss, error, _ = training.evaluate(model, data.eval_batches(
                 split, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
-                cfg["channels_last"]), cfg, runtime, num_classes)
+                cfg["channels_last"]), cfg["precision"], runtime, num_classes)
             return loss, error, time.perf_counter() - start
 
         def after_write_error() -> str:
@@ -721,9 +592,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         stop = StopFlag()
         show_bar = runtime.main and sys.stderr.isatty()
         for epoch in range(start_epoch, cfg["epochs"]):
-            lr = learning_rate(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = training.learning_rate(cfg, epoch)
+            step.set_lr(lr)
             data_rng = batches.state()
             bar = None
             if show_bar:
@@ -731,8 +601,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 bar = tqdm(total=batches.steps, initial=progress.step, leave=False, unit="step",
                            desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
             try:
-                progress = train_epoch(model, optimizer, scaler, batches, cfg, runtime, epoch + 1,
-                                       progress, stop, bar)
+                progress = train_epoch(step, run_step, runtime, epoch + 1, progress, stop, bar)
             finally:
                 if bar is not None:
                     bar.close()
@@ -794,14 +663,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         if cfg["test_subset"]:
             dataset.test = dataset.test.first(cfg["test_subset"])
         num_classes = state["num_classes"]
-        model = build_model(cfg, num_classes)
+        model = training.build_model(cfg, num_classes)
         restore(model, state["model"], path)
         model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
         normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],
                                      runtime.device)
         batches = data.eval_batches(dataset.test.to(runtime.device), cfg["eval_batch_size"],
                                     normalizer, runtime.device, channels_last=cfg["channels_last"])
-        loss, error, confusion = evaluate(model, batches, cfg, runtime, num_classes, tta=args.tta)
+        loss, error, confusion = training.evaluate(model, batches, cfg["precision"], runtime,
+                                                   num_classes, tta=args.tta)
         names = dataset.classes or [str(c) for c in range(num_classes)]
         suffix = "-tta" if args.tta else ""
         per_class = path.parent / f"{path.stem}-classes{suffix}.csv"
@@ -824,7 +694,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, explicit = parse_args(argv)
-    keep_freed_memory_mapped()
+    training.keep_freed_memory_mapped()
     try:
         check_args(args)
         if args.evaluate:

@@ -82,11 +82,16 @@ def check(module: nn.Module, inputs, device: torch.device, layout: torch.memory_
 
 
 def gradients(module: nn.Module, inputs, device: torch.device) -> list[torch.Tensor]:
+    """Every parameter's gradient of a fixed objective, as copies on the CPU.
+
+    Copies: ``.cpu()`` of a CPU gradient is that very tensor, and moving the module to another
+    device or dtype afterwards moves its gradients, and so what was returned, with it.
+    """
     module = module.to(device, torch.float64).train()
     module.zero_grad()
     x = [inputs[0].to(device, torch.float64)] if isinstance(inputs, list) else inputs.to(device, torch.float64)
     module(x).square().sum().backward()
-    return [p.grad.cpu() for p in module.parameters()]
+    return [p.grad.to("cpu", copy=True) for p in module.parameters()]
 
 
 def main(argv: list[str] | None = None) -> int:

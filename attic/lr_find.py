@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 from runlog import WorkDirLock, write_errors, write_json, write_text  # noqa: E402
 
 SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
@@ -51,47 +51,43 @@ def main(argv: list[str] | None = None) -> int:
     if not args.start_lr < args.end_lr:
         raise cli.UserError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}")
     cfg = train.run_config(args)
-    runtime = train.setup_runtime(args.device)
-    device = runtime.device
-    torch.manual_seed(args.seed)
+    runtime = training.setup_runtime(args.device)
     dataset, _ = train.prepare_data(cfg, runtime, print)
     mean, std = data.channel_stats(dataset.train.images)
-    model = train.build_model(cfg, data.NUM_CLASSES[args.dataset]).to(device)
-    optimizer = train.build_optimizer(cfg, model)
-    batches = data.TrainBatches(dataset.train, args.batch_size, data.Normalizer(mean, std, device),
-                                args.augment, args.seed, device)
+    normalizer = data.Normalizer(mean, std, runtime.device)
+    model, optimizer, scaler, batches = training.build_training(
+        cfg, dataset.train, normalizer, runtime, data.NUM_CLASSES[args.dataset])
     save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}")
+    step = training.TrainStep(torch.compile(model) if cfg["compile"] else model, optimizer,
+                              batches, cfg["precision"], scaler)
     with WorkDirLock(save, "choose another with --save") as lock:
         lock.acquire()  # refused before the sweep, not after it
-        return sweep(args, model, optimizer, batches, save)
+        return sweep(args, step, training.step_runner(step, cfg["cuda_graph"], runtime, print), save)
 
 
-def sweep(args, model, optimizer, batches: data.TrainBatches, save: Path) -> int:
-    """Train with the rising learning rate, then write the sweep and the suggestion."""
+def sweep(args, step: training.TrainStep, run_step, save: Path) -> int:
+    """Train with the rising learning rate (train.py's own step), then write the sweep and
+    the suggestion. Each step's loss is read as it ends, to stop when the loss explodes."""
     ratio = args.end_lr / args.start_lr
     rows, lrs, smoothed, average, best = ["step,lr,raw_loss,loss"], [], [], 0.0, math.inf
-    model.train()
-    step = 0
-    while step < args.steps:
-        for images, labels in batches.epoch():
-            lr = args.start_lr * ratio ** (step / (args.steps - 1))
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
+    step.model.train()
+    while len(lrs) < args.steps:
+        step.start_epoch()
+        for index in range(step.batches.steps):
+            lr = args.start_lr * ratio ** (len(lrs) / (args.steps - 1))
+            step.set_lr(lr)
+            run_step()
+            value = step.losses[index].item()
             average = SMOOTHING * average + (1 - SMOOTHING) * value
-            current = average / (1 - SMOOTHING ** (step + 1))
-            rows.append(f"{step + 1},{lr:.6g},{value:.6g},{current:.6g}")
+            current = average / (1 - SMOOTHING ** (len(lrs) + 1))
             lrs.append(lr)
             smoothed.append(current)
+            rows.append(f"{len(lrs)},{lr:.6g},{value:.6g},{current:.6g}")
             best = min(best, current)
-            step += 1
-            if step >= args.steps or not math.isfinite(current) or current > 4 * best:
-                step = args.steps
+            if len(lrs) >= args.steps or not math.isfinite(current) or current > 4 * best:
                 break
+        if not math.isfinite(current) or current > 4 * best:
+            break
     finite = [(lr, s) for lr, s in zip(lrs, smoothed) if math.isfinite(s)]
     suggestion = suggest([lr for lr, _ in finite], [s for _, s in finite])
     lowest_lr = min(finite, key=lambda pair: pair[1])[0]

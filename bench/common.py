@@ -37,6 +37,38 @@ def add_device_flag(parser) -> None:
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def synthetic_step(model, device, batch: int, steps: int, channels_last: bool = True,
+                   precision: str = "fp32", graph: bool = False, compile: bool = False):
+    """train.py's training step (training.TrainStep) for ``model`` on random images, planned for
+    ``steps`` calls after the warm-up a CUDA graph needs, with fused SGD as the paper sets it.
+
+    Returns (step, run_step, sync): ``run_step`` is the step or its CUDA graph, ``sync`` waits
+    for the device. The model must be on ``device`` in its memory layout already.
+    """
+    import torch
+
+    import data
+    import training
+    optimizer = training.build_optimizer(
+        {"opt": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, model)
+    count = batch * (steps + training.GraphedStep.WARMUP + 1)
+    split = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8),
+                       torch.randint(0, 10, (count,)))
+    batches = data.TrainBatches(split, batch, data.Normalizer([0.5] * 3, [0.25] * 3, device), True,
+                                0, device, channels_last=channels_last)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    step = training.TrainStep(torch.compile(model) if compile else model, optimizer, batches,
+                              precision, scaler)
+    run_step = training.step_runner(step, graph, training.Runtime(device), print)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    step.start_epoch()
+    model.train()
+    if graph:
+        for _ in range(training.GraphedStep.WARMUP + 1):  # warm-up, capture and a first replay
+            run_step()
+    return step, run_step, torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def spread(values: list[float]) -> str:
     """Median with min-max, the way every figure here is reported."""
     return f"{statistics.median(values):.3g} [{min(values):.3g}-{max(values):.3g}]"

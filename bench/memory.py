@@ -18,7 +18,8 @@ import statistics
 import sys
 import time
 
-from common import add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread
+from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
+                    synthetic_step)
 import cli  # noqa: E402  (common puts the project on sys.path)
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
@@ -26,32 +27,23 @@ MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 1
 
 def measure(config: dict) -> dict:
     import torch
-    import torch.nn.functional as F
     from densenet import DenseNet
 
     device = torch.device(config["device"])
     torch.manual_seed(0)
     model = DenseNet(config["depth"], config["growth_rate"], True, 0.5,
-                     memory_efficient=config["memory_efficient"]).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, nesterov=True)
-    images = torch.randn(config["batch"], 3, 32, 32, device=device).contiguous(
-        memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (config["batch"],), device=device)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    step()  # warm-up: optimizer state and allocator pools exist from here on
+                     memory_efficient=config["memory_efficient"])
+    model = model.to(device, memory_format=torch.channels_last)
+    # eager, also on CUDA: a graph holds its memory in its own pool between replays, so its
+    # peak would not show (bench/speed.py times the memory-efficient graph)
+    _, run_step, sync = synthetic_step(model, device, config["batch"], config["steps"] + 1)
+    run_step()  # warm-up: optimizer state and allocator pools exist from here on
     times, peaks = [], []
     for _ in range(config["steps"]):
         base = reset_peak(device)
         start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        run_step()
+        sync()
         times.append(time.perf_counter() - start)
         peaks.append(peak_since(base, device))
     return {"peak_mb": statistics.median(peaks) / 2**20, "step_s": statistics.median(times)}

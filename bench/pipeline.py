@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import ROOT  # noqa: F401  (puts the project on sys.path)
 import cli  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 from runlog import CsvLog, save_checkpoint  # noqa: E402
 
 
@@ -44,38 +44,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=cli.positive_int, default=3)
     args, _ = train.parse_args(argv, parser)
     train.check_args(args)
-    train.keep_freed_memory_mapped()
+    training.keep_freed_memory_mapped()
     cfg = train.run_config(args)
-    runtime = train.setup_runtime(args.device)
+    runtime = training.setup_runtime(args.device)
     device = runtime.device
     dataset, _ = train.prepare_data(cfg, runtime, print)
     mean, std = data.channel_stats(dataset.train.images)
     normalizer = data.Normalizer(mean, std, device)
-    batches = data.TrainBatches(dataset.train, args.batch_size, normalizer, cfg["augment"],
-                                args.seed, device, channels_last=cfg["channels_last"])
+    model, optimizer, scaler, batches = training.build_training(
+        cfg, dataset.train, normalizer, runtime, data.NUM_CLASSES[args.dataset])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def data_epoch() -> None:
-        for images, labels in batches.epoch():
+        for _ in batches.epoch():
             pass
         sync()
 
     data_s = median_time(data_epoch, args.repeats)
-    model = train.build_model(cfg, data.NUM_CLASSES[args.dataset])
-    model.to(device, memory_format=data.memory_format(cfg["channels_last"]))
-    optimizer = train.build_optimizer(cfg, model)
-    images, labels = next(iter(batches.epoch()))
+    step = training.TrainStep(model, optimizer, batches, cfg["precision"], scaler)
+    run_step = training.step_runner(step, cfg["cuda_graph"], runtime, print)
+    step.start_epoch()
+    model.train()
+    for _ in range(training.GraphedStep.WARMUP + 1):  # a graph is captured by then
+        run_step()
 
-    def step() -> None:
-        with train.autocast(cfg, device):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def one_step() -> None:
+        if step.step.item() == batches.steps:
+            step.start_epoch()
+        run_step()
         sync()
 
-    step()
-    step_s = median_time(step, args.steps)
+    step_s = median_time(one_step, args.steps)
     with tempfile.TemporaryDirectory() as folder:
         logs = [CsvLog(Path(folder) / name, cols) for name, cols in
                 (("train.csv", train.TRAIN_COLUMNS), ("test.csv", train.EVAL_COLUMNS))]
@@ -87,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                 log.append({c: 1.0 for c in log.columns})
             save_checkpoint(Path(folder) / "checkpoint.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "data_rng": batches.state(), "rng": train.rng_state()})
+                "data_rng": batches.state(), "rng": training.rng_state()})
 
         log_s = median_time(write_epoch, args.repeats)
     test = dataset.test.to(device)
-    eval_s = median_time(lambda: train.evaluate(model, data.eval_batches(
+    eval_s = median_time(lambda: training.evaluate(model, data.eval_batches(
         test, args.eval_batch_size, normalizer, device, channels_last=cfg["channels_last"]),
-        cfg, runtime, data.NUM_CLASSES[args.dataset]), args.repeats)
+        cfg["precision"], runtime, data.NUM_CLASSES[args.dataset]), args.repeats)
     compute_s = step_s * batches.steps
     share = (data_s + log_s) / (data_s + log_s + compute_s)
     print(f"{model.name}, batch {args.batch_size}, {batches.steps} steps per epoch on {device}")

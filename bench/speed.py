@@ -1,15 +1,17 @@
-#!/usr/bin/env python3
 """Training speed of DenseNet-BC on this machine: our modes against torchvision's DenseNet.
 
-Every configuration runs in fresh processes (several repetitions) and reports training
-images/s at the median step time, with min-max over the processes, the peak memory a step
-adds, and CPU time spent in the kernel (page faults show up there). The reference is
-torchvision's DenseNet built to the same CIFAR architecture (3x3 stem conv, no max-pool,
-three blocks of equal size, same parameter count), measured in the same run, so the ratio
-holds even on a noisy machine.
+Every configuration runs train.py's own training step (training.TrainStep: batch gathered
+and augmented on the device, forward, loss, backward, fused SGD) in fresh processes, several
+repetitions, and reports training images/s at the median step time with min-max over the
+processes, the peak memory a step adds, CPU time spent in the kernel (page faults show up
+there), on CUDA the kernels one step launches (torch.profiler), and what 300 epochs of
+50,000 images would take at that speed, training alone. The reference is torchvision's
+DenseNet built to the same CIFAR architecture (3x3 stem conv, no max-pool, three blocks of
+equal size, same parameter count) in the same step, measured in the same run, so the ratios
+hold even on a noisy machine.
 
-  python bench/speed.py                         # BC-100-12, batch 64, 2 threads
-  python bench/speed.py --modes torchvision,ours --repeats 5
+  python bench/speed.py                         # BC-100-12, batch 64; modes for the device
+  python bench/speed.py --device cuda --modes torchvision,ours,graph,graph_bf16
   python bench/speed.py --modes ours,compile    # compile takes minutes on a CPU
 """
 from __future__ import annotations
@@ -21,21 +23,35 @@ import statistics
 import sys
 import time
 
-from common import add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread
+from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
+                    synthetic_step)
 import cli  # noqa: E402  (common puts the project on sys.path)
 from densenet import check_config  # noqa: E402
 
+# mode: (what it is, settings); unset settings are those of "ours"
 MODES = {
-    "torchvision": "torchvision.models.DenseNet, CIFAR stem, eager, contiguous (reference)",
-    "plain": "ours, contiguous memory format, default glibc allocator",
-    "channels_last": "ours, channels_last, default glibc allocator",
-    "aten": "ours, channels_last, freed memory kept mapped, ATen ops instead of fused.py",
-    "ours": "ours as train.py runs it: channels_last, freed memory kept mapped",
-    "bf16": "ours + bf16 autocast",
-    "memory_efficient": "ours + --memory-efficient",
-    "compile": "ours + torch.compile",
+    "torchvision": ("torchvision.models.DenseNet, CIFAR stem, eager, contiguous (reference)",
+                    {"model": "torchvision", "channels_last": False, "allocator": False}),
+    "plain": ("ours, contiguous memory format, default glibc allocator",
+              {"channels_last": False, "allocator": False}),
+    "channels_last": ("ours, channels_last, default glibc allocator", {"allocator": False}),
+    "aten": ("ours, ATen ops instead of fused.py (CPU)", {"aten": True}),
+    "ours": ("ours as train.py runs it on a CPU: channels_last, freed memory kept mapped, eager", {}),
+    "bf16": ("ours + bf16, eager", {"precision": "bf16"}),
+    "memory_efficient": ("ours + --memory-efficient, eager", {"memory_efficient": True}),
+    "compile": ("ours + torch.compile, eager", {"compile": True}),
+    "graph": ("ours as train.py runs it on a GPU: the step as one CUDA graph", {"graph": True}),
+    "graph_bf16": ("graph + bf16", {"graph": True, "precision": "bf16"}),
+    "graph_memory_efficient": ("graph + --memory-efficient", {"graph": True, "memory_efficient": True}),
+    "graph_compile": ("graph + torch.compile inside it", {"graph": True, "compile": True}),
 }
-DEFAULT_MODES = "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient"
+OURS = {"model": "ours", "channels_last": True, "allocator": True, "aten": False,
+        "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False}
+DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
+                 "cuda": "torchvision,ours,graph,graph_bf16,memory_efficient,graph_memory_efficient"}
+# ratios printed under the table: (mode, against)
+RATIOS = [("graph", "ours"), ("graph_bf16", "graph"), ("bf16", "ours"),
+          ("memory_efficient", "ours"), ("graph_memory_efficient", "graph")]
 
 
 def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 10):
@@ -56,66 +72,65 @@ def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 
 
 def measure(config: dict) -> dict:
     import torch
-    import torch.nn.functional as F
 
+    import data
     import fused
-    import train
+    import training
     from densenet import DenseNet
 
-    mode = config["mode"]
-    if mode == "aten":
+    settings = {**OURS, **MODES[config["mode"]][1]}
+    if settings["aten"]:
         fused.available = lambda x: False
-    if mode not in ("torchvision", "plain", "channels_last"):
-        train.keep_freed_memory_mapped()
-    torch.manual_seed(0)
+    if settings["allocator"]:
+        training.keep_freed_memory_mapped()
     device = torch.device(config["device"])
-    if mode == "torchvision":
+    torch.manual_seed(0)
+    if settings["model"] == "torchvision":
         model = torchvision_cifar_densenet(config["depth"], config["growth_rate"])
     else:
         model = DenseNet(config["depth"], config["growth_rate"], True, 0.5,
-                         memory_efficient=mode == "memory_efficient")
+                         memory_efficient=settings["memory_efficient"])
     parameters = sum(p.numel() for p in model.parameters())
-    channels_last = mode not in ("torchvision", "plain")
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4, foreach=mode != "torchvision")
-    step_model = torch.compile(model) if mode == "compile" else model
-    batch = config["batch"]
-    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, 10, (batch,), device=device)
-    dtype = torch.bfloat16 if mode == "bf16" else None
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(step_model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
+    model = model.to(device, memory_format=data.memory_format(settings["channels_last"]))
+    _, run_step, sync = synthetic_step(model, device, config["batch"],
+                                       config["warmup"] + config["steps"] + 1,
+                                       settings["channels_last"], settings["precision"],
+                                       settings["graph"], settings["compile"])
     for _ in range(config["warmup"]):
-        step()
+        run_step()
+    sync()
     times, system, peaks = [], [], []
     for _ in range(config["steps"]):
         base = reset_peak(device)
         kernel = os.times().system
         start = time.perf_counter()
-        step()
+        run_step()
+        sync()
         times.append(time.perf_counter() - start)
         system.append(os.times().system - kernel)
         peaks.append(peak_since(base, device))
+    kernels = None
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            run_step()
+            sync()
+        kernels = sum(1 for event in profiled.events()
+                      if event.device_type == torch.autograd.DeviceType.CUDA)
     step_s = statistics.median(times)
-    return {"images_per_s": batch / step_s, "step_s": step_s, "system_s": statistics.median(system),
-            "peak_mb": statistics.median(peaks) / 2**20, "parameters": parameters}
+    return {"images_per_s": config["batch"] / step_s, "step_s": step_s, "system_s": statistics.median(system),
+            # a graph keeps its memory in its own pool between replays: no peak to see
+            "peak_mb": None if settings["graph"] else statistics.median(peaks) / 2**20,
+            "parameters": parameters,
+            "kernels": kernels}
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0],
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {', '.join(MODES)}")
+    p.add_argument("--modes", help=f"comma-separated, from: {', '.join(MODES)} (default: on a CPU "
+                                   f"{DEFAULT_MODES['cpu']}; on CUDA {DEFAULT_MODES['cuda']})")
     p.add_argument("--depth", type=int, default=100)
     p.add_argument("--growth-rate", type=int, default=12)
     p.add_argument("--batch", type=cli.positive_int, default=64)
@@ -129,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return 0
-    modes = args.modes.split(",")
+    modes = (args.modes or DEFAULT_MODES[args.device]).split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    graphs = [m for m in modes if MODES[m][1].get("graph")]
+    if graphs and args.device != "cuda":
+        p.error(f"mode(s) {', '.join(graphs)} capture a CUDA graph and need --device cuda")
     try:
         check_config(args.depth, args.growth_rate, True, 0.5)
     except ValueError as error:
@@ -147,19 +165,24 @@ def main(argv: list[str] | None = None) -> int:
                       "batch": args.batch, "device": args.device, "steps": args.steps,
                       "warmup": args.warmup}
             results[mode].append(in_fresh_process(__file__, config, args.threads))
-    rows = [("mode", "images/s", "kernel s/step", "step peak MB", "parameters", "what")]
+    rows = [("mode", "images/s", "kernels/step", "300 epochs", "kernel s/step", "step peak MB",
+             "parameters", "what")]
+    median = {mode: statistics.median(r["images_per_s"] for r in runs) for mode, runs in results.items()}
     for mode in modes:
         runs = results[mode]
+        kernels = runs[0]["kernels"]
         rows.append((mode, spread([r["images_per_s"] for r in runs]),
-                     spread([r["system_s"] for r in runs]), spread([r["peak_mb"] for r in runs]),
-                     f"{runs[0]['parameters']:,}", MODES[mode]))
+                     "-" if kernels is None else f"{kernels:,}",
+                     f"{300 * 50_000 / median[mode] / 3600:.2f} h",
+                     spread([r["system_s"] for r in runs]),
+                     "-" if runs[0]["peak_mb"] is None else spread([r["peak_mb"] for r in runs]),
+                     f"{runs[0]['parameters']:,}", MODES[mode][0]))
     print_table(rows)
-    if "torchvision" in results:
-        reference = statistics.median(r["images_per_s"] for r in results["torchvision"])
-        for mode in modes:
-            if mode != "torchvision":
-                ours = statistics.median(r["images_per_s"] for r in results[mode])
-                print(f"{mode} / torchvision: {ours / reference:.2f}x images/s")
+    pairs = [(mode, "torchvision") for mode in modes if mode != "torchvision"] + RATIOS
+    for mode, against in pairs:
+        if mode in median and against in median:
+            print(f"{mode} / {against}: {median[mode] / median[against]:.2f}x images/s "
+                  f"({median[against] / median[mode]:.2f}x the step time)")
     return 0
 
 

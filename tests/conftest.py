@@ -40,6 +40,20 @@ def write_cifar10(root: Path, train_per_batch: int = 32, test: int = 48, seed: i
     return root
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, without one")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp("data"))

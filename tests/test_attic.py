@@ -59,6 +59,24 @@ def test_gradcheck_catches_a_planted_wrong_gradient():
     assert correct == []
 
 
+def test_gradcheck_gradients_are_copies_that_stay_where_they_were_taken():
+    """gradients() on the CPU, then the module moved: the CUDA run of attic/gradcheck.py moves
+    it to the GPU; here a dtype change goes through the same conversion of every .grad."""
+    torch.manual_seed(0)
+    module = DenseNet(10, 2, num_classes=3)
+    first = gradcheck.gradients(module, torch.randn(2, 3, 8, 8), torch.device("cpu"))
+    module.float()
+    assert all(g.dtype == torch.float64 and g.device.type == "cpu" for g in first)
+    assert not any(g is p.grad for g, p in zip(first, module.parameters()))
+
+
+@pytest.mark.cuda
+def test_gradcheck_on_cuda(capsys):
+    assert gradcheck.main(["--growth-rate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ok    cpu vs cuda  densenet" in out and "all gradients agree" in out
+
+
 def test_dataset_stats_are_the_subset_statistics(shared_data, capsys):
     assert dataset_stats.main(["--data-dir", str(shared_data), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -24,6 +24,7 @@ import torch
 import plot
 import train
 from conftest import ROOT, TINY, run_cli, write_cifar10
+from densenet import DenseNet
 
 sys.path[:0] = [str(ROOT / "attic"), str(ROOT / "bench")]
 import dataset_stats  # noqa: E402
@@ -86,7 +87,7 @@ def damage_labels(tmp: Path, data: Path) -> None:
 def swap_architecture(tmp: Path, run: Path) -> None:
     """The checkpoint's weights from a deeper model, its config unchanged."""
     state = torch.load(run / "checkpoint.pt", weights_only=True)
-    state["model"] = train.DenseNet(16, 4).state_dict()
+    state["model"] = DenseNet(16, 4).state_dict()
     torch.save(state, run / "checkpoint.pt")
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fused
 import train
+import training
 from conftest import TINY
 from densenet import DenseNet
 from runlog import load_checkpoint, non_finite
@@ -115,8 +116,8 @@ def assert_stopped(status: int, stderr: str, message: str) -> None:
 def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(tmp_path, cifar_dir,
                                                                        monkeypatch, capsys):
     """Epoch 1 trains normally, epoch 2 at lr 1e6 on the default (fused) path."""
-    normal = train.learning_rate
-    monkeypatch.setattr(train, "learning_rate",
+    normal = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate",
                         lambda cfg, epoch: 1e6 if epoch == 1 else normal(cfg, epoch))
     work = tmp_path / "run"
     status = train.main(flags(cifar_dir, work))
@@ -128,7 +129,7 @@ def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(tmp_path,
 
 
 def test_a_nan_test_loss_is_never_written(tmp_path, cifar_dir, monkeypatch, capsys):
-    evaluate = train.evaluate
+    evaluate = training.evaluate
     calls = []
 
     def nan_on_second_call(*args, **kwargs):
@@ -136,7 +137,7 @@ def test_a_nan_test_loss_is_never_written(tmp_path, cifar_dir, monkeypatch, caps
         loss, error, confusion = evaluate(*args, **kwargs)
         return (math.nan if len(calls) == 2 else loss), error, confusion
 
-    monkeypatch.setattr(train, "evaluate", nan_on_second_call)
+    monkeypatch.setattr(training, "evaluate", nan_on_second_call)
     work = tmp_path / "run"
     status = train.main(flags(cifar_dir, work))
     assert_stopped(status, capsys.readouterr().err, "the test loss is not finite after epoch 2")
@@ -152,13 +153,13 @@ def test_weights_gone_non_finite_with_a_finite_loss_are_not_saved(tmp_path, cifa
     weights alone must stop the run.
     """
     train_epoch = train.train_epoch
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: (2.3, 90.0, None))
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (2.3, 90.0, None))
 
-    def leave_a_nan_weight(model, *args, **kwargs):
-        progress = train_epoch(model, *args, **kwargs)
-        if args[5] == 2:  # the 1-based epoch
+    def leave_a_nan_weight(step, run_step, runtime, epoch, *args):
+        progress = train_epoch(step, run_step, runtime, epoch, *args)
+        if epoch == 2:  # 1-based
             with torch.no_grad():
-                model.classifier.bias[0] = math.nan
+                step.model.classifier.bias[0] = math.nan
         return progress
 
     monkeypatch.setattr(train, "train_epoch", leave_a_nan_weight)

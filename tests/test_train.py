@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import train
+import training
 from conftest import ROOT, TINY, folder_snapshot, run_cli
 
 
@@ -78,18 +79,18 @@ def config(**changes) -> dict:
 
 def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
     cfg = config(epochs=300)
-    assert [train.learning_rate(cfg, e) for e in (0, 149, 150, 224, 225, 299)] == \
+    assert [training.learning_rate(cfg, e) for e in (0, 149, 150, 224, 225, 299)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     short = config(epochs=4, lr=0.5)
-    assert [train.learning_rate(short, e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
+    assert [training.learning_rate(short, e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
 
 
 def test_cosine_schedule_anneals_from_lr_to_zero():
     cfg = config(schedule="cosine", epochs=10, lr=0.2)
-    rates = [train.learning_rate(cfg, e) for e in range(10)]
+    rates = [training.learning_rate(cfg, e) for e in range(10)]
     assert rates[0] == pytest.approx(0.2) and rates[5] == pytest.approx(0.1)
     assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.1 * (1 - 0.951056), rel=1e-4)
-    assert train.learning_rate(cfg, 10) == pytest.approx(0.0, abs=1e-12)
+    assert training.learning_rate(cfg, 10) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("planned,epochs,done,partial,reschedule,outcome", [
