@@ -483,9 +483,17 @@ def on_main(runtime: Runtime, action):
 
 def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
             path: Path) -> None:
-    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line."""
+    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
+
+    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
+    state is the run's, how the step computes it is this version's.
+    """
+    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+                      for group in getattr(target, "param_groups", [])]
     try:
         target.load_state_dict(state)
+        for group, kept in zip(getattr(target, "param_groups", []), implementation):
+            group.update(kept)
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
         raise RunError(f"{path} does not fit the model its own config describes ({reason}); "

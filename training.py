@@ -121,16 +121,17 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
 
     SGD and Adam are the fused implementations: one kernel per step for all parameters, and
     they take the learning rate, the gradient scale and the overflow flag as device tensors.
-    RMSprop has no fused form; on CUDA it runs in its capturable mode.
+    RMSprop has no fused form. Adam and RMSprop keep their step count on the device where a
+    CUDA graph will capture them ("capturable"; torch refuses to capture them otherwise).
     """
     params, lr, decay = list(model.parameters()), cfg["lr"], cfg["weight_decay"]
+    capturable = params[0].is_cuda and cfg.get("cuda_graph", True)
     if cfg["opt"] == "sgd":
         return torch.optim.SGD(params, lr, momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0,
                                weight_decay=decay, fused=True)
     if cfg["opt"] == "adam":
-        return torch.optim.Adam(params, lr, weight_decay=decay, fused=True)
-    return torch.optim.RMSprop(params, lr, weight_decay=decay, foreach=True,
-                               capturable=params[0].is_cuda)
+        return torch.optim.Adam(params, lr, weight_decay=decay, fused=True, capturable=capturable)
+    return torch.optim.RMSprop(params, lr, weight_decay=decay, foreach=True, capturable=capturable)
 
 
 def learning_rate(cfg: dict, epoch: int) -> float:
@@ -371,8 +372,8 @@ def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_cl
             logits = ((logits.softmax(1) + forward(images.flip(3)).softmax(1)) / 2).log()
         losses = F.cross_entropy(logits, labels, reduction="none")
         loss_sum += torch.where(valid, losses, 0).sum()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), weights=valid.double(),
-                                    minlength=num_classes * num_classes)
+        # index_add_, not bincount: on CUDA, bincount reads its input's maximum on the host
+        confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.double())
     if runtime.world_size > 1:
         dist.all_reduce(confusion)
         dist.all_reduce(loss_sum)

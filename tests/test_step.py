@@ -144,6 +144,50 @@ def test_train_py_reports_a_failed_capture_and_logs_what_eager_logs(tmp_path, ci
         assert [(r["loss"], r["error"]) for r in rows[0]] == [(r["loss"], r["error"]) for r in rows[1]]
 
 
+@pytest.mark.parametrize("opt", ["sgd", "adam", "rmsprop"])
+def test_each_optimiser_takes_its_learning_rate_from_the_device_tensor(opt):
+    """Every parameter group reads the step's lr tensor: a rate of 0 leaves the weights as they
+    are, a positive one moves them."""
+    sgd = make_step(torch.device("cpu"))
+    optimizer = training.build_optimizer({**SGD, "opt": opt, "lr": 0.01}, sgd.model)
+    step = training.TrainStep(sgd.model, optimizer, sgd.batches, "fp32")
+    before = copy.deepcopy(step.model.state_dict())
+    step.set_lr(0.0)
+    train_steps(step, step, 2)
+    assert all(torch.equal(before[n], p) for n, p in step.model.named_parameters())
+    step.set_lr(0.01)
+    train_steps(step, step, 2)
+    assert not any(torch.equal(before[n], p) for n, p in step.model.named_parameters())
+
+
+def test_the_graph_is_for_one_gpu_process():
+    step = make_step(torch.device("cpu"))
+    notices = []
+    runner = training.step_runner
+    assert runner(step, True, training.Runtime(torch.device("cpu")), notices.append) is step
+    assert runner(step, False, training.Runtime(torch.device("cuda")), notices.append) is step
+    assert isinstance(runner(step, True, training.Runtime(torch.device("cuda")), notices.append),
+                      training.GraphedStep)
+    assert notices == []
+    assert runner(step, True, training.Runtime(torch.device("cuda"), 0, 2), notices.append) is step
+    assert len(notices) == 1 and "several processes the step runs eagerly" in notices[0]
+
+
+def test_a_restored_optimizer_keeps_its_fused_implementation(tmp_path):
+    """A checkpoint of an earlier version (foreach SGD) resumes with the fused kernel and its
+    momentum buffers."""
+    step = make_step(torch.device("cpu"))
+    earlier = torch.optim.SGD(step.model.parameters(), 0.1, momentum=0.9, nesterov=True,
+                              weight_decay=1e-4, foreach=True)
+    train_steps(step, step, 1)
+    earlier.step()  # momentum buffers from the gradients the step left
+    train.restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
+    group = step.optimizer.param_groups[0]
+    assert group["fused"] is True and not group["foreach"]
+    for p in step.model.parameters():
+        assert torch.equal(step.optimizer.state[p]["momentum_buffer"], earlier.state[p]["momentum_buffer"])
+
+
 # ---------------------------------------------------------------- precision and evaluation
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
