@@ -193,6 +193,7 @@ CASES = {
     "speed steps 0": ("bench/speed.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
     "speed batch 0": ("bench/speed.py", "--batch 0", "argument --batch: must be a positive integer, got 0", None, None),
     "speed unknown mode": ("bench/speed.py", "--modes ours,fastest", "unknown mode(s) fastest", None, None),
+    "speed graph on a cpu": ("bench/speed.py", "--device cpu --modes ours,graph_bf16", "mode(s) graph_bf16 capture a CUDA graph and need --device cuda", None, None),
     "memory repeats 0": ("bench/memory.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
     "memory threads 0": ("bench/memory.py", "--threads 0", "argument --threads: must be a positive integer, got 0", None, None),
     "pipeline steps 0": ("bench/pipeline.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
