@@ -25,8 +25,24 @@ class UserError(Exception):
     """A mistake the user can fix; the message says how. Printed as one line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not for derived or off-by-default flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        derived = action.default is None or action.default is False  # "is": 0 is shown
+        if derived or action.default == argparse.SUPPRESS or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line instead of the whole usage."""
+    """argparse that reports a bad flag in one line instead of the whole usage, and shows
+    every flag's default in --help (see HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")

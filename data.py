@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,21 @@ _CIFAR = {
 }
 
 
+def _download(folder: Path, fetch) -> None:
+    """``fetch()`` a dataset into ``folder``; a failure removes the folders it created."""
+    created = None
+    if not folder.exists():
+        created = folder
+        while not created.parent.exists():
+            created = created.parent
+    try:
+        fetch()
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 def _download_failed(name: str, where: Path, error: Exception, holds: str) -> DataError:
     return DataError(f"{name} is not in {where} and could not be downloaded ({error}); "
                      f"copy it there or point --data-dir at the folder that holds {holds}")
@@ -139,7 +155,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> Dataset:
                             f"holds {folder}/ (or allow the download)")
         try:
             import torchvision
-            getattr(torchvision.datasets, tv_class)(str(root), download=True)
+            _download(root, lambda: getattr(torchvision.datasets, tv_class)(str(root), download=True))
         except Exception as error:  # network errors come in many types
             raise _download_failed(name, where, error, f"{folder}/") from None
     names = [str(n) for n in _unpickle(where / meta_file).get(names_key, [])]
@@ -174,7 +190,7 @@ def _load_svhn(root: Path, download: bool, extra: bool) -> Dataset:
                                 f"folder that holds svhn/ (or allow the download)")
             try:
                 import torchvision
-                torchvision.datasets.SVHN(str(where), split=name, download=True)
+                _download(where, lambda: torchvision.datasets.SVHN(str(where), split=name, download=True))
             except Exception as error:  # network errors come in many types
                 raise _download_failed(f"SVHN's {path.name}", where, error, "svhn/") from None
         return _read_svhn_file(path)

@@ -321,18 +321,19 @@ def epoch_range(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.OneLineParser(description=__doc__.split("\n\n")[0],
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="WORKDIR", help="work directories written by train.py")
-    p.add_argument("--out", help="file for several runs (default: comparison.FORMAT beside the runs)")
+    p.add_argument("--out", help="figure file for several runs (default: comparison.FORMAT in the "
+                                   "folder that holds the runs)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
-    p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS)
-    p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130)
+    p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS, help="figure file type")
+    p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130,
+                   help="resolution of png figures, dots per inch")
     p.add_argument("--loss-scale", default="log", choices=["log", "linear"], help="loss y axis")
     p.add_argument("--error-scale", default="linear", choices=["log", "linear"], help="error y axis")
     p.add_argument("--epochs", type=epoch_range, default=None, metavar="FIRST:LAST",
                    help="only this range of epochs")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="figure title (default: the run's name, or the runs' names)")
     p.add_argument("--watch", type=cli.non_negative_float, default=0, metavar="SECONDS",
                    help="redraw every SECONDS until Ctrl-C")
     opts = p.parse_args(argv)

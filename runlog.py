@@ -122,11 +122,19 @@ def remove_stale_temporaries(folder: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; files follow the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

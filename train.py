@@ -56,6 +56,7 @@ CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", 
 # Steps between progress updates and non-finite-loss checks. On a GPU each check waits for
 # the queued work, so it is rare; on the CPU every step is synchronous anyway.
 CHECK_EVERY = {"cuda": 50, "cpu": 1}
+PROGRESS_SECONDS = 30  # without a terminal, a progress line this often (and at each quarter)
 
 
 class Diverged(Exception):
@@ -73,21 +74,12 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------- command line
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where it says something (not for derived or off-by-default flags)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        derived = action.default is None or action.default is False  # "is": 0 is shown
-        if derived or action.default == argparse.SUPPRESS or action.help is None:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tool: bool = False) -> argparse.ArgumentParser:
+    """train.py's flags; ``tool``: for a tool that builds a run's model and data from them
+    (attic/lr_find.py, bench/pipeline.py), without those that resume, stop or evaluate a run."""
     p = OneLineParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.",
-        formatter_class=HelpFormatter)
+        epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="which dataset")
     g.add_argument("--data-dir", default="data",
@@ -147,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=cli.positive_int, default=500, help="batch size for evaluation")
     g = p.add_argument_group("run")
     g.add_argument("--save", default=None, help="work directory (default work/<dataset>-<model name>)")
+    if tool:
+        return p
     g.add_argument("--resume", action="store_true", help="continue the run in --save from its checkpoint")
     g.add_argument("--stop-after", type=cli.count, default=0, metavar="EPOCH",
                    help="end this session after EPOCH (0: run all epochs); continue later with --resume")
@@ -155,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "even where it raises the learning rate above the last one trained "
                         "(without it such a resume is refused, naming the lr it would use)")
     g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
-                   help="only report the test error of a checkpoint, with per-class errors")
+                   help="only report the test error of a checkpoint file or of a run's directory "
+                        "(its checkpoint.pt), on the data the run was trained on (or --data-dir); "
+                        "writes CHECKPOINT-classes.csv and CHECKPOINT-confusion.csv beside it "
+                        "(-classes-tta.csv, -confusion-tta.csv with --tta)")
     g.add_argument("--tta", action="store_true", help="with --evaluate: average over horizontal flips")
     return p
 
@@ -188,12 +185,12 @@ def check_args(args: argparse.Namespace) -> None:
     try:
         check_config(args.depth, args.growth_rate, args.bottleneck, args.compression, args.dropout)
     except ValueError as error:
-        raise UserError(f"{error} (--depth, --growth-rate, --compression, --dropout)") from None
+        raise UserError(str(error)) from None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if args.tta and not args.evaluate:
+    if getattr(args, "tta", False) and not args.evaluate:
         raise UserError("--tta only applies with --evaluate CHECKPOINT")
-    if args.reschedule and not args.resume:
+    if getattr(args, "reschedule", False) and not args.resume:
         raise UserError("--reschedule only applies with --resume")
 
 
@@ -265,8 +262,56 @@ class EpochProgress:
     seconds: float = 0.0
 
 
+class ProgressBar:
+    """On a terminal: tqdm's bar for the epoch, updated at every check."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=steps, initial=start_step, leave=False, unit="step",
+                        desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+
+    def due(self, done: int) -> bool:
+        return True
+
+    def show(self, done: int, loss: float, error: float, images_per_s: float, elapsed: float) -> None:
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.3f}", err=f"{error:.1f}%", img_s=f"{images_per_s:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ProgressLines:
+    """Without a terminal (nohup, a batch scheduler's log): a plain line every PROGRESS_SECONDS
+    and at 25, 50 and 75% of the epoch, indented so that it never reads as an epoch's result."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+        self.epoch, self.steps, self.start_step = epoch, steps, start_step
+        self.marks = [math.ceil(steps * q / 4) for q in (1, 2, 3)]
+        self.marks = [m for m in self.marks if start_step < m < steps]
+        self.last = time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        if done == self.steps:  # the epoch's own line follows
+            return False
+        quarter = bool(self.marks) and done >= self.marks[0]
+        return quarter or time.perf_counter() - self.last >= PROGRESS_SECONDS
+
+    def show(self, done: int, loss: float, error: float, images_per_s: float, elapsed: float) -> None:
+        while self.marks and done >= self.marks[0]:
+            self.marks.pop(0)
+        self.last = time.perf_counter()
+        eta = (self.steps - done) * elapsed / max(done - self.start_step, 1)
+        print(f"  epoch {self.epoch}: step {done}/{self.steps} ({100 * done // self.steps}%)  "
+              f"loss {loss:.4f}  error {error:.2f}%  {images_per_s:,.0f} img/s  "
+              f"epoch ends in {eta:.0f} s", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def train_epoch(step: TrainStep, run_step, runtime: Runtime, epoch: int, progress: EpochProgress,
-                stop: StopFlag, bar) -> EpochProgress:
+                stop: StopFlag, display: ProgressBar | ProgressLines | None) -> EpochProgress:
     """Train one epoch from ``progress.step``; returns the sums (global over processes).
 
     ``run_step`` is ``step`` itself or its CUDA graph. Losses and the correct count stay on
@@ -289,12 +334,12 @@ def train_epoch(step: TrainStep, run_step, runtime: Runtime, epoch: int, progres
             if not finite.all():
                 step_number = first + int((~finite).nonzero()[0]) + 1
                 raise Diverged(f"the training loss is not finite at epoch {epoch}, step {step_number}")
-            if bar is not None:
-                bar.update(done - bar.n)
+            if display is not None and display.due(done):
                 seen = (done - progress.step) * share
-                bar.set_postfix(loss=f"{window.mean().item():.3f}",
-                                err=f"{100 * (1 - step.correct.item() / seen):.1f}%",
-                                img_s=f"{seen * runtime.world_size / (time.perf_counter() - start):.0f}")
+                elapsed = time.perf_counter() - start
+                display.show(done, step.losses[progress.step:done].mean().item(),
+                             100 * (1 - step.correct.item() / seen),
+                             seen * runtime.world_size / elapsed, elapsed)
         if done < steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
             break
     steps_run = done - progress.step
@@ -598,21 +643,20 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             return "nothing was saved yet: free space (or fix permissions) and start again"
 
         stop = StopFlag()
-        show_bar = runtime.main and sys.stderr.isatty()
+        on_terminal = sys.stderr.isatty()
         for epoch in range(start_epoch, cfg["epochs"]):
             lr = training.learning_rate(cfg, epoch)
             step.set_lr(lr)
             data_rng = batches.state()
-            bar = None
-            if show_bar:
-                from tqdm import tqdm
-                bar = tqdm(total=batches.steps, initial=progress.step, leave=False, unit="step",
-                           desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
+            display = None
+            if runtime.main:
+                display = (ProgressBar if on_terminal else ProgressLines)(
+                    epoch + 1, cfg["epochs"], batches.steps, progress.step)
             try:
-                progress = train_epoch(step, run_step, runtime, epoch + 1, progress, stop, bar)
+                progress = train_epoch(step, run_step, runtime, epoch + 1, progress, stop, display)
             finally:
-                if bar is not None:
-                    bar.close()
+                if display is not None:
+                    display.close()
             if progress.step < batches.steps:
                 ensure_finite(f"at epoch {epoch + 1}, step {progress.step}")
                 with write_errors(after_write_error()):
@@ -656,13 +700,19 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         return 0
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> int:
-    """--evaluate: test error of a checkpoint; per-class errors and confusion matrix to CSV."""
+def evaluate_checkpoint(args: argparse.Namespace, explicit: set[str]) -> int:
+    """--evaluate: test error of a checkpoint; per-class errors and confusion matrix to CSV.
+
+    Takes a checkpoint file or a run's directory (its checkpoint.pt). The data comes from
+    where the run was trained, unless --data-dir (or --download) says otherwise.
+    """
     path = Path(args.evaluate)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
     state = load_checkpoint(path, CHECKPOINT_KEYS)
-    cfg = {**state["config"], "data_dir": args.data_dir, "download": args.download,
-           "test_subset": args.test_subset, "val_size": 0, "train_subset": 0,
-           "eval_batch_size": args.eval_batch_size}
+    given = {key: getattr(args, key) for key in ("data_dir", "download") if key in explicit}
+    cfg = {**state["config"], **given, "test_subset": args.test_subset, "val_size": 0,
+           "train_subset": 0, "eval_batch_size": args.eval_batch_size}
     with WorkDirLock(path.parent, "copy the checkpoint into a folder of your own and evaluate "
                                   "it there") as lock:
         lock.acquire()  # the results go beside the checkpoint: refuse now, not after evaluating
@@ -706,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         if args.evaluate:
-            return evaluate_checkpoint(args)
+            return evaluate_checkpoint(args, explicit)
         return train(args, explicit)
     except UserError as error:  # data.DataError and runlog.RunError too
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same error

@@ -25,9 +25,10 @@ OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="which dataset")
+    p.add_argument("--data-dir", default="data", help="torchvision-style root, as train.py's --data-dir")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="fail instead of downloading a missing dataset")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     dataset = data.load_dataset(args.dataset, args.data_dir, args.download)

@@ -96,9 +96,10 @@ def gradients(module: nn.Module, inputs, device: torch.device) -> list[torch.Ten
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--growth-rate", type=cli.positive_int, default=4)
-    p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--growth-rate", type=cli.positive_int, default=4, help="k of the checked parts")
+    p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
+                   help="check DenseNet-B layers (1x1 conv first)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds weights, inputs and directions")
     args = p.parse_args(argv)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -40,11 +40,14 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = train.build_parser()
+    parser = train.build_parser(tool=True)
     group = parser.add_argument_group("learning-rate finder")
-    group.add_argument("--steps", type=cli.int_range(3), default=200)
-    group.add_argument("--start-lr", type=cli.positive_float, default=1e-5)
-    group.add_argument("--end-lr", type=cli.positive_float, default=10.0)
+    group.add_argument("--steps", type=cli.int_range(3), default=200,
+                       help="training steps of the sweep (100 or more for a steady suggestion)")
+    group.add_argument("--start-lr", type=cli.positive_float, default=1e-5,
+                       help="learning rate of the first step")
+    group.add_argument("--end-lr", type=cli.positive_float, default=10.0,
+                       help="learning rate of the last step")
     parser.description = __doc__.split("\n\n")[0]
     args, _ = train.parse_args(argv, parser)
     train.check_args(args)

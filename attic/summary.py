@@ -111,11 +111,12 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=100)
-    p.add_argument("--growth-rate", type=int, default=12)
-    p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compression", type=float, default=0.5)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--depth", type=int, default=100, help="L: layers with weights")
+    p.add_argument("--growth-rate", type=int, default=12, help="k: feature maps per layer")
+    p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
+                   help="1x1 conv before each 3x3 conv (DenseNet-B)")
+    p.add_argument("--compression", type=float, default=0.5, help="theta of the transitions")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
     p.add_argument("--image", default=None, help="picture file, .png, .pdf or .svg "
                                                  "(default work/summary/<model>.png)")
     args = p.parse_args(argv)

@@ -34,7 +34,8 @@ def add_device_flag(parser) -> None:
             raise argparse.ArgumentTypeError("no CUDA GPU is visible; use --device cpu")
         return text
 
-    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (a GPU when there is one)")
 
 
 def synthetic_step(model, device, batch: int, steps: int, channels_last: bool = True,

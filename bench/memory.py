@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per configuration")
     p.add_argument("--steps", type=cli.positive_int, default=3, help="timed steps per process")
     add_device_flag(p)
-    p.add_argument("--threads", type=cli.positive_int, default=2)
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads per process")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:

@@ -38,10 +38,11 @@ def median_time(function, repeats: int) -> float:
 
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = train.build_parser()
+    parser = train.build_parser(tool=True)
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--steps", type=cli.positive_int, default=5, help="training steps timed")
-    parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    parser.add_argument("--repeats", type=cli.positive_int, default=3,
+                        help="repetitions of each timed part (the median is reported)")
     args, _ = train.parse_args(argv, parser)
     train.check_args(args)
     training.keep_freed_memory_mapped()

@@ -127,17 +127,17 @@ def measure(config: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    p = cli.OneLineParser(description=__doc__.split("\n\n")[0],
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", help=f"comma-separated, from: {', '.join(MODES)} (default: on a CPU "
                                    f"{DEFAULT_MODES['cpu']}; on CUDA {DEFAULT_MODES['cuda']})")
-    p.add_argument("--depth", type=int, default=100)
-    p.add_argument("--growth-rate", type=int, default=12)
-    p.add_argument("--batch", type=cli.positive_int, default=64)
+    p.add_argument("--depth", type=int, default=100, help="L of the DenseNet-BC")
+    p.add_argument("--growth-rate", type=int, default=12, help="k of the DenseNet-BC")
+    p.add_argument("--batch", type=cli.positive_int, default=64, help="training batch size")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per mode")
     p.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per process")
-    p.add_argument("--warmup", type=cli.count, default=2)
-    p.add_argument("--threads", type=cli.positive_int, default=2)
+    p.add_argument("--warmup", type=cli.count, default=2,
+                   help="untimed steps per process first (a CUDA graph adds its own)")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads per process")
     add_device_flag(p)
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,6 +1,9 @@
 """The data path: CIFAR reading, augmentation on whole batches, shards, statistics."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +118,21 @@ def test_reads_svhn_mat_files(tmp_path):
     assert dataset.test.labels.tolist() == [0, 1, 2, 3, 4]
     no_extra = data.load_dataset("svhn", tmp_path, download=False, svhn_extra=False)
     assert len(no_extra.train) == 12
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn"])
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch, name):
+    """What the download created (the data folder, a partial archive) goes; what was there stays."""
+    import torchvision
+
+    def offline(root, *args, **kwargs):
+        Path(root).mkdir(parents=True)
+        (Path(root) / "partial.tar.gz").write_bytes(b"\0" * 10)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(torchvision.datasets, "SVHN", offline)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(data.DataError, match="could not be downloaded .*network is unreachable"):
+        data.load_dataset(name, tmp_path / "mine" / "data")
+    assert list((tmp_path / "mine").iterdir()) == []

@@ -6,6 +6,7 @@ line, and compares a hash of every file around before and after.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import plot
 import train
 from conftest import ROOT, TINY, run_cli, write_cifar10
@@ -351,3 +353,32 @@ def test_disk_full_while_saving_loses_nothing(tmp_path, finished_run, cifar_dir)
     assert [line.split(",")[0] for line in (work / "train.csv").read_text().splitlines()] == \
         ["epoch", "1", "2", "3"]
     assert not math.isnan(float((work / "test.csv").read_text().splitlines()[-1].split(",")[1]))
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_gives_every_flag_a_text_and_its_default(script, monkeypatch):
+    """Each script's own flags, each with help and its default (0 included); the tools built
+    on train.py's flags leave out those that resume, stop or evaluate a run."""
+    parsers = []
+
+    def capture(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.OneLineParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        SCRIPTS[script](["--help"])
+    parser = parsers[0]
+    formatter = parser.formatter_class(parser.prog)
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{script}: {action.option_strings or action.dest} has no help text"
+        if action.default is not None and action.default is not False:
+            assert "%(default)" in formatter._get_help_string(action), (script, action.dest)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    run_only = {"--resume", "--stop-after", "--reschedule", "--evaluate", "--tta"}
+    if script in ("attic/lr_find.py", "bench/pipeline.py"):
+        assert not flags & run_only
+    if script == "train.py":
+        assert run_only <= flags

@@ -238,9 +238,38 @@ def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir, capsys):
     assert sum(int(r["errors"]) for r in rows) == round(last_error * 48 / 100)
     confusion = list(csv.reader(open(work / "checkpoint-confusion.csv")))
     assert len(confusion) == 11 and sum(int(v) for row in confusion[1:] for v in row[1:]) == 48
-    status, out, _ = run(capsys, "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir, "--tta")
-    assert status == 0 and "flip test-time augmentation" in out
+    # the run's directory, and the data from where the run was trained (no --data-dir)
+    status, out, _ = run(capsys, "--evaluate", work, "--tta")
+    assert status == 0 and "flip test-time augmentation" in out, out
     assert (work / "checkpoint-classes-tta.csv").is_file() and not (work / ".lock").exists()
+    status, _, err = run(capsys, "--evaluate", work, "--data-dir", tmp_path / "elsewhere", "--no-download")
+    assert status == 2 and f"cifar10 is not in {tmp_path / 'elsewhere'}" in err
+
+
+def test_files_follow_the_umask(tmp_path, cifar_dir, capsys):
+    """CSVs, config.json and the checkpoint readable by the group and others where the umask
+    says so, as the figures are; a stricter umask is followed too."""
+    old = os.umask(0o022)
+    try:
+        start(capsys, tmp_path / "open", cifar_dir, "--epochs", "1")
+        os.umask(0o077)
+        start(capsys, tmp_path / "private", cifar_dir, "--epochs", "1")
+    finally:
+        os.umask(old)
+    for run_name, mode in (("open", 0o644), ("private", 0o600)):
+        for name in ("train.csv", "test.csv", "config.json", "checkpoint.pt"):
+            assert (tmp_path / run_name / name).stat().st_mode & 0o777 == mode, (run_name, name)
+
+
+def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys, monkeypatch):
+    """Output to a file gets a line at each quarter of the epoch, and every PROGRESS_SECONDS."""
+    out = start(capsys, tmp_path / "quarters", cifar_dir, "--epochs", "1")  # 5 steps
+    lines = [line for line in out.splitlines() if line.startswith("  epoch 1: step")]
+    assert [line.split("(")[0] for line in lines] == [f"  epoch 1: step {s}/5 " for s in (2, 3, 4)]
+    assert all("img/s" in line and "epoch ends in" in line and "loss" in line for line in lines)
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)
+    out = start(capsys, tmp_path / "often", cifar_dir, "--epochs", "1")
+    assert sum(line.startswith("  epoch 1: step") for line in out.splitlines()) == 4
 
 
 @pytest.fixture(scope="module")
