@@ -25,8 +25,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 import cli  # noqa: E402
 
@@ -34,6 +35,10 @@ import cli  # noqa: E402
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
+OPEN_END = 10**9  # the last epoch of a range like 50:
+MARKERS_UP_TO = 30
+CELL_NUMBERS_UP_TO = 20  # classes in a confusion matrix with the percentages written in  # epochs drawn with a marker on each point
+METRIC_TITLES = {"loss": "loss", "error": "error", "top5_error": "top-5 error"}
 
 
 class PlotError(cli.UserError):
@@ -158,36 +163,76 @@ def lr_drops(run: Run) -> list[tuple[float, float]]:
     return [(train["epoch"].iloc[i] - 0.5, lr[i]) for i in range(1, len(lr)) if lr[i] <= lr[i - 1] / 2]
 
 
+def readable_log_ticks(axis) -> None:
+    """Plain numbers on a log axis, about six of them whatever its range: 1-2-5 steps per
+    decade over a wide range, evenly spaced values over a narrow one (say 0.8 to 2.3)."""
+    low, high = axis.axes.get_ylim()
+    if high / low < 10:
+        axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_locator(LogLocator(base=10, subs="auto"))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> None:
-    """One panel: ``metric`` per split; one colour per split for a run, per run for several."""
+    """One panel: ``metric`` per split; one colour per split for a run, per run for several.
+
+    Every point is visible at any length: markers where there are few epochs, and the x axis
+    spans whole epochs. Each run's learning-rate drops are dashed lines in its colour (grey
+    for a single run), labelled once per epoch and rate.
+    """
     single = len(runs) == 1
+    epochs = []
     for index, run in enumerate(runs):
         for split, (style, colour_index) in SPLITS.items():
-            if split not in run.logs:
+            if split not in run.logs or metric not in run.logs[split]:
                 continue
             frame = epoch_window(run.logs[split], opts.epochs)
             colour = COLOURS[colour_index if single else index % len(COLOURS)]
             label = split if single else f"{run.name} {split}"
+            few = len(frame) <= MARKERS_UP_TO
             ax.plot(frame["epoch"], frame[metric], style, color=colour, label=label,
-                    linewidth=1.6 if split == "test" else 1.2)
-    if single:
-        for epoch, lr in lr_drops(runs[0]):
+                    linewidth=1.6 if split == "test" else 1.2, marker="o" if few else None,
+                    markersize=4 if split == "test" else 3)
+            epochs += frame["epoch"].tolist()
+    labelled = set()
+    for index, run in enumerate(runs):
+        colour = "0.5" if single else COLOURS[index % len(COLOURS)]
+        for epoch, lr in lr_drops(run):
             if opts.epochs is None or opts.epochs[0] <= epoch <= opts.epochs[1]:
-                ax.axvline(epoch, color="0.5", linewidth=0.8, linestyle="-.")
-                ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
-                            xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.35")
+                ax.axvline(epoch, color=colour, linewidth=0.8, linestyle="-.", alpha=0.8)
+                if (epoch, lr) not in labelled:
+                    labelled.add((epoch, lr))
+                    ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
+                                xytext=(3, -12 - 10 * ((len(labelled) - 1) % 3)),
+                                textcoords="offset points", fontsize=8,
+                                color="0.35" if single else colour)
+    if epochs:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy loss" if metric == "loss" else "error (%)")
+    ax.set_ylabel("cross-entropy loss" if metric == "loss" else f"{METRIC_TITLES[metric]} (%)")
     scale = opts.loss_scale if metric == "loss" else opts.error_scale
     ax.set_yscale(scale)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if scale == "log":  # plain numbers, and minor labels only where few majors show
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        low, high = ax.get_ylim()
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if high / low < 20 else NullFormatter())
+    if epochs and max(epochs) - min(epochs) < 10:  # a tick at every epoch, and only there
+        ax.set_xticks(range(int(min(epochs)), int(max(epochs)) + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if scale == "log":
+        readable_log_ticks(ax.yaxis)
     ax.legend(fontsize=8)
-    ax.set_title("loss" if metric == "loss" else "error")
+    ax.set_title(METRIC_TITLES[metric])
+
+
+def run_names(runs: list[Run], width: int = 90) -> str:
+    """The runs' names for a title: all of them, or as many as fit and a count of the rest."""
+    names = [run.name for run in runs]
+    for shown in range(len(names), 0, -1):
+        text = " vs ".join(names[:shown]) + (f" and {len(names) - shown} more" if shown < len(names) else "")
+        if len(text) <= width or shown == 1:
+            return text
+    return ""
 
 
 def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
@@ -195,7 +240,7 @@ def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
         fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             draw_metric(ax, runs, metric, opts)
-        title = opts.title or (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
+        title = opts.title or run_names(runs)
         fig.suptitle(title)
         fig.tight_layout()
     return fig
@@ -219,29 +264,46 @@ def lr_find_figure(run: Run, opts: argparse.Namespace):
 
 
 def evaluation_figures(run: Run, opts: argparse.Namespace) -> list[tuple[object, Path]]:
-    """Per-class errors and confusion matrices written by ``train.py --evaluate``."""
+    """Per-class errors and confusion matrices written by ``train.py --evaluate``.
+
+    The confusion matrix is normalised by row (each true class's images sum to 100%), with the
+    percentages written in the cells where there are few enough classes to read them, and the
+    overall error in the title. Files from ``--tta`` are titled as such.
+    """
     figures = []
+
+    def how(path: Path) -> str:
+        return f"{path.stem.split('-')[0]}{', flip TTA' if path.stem.endswith('-tta') else ''}"
+
     for path, frame in run.per_class.items():
         with plt.style.context(opts.style):
             fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(frame)), 4.2))
             ax.bar(frame["name"].astype(str), frame["error"], color=COLOURS[0])
             ax.set_ylabel("error (%)")
             ax.tick_params(axis="x", labelrotation=60)
-            ax.set_title(f"{run.name}: per-class test error")
+            ax.set_title(f"{run.name}: per-class test error ({how(path)})")
             fig.tight_layout()
         figures.append((fig, path.with_suffix("")))
     for path, (names, matrix) in run.confusion.items():
+        totals = matrix.sum(axis=1, keepdims=True)
+        percent = 100 * matrix / np.where(totals > 0, totals, 1)
+        error = 100 * (1 - np.trace(matrix) / max(matrix.sum(), 1))
         with plt.style.context(opts.style):
             size = max(5, 0.45 * len(names))
             fig, ax = plt.subplots(figsize=(size + 1, size))
-            image = ax.imshow(matrix, cmap="viridis")
+            image = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100)
+            if len(names) <= CELL_NUMBERS_UP_TO:
+                for (row, col), value in np.ndenumerate(percent):
+                    ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if value > 50 else "black")
             ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
             ax.set_yticks(range(len(names)), names, fontsize=7)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
             ax.grid(False)
-            fig.colorbar(image, ax=ax, label="images")
-            ax.set_title(f"{run.name}: confusion matrix")
+            fig.colorbar(image, ax=ax, label="% of the true class")
+            ax.set_title(f"{run.name}: confusion ({how(path)}), test error {error:.2f}% "
+                         f"of {int(matrix.sum()):,} images", fontsize=10)
             fig.tight_layout()
         figures.append((fig, path.with_suffix("")))
     return figures
@@ -275,17 +337,27 @@ def draw(opts: argparse.Namespace) -> list[Path]:
         if "train" in run.logs and run.epochs == 0:
             print(f"{run.folder}: no epochs logged yet")
     trained = [run for run in runs if run.epochs > 0]
+    if opts.epochs is not None and trained:
+        inside = [run for run in trained if len(epoch_window(run.logs["train"], opts.epochs))]
+        if not inside:
+            held = ", ".join(f"{run.name} {int(run.logs['train']['epoch'].min())}-"
+                             f"{int(run.logs['train']['epoch'].max())}" for run in trained)
+            first, last = opts.epochs
+            raise PlotError(f"--epochs {first}:{'' if last == OPEN_END else last} holds no logged "
+                            f"epoch (logged: {held}); choose a range within them")
     figures = [(lr_find_figure(run, opts), run.folder / "lr_find") for run in runs
                if run.sweep is not None]
+    metrics = ["loss", "error"] + (["top5_error"] if any(
+        "top5_error" in run.logs["train"] for run in trained) else [])
     if len(trained) == 1 and len(runs) == 1:
         folder = trained[0].folder
-        figures += [(make_figure(trained, ["loss"], opts), folder / "loss"),
-                    (make_figure(trained, ["error"], opts), folder / "error"),
-                    (make_figure(trained, ["loss", "error"], opts), folder / "curves")]
+        figures += [(make_figure(trained, [metric], opts), folder / metric.replace("_", "-"))
+                    for metric in metrics]
+        figures.append((make_figure(trained, metrics, opts), folder / "curves"))
     elif trained:
         out = Path(opts.out) if opts.out else Path(os.path.commonpath(
             [str(r.folder.resolve().parent) for r in trained])) / "comparison"
-        figures.append((make_figure(trained, ["loss", "error"], opts), out))
+        figures.append((make_figure(trained, metrics, opts), out))
     for run in trained:
         figures += evaluation_figures(run, opts)
     paths = [path.with_suffix(f".{opts.format}") for _, path in figures]
@@ -315,9 +387,13 @@ def draw(opts: argparse.Namespace) -> list[Path]:
 def epoch_range(text: str) -> tuple[int, int]:
     try:
         first, _, last = text.partition(":")
-        return int(first or 1), int(last) if last else 10**9
+        first, last = int(first or 1), int(last) if last else OPEN_END
     except ValueError:
         raise argparse.ArgumentTypeError(f"epoch range must look like 10:200, 50: or :100, got {text!r}")
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"epoch range {text!r} must run from 1 or later to a "
+                                         f"last epoch no earlier than the first")
+    return first, last
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -74,6 +74,7 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     colours = ["#0072B2", "#E69F00", "#009E73"]
     position = 0
+    ticks: list[tuple[float, str]] = []  # block centres and transitions, labelled as what they are
     blocks = [m for m in model.features if isinstance(m, DenseBlock)]
     for index, block in enumerate(blocks):
         names = {f"features.{list(model.features).index(block)}.layers.{i}" for i in range(len(block.layers))}
@@ -82,6 +83,8 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
         ax.bar(xs, [r["in_channels"] for r in layer_rows], width=1.0, color=colours[index % 3],
                label=f"block {index + 1}: {layer_rows[0]['shape'][1]}x{layer_rows[0]['shape'][2]}, "
                      f"{len(layer_rows)} layers")
+        ticks.append((position + (len(layer_rows) - 1) / 2,
+                      f"block {index + 1}\nlayers 1-{len(layer_rows)}"))
         position += len(layer_rows)
         if index < len(blocks) - 1:
             transition = next(r for r in rows if r["kind"] == "Transition"
@@ -90,8 +93,10 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
                    label="transition (compression)" if index == 0 else None)
             ax.annotate(f"{transition['in_channels']}→{transition['shape'][0]}",
                         (position + 0.5, transition["in_channels"]), ha="center", fontsize=8)
+            ticks.append((position + 0.5, f"T{index + 1}"))
             position += 2
-    ax.set_xlabel("dense layer (in order)")
+    ax.set_xticks([x for x, _ in ticks], [label for _, label in ticks], fontsize=8)
+    ax.set_xlabel("dense layers of each block, in order, and the transitions (T) between blocks")
     ax.set_ylabel("input channels")
     total = sum(p.numel() for p in model.parameters())
     ax.set_title(f"{model.name}: {total:,} parameters, "

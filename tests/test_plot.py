@@ -132,3 +132,62 @@ def test_runs_where_torch_cannot_be_imported(tmp_path):
     result = run_cli("plot.py", run_dir, env={"PYTHONPATH": str(blocker)})
     assert result.returncode == 0, result.stderr
     assert (run_dir / "curves.png").is_file()
+
+
+def test_one_epoch_shows_its_points_on_a_whole_epoch_axis(tmp_path):
+    run = plot.load_run(make_run(tmp_path / "run", 1))
+    fig = plot.make_figure([run], ["loss", "error"], options())
+    for ax in fig.axes:
+        drawn = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert all(line.get_marker() == "o" for line in drawn)
+        assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0.5, 1.5)
+    long = plot.load_run(make_run(tmp_path / "long", 60))
+    line = plot.make_figure([long], ["loss"], options()).axes[0].get_lines()[0]
+    assert line.get_marker() in (None, "None", "")
+
+
+def test_an_epoch_range_without_data_is_refused_and_keeps_the_figures(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "run", 3)
+    assert draw(capsys, run_dir)[0] == 0
+    figures = {p.name: p.read_bytes() for p in run_dir.glob("*.png")}
+    status, _, err = draw(capsys, run_dir, "--epochs", "10:20")
+    assert status == 2 and "--epochs 10:20 holds no logged epoch (logged: run 1-3)" in err
+    assert {p.name: p.read_bytes() for p in run_dir.glob("*.png")} == figures
+    with pytest.raises(SystemExit):
+        plot.parse_args([str(run_dir), "--epochs", "5:2"])
+
+
+def test_a_comparison_names_its_runs_and_shows_each_runs_drops(tmp_path):
+    runs = [plot.load_run(make_run(tmp_path / name, epochs)) for name, epochs in
+            (("short", 4), ("long", 8))]
+    fig = plot.make_figure(runs, ["loss", "error"], options())
+    assert fig._suptitle.get_text() == "short vs long"
+    drops = {(line.get_xdata()[0], line.get_color()) for line in fig.axes[1].get_lines()
+             if line.get_label().startswith("_")}
+    assert drops == {(2.5, plot.COLOURS[0]), (3.5, plot.COLOURS[0]),
+                     (4.5, plot.COLOURS[1]), (6.5, plot.COLOURS[1])}
+
+
+def test_a_log_loss_axis_labels_several_plain_values(tmp_path):
+    run_dir = make_run(tmp_path / "run", 20)
+    (run_dir / "train.csv").write_text(TRAIN_HEADER + "".join(
+        f"{e},0.1,{2.3 - 0.07 * e:.3f},{50 - e},1,400\n" for e in range(1, 21)))  # 2.23 to 0.9
+    ax = plot.make_figure([plot.load_run(run_dir)], ["loss"], options()).axes[0]
+    fig = ax.figure
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(labels) >= 4 and all(float(label) > 0 for label in labels), labels
+
+
+def test_confusion_matrix_in_percent_of_each_class_with_the_error(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "run", 2)
+    counts = "true\\predicted,cat,dog\ncat,3,1\ndog,2,6\n"
+    (run_dir / "checkpoint-confusion.csv").write_text(counts)
+    (run_dir / "checkpoint-confusion-tta.csv").write_text(counts)
+    run = plot.load_run(run_dir)
+    (plain, _), (tta, _) = plot.evaluation_figures(run, options())
+    ax = plain.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["75", "25", "25", "75"]  # rows: 4 and 8 images
+    assert ax.get_title() == "run: confusion (checkpoint), test error 25.00% of 12 images"
+    assert tta.axes[0].get_title().startswith("run: confusion (checkpoint, flip TTA)")
