@@ -186,8 +186,8 @@ def test_confusion_matrix_in_percent_of_each_class_with_the_error(tmp_path, caps
     (run_dir / "checkpoint-confusion.csv").write_text(counts)
     (run_dir / "checkpoint-confusion-tta.csv").write_text(counts)
     run = plot.load_run(run_dir)
-    (plain, _), (tta, _) = plot.evaluation_figures(run, options())
-    ax = plain.axes[0]
+    figures = {path.name: fig for fig, path in plot.evaluation_figures(run, options())}
+    ax, tta = figures["checkpoint-confusion"].axes[0], figures["checkpoint-confusion-tta"]
     assert [t.get_text() for t in ax.texts] == ["75", "25", "25", "75"]  # rows: 4 and 8 images
     assert ax.get_title() == "run: confusion (checkpoint), test error 25.00% of 12 images"
     assert tta.axes[0].get_title().startswith("run: confusion (checkpoint, flip TTA)")
