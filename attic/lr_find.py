@@ -4,8 +4,9 @@
 From a fresh model (train.py's flags), the learning rate rises from --start-lr to --end-lr
 over --steps steps while the smoothed training loss is recorded; the sweep stops early when
 the loss explodes. The suggestion is the learning rate where the smoothed loss falls fastest
-(per log step of lr) before its minimum. Writes lr_find.csv and lr_find.json into the work
-directory (train.py's --save, so ./plot.py on that run draws the sweep too).
+(per log step of lr) before its minimum. Writes lr_find.csv and lr_find.json into a folder
+of its own (--save, default work/<dataset>-<model>-lr-find; never a training run's), where
+./plot.py draws the sweep. Fewer than 100 steps give a rough suggestion, and it says so.
 
   attic/lr_find.py --depth 40 --data-dir ../shared/data --steps 200
 """
@@ -22,9 +23,10 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import training  # noqa: E402
-from runlog import WorkDirLock, write_errors, write_json, write_text  # noqa: E402
+from runlog import WorkDirLock, holds_run, write_errors, write_json, write_text  # noqa: E402
 
 SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
+STEADY_STEPS = 100  # fewer make the smoothed curve, and so the suggestion, noisy
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> float:
@@ -60,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     normalizer = data.Normalizer(mean, std, runtime.device)
     model, optimizer, scaler, batches = training.build_training(
         cfg, dataset.train, normalizer, runtime, data.NUM_CLASSES[args.dataset])
-    save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}")
+    save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}-lr-find")
+    if holds_run(save):
+        raise cli.UserError(f"{save} holds a training run; the sweep goes into a folder of its "
+                            f"own: choose another --save (the default is work/<dataset>-<model>-lr-find)")
     step = training.TrainStep(torch.compile(model) if cfg["compile"] else model, optimizer,
                               batches, cfg["precision"], scaler)
     with WorkDirLock(save, "choose another with --save") as lock:
         lock.acquire()  # refused before the sweep, not after it
+        if args.steps < STEADY_STEPS:
+            print(f"note: {args.steps} steps are few; the suggestion will be rough "
+                  f"(--steps {STEADY_STEPS} or more give a steadier one)")
         return sweep(args, step, training.step_runner(step, cfg["cuda_graph"], runtime, print), save)
 
 

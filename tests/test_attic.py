@@ -116,6 +116,7 @@ def test_lr_finder_writes_csv_and_plot_marks_suggestion(tmp_path, cifar_dir, cap
     work = tmp_path / "sweep"
     assert lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY,
                          "--steps", "12", "--start-lr", "1e-4", "--end-lr", "1"]) == 0
+    assert "note: 12 steps are few; the suggestion will be rough" in capsys.readouterr().out
     with open(work / "lr_find.csv") as f:
         rows = list(csv.DictReader(f))
     lrs = [float(r["lr"]) for r in rows]

@@ -187,8 +187,9 @@ CASES = {
     "lr_find steps 2": ("attic/lr_find.py", "--steps 2 --data-dir {data}", "argument --steps: must be at least 3, got 2", "data", None),
     "lr_find lrs reversed": ("attic/lr_find.py", "--start-lr 1 --end-lr 0.1 --data-dir {data}", "--start-lr 1 must be below --end-lr 0.1", "data", None),
     "lr_find data absent": ("attic/lr_find.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
+    "lr_find into a training run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY), "{run} holds a training run; the sweep goes into a folder of its own: choose another --save", "run", None),
     "lr_find unwritable save": ("attic/lr_find.py", "--data-dir {data} --save /proc/sweep --steps 3 " + " ".join(TINY), "cannot write to /proc/sweep", "data", None),
-    "lr_find busy run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY), "{run} is in use by pid 4242", "run", "lock"),
+    "lr_find into a busy training run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY), "{run} holds a training run; the sweep goes into a folder of its own", "run", "lock"),
     # bench/
     "speed depth 11": ("bench/speed.py", "--depth 11", "depth 11 is impossible", None, None),
     "speed repeats 0": ("bench/speed.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
