@@ -526,25 +526,6 @@ def on_main(runtime: Runtime, action):
     return result
 
 
-def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
-            path: Path) -> None:
-    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
-
-    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
-    state is the run's, how the step computes it is this version's.
-    """
-    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
-                      for group in getattr(target, "param_groups", [])]
-    try:
-        target.load_state_dict(state)
-        for group, kept in zip(getattr(target, "param_groups", []), implementation):
-            group.update(kept)
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
-        raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
-                       f"use a checkpoint that train.py wrote for this run") from None
-
-
 def train(args: argparse.Namespace, explicit: set[str]) -> int:
     runtime = setup_runtime(args.device)
     log = print if runtime.main else (lambda *a, **k: None)
@@ -578,10 +559,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         progress, best = EpochProgress(), {"error": math.inf, "epoch": 0}
         if state is not None:
             checkpoint_path = save / "checkpoint.pt"
-            restore(model, state["model"], checkpoint_path)
-            restore(optimizer, state["optimizer"], checkpoint_path)
+            training.restore(model, state["model"], checkpoint_path)
+            training.restore(optimizer, state["optimizer"], checkpoint_path)
             if scaler is not None and state["scaler"]:
-                restore(scaler, state["scaler"], checkpoint_path)
+                training.restore(scaler, state["scaler"], checkpoint_path)
             batches.set_state(state["data_rng"])
             training.set_rng_state(state["rng"])
             progress, best = EpochProgress(**state["progress"]), state["best"]
@@ -607,6 +588,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             with write_errors("choose another work directory with --save"):
                 return open_work_dir(save, plan, {
                     "model": raw_model.name, "parameters": parameters,
+                    "classes": dataset.classes or [str(c) for c in range(num_classes)],
                     "train_images": len(dataset.train), "test_images": len(dataset.test),
                     "val_images": len(val) if val else 0, "normalization": {"mean": mean, "std": std},
                     "environment": environment(runtime)})
@@ -722,7 +704,7 @@ def evaluate_checkpoint(args: argparse.Namespace, explicit: set[str]) -> int:
             dataset.test = dataset.test.first(cfg["test_subset"])
         num_classes = state["num_classes"]
         model = training.build_model(cfg, num_classes)
-        restore(model, state["model"], path)
+        training.restore(model, state["model"], path)
         model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
         normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],
                                      runtime.device)

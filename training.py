@@ -27,6 +27,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 import data
 from densenet import DenseNet
+from runlog import RunError
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -132,6 +134,25 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     if cfg["opt"] == "adam":
         return torch.optim.Adam(params, lr, weight_decay=decay, fused=True, capturable=capturable)
     return torch.optim.RMSprop(params, lr, weight_decay=decay, foreach=True, capturable=capturable)
+
+
+def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
+            path: Path) -> None:
+    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
+
+    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
+    state is the run's, how the step computes it is this version's.
+    """
+    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+                      for group in getattr(target, "param_groups", [])]
+    try:
+        target.load_state_dict(state)
+        for group, kept in zip(getattr(target, "param_groups", []), implementation):
+            group.update(kept)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
+        raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
+                       f"use a checkpoint that train.py wrote for this run") from None
 
 
 def learning_rate(cfg: dict, epoch: int) -> float:

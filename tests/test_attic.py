@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "attic"))
 import dataset_stats  # noqa: E402
 import gradcheck  # noqa: E402
 import lr_find  # noqa: E402
+import predict  # noqa: E402
 import summary  # noqa: E402
 from densenet import DenseLayer, DenseNet  # noqa: E402
 
@@ -137,3 +138,31 @@ def test_confusion_matrix_and_per_class_errors_are_drawn(tmp_path, cifar_dir, ca
     drawn = capsys.readouterr().out
     for name in ("checkpoint-classes.png", "checkpoint-confusion.png", "curves.png"):
         assert f"wrote {work / name}" in drawn
+
+
+def test_predict_classifies_own_images_with_the_runs_names(tmp_path, cifar_dir, capsys):
+    """Any size and format: the central square, resized; probabilities from the run's model."""
+    from PIL import Image
+    work = tmp_path / "run"
+    assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"]) == 0
+    wide = np.zeros((50, 90, 3), dtype=np.uint8)
+    wide[:, :20] = (0, 255, 0)  # borders outside the central square
+    wide[:, 20:70] = (200, 30, 10)
+    wide[:, 70:] = (0, 0, 255)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((500, 400, 3), 90, dtype=np.uint8)).save(tmp_path / "big.jpg")
+    pixels = predict.read_image(tmp_path / "wide.png")
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
+    assert torch.equal(pixels, torch.tensor([200, 30, 10], dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
+    capsys.readouterr()
+    assert predict.main([str(work), str(tmp_path / "wide.png"), str(tmp_path / "big.jpg"), "--top", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(tmp_path / "wide.png"), str(tmp_path / "big.jpg")]
+    for line in lines:
+        shares = [part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", ")]
+        percents = [float(p.rstrip("%")) for _, p in shares]
+        assert {name for name, _ in shares} == {"airplane", "automobile", "bird", "cat", "deer", "dog",
+                                               "frog", "horse", "ship", "truck"}
+        assert percents == sorted(percents, reverse=True) and sum(percents) == pytest.approx(100, abs=0.6)
+    assert predict.main([str(work / "checkpoint.pt"), str(ROOT / "train.py")]) == 2
+    assert "train.py is not a readable PNG or JPEG image" in capsys.readouterr().err

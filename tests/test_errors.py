@@ -34,13 +34,15 @@ import gradcheck  # noqa: E402
 import lr_find  # noqa: E402
 import memory  # noqa: E402
 import pipeline  # noqa: E402
+import predict  # noqa: E402
 import speed  # noqa: E402
 import summary  # noqa: E402
 
 SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": summary.main,
            "attic/gradcheck.py": gradcheck.main, "attic/dataset_stats.py": dataset_stats.main,
            "attic/lr_find.py": lr_find.main, "bench/speed.py": speed.main,
-           "bench/memory.py": memory.main, "bench/pipeline.py": pipeline.main}
+           "bench/memory.py": memory.main, "bench/pipeline.py": pipeline.main,
+           "attic/predict.py": predict.main}
 
 
 @pytest.fixture(scope="module")

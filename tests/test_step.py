@@ -181,7 +181,7 @@ def test_a_restored_optimizer_keeps_its_fused_implementation(tmp_path):
                               weight_decay=1e-4, foreach=True)
     train_steps(step, step, 1)
     earlier.step()  # momentum buffers from the gradients the step left
-    train.restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
+    training.restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
     group = step.optimizer.param_groups[0]
     assert group["fused"] is True and not group["foreach"]
     for p in step.model.parameters():

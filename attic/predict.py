@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Classify your own images with a trained checkpoint: the most likely classes, with probabilities.
+
+Each PNG or JPEG file, of any size, is converted to RGB, cropped to its central square (CIFAR
+and SVHN images are square, so nothing is stretched) and resized to 32x32 with antialiasing,
+then normalised with the run's own training statistics and classified by the checkpoint's
+model in evaluation mode. Class names come from the run's config.json.
+
+  attic/predict.py work/cifar10-densenet-bc-100-12 cat.jpg dog.png
+  attic/predict.py work/cifar10-densenet-bc-100-12/checkpoint.pt photos/*.jpg --top 3
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
+import data  # noqa: E402
+import training  # noqa: E402
+from runlog import load_checkpoint  # noqa: E402
+
+SIZE = 32  # what the networks of this project see
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """A uint8 (3, 32, 32) tensor: the central square of the image, resized."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            image = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise cli.UserError(f"{path} is not a readable PNG or JPEG image ({error}); "
+                            f"check the file") from None
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(SIZE, SIZE, 3).permute(2, 0, 1).contiguous()
+
+
+def class_names(checkpoint: Path, count: int) -> list[str]:
+    """The run's class names from config.json beside the checkpoint, or the class numbers."""
+    try:
+        names = json.loads((checkpoint.parent / "config.json").read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    if isinstance(names, list) and len(names) == count:
+        return [str(name) for name in names]
+    return [str(c) for c in range(count)]
+
+
+@cli.one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint written by train.py, or its run's directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--top", type=cli.positive_int, default=5, help="classes shown per image")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise cli.UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    state = load_checkpoint(path, ("config", "model", "normalization", "num_classes"))
+    images = torch.stack([read_image(Path(image)) for image in args.images])
+    device = torch.device(args.device)
+    model = training.build_model(state["config"], state["num_classes"])
+    training.restore(model, state["model"], path)
+    model.to(device).eval()
+    normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"], device)
+    with torch.inference_mode():
+        probabilities = model(normalizer(images.to(device))).float().softmax(1).cpu()
+    names = class_names(path, state["num_classes"])
+    top = min(args.top, len(names))
+    for image, row in zip(args.images, probabilities):
+        values, classes = row.topk(top)
+        print(f"{image}: " + ", ".join(f"{names[c]} {100 * v:.1f}%" for v, c in zip(values.tolist(),
+                                                                                  classes.tolist())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
