@@ -33,7 +33,7 @@ import cli  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error")  # what the curves are drawn from
+NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error", "top5_error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
 OPEN_END = 10**9  # the last epoch of a range like 50:
 MARKERS_UP_TO = 30

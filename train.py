@@ -56,6 +56,7 @@ CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", 
 # Steps between progress updates and non-finite-loss checks. On a GPU each check waits for
 # the queued work, so it is rare; on the CPU every step is synchronous anyway.
 CHECK_EVERY = {"cuda": 50, "cpu": 1}
+BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
 PROGRESS_SECONDS = 30  # without a terminal, a progress line this often (and at each quarter)
 
 
@@ -258,6 +259,7 @@ class EpochProgress:
     step: int = 0
     loss_sum: float = 0.0
     correct: float = 0.0
+    correct5: float = 0.0
     seen: float = 0.0
     seconds: float = 0.0
 
@@ -343,11 +345,12 @@ def train_epoch(step: TrainStep, run_step, runtime: Runtime, epoch: int, progres
         if done < steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
             break
     steps_run = done - progress.step
-    loss_sum, correct_sum, seen_sum = all_sum(
+    loss_sum, correct_sum, correct5_sum, seen_sum = all_sum(
         [step.losses[progress.step:done].double().sum().item() * share, step.correct.item(),
-         steps_run * share], runtime)
+         step.correct5.item(), steps_run * share], runtime)
     return EpochProgress(done, progress.loss_sum + loss_sum, progress.correct + correct_sum,
-                         progress.seen + seen_sum, progress.seconds + time.perf_counter() - start)
+                         progress.correct5 + correct5_sum, progress.seen + seen_sum,
+                         progress.seconds + time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- the run
@@ -437,11 +440,22 @@ def read_config_json(save: Path, has_checkpoint: bool) -> dict | None:
 
 
 def run_logs(save: Path, cfg: dict) -> dict[str, CsvLog]:
-    logs = {"train": CsvLog(save / "train.csv", TRAIN_COLUMNS),
-            "test": CsvLog(save / "test.csv", EVAL_COLUMNS)}
-    if cfg["val_size"]:
-        logs["val"] = CsvLog(save / "val.csv", EVAL_COLUMNS)
-    return logs
+    """The run's CSV files; with more than TOP5_FROM classes each also has a top5_error column
+    (except in a run logged before there was one, which keeps its columns)."""
+    top5 = ["top5_error"] if data.NUM_CLASSES[cfg["dataset"]] > training.TOP5_FROM else []
+
+    def log(name: str, columns: list[str]) -> CsvLog:
+        path = save / name
+        try:
+            with open(path) as f:
+                earlier = f.readline().rstrip("\n") == ",".join(columns)
+        except (OSError, UnicodeDecodeError):
+            earlier = False
+        return CsvLog(path, columns if earlier else columns + top5)
+
+    splits = ["train", "test"] + (["val"] if cfg["val_size"] else [])
+    return {split: log(f"{split}.csv", TRAIN_COLUMNS if split == "train" else EVAL_COLUMNS)
+            for split in splits}
 
 
 def plan_run(save: Path, args: argparse.Namespace, explicit: set[str]) -> RunPlan:
@@ -462,7 +476,7 @@ def plan_run(save: Path, args: argparse.Namespace, explicit: set[str]) -> RunPla
     elif config_json is None:
         raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
                         f"start a new run without --resume")
-    elif max(CsvLog(save / "train.csv", TRAIN_COLUMNS).epochs(), default=0) > 1:
+    elif max(run_logs(save, config_json["config"])["train"].epochs(), default=0) > 1:
         # rows are appended before each checkpoint, so only epoch 1 can be logged without one
         raise UserError(f"{save} has epochs logged in train.csv but no checkpoint.pt to continue "
                         f"from; put the checkpoint back, or start a new run with another --save")
@@ -578,7 +592,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg["compile"]:
             model = torch.compile(model)
-        step = TrainStep(model, optimizer, batches, cfg["precision"], scaler)
+        step = TrainStep(model, optimizer, batches, cfg["precision"], scaler,
+                         top5=num_classes > training.TOP5_FROM)
         run_step = training.step_runner(step, cfg["cuda_graph"], runtime, log)
 
         def begin() -> dict[str, CsvLog]:
@@ -589,6 +604,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 return open_work_dir(save, plan, {
                     "model": raw_model.name, "parameters": parameters,
                     "classes": dataset.classes or [str(c) for c in range(num_classes)],
+                    **({"best_checkpoint": {"file": BEST_CHECKPOINT, "chosen_by": "lowest validation error"}}
+                       if val else {}),
                     "train_images": len(dataset.train), "test_images": len(dataset.test),
                     "val_images": len(val) if val else 0, "normalization": {"mean": mean, "std": std},
                     "environment": environment(runtime)})
@@ -601,22 +618,24 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             if bad:
                 raise Diverged(f"the weights are not finite {where} ({', '.join(bad[:3])})")
 
-        def checkpoint(epoch: int, data_rng: torch.Tensor, progress: EpochProgress) -> None:
+        def checkpoint(epoch: int, data_rng: torch.Tensor, progress: EpochProgress,
+                       path: Path = save / "checkpoint.pt") -> None:
             if runtime.main:
-                save_checkpoint(save / "checkpoint.pt", {
+                save_checkpoint(path, {
                     "config": cfg, "epoch": epoch, "progress": vars(progress), "best": best,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "data_rng": data_rng, "rng": training.rng_state(),
                     "normalization": {"mean": mean, "std": std}, "num_classes": num_classes})
 
-        def evaluate_split(split: data.Split) -> tuple[float, float, float]:
-            """Loss, error in percent and seconds over ``split``, shared by all processes."""
+        def evaluate_split(split: data.Split) -> dict:
+            """The CSV row of ``split`` (loss, error, top-5 error, seconds), all processes."""
             start = time.perf_counter()
-            loss, error, _ = training.evaluate(model, data.eval_batches(
+            loss, error, _, top5 = training.evaluate(model, data.eval_batches(
                 split, cfg["eval_batch_size"], normalizer, device, runtime.rank, runtime.world_size,
                 cfg["channels_last"]), cfg["precision"], runtime, num_classes)
-            return loss, error, time.perf_counter() - start
+            return {"loss": loss, "error": error, "top5_error": top5,
+                    "seconds": time.perf_counter() - start}
 
         def after_write_error() -> str:
             if (save / "checkpoint.pt").exists():
@@ -647,28 +666,32 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             evaluations = {"test": evaluate_split(test)}
             if val is not None:
                 evaluations["val"] = evaluate_split(val)
-            for split, (loss, _, _) in evaluations.items():
-                if not math.isfinite(loss):
+            for split, row in evaluations.items():
+                if not math.isfinite(row["loss"]):
                     raise Diverged(f"the {split} loss is not finite after epoch {epoch + 1}")
             train_loss = progress.loss_sum / progress.seen
             train_error = 100 * (1 - progress.correct / progress.seen)
-            test_error = evaluations["test"][1]
+            test_error = evaluations["test"]["error"]
             if test_error < best["error"]:
-                best = {"error": test_error, "epoch": epoch + 1}
+                best = {**best, "error": test_error, "epoch": epoch + 1}
+            new_best_val = val is not None and evaluations["val"]["error"] < best.get("val_error", math.inf)
+            if new_best_val:
+                best = {**best, "val_error": evaluations["val"]["error"], "val_epoch": epoch + 1}
             line = (f"epoch {epoch + 1}/{cfg['epochs']}  lr {lr:.3g}  train loss {train_loss:.4f} "
-                    f"error {train_error:.2f}%  test loss {evaluations['test'][0]:.4f} error "
-                    f"{test_error:.2f}%" + (f"  val error {evaluations['val'][1]:.2f}%" if val else "")
+                    f"error {train_error:.2f}%  test loss {evaluations['test']['loss']:.4f} error "
+                    f"{test_error:.2f}%" + (f"  val error {evaluations['val']['error']:.2f}%" if val else "")
                     + f"  {progress.seen / progress.seconds:.0f} img/s  {progress.seconds:.1f}s")
             rows = {"train": {"lr": lr, "loss": train_loss, "error": train_error,
+                              "top5_error": 100 * (1 - progress.correct5 / progress.seen),
                               "seconds": progress.seconds,
-                              "images_per_s": progress.seen / progress.seconds}}
-            rows.update({split: {"loss": loss, "error": error, "seconds": seconds}
-                         for split, (loss, error, seconds) in evaluations.items()})
+                              "images_per_s": progress.seen / progress.seconds}, **evaluations}
             ensure_finite(f"after epoch {epoch + 1}")
             progress = EpochProgress()
             with write_errors(after_write_error()):
                 for split, row in rows.items() if runtime.main else ():
                     logs[split].append({"epoch": epoch + 1, **row})
+                if new_best_val:  # before the checkpoint that records it
+                    checkpoint(epoch + 1, batches.state(), progress, save / BEST_CHECKPOINT)
                 checkpoint(epoch + 1, batches.state(), progress)
             log(line, flush=True)
             signum = stop.requested(runtime)
@@ -677,8 +700,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             if epoch + 1 == cfg["stop_after"] and epoch + 1 < cfg["epochs"]:
                 log(f"stopped after epoch {epoch + 1} (--stop-after); continue with --resume --save {save}")
                 return 0
+        chosen = (f"; lowest validation error {best['val_error']:.2f}% at epoch {best['val_epoch']}, "
+                  f"saved as {save / BEST_CHECKPOINT}" if "val_epoch" in best else "")
         log(f"done: final test error {test_error:.2f}%, best {best['error']:.2f}% at epoch "
-            f"{best['epoch']}; logs and checkpoint in {save}")
+            f"{best['epoch']}{chosen}; logs and checkpoint in {save}")
         return 0
 
 
@@ -710,8 +735,8 @@ def evaluate_checkpoint(args: argparse.Namespace, explicit: set[str]) -> int:
                                      runtime.device)
         batches = data.eval_batches(dataset.test.to(runtime.device), cfg["eval_batch_size"],
                                     normalizer, runtime.device, channels_last=cfg["channels_last"])
-        loss, error, confusion = training.evaluate(model, batches, cfg["precision"], runtime,
-                                                   num_classes, tta=args.tta)
+        loss, error, confusion, top5 = training.evaluate(model, batches, cfg["precision"],
+                                                         runtime, num_classes, tta=args.tta)
         names = dataset.classes or [str(c) for c in range(num_classes)]
         suffix = "-tta" if args.tta else ""
         per_class = path.parent / f"{path.stem}-classes{suffix}.csv"
@@ -726,7 +751,8 @@ def evaluate_checkpoint(args: argparse.Namespace, explicit: set[str]) -> int:
             write_text(confusion_path, "true\\predicted," + ",".join(names) + "\n" + "".join(
                 f"{names[c]}," + ",".join(str(int(v)) for v in confusion[c]) + "\n"
                 for c in range(num_classes)))
-    print(f"{path} after epoch {state['epoch']}: test error {error:.2f}% (loss {loss:.4f}) on "
+    print(f"{path} after epoch {state['epoch']}: test error {error:.2f}% "
+          + (f"(top-5 {top5:.2f}%) " if top5 is not None else "") + f"(loss {loss:.4f}) on "
           f"{int(images.sum())} images{' with flip test-time augmentation' if args.tta else ''}")
     print(f"per-class errors: {per_class}\nconfusion matrix: {confusion_path}")
     return 0

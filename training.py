@@ -40,6 +40,7 @@ from densenet import DenseNet
 from runlog import RunError
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOP5_FROM = 10  # datasets with more classes than this (CIFAR-100) also log the top-5 error
 
 
 # ---------------------------------------------------------------- set-up
@@ -245,19 +246,22 @@ class Precision:
 class TrainStep:
     """One training step of the epoch that ``start_epoch`` planned; call it once per step.
 
-    ``losses[i]`` is step i's mean loss and ``correct`` the epoch's correct predictions so
-    far, both on the device; ``lr`` is the learning rate every parameter group reads.
+    ``losses[i]`` is step i's mean loss, ``correct`` the epoch's correct predictions so far
+    and ``correct5`` its top-5 correct ones (counted with ``top5``), all on the device; ``lr``
+    is the learning rate every parameter group reads.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  batches: data.TrainBatches, precision: str,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, top5: bool = False) -> None:
         device = batches.device
         self.model, self.optimizer, self.batches, self.scaler = model, optimizer, batches, scaler
         self.precision = Precision(model, precision)
         self.step = torch.zeros(1, dtype=torch.int64, device=device)  # the batch to train on
         self.losses = torch.zeros(batches.steps, dtype=torch.float32, device=device)
         self.correct = torch.zeros(1, dtype=torch.int64, device=device)
+        self.correct5 = torch.zeros(1, dtype=torch.int64, device=device)
+        self.top5 = top5
         self.lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=device)
         for group in optimizer.param_groups:  # also after load_state_dict put floats back
             group["lr"] = self.lr
@@ -270,6 +274,7 @@ class TrainStep:
         self.batches.plan_epoch()
         self.step.fill_(start_step)
         self.correct.zero_()
+        self.correct5.zero_()
 
     def __call__(self) -> None:
         images, labels = self.batches.batch(self.step)
@@ -285,7 +290,14 @@ class TrainStep:
             self.scaler.update()
         self.losses.index_copy_(0, self.step, loss.detach().view(1))
         self.correct += (logits.argmax(1) == labels).sum()
+        if self.top5:
+            self.correct5 += top5_hits(logits, labels).sum()
         self.step += 1
+
+
+def top5_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per row, whether the label is among the five highest logits."""
+    return (logits.topk(5, dim=1).indices == labels[:, None]).any(1)
 
 
 def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
@@ -371,8 +383,9 @@ def step_runner(step: TrainStep, cuda_graph: bool, runtime: Runtime,
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_classes: int,
-             tta: bool = False) -> tuple[float, float, Tensor]:
-    """Mean loss, error in percent and the confusion matrix (true x predicted), all processes.
+             tta: bool = False) -> tuple[float, float, Tensor, float | None]:
+    """Mean loss, error in percent, the confusion matrix (true x predicted) and, for more than
+    TOP5_FROM classes, the top-5 error in percent (else None); over all processes.
 
     ``batches`` yields (images, labels, valid) as data.eval_batches does: padded rows count
     for nothing.
@@ -387,6 +400,7 @@ def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_cl
     device = runtime.device
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits5 = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels, valid in batches:
         logits = forward(images)
         if tta:
@@ -395,10 +409,13 @@ def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_cl
         loss_sum += torch.where(valid, losses, 0).sum()
         # index_add_, not bincount: on CUDA, bincount reads its input's maximum on the host
         confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.double())
+        if num_classes > TOP5_FROM:
+            hits5 += (top5_hits(logits, labels) & valid).sum()
     if runtime.world_size > 1:
-        dist.all_reduce(confusion)
-        dist.all_reduce(loss_sum)
+        for total in (confusion, loss_sum, hits5):
+            dist.all_reduce(total)
     confusion = confusion.view(num_classes, num_classes).cpu()
     count = confusion.sum().item()
     error = 100 * (1 - confusion.diagonal().sum().item() / count)
-    return loss_sum.item() / count, error, confusion
+    top5 = 100 * (1 - hits5.item() / count) if num_classes > TOP5_FROM else None
+    return loss_sum.item() / count, error, confusion, top5

@@ -40,6 +40,21 @@ def write_cifar10(root: Path, train_per_batch: int = 32, test: int = 48, seed: i
     return root
 
 
+def write_cifar100(root: Path, train: int = 30, test: int = 10, seed: int = 0) -> Path:
+    """A CIFAR-100 folder in the official python layout with random images."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, count in (("train", train), ("test", test)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                         "fine_labels": rng.integers(0, 100, count).tolist(),
+                         "coarse_labels": rng.integers(0, 20, count).tolist()}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    return root
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, without one")
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import write_cifar100
 
 
 def test_reads_official_layout_with_fewer_images(cifar_dir):
@@ -83,19 +84,7 @@ def test_data_dir_may_name_the_dataset_folder_itself(cifar_dir):
 
 
 def test_reads_cifar100_layout(tmp_path):
-    import pickle
-
-    import numpy as np
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, count in (("train", 30), ("test", 10)):
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                         "fine_labels": rng.integers(0, 100, count).tolist(),
-                         "coarse_labels": rng.integers(0, 20, count).tolist()}, f)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    write_cifar100(tmp_path)
     dataset = data.load_dataset("cifar100", tmp_path, download=False)
     assert (len(dataset.train), len(dataset.test), len(dataset.classes)) == (30, 10, 100)
     assert data.NUM_CLASSES["cifar100"] == 100

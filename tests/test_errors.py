@@ -312,16 +312,17 @@ def read_only(folder: Path):
 
 
 def test_read_only_folders_are_refused_before_any_work(tmp_path, finished_run, cifar_dir, capsys):
-    work = tmp_path / "run"
+    work, sweep = tmp_path / "run", tmp_path / "sweep"
     shutil.copytree(finished_run, work)
+    sweep.mkdir()
     before = snapshot(tmp_path)
-    with read_only(work):
+    with read_only(work), read_only(sweep):
         for argv in (["--evaluate", work / "checkpoint.pt"],
                      ["--resume", "--save", work, "--epochs", "3", "--reschedule"]):
             code = train.main([*map(str, argv), "--data-dir", str(cifar_dir)])
             check_refused(code, capsys.readouterr().err, f"cannot write to {work} (")
-        code = lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), "--steps", "3", *TINY])
-        check_refused(code, capsys.readouterr().err, f"cannot write to {work} (")
+        code = lr_find.main(["--data-dir", str(cifar_dir), "--save", str(sweep), "--steps", "3", *TINY])
+        check_refused(code, capsys.readouterr().err, f"cannot write to {sweep} (")
     assert snapshot(tmp_path) == before
 
 

@@ -134,8 +134,8 @@ def test_a_nan_test_loss_is_never_written(tmp_path, cifar_dir, monkeypatch, caps
 
     def nan_on_second_call(*args, **kwargs):
         calls.append(1)
-        loss, error, confusion = evaluate(*args, **kwargs)
-        return (math.nan if len(calls) == 2 else loss), error, confusion
+        loss, error, confusion, top5 = evaluate(*args, **kwargs)
+        return (math.nan if len(calls) == 2 else loss), error, confusion, top5
 
     monkeypatch.setattr(training, "evaluate", nan_on_second_call)
     work = tmp_path / "run"
@@ -153,7 +153,7 @@ def test_weights_gone_non_finite_with_a_finite_loss_are_not_saved(tmp_path, cifa
     weights alone must stop the run.
     """
     train_epoch = train.train_epoch
-    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (2.3, 90.0, None))
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (2.3, 90.0, None, None))
 
     def leave_a_nan_weight(step, run_step, runtime, epoch, *args):
         progress = train_epoch(step, run_step, runtime, epoch, *args)

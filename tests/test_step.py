@@ -223,7 +223,8 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
     assert shapes == {(16, 3, 32, 32)}
     results = [training.evaluate(model, data.eval_batches(split, size, normalizer, runtime.device),
                                  "fp32", runtime, 10) for size in (1, 16, 37, 500)]
-    for loss, error, confusion in results[1:]:
+    for loss, error, confusion, top5 in results[1:]:
+        assert top5 is None  # ten classes
         assert loss == pytest.approx(results[0][0], rel=1e-5) and error == results[0][1]
         assert torch.equal(confusion, results[0][2]) and confusion.sum() == 37
 

@@ -19,7 +19,7 @@ import pytest
 
 import train
 import training
-from conftest import ROOT, TINY, folder_snapshot, run_cli
+from conftest import ROOT, TINY, folder_snapshot, run_cli, write_cifar100
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -340,3 +340,34 @@ def test_run_config_is_what_config_json_records(tmp_path, cifar_dir, capsys):
     args, _ = train.parse_args(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"])
     assert recorded == train.run_config(args) and "reschedule" not in recorded
     assert isinstance(args, argparse.Namespace)
+
+
+def test_best_checkpoint_by_validation_error(tmp_path, cifar_dir, capsys):
+    """With --val-size, best.pt holds the epoch of lowest validation error, config.json names it,
+    and --evaluate takes it."""
+    work = tmp_path / "run"
+    out = start(capsys, work, cifar_dir, "--epochs", "3", "--val-size", "32")
+    errors = [float(r["error"]) for r in read_csv(work / "val.csv")]
+    chosen = errors.index(min(errors)) + 1
+    assert f"lowest validation error {min(errors):.2f}% at epoch {chosen}, saved as {work / 'best.pt'}" in out
+    assert train.load_checkpoint(work / "best.pt", train.CHECKPOINT_KEYS)["epoch"] == chosen
+    config = json.loads((work / "config.json").read_text())
+    assert config["best_checkpoint"] == {"file": "best.pt", "chosen_by": "lowest validation error"}
+    status, out, _ = run(capsys, "--evaluate", work / "best.pt")
+    assert status == 0 and f"after epoch {chosen}: test error" in out
+
+
+def test_top5_error_for_a_hundred_classes(tmp_path, capsys):
+    """CIFAR-100 logs top5_error in every CSV, no higher than the error; plot.py draws it."""
+    import plot
+    data_dir = write_cifar100(tmp_path / "data", train=96, test=40)
+    work = tmp_path / "run"
+    start(capsys, work, data_dir, "--dataset", "cifar100", "--epochs", "2", "--val-size", "32")
+    for name in ("train.csv", "test.csv", "val.csv"):
+        rows = read_csv(work / name)
+        assert "top5_error" in rows[0], name
+        assert all(0 <= float(r["top5_error"]) <= float(r["error"]) for r in rows)
+    assert plot.main([str(work)]) == 0
+    assert (work / "top5-error.png").is_file()
+    status, out, _ = run(capsys, "--evaluate", work)
+    assert status == 0 and "(top-5 " in out
