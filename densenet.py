@@ -34,7 +34,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 import fused
 
-__all__ = ["DenseNet", "check_config", "model_name", "valid_depths"]
+__all__ = ["DenseNet", "KERNELS", "check_config", "model_name", "valid_depths"]
+KERNELS = ("fused", "aten")  # how dense blocks and BatchNorm-ReLU are computed
 
 
 def valid_depths(bottleneck: bool) -> tuple[int, int]:
@@ -104,7 +105,7 @@ class DenseLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool,
-                 dropout: float, memory_efficient: bool) -> None:
+                 dropout: float, memory_efficient: bool, fused_kernels: bool = True) -> None:
         super().__init__()
         first_out = 4 * growth_rate if bottleneck else growth_rate
         first_kernel = 1 if bottleneck else 3
@@ -117,6 +118,7 @@ class DenseLayer(nn.Module):
         self.bottleneck = bottleneck
         self.dropout = dropout
         self.memory_efficient = memory_efficient
+        self.fused_kernels = fused_kernels
 
     def _layer(self, *features: Tensor) -> Tensor:
         """Concatenate, then BN-ReLU-Conv, and with the bottleneck BN-ReLU-Conv again.
@@ -135,7 +137,7 @@ class DenseLayer(nn.Module):
         if self.dropout:
             out = F.dropout(out, self.dropout, self.training)
         if self.bottleneck:
-            out = self.conv2(_batch_norm_relu(self.norm2, out))
+            out = self.conv2(_batch_norm_relu(self.norm2, out, self.fused_kernels))
             if self.dropout:
                 out = F.dropout(out, self.dropout, self.training)
         return out
@@ -182,9 +184,10 @@ class DenseLayer(nn.Module):
         return layer(*inputs)
 
 
-def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``relu(norm(x))``, fused where fused.py can (in place otherwise: BN keeps its input)."""
-    if fused.available(x):
+def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, fused_kernels: bool) -> Tensor:
+    """``relu(norm(x))``, fused where chosen and fused.py can (in place otherwise: BN keeps
+    its input)."""
+    if fused_kernels and fused.available(x):
         return fused.batch_norm_relu(norm, x)
     return F.relu(norm(x), inplace=True)
 
@@ -207,16 +210,17 @@ class DenseBlock(nn.Module):
     """
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
-                 dropout: float, memory_efficient: bool) -> None:
+                 dropout: float, memory_efficient: bool, fused_kernels: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, dropout,
-                       memory_efficient)
+                       memory_efficient, fused_kernels)
             for i in range(num_layers))
         self.out_channels = in_channels + num_layers * growth_rate
+        self.fused_kernels = fused_kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        if fused.available(x):
+        if self.fused_kernels and fused.available(x):
             shared = fused.SharedFeatures.for_block(x, self.out_channels)
             newest = x
             for layer in self.layers:
@@ -232,7 +236,8 @@ class DenseBlock(nn.Module):
 class Transition(nn.Sequential):
     """BN-ReLU-Conv(1x1) to ``out_channels`` (compression), dropout, 2x2 average pooling."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float,
+                 fused_kernels: bool = True) -> None:
         super().__init__(
             nn.BatchNorm2d(in_channels),
             nn.ReLU(inplace=True),
@@ -240,10 +245,11 @@ class Transition(nn.Sequential):
             nn.Dropout(dropout),
             nn.AvgPool2d(2),
         )
+        self.fused_kernels = fused_kernels
 
     def forward(self, x: Tensor) -> Tensor:
         norm, _, conv, dropout, pool = self  # the ReLU is fused with the norm where it can be
-        return pool(dropout(conv(_batch_norm_relu(norm, x))))
+        return pool(dropout(conv(_batch_norm_relu(norm, x, self.fused_kernels))))
 
 
 class DenseNet(nn.Module):
@@ -257,13 +263,20 @@ class DenseNet(nn.Module):
         dropout: rate after every conv but the first (the paper uses 0.2 without augmentation).
         num_classes: classifier outputs.
         memory_efficient: keep only conv outputs; recompute concatenation, BN and ReLU in backward.
+        kernels: "fused" computes dense blocks and BatchNorm-ReLU with fused.py's kernels
+            wherever they apply (C on the CPU, Triton on CUDA; see ``fused.available``), ATen's
+            operations elsewhere; "aten" always uses ATen's. The results are the same.
     """
 
     def __init__(self, depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
                  compression: float = 0.5, dropout: float = 0.0, num_classes: int = 10,
-                 memory_efficient: bool = False) -> None:
+                 memory_efficient: bool = False, kernels: str = "fused") -> None:
         super().__init__()
         check_config(depth, growth_rate, bottleneck, compression, dropout, num_classes)
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+        self.kernels = kernels
+        fused_kernels = kernels == "fused"
         step, _ = valid_depths(bottleneck)
         layers_per_block = (depth - 4) // step
         channels = 2 * growth_rate if bottleneck else 16
@@ -271,12 +284,12 @@ class DenseNet(nn.Module):
         stages: list[nn.Module] = []
         for index in range(3):
             block = DenseBlock(layers_per_block, channels, growth_rate, bottleneck, dropout,
-                               memory_efficient)
+                               memory_efficient, fused_kernels)
             stages.append(block)
             channels = block.out_channels
             if index < 2:
                 reduced = math.floor(compression * channels)
-                stages.append(Transition(channels, reduced, dropout))
+                stages.append(Transition(channels, reduced, dropout, fused_kernels))
                 channels = reduced
         self.features = nn.Sequential(*stages)
         self.norm = nn.BatchNorm2d(channels)
@@ -297,6 +310,6 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(self.stem(x))
-        x = _batch_norm_relu(self.norm, x)
+        x = _batch_norm_relu(self.norm, x, self.kernels == "fused")
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)

@@ -168,17 +168,54 @@ def _unavailable(reason: str) -> None:
 
 
 def available(x: Tensor) -> bool:
-    """Whether a block input can take the fused path: channels-last float on the CPU, eager."""
-    return (x.device.type == "cpu" and x.dtype in _SUFFIX and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and _library() is not None)
+    """Whether a block input can take the fused path: channels-last, eager, and float32 or
+    float64 with the C kernels on the CPU, float32 with the Triton kernels on CUDA."""
+    if (x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.float32 and _triton() is not None
+    return x.device.type == "cpu" and x.dtype in _SUFFIX and _library() is not None
+
+
+@functools.cache
+def _triton():
+    """triton_kernels.py, imported once; None, with a warning, where Triton is missing."""
+    try:
+        import triton_kernels
+    except ImportError as error:
+        return _unavailable(f"Triton cannot be imported: {error}")
+    return triton_kernels
+
+
+def _backend(x: Tensor) -> str:
+    """Which kernels run on ``x``: Triton on CUDA, C on the CPU (tests point it at Triton's
+    interpreter on the CPU)."""
+    return "triton" if x.device.type == "cuda" else "c"
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:
     # tensors as pointers; None is NULL
     converted = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else a for a in args]
     getattr(_library(), f"{name}_{_SUFFIX[dtype]}")(*converted, torch.get_num_threads())
+
+
+def _norm_relu(x: Tensor, ldx: int, pixels: int, channels: int, scale: Tensor, shift: Tensor,
+               out: Tensor) -> None:
+    if _backend(x) == "triton":
+        return _triton().norm_relu(x, ldx, pixels, channels, scale, shift, out)
+    _call("norm_relu", x.dtype, x, ldx, pixels, channels, scale, shift, out)
+
+
+def _norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, pixels: int, channels: int,
+                        mean: Tensor, a: Tensor, out: Tensor, ldo: int) -> Tensor:
+    """Adds the gradient into ``out``; returns the two per-channel sums, (2, C) float64."""
+    if _backend(x) == "triton":
+        return _triton().norm_relu_backward(g, y, x, ldx, pixels, channels, mean, a, out, ldo)
+    sums = torch.empty(2, channels, dtype=torch.float64)
+    _call("norm_relu_backward", x.dtype, g, y, x, ldx, pixels, channels, mean, a, out, ldo,
+          sums[0], sums[1])
+    return sums
 
 
 class SharedFeatures:
@@ -203,7 +240,7 @@ class SharedFeatures:
     def for_block(cls, first: Tensor, channels: int) -> SharedFeatures:
         """A buffer of ``channels`` for a block whose input is ``first``."""
         n, _, h, w = first.shape
-        shared = cls(torch.empty((n, channels, h, w), dtype=first.dtype,
+        shared = cls(torch.empty((n, channels, h, w), dtype=first.dtype, device=first.device,
                                  memory_format=torch.channels_last))
         shared.append(first)
         return shared
@@ -251,10 +288,12 @@ class SharedFeatures:
 def _channel_stats(feature: Tensor, copy_to: Tensor | None = None) -> Tensor:
     """Mean and biased variance per channel (a (2, C) float64 tensor) of a dense channels-last
     ``feature``, in one pass that also copies it into ``copy_to`` (a buffer's channel slice)."""
-    stats = torch.empty(2, feature.shape[1], dtype=torch.float64)
-    pixel_stride = 0 if copy_to is None else copy_to.stride(-1)
-    _call("stats", feature.dtype, feature, feature.numel() // feature.shape[1], feature.shape[1],
-          copy_to, pixel_stride, stats[0], stats[1])
+    channels = feature.shape[1]
+    pixels, pixel_stride = feature.numel() // channels, 0 if copy_to is None else copy_to.stride(-1)
+    if _backend(feature) == "triton":
+        return _triton().stats(feature, pixels, channels, copy_to, pixel_stride)
+    stats = torch.empty(2, channels, dtype=torch.float64)
+    _call("stats", feature.dtype, feature, pixels, channels, copy_to, pixel_stride, stats[0], stats[1])
     return stats
 
 
@@ -292,9 +331,8 @@ class _NormReLU(torch.autograd.Function):
         scale = weight * invstd
         shift = bias - mean * scale
         x = shared.prefix(channels)
-        out = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
-        _call("norm_relu", x.dtype, x, shared.buffer.shape[1], shared.pixels, channels,
-              scale, shift, out)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        _norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, scale, shift, out)
         ctx.save_for_backward(out, weight, mean, invstd)
         ctx.shared, ctx.batch_stats = shared, norm.training
         ctx.newest_channels = newest.shape[1]
@@ -310,9 +348,8 @@ class _NormReLU(torch.autograd.Function):
         if shared.grad is None:  # a SharedFeatures.holding one tensor
             shared.start_grad(torch.zeros_like(shared.buffer))
         a = weight * invstd
-        sums = torch.empty(2, channels, dtype=torch.float64)
-        _call("norm_relu_backward", x.dtype, g, out, x, shared.buffer.shape[1], pixels, channels,
-              mean, a, shared.grad, shared.buffer.shape[1], sums[0], sums[1])
+        sums = _norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels, channels, mean, a,
+                                   shared.grad, shared.buffer.shape[1])
         sum_g, sum_gx = sums.to(x.dtype)
         if ctx.batch_stats:  # the part of the gradient through the batch mean and variance
             b = -a * invstd * invstd * sum_gx / pixels

@@ -39,7 +39,7 @@ import cli
 import data
 import training
 from cli import OneLineParser, UserError
-from densenet import check_config, model_name
+from densenet import KERNELS, check_config, model_name
 from training import Runtime, TrainStep, setup_runtime
 from runlog import (CsvLog, RunError, WorkDirLock, holds_run, load_checkpoint, non_finite,
                     remove_stale_temporaries, save_checkpoint, write_errors, write_json, write_text)
@@ -48,7 +48,8 @@ TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
 # Flags that may differ when resuming: they change speed or length, not the run's numbers
 # (a longer --epochs may change the schedule: see check_schedule).
-RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "cuda_graph", "memory_efficient",
+RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "compile", "kernels", "cuda_graph",
+                     "memory_efficient",
                      "data_dir", "download", "eval_batch_size", "save", "resume", "stop_after"}
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
 CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
@@ -134,8 +135,13 @@ def build_parser(tool: bool = False) -> argparse.ArgumentParser:
                    help="on CUDA, capture the whole training step as one CUDA graph after 3 "
                         "eager steps and replay it (one process; if capture fails, the run goes "
                         "on eagerly and says why)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (inside the CUDA graph on a GPU)")
+    g.add_argument("--kernels", default="auto", choices=["auto", *KERNELS, "compile"],
+                   help="how dense blocks and BatchNorm-ReLU run: fused (fused.py: C loops on "
+                        "the CPU, Triton on CUDA, float32), aten (PyTorch's operations), compile "
+                        "(torch.compile of the aten model; inside the CUDA graph on a GPU); auto: "
+                        "fused on the CPU in float32, aten otherwise (the Triton path is not yet "
+                        "measured on a GPU). Same results, different speed")
+    g.add_argument("--compile", action="store_true", help="the same as --kernels compile")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     g.add_argument("--eval-batch-size", type=cli.positive_int, default=500, help="batch size for evaluation")
     g = p.add_argument_group("run")
@@ -177,6 +183,11 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         args.lr = 0.1 if args.opt == "sgd" else 0.001
     if args.dropout is None:
         args.dropout = 0.0 if args.augment else 0.2
+    if args.compile:  # --compile is --kernels compile; both are kept, in agreement
+        args.kernels = "compile"
+    args.compile = args.kernels == "compile"
+    if explicit & {"compile", "kernels"}:
+        explicit |= {"compile", "kernels"}
     return args, explicit
 
 
@@ -590,7 +601,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         if runtime.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg["compile"]:
+        if cfg["kernels"] == "compile":
             model = torch.compile(model)
         step = TrainStep(model, optimizer, batches, cfg["precision"], scaler,
                          top5=num_classes > training.TOP5_FROM)
@@ -603,6 +614,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             with write_errors("choose another work directory with --save"):
                 return open_work_dir(save, plan, {
                     "model": raw_model.name, "parameters": parameters,
+                    "kernels_used": f"{raw_model.kernels}{', compiled' if cfg['compile'] else ''} on "
+                                    f"{device.type}",
                     "classes": dataset.classes or [str(c) for c in range(num_classes)],
                     **({"best_checkpoint": {"file": BEST_CHECKPOINT, "chosen_by": "lowest validation error"}}
                        if val else {}),
@@ -728,7 +741,7 @@ def evaluate_checkpoint(args: argparse.Namespace, explicit: set[str]) -> int:
         if cfg["test_subset"]:
             dataset.test = dataset.test.first(cfg["test_subset"])
         num_classes = state["num_classes"]
-        model = training.build_model(cfg, num_classes)
+        model = training.build_model(cfg, num_classes, runtime.device)
         training.restore(model, state["model"], path)
         model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
         normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"],

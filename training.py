@@ -114,9 +114,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
-def build_model(cfg: dict, num_classes: int) -> DenseNet:
+def model_kernels(cfg: dict, device: torch.device) -> str:
+    """The DenseNet kernels that --kernels means on ``device``: "auto" is fused.py's on the
+    CPU in float32 (measured faster there, see README) and ATen's elsewhere, until the
+    Triton path is measured on a GPU; "compile" compiles the ATen model."""
+    choice = cfg.get("kernels", "auto")  # runs saved before the flag: auto
+    if choice == "auto":
+        return "fused" if device.type == "cpu" and cfg["precision"] == "fp32" else "aten"
+    return "aten" if choice == "compile" else choice
+
+
+def build_model(cfg: dict, num_classes: int, device: torch.device = torch.device("cpu")) -> DenseNet:
     return DenseNet(cfg["depth"], cfg["growth_rate"], cfg["bottleneck"], cfg["compression"],
-                    cfg["dropout"], num_classes, cfg["memory_efficient"])
+                    cfg["dropout"], num_classes, cfg["memory_efficient"], model_kernels(cfg, device))
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -170,7 +180,7 @@ def build_training(cfg: dict, split: data.Split, normalizer: data.Normalizer, ru
     """The run's model (seeded, on the device in its memory layout), optimiser, gradient
     scaler (fp16 only: bfloat16 has float32's range) and training batches."""
     seed_everything(cfg["seed"])
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg, num_classes, runtime.device)
     model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(runtime.device.type) if cfg["precision"] == "fp16" else None

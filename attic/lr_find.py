@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if holds_run(save):
         raise cli.UserError(f"{save} holds a training run; the sweep goes into a folder of its "
                             f"own: choose another --save (the default is work/<dataset>-<model>-lr-find)")
-    step = training.TrainStep(torch.compile(model) if cfg["compile"] else model, optimizer,
+    step = training.TrainStep(torch.compile(model) if cfg["kernels"] == "compile" else model, optimizer,
                               batches, cfg["precision"], scaler)
     with WorkDirLock(save, "choose another with --save") as lock:
         lock.acquire()  # refused before the sweep, not after it

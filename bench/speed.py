@@ -35,7 +35,7 @@ MODES = {
     "plain": ("ours, contiguous memory format, default glibc allocator",
               {"channels_last": False, "allocator": False}),
     "channels_last": ("ours, channels_last, default glibc allocator", {"allocator": False}),
-    "aten": ("ours, ATen ops instead of fused.py (CPU)", {"aten": True}),
+    "aten": ("ours with --kernels aten: ATen's ops instead of fused.py's", {"kernels": "aten"}),
     "ours": ("ours as train.py runs it on a CPU: channels_last, freed memory kept mapped, eager", {}),
     "bf16": ("ours + bf16, eager", {"precision": "bf16"}),
     "memory_efficient": ("ours + --memory-efficient, eager", {"memory_efficient": True}),
@@ -43,15 +43,20 @@ MODES = {
     "graph": ("ours as train.py runs it on a GPU: the step as one CUDA graph", {"graph": True}),
     "graph_bf16": ("graph + bf16", {"graph": True, "precision": "bf16"}),
     "graph_memory_efficient": ("graph + --memory-efficient", {"graph": True, "memory_efficient": True}),
-    "graph_compile": ("graph + torch.compile inside it", {"graph": True, "compile": True}),
+    "graph_compile": ("graph + torch.compile inside it (--kernels compile)",
+                      {"graph": True, "compile": True}),
+    "graph_fused": ("graph + --kernels fused (Triton on CUDA, float32)",
+                    {"graph": True, "kernels": "fused"}),
 }
-OURS = {"model": "ours", "channels_last": True, "allocator": True, "aten": False,
+OURS = {"model": "ours", "channels_last": True, "allocator": True, "kernels": "auto",
         "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False}
 DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
-                 "cuda": "torchvision,ours,graph,graph_bf16,memory_efficient,graph_memory_efficient"}
+                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_compile,"
+                         "memory_efficient,graph_memory_efficient"}
 # ratios printed under the table: (mode, against)
-RATIOS = [("graph", "ours"), ("graph_bf16", "graph"), ("bf16", "ours"),
-          ("memory_efficient", "ours"), ("graph_memory_efficient", "graph")]
+RATIOS = [("graph", "ours"), ("graph_bf16", "graph"), ("bf16", "ours"), ("graph_fused", "graph"),
+          ("graph_compile", "graph"), ("memory_efficient", "ours"),
+          ("graph_memory_efficient", "graph")]
 
 
 def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 10):
@@ -74,13 +79,10 @@ def measure(config: dict) -> dict:
     import torch
 
     import data
-    import fused
     import training
     from densenet import DenseNet
 
     settings = {**OURS, **MODES[config["mode"]][1]}
-    if settings["aten"]:
-        fused.available = lambda x: False
     if settings["allocator"]:
         training.keep_freed_memory_mapped()
     device = torch.device(config["device"])
@@ -88,8 +90,9 @@ def measure(config: dict) -> dict:
     if settings["model"] == "torchvision":
         model = torchvision_cifar_densenet(config["depth"], config["growth_rate"])
     else:
+        kernels = training.model_kernels(settings, device)
         model = DenseNet(config["depth"], config["growth_rate"], True, 0.5,
-                         memory_efficient=settings["memory_efficient"])
+                         memory_efficient=settings["memory_efficient"], kernels=kernels)
     parameters = sum(p.numel() for p in model.parameters())
     model = model.to(device, memory_format=data.memory_format(settings["channels_last"]))
     _, run_step, sync = synthetic_step(model, device, config["batch"],

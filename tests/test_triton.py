@@ -1,0 +1,131 @@
+"""The Triton kernels of the fused block path (triton_kernels.py) against float64 references.
+
+Without a GPU they run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set
+for this module's tests only); with one, on CUDA. Small shapes: each test takes well under a
+second or two in the interpreter.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused
+from conftest import ROOT
+from densenet import DenseNet
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+LAST = torch.channels_last
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """triton_kernels as a module of its own, interpreted unless there is a GPU."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if not CUDA:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("triton_kernels_under_test",
+                                                      ROOT / "triton_kernels.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+@pytest.fixture
+def triton_path(kernels, monkeypatch):
+    """fused.py's path with every kernel from Triton, on this test's device."""
+    if not CUDA and fused._library() is None:
+        pytest.skip("no C compiler: fused.available() refuses CPU tensors")
+    monkeypatch.setattr(fused, "_backend", lambda x: "triton")
+    monkeypatch.setattr(fused, "_triton", lambda: kernels)
+
+
+def buffer(n: int, channels: int, size: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, dtype=dtype, device=DEVICE).contiguous(memory_format=LAST)
+
+
+@pytest.mark.parametrize("n,total,channels", [(3, 21, 13), (1, 7, 7), (2, 40, 33)])
+def test_kernels_match_float64(kernels, n, total, channels):
+    """A channel prefix of a block buffer (odd counts, batch 1), forward and backward sums."""
+    torch.manual_seed(0)
+    shared = buffer(n, total, 5)
+    x, pixels = shared[:, :channels], n * 25
+    scale, shift = torch.randn(channels, device=DEVICE), torch.randn(channels, device=DEVICE)
+    y = torch.empty(x.shape, device=DEVICE).contiguous(memory_format=LAST)
+    kernels.norm_relu(x, total, pixels, channels, scale, shift, y)
+    expected = (x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).clamp(min=0)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
+
+    g = buffer(n, channels, 5)
+    out = torch.zeros_like(shared)
+    mean, a = torch.randn(channels, device=DEVICE), torch.randn(channels, device=DEVICE)
+    sums = kernels.norm_relu_backward(g, y, x, total, pixels, channels, mean, a, out, total)
+    gm = torch.where(y > 0, g, 0).double()
+    torch.testing.assert_close(out[:, :channels].double(), gm * a.double().view(1, -1, 1, 1), rtol=1e-6, atol=1e-6)
+    assert out[:, channels:].abs().sum() == 0
+    torch.testing.assert_close(sums[0], gm.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    centred = x.double() - mean.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(sums[1], (gm * centred).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+    feature = buffer(n, 5, 5) * 3 + 100  # an offset that a naive E[x^2] - E[x]^2 would lose
+    target = torch.zeros_like(shared)
+    stats = kernels.stats(feature, pixels, 5, target[:, 2:], total)
+    torch.testing.assert_close(stats[0], feature.double().mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(stats[1], feature.double().var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
+    assert torch.equal(target[:, 2:7], feature) and target[:, :2].abs().sum() == 0
+
+
+def test_kernels_propagate_nan_and_store_bf16(kernels):
+    x = buffer(2, 6, 3)
+    x[1, 2, 0, 1] = float("nan")
+    y = torch.empty_like(x)
+    kernels.norm_relu(x, 6, 18, 6, torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE), y)
+    assert torch.isnan(y[1, 2, 0, 1]) and torch.isnan(y).sum() == 1
+    assert torch.isnan(kernels.stats(x, 18, 6, None, 0)[:, 2]).all()
+    low = x.nan_to_num().bfloat16()
+    out = torch.empty_like(low)
+    kernels.norm_relu(low, 6, 18, 6, torch.full((6,), 0.5, device=DEVICE), torch.zeros(6, device=DEVICE), out)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (low.float() * 0.5).clamp(min=0), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory_efficient):
+    """Forward, input and parameter gradients, and running statistics of a whole tiny DenseNet."""
+    torch.manual_seed(0)
+    reference = DenseNet(10, 4, num_classes=5, memory_efficient=memory_efficient, kernels="aten")
+    ours = copy.deepcopy(reference)
+    ours.kernels = "fused"
+    for module in ours.modules():
+        if hasattr(module, "fused_kernels"):
+            module.fused_kernels = True
+    reference.double().to(DEVICE).train()
+    ours.to(DEVICE).train()
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    labels = torch.tensor([1, 3], device=DEVICE)
+    assert fused.available(x.contiguous(memory_format=LAST))
+    results = []
+    for model, inputs in ((reference, x.double()), (ours, x.contiguous(memory_format=LAST))):
+        inputs = inputs.clone().requires_grad_()
+        out = model(inputs)
+        F.cross_entropy(out, labels).backward()
+        results.append((out, inputs.grad, [p.grad for p in model.parameters()],
+                        [b for b in model.buffers() if b.is_floating_point()]))
+    (out_ref, grad_ref, params_ref, stats_ref), (out, grad, params, stats) = results
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-3, atol=1e-5)
+    for a, b in zip(params, params_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
+    for a, b in zip(stats, stats_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
