@@ -128,12 +128,21 @@ class DenseLayer(nn.Module):
         return self._convolutions(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
 
     def _layer_shared(self, newest: Tensor, shared: fused.SharedFeatures) -> Tensor:
-        """``_layer`` reading the block's shared buffer, with BN-ReLU fused (see fused.py)."""
+        """``_layer`` reading the block's shared buffer, with BN-ReLU fused (see fused.py).
+
+        Memory-efficient, the first BN-ReLU's output is recomputed in backward by the fused
+        kernel instead of stored (no checkpointing, no convolution run twice).
+        """
+        if self.memory_efficient and _needs_grad(newest):
+            return self._after_first_conv(fused.norm_relu_conv(self.norm1, self.conv1, shared, newest))
         return self._convolutions(fused.norm_relu(self.norm1, shared, newest))
 
     def _convolutions(self, activated: Tensor) -> Tensor:
         """The first conv on the activated concatenation, then the bottleneck's BN-ReLU-Conv."""
-        out = self.conv1(activated)
+        return self._after_first_conv(self.conv1(activated))
+
+    def _after_first_conv(self, out: Tensor) -> Tensor:
+        """Dropout, and with the bottleneck BN-ReLU-Conv(3x3) and dropout again."""
         if self.dropout:
             out = F.dropout(out, self.dropout, self.training)
         if self.bottleneck:
@@ -175,13 +184,11 @@ class DenseLayer(nn.Module):
         ATen path: ``features`` lists them. Fused path: they are in ``shared``, and
         ``features`` is the newest of them alone.
         """
-        if shared is None:
-            layer, inputs = self._layer, features
-        else:
-            layer, inputs = functools.partial(self._layer_shared, shared=shared), [features]
-        if self.memory_efficient and _needs_grad(*inputs):
-            return self._checkpointed(layer, *inputs)
-        return layer(*inputs)
+        if shared is not None:  # memory-efficient in its own way (see _layer_shared)
+            return self._layer_shared(features, shared)
+        if self.memory_efficient and _needs_grad(*features):
+            return self._checkpointed(self._layer, *features)
+        return self._layer(*features)
 
 
 def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, fused_kernels: bool) -> Tensor:

@@ -30,9 +30,10 @@ import tempfile
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["available", "SharedFeatures", "batch_norm_relu", "gather", "norm_relu"]
+__all__ = ["available", "SharedFeatures", "batch_norm_relu", "gather", "norm_relu", "norm_relu_conv"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -310,6 +311,53 @@ def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count
     norm.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
 
 
+def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor,
+               statistics: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, invstd).
+
+    In training mode the batch statistics are the buffer's and the running ones are updated,
+    unless ``statistics`` (mean, invstd) are given: a recomputation repeats the forward's.
+    """
+    channels = weight.shape[0]
+    if statistics is not None:
+        mean, invstd = statistics
+    else:
+        if norm.training:
+            mean, var = shared.mean[:channels].clone(), shared.var[:channels]
+            _update_running_stats(norm, mean, var, shared.pixels)
+        else:
+            mean, var = norm.running_mean.clone(), norm.running_var
+        invstd = torch.rsqrt(var + norm.eps)
+    scale = weight * invstd
+    shift = bias - mean * scale
+    x = shared.prefix(channels)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    _norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, scale, shift, out)
+    return out, mean, invstd
+
+
+def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, weight: Tensor,
+                        mean: Tensor, invstd: Tensor, batch_stats: bool,
+                        newest_channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``_normalise``: adds the input gradient into the block's gradient buffer
+    and returns (the newest feature's complete gradient, grad weight, grad bias)."""
+    channels, pixels = weight.shape[0], shared.pixels
+    x = shared.prefix(channels)
+    g = grad_out.contiguous(memory_format=torch.channels_last)
+    if shared.grad is None:  # a SharedFeatures.holding one tensor
+        shared.start_grad(torch.zeros_like(shared.buffer))
+    a = weight * invstd
+    sums = _norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels, channels, mean, a,
+                               shared.grad, shared.buffer.shape[1])
+    sum_g, sum_gx = sums.to(x.dtype)
+    if batch_stats:  # the part of the gradient through the batch mean and variance
+        b = -a * invstd * invstd * sum_gx / pixels
+        shared.grad_x_coefficient[:channels] += b
+        shared.grad_constant[:channels] += -a * sum_g / pixels - b * mean
+    newest = shared.finish_grad(channels - newest_channels, channels)
+    return newest, sum_gx * invstd, sum_g
+
+
 class _NormReLU(torch.autograd.Function):
     """relu(batch_norm(first C channels of the buffer)), one pass; backward into the block's grad.
 
@@ -321,18 +369,7 @@ class _NormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, shared: SharedFeatures,
                 norm: nn.BatchNorm2d) -> Tensor:
-        channels = weight.shape[0]
-        if norm.training:
-            mean, var = shared.mean[:channels].clone(), shared.var[:channels]
-            _update_running_stats(norm, mean, var, shared.pixels)
-        else:
-            mean, var = norm.running_mean.clone(), norm.running_var
-        invstd = torch.rsqrt(var + norm.eps)
-        scale = weight * invstd
-        shift = bias - mean * scale
-        x = shared.prefix(channels)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        _norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, scale, shift, out)
+        out, mean, invstd = _normalise(shared, norm, weight, bias)
         ctx.save_for_backward(out, weight, mean, invstd)
         ctx.shared, ctx.batch_stats = shared, norm.training
         ctx.newest_channels = newest.shape[1]
@@ -341,22 +378,40 @@ class _NormReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         out, weight, mean, invstd = ctx.saved_tensors
-        shared: SharedFeatures = ctx.shared
-        channels, pixels = weight.shape[0], shared.pixels
-        x = shared.prefix(channels)
-        g = grad_out.contiguous(memory_format=torch.channels_last)
-        if shared.grad is None:  # a SharedFeatures.holding one tensor
-            shared.start_grad(torch.zeros_like(shared.buffer))
-        a = weight * invstd
-        sums = _norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels, channels, mean, a,
-                                   shared.grad, shared.buffer.shape[1])
-        sum_g, sum_gx = sums.to(x.dtype)
-        if ctx.batch_stats:  # the part of the gradient through the batch mean and variance
-            b = -a * invstd * invstd * sum_gx / pixels
-            shared.grad_x_coefficient[:channels] += b
-            shared.grad_constant[:channels] += -a * sum_g / pixels - b * mean
-        newest = shared.finish_grad(channels - ctx.newest_channels, channels)
-        return newest, sum_gx * invstd, sum_g, None, None
+        return (*_normalise_backward(ctx.shared, grad_out, out, weight, mean, invstd,
+                                     ctx.batch_stats, ctx.newest_channels), None, None)
+
+
+class _NormReLUConv(torch.autograd.Function):
+    """conv(relu(batch_norm(first C channels of the buffer))) that keeps no activation.
+
+    The memory-efficient mode on this path: the normalised input, C channels that grow with
+    depth, is recomputed in backward from the block's buffer (one pass; the buffer is written
+    once and never changed) instead of being stored, and the convolution does not run twice.
+    """
+
+    @staticmethod
+    def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, conv_weight: Tensor,
+                shared: SharedFeatures, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
+        activated, mean, invstd = _normalise(shared, norm, weight, bias)
+        ctx.save_for_backward(weight, bias, conv_weight, mean, invstd)
+        ctx.shared, ctx.norm, ctx.conv, ctx.batch_stats = shared, norm, conv, norm.training
+        ctx.newest_channels = newest.shape[1]
+        return F.conv2d(activated, conv_weight, None, conv.stride, conv.padding, conv.dilation,
+                        conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
+        conv: nn.Conv2d = ctx.conv
+        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, (mean, invstd))
+        grad_activated, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_out, activated, conv_weight, None, conv.stride, conv.padding, conv.dilation,
+            False, [0, 0], conv.groups, [True, True, False])
+        newest, grad_weight, grad_bias = _normalise_backward(
+            ctx.shared, grad_activated, activated, weight, mean, invstd, ctx.batch_stats,
+            ctx.newest_channels)
+        return newest, grad_weight, grad_bias, grad_conv, None, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -378,6 +433,12 @@ class _Gather(torch.autograd.Function):
 def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor) -> Tensor:
     """``relu(norm(concatenation so far))``, where ``newest`` is the last feature appended."""
     return _NormReLU.apply(newest, norm.weight, norm.bias, shared, norm)
+
+
+def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, shared: SharedFeatures,
+                   newest: Tensor) -> Tensor:
+    """``conv(relu(norm(concatenation so far)))`` storing no activation (memory-efficient)."""
+    return _NormReLUConv.apply(newest, norm.weight, norm.bias, conv.weight, shared, norm, conv)
 
 
 def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:

@@ -10,6 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
+    # Triton kernels (tests/test_triton.py) run in Triton's interpreter on CPU tensors. It must
+    # be chosen before anything imports triton: the library's own helpers (tl.sum's) are
+    # compiled or interpreted when triton.language is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))

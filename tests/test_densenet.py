@@ -122,27 +122,47 @@ def test_memory_efficient_matches_standard_in_float64(bottleneck):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("layout,layer_method", [
-    (torch.contiguous_format, "_layer"),  # the ATen path
-    pytest.param(torch.channels_last, "_layer_shared", marks=pytest.mark.skipif(
-        fused._library() is None, reason="no C compiler with OpenMP: the fused path is not built")),
-])
-def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch, layout, layer_method):
-    model = DenseNet(16, 4, True, 0.5, memory_efficient=True).to(memory_format=layout)
+def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
+    """The ATen path: each layer runs once without gradients, and once more in backward."""
+    model = DenseNet(16, 4, True, 0.5, memory_efficient=True, kernels="aten")
     layer_type = type(model.features[0].layers[0])
     calls = []
-    original = getattr(layer_type, layer_method)
+    original = layer_type._layer
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(layer_type, layer_method, counting)
+    monkeypatch.setattr(layer_type, "_layer", counting)
     layers = sum(1 for m in model.modules() if isinstance(m, layer_type))
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=layout)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model.eval()(x)
     assert len(calls) == layers
     calls.clear()
     model.train()(x).sum().backward()
     assert len(calls) == 2 * layers  # forward, then one recomputation in backward
+
+
+@pytest.mark.skipif(fused._library() is None, reason="no C compiler with OpenMP: the fused path is not built")
+def test_memory_efficient_fused_path_recomputes_one_normalisation_per_layer(monkeypatch):
+    """The fused path recomputes each layer's first BN-ReLU in backward, from the block's
+    buffer, and nothing else: no convolution runs twice, no recomputation without gradients."""
+    model = DenseNet(16, 4, True, 0.5, memory_efficient=True).to(memory_format=torch.channels_last)
+    layers = sum(1 for m in model.modules() if type(m).__name__ == "DenseLayer")
+    recomputed, convolutions = [], []
+    normalise = fused._normalise
+    monkeypatch.setattr(fused, "_normalise", lambda *args: (
+        recomputed.append(len(args) == 5), normalise(*args))[1])
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(lambda *args: convolutions.append(1))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.eval()(x)
+    assert not any(recomputed)
+    recomputed.clear()
+    model.train()(x).sum().backward()
+    assert sum(recomputed) == layers
+    conv_modules = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert len(convolutions) == 2 * conv_modules - layers  # eval ran them all; training's first
+    # convolutions run inside fused.norm_relu_conv, which calls F.conv2d, not the module
