@@ -170,12 +170,13 @@ def _unavailable(reason: str) -> None:
 
 def available(x: Tensor) -> bool:
     """Whether a block input can take the fused path: channels-last, eager, and float32 or
-    float64 with the C kernels on the CPU, float32 with the Triton kernels on CUDA."""
+    float64 with the C kernels on the CPU, float32 or bfloat16 with the Triton kernels on
+    CUDA (bfloat16 features, float32 statistics and gradient sums)."""
     if (x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last)
             or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
         return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.float32 and _triton() is not None
+    if _backend(x) == "triton":
+        return x.dtype in (torch.float32, torch.bfloat16) and _triton() is not None
     return x.device.type == "cpu" and x.dtype in _SUFFIX and _library() is not None
 
 
@@ -233,8 +234,11 @@ class SharedFeatures:
         self.buffer, self.filled = buffer, filled
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
-        self.mean = buffer.new_empty(channels)
-        self.var = buffer.new_empty(channels)
+        # low-precision features keep float32 statistics and a float32 gradient buffer
+        low = buffer.dtype in (torch.bfloat16, torch.float16)
+        self.accumulate = torch.float32 if low else buffer.dtype
+        self.mean = buffer.new_empty(channels, dtype=self.accumulate)
+        self.var = buffer.new_empty(channels, dtype=self.accumulate)
         self.grad: Tensor | None = None
 
     @classmethod
@@ -282,7 +286,7 @@ class SharedFeatures:
         coefficient = self.grad_x_coefficient[start:end].view(1, -1, 1, 1)
         grad.addcmul_(self.buffer[:, start:end], coefficient)
         grad.add_(self.grad_constant[start:end].view(1, -1, 1, 1))
-        return grad
+        return grad.to(self.buffer.dtype)
 
 
 @torch.no_grad()
@@ -345,11 +349,11 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
     x = shared.prefix(channels)
     g = grad_out.contiguous(memory_format=torch.channels_last)
     if shared.grad is None:  # a SharedFeatures.holding one tensor
-        shared.start_grad(torch.zeros_like(shared.buffer))
+        shared.start_grad(torch.zeros_like(shared.buffer, dtype=shared.accumulate))
     a = weight * invstd
     sums = _norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels, channels, mean, a,
                                shared.grad, shared.buffer.shape[1])
-    sum_g, sum_gx = sums.to(x.dtype)
+    sum_g, sum_gx = sums.to(weight.dtype)
     if batch_stats:  # the part of the gradient through the batch mean and variance
         b = -a * invstd * invstd * sum_gx / pixels
         shared.grad_x_coefficient[:channels] += b
@@ -425,7 +429,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         shared: SharedFeatures = ctx.shared
-        shared.start_grad(grad_out.clone(memory_format=torch.channels_last))
+        shared.start_grad(grad_out.to(shared.accumulate, memory_format=torch.channels_last, copy=True))
         channels = shared.buffer.shape[1]
         return shared.finish_grad(channels - ctx.newest_channels, channels), None
 

@@ -281,13 +281,17 @@ def one_epoch(tmp_path_factory, cifar_dir) -> Path:
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"],
-                                   ["--memory-efficient", "--no-channels-last"]])
+                                   ["--memory-efficient", "--no-channels-last"],
+                                   ["--memory-efficient"], ["--kernels", "aten"]])
 def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, capsys, one_epoch, flags):
     """Each precision and path trains to the losses of the default path, within its precision."""
     start(capsys, tmp_path / "run", cifar_dir, "--epochs", "1", *flags)
     (_, reference), (_, ours) = metrics(one_epoch), metrics(tmp_path / "run")
     tolerance = 0.05 if "--precision" in flags else 1e-4
     assert float(ours[0][1]) == pytest.approx(float(reference[0][1]), rel=tolerance)
+    used = json.loads((tmp_path / "run" / "config.json").read_text())["kernels_used"]
+    fused_path = "--kernels" not in flags and "--precision" not in flags
+    assert used == ("fused on cpu" if fused_path else "aten on cpu")
 
 
 def test_compile_trains_to_the_eager_losses(tmp_path, cifar_dir, capsys):

@@ -117,3 +117,39 @@ def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
     for a, b in zip(stats, stats_ref):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_efficient):
+    """bfloat16 features with float32 statistics and gradient sums, against the float64
+    reference: no further from it than the ATen path in bfloat16 is (twice that, at most);
+    parameters and their gradients stay float32."""
+    import training
+    torch.manual_seed(0)
+    reference = DenseNet(10, 4, num_classes=5, memory_efficient=memory_efficient, kernels="aten")
+    aten, ours = copy.deepcopy(reference), copy.deepcopy(reference)
+    ours.kernels = "fused"
+    for module in ours.modules():
+        if hasattr(module, "fused_kernels"):
+            module.fused_kernels = True
+    reference.double().to(DEVICE).train()
+    x = torch.randn(16, 3, 8, 8, device=DEVICE)
+    labels = torch.arange(16, device=DEVICE) % 5
+    expected = reference(x.double())
+    F.cross_entropy(expected, labels).backward()
+    errors = {}
+    for name, model in (("aten", aten), ("fused", ours)):
+        model.to(DEVICE, memory_format=LAST).train()
+        precision = training.Precision(model, "bf16")
+        with precision.computing():
+            inputs = precision.inputs(x.contiguous(memory_format=LAST))
+            assert fused.available(inputs)  # taken by the fused model only
+            out = model(inputs).float()
+            F.cross_entropy(out, labels).backward()
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+        grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        exact = torch.cat([p.grad.flatten() for p in reference.parameters()])
+        errors[name] = ((out.double() - expected).norm() / expected.norm()).item(), \
+            ((grads - exact).norm() / exact.norm()).item()
+    for ours_error, aten_error in zip(errors["fused"], errors["aten"]):  # relative, in the L2 norm
+        assert ours_error <= 1.5 * aten_error + 0.01, errors
