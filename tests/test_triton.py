@@ -153,3 +153,11 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
             ((grads - exact).norm() / exact.norm()).item()
     for ours_error, aten_error in zip(errors["fused"], errors["aten"]):  # relative, in the L2 norm
         assert ours_error <= 1.5 * aten_error + 0.01, errors
+
+
+@pytest.mark.cuda
+def test_the_triton_path_on_cuda(kernels, triton_path):
+    """The checks above on a GPU, selected with the others by -m cuda."""
+    test_kernels_match_float64(kernels, 3, 21, 13)
+    test_kernels_propagate_nan_and_store_bf16(kernels)
+    test_densenet_on_the_triton_path_matches_aten_in_float64(None, True)
