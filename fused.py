@@ -1,10 +1,11 @@
-"""Dense-block concatenation without copies, and BatchNorm-ReLU fused into one pass, on the CPU.
+"""Dense-block concatenation without copies, and BatchNorm-ReLU fused into one pass.
 
 A dense layer normalises the concatenation of every earlier feature map. Built from ATen ops
 that costs, per layer, a copy of all earlier features (``cat``), a statistics pass, a
 normalise pass and a ReLU pass forward, then ReLU-backward, two BatchNorm-backward passes and
 the accumulation of each feature's gradient backward: about 20 passes over memory that grows
-with depth. On a CPU those passes, not the convolutions, decide the speed.
+with depth. Those memory-bound passes, not the convolutions, decide a CPU's speed, and much
+of a GPU's.
 
 Here a block writes each new feature map once into a preallocated channels-last buffer; a
 layer reads the buffer's first C channels in place. A feature's batch statistics are computed
@@ -12,11 +13,15 @@ once, when it is written, and shared by every later layer (their BatchNorms see 
 values, so the statistics are the same). BatchNorm-ReLU is one pass forward and two backward,
 and every layer adds its input gradient in place into one gradient buffer for the block, which
 autograd hands on one feature at a time. The result equals the ATen path (tests compare
-outputs and gradients in float64); only the order of floating-point sums differs.
+outputs and gradients in float64); only the order of floating-point sums differs. In the
+memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
-The three loops are C, compiled at first use with the system's C compiler (about 0.3 s) into
-a private temporary directory. Where there is no compiler, or the tensors are not
-channels-last float32/float64 on the CPU, ``densenet.py`` uses its ATen path instead.
+The autograd logic here is the same on every device; three kernels do the passes. On the CPU
+they are C loops, compiled at first use with the system's C compiler (about 0.3 s) into a
+private temporary directory; on CUDA they are Triton kernels (triton_kernels.py), which also
+take bfloat16 features with float32 statistics and gradient sums. Where neither applies (no
+compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile),
+``densenet.py`` uses its ATen path instead.
 """
 from __future__ import annotations
 
