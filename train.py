@@ -137,7 +137,8 @@ def build_parser(tool: bool = False) -> argparse.ArgumentParser:
                         "on eagerly and says why)")
     g.add_argument("--kernels", default="auto", choices=["auto", *KERNELS, "compile"],
                    help="how dense blocks and BatchNorm-ReLU run: fused (fused.py: C loops on "
-                        "the CPU, Triton on CUDA, float32), aten (PyTorch's operations), compile "
+                        "the CPU in float32, Triton on CUDA in float32 or bf16), aten (PyTorch's "
+                        "operations), compile "
                         "(torch.compile of the aten model; inside the CUDA graph on a GPU); auto: "
                         "fused on the CPU in float32, aten otherwise (the Triton path is not yet "
                         "measured on a GPU). Same results, different speed")
