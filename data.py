@@ -334,14 +334,13 @@ def eval_batches(data: Split, batch_size: int, normalizer: Normalizer, device: t
 
     Every batch has one shape (``batch_size``, or the share when smaller), so cuDNN's choice
     of algorithms and any captured graph fit them all: the last batch is padded with copies of
-    the first image, and ``valid`` marks the real rows.
+    the dataset's first image, and ``valid`` marks the real rows.
     """
     indices = torch.tensor_split(torch.arange(len(data)), world_size)[rank]
     size = max(1, min(batch_size, -(-len(data) // world_size)))
     layout = memory_format(channels_last)
     for chunk in indices.split(size) if len(indices) else [indices]:
         valid = torch.arange(size) < len(chunk)
-        chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk))])
-        images = normalizer(data.images[chunk.to(data.images.device)].to(device, non_blocking=True))
-        yield (images.contiguous(memory_format=layout), data.labels[chunk.to(data.labels.device)].to(device),
-               valid.to(device))
+        chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk))]).to(data.labels.device)
+        images = normalizer(data.images[chunk].to(device, non_blocking=True))
+        yield images.contiguous(memory_format=layout), data.labels[chunk].to(device), valid.to(device)

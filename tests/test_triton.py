@@ -6,7 +6,6 @@ second or two in the interpreter.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -37,6 +36,15 @@ def triton_path(kernels, monkeypatch):
         pytest.skip("no C compiler: fused.available() refuses CPU tensors")
     monkeypatch.setattr(fused, "_backend", lambda x: "triton")
     monkeypatch.setattr(fused, "_triton", lambda: kernels)
+
+
+def twins(memory_efficient: bool, *kernels: str) -> list[DenseNet]:
+    """Tiny DenseNets with the same weights, one per kernel choice."""
+    models = []
+    for choice in kernels:
+        torch.manual_seed(0)
+        models.append(DenseNet(10, 4, num_classes=5, memory_efficient=memory_efficient, kernels=choice))
+    return models
 
 
 def buffer(n: int, channels: int, size: int, dtype=torch.float32) -> torch.Tensor:
@@ -91,13 +99,7 @@ def test_kernels_propagate_nan_and_store_bf16(kernels):
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory_efficient):
     """Forward, input and parameter gradients, and running statistics of a whole tiny DenseNet."""
-    torch.manual_seed(0)
-    reference = DenseNet(10, 4, num_classes=5, memory_efficient=memory_efficient, kernels="aten")
-    ours = copy.deepcopy(reference)
-    ours.kernels = "fused"
-    for module in ours.modules():
-        if hasattr(module, "fused_kernels"):
-            module.fused_kernels = True
+    reference, ours = twins(memory_efficient, "aten", "fused")
     reference.double().to(DEVICE).train()
     ours.to(DEVICE).train()
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
@@ -125,13 +127,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
     reference: no further from it than the ATen path in bfloat16 is (twice that, at most);
     parameters and their gradients stay float32."""
     import training
-    torch.manual_seed(0)
-    reference = DenseNet(10, 4, num_classes=5, memory_efficient=memory_efficient, kernels="aten")
-    aten, ours = copy.deepcopy(reference), copy.deepcopy(reference)
-    ours.kernels = "fused"
-    for module in ours.modules():
-        if hasattr(module, "fused_kernels"):
-            module.fused_kernels = True
+    reference, aten, ours = twins(memory_efficient, "aten", "aten", "fused")
     reference.double().to(DEVICE).train()
     x = torch.randn(16, 3, 8, 8, device=DEVICE)
     labels = torch.arange(16, device=DEVICE) % 5
