@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cli import UserError
+from config import DATASETS, NUM_CLASSES
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-DATASETS = tuple(NUM_CLASSES)
 PAD = 4  # the paper's augmentation: 4-pixel zero padding, random 32x32 crop, random flip
 
 

@@ -6,11 +6,12 @@ arXiv 1608.06993), section 3 and Table 2: a 3x3 stem convolution, three dense bl
 linear classifier. With ``bottleneck=True, compression=0.5`` this is DenseNet-BC; the
 parameter counts match Table 2 exactly (see tests/test_densenet.py).
 
-Two paths compute a dense block, with the same results (tests/test_fused.py). On the CPU,
-for channels-last float inputs, a block writes every feature map once into a shared buffer
-and runs BatchNorm-ReLU as fused loops (fused.py): memory-bound passes, not convolutions,
-are what a CPU step spends its time on. Elsewhere (CUDA, contiguous inputs, autocast,
-torch.compile, no C compiler) a layer concatenates its inputs and uses ATen's BatchNorm.
+Two paths compute a dense block, with the same results (tests/test_fused.py). With
+``kernels="fused"``, for channels-last inputs, a block writes every feature map once into a
+shared buffer and runs BatchNorm-ReLU as fused passes (fused.py: C loops on the CPU, Triton on
+CUDA): memory-bound passes, not convolutions, are what a CPU step spends its time on.
+Elsewhere (``kernels="aten"``, contiguous inputs, autocast, torch.compile, no C compiler or
+Triton) a layer concatenates its inputs and uses ATen's BatchNorm.
 
 ``memory_efficient=True`` stores only the convolutions' outputs of each dense layer and
 recomputes its concatenation (on the ATen path), BatchNorms and ReLUs during the backward
@@ -18,7 +19,8 @@ pass, which makes activation memory grow linearly rather than quadratically with
 the cost of a few memory-bound passes. It gives the same outputs, gradients and BatchNorm
 running statistics as the standard mode.
 
-This module depends on torch, and on fused.py for the CPU path.
+This module depends on torch, on fused.py for the fused path, and on config.py for the
+architecture's rules (valid depths, names), which the command line checks too.
 """
 from __future__ import annotations
 
@@ -33,53 +35,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import fused
+from config import KERNELS, check_config, model_name, valid_depths  # the rules flags share
 
 __all__ = ["DenseNet", "KERNELS", "check_config", "model_name", "valid_depths"]
-KERNELS = ("fused", "aten")  # how dense blocks and BatchNorm-ReLU are computed
-
-
-def valid_depths(bottleneck: bool) -> tuple[int, int]:
-    """Return (step, smallest) of the valid depths: depth = 4 + step * n for n >= 1.
-
-    Depth counts the stem conv, every conv in the blocks, the two transition convs and the
-    classifier. Each of the three blocks has (L - 4) / 3 convs, i.e. (L - 4) / 6 layers
-    when every layer has a bottleneck conv as well.
-    """
-    step = 6 if bottleneck else 3
-    return step, 4 + step
-
-
-def check_config(depth: int, growth_rate: int, bottleneck: bool, compression: float,
-                 dropout: float = 0.0, num_classes: int = 10) -> None:
-    """Raise ValueError, saying what would be valid, for a configuration that cannot be built."""
-    step, smallest = valid_depths(bottleneck)
-    if depth < smallest or (depth - 4) % step:
-        kind = "DenseNet-BC (bottleneck)" if bottleneck else "DenseNet without bottleneck"
-        lower = max(smallest, 4 + (depth - 4) // step * step)
-        upper = max(smallest, lower + step) if depth > lower else lower
-        nearest = f"{lower} or {upper}" if lower != upper else f"{lower}"
-        raise ValueError(f"depth {depth} is impossible for {kind}: depth - 4 must be a "
-                         f"positive multiple of {step}; nearest valid depths: {nearest}")
-    if growth_rate < 1:
-        raise ValueError(f"growth rate must be a positive integer, got {growth_rate}")
-    if not 0 < compression <= 1:
-        raise ValueError(f"compression must be in (0, 1], got {compression}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-
-
-def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: float) -> str:
-    """A short name for a configuration, e.g. ``densenet-bc-100-12`` or ``densenet-40-12``.
-
-    The paper's suffixes: B for the bottleneck, C for compression below 1.
-    """
-    suffix = ("b" if bottleneck else "") + ("c" if compression < 1 else "")
-    variant = f"densenet-{suffix}" if suffix else "densenet"
-    if compression < 1 and compression != 0.5:
-        variant += f"{compression:g}"
-    return f"{variant}-{depth}-{growth_rate}"
 
 
 @contextlib.contextmanager

@@ -16,213 +16,64 @@ autograd hands on one feature at a time. The result equals the ATen path (tests 
 outputs and gradients in float64); only the order of floating-point sums differs. In the
 memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
-The autograd logic here is the same on every device; three kernels do the passes. On the CPU
-they are C loops, compiled at first use with the system's C compiler (about 0.3 s) into a
-private temporary directory; on CUDA they are Triton kernels (triton_kernels.py), which also
-take bfloat16 features with float32 statistics and gradient sums. Where neither applies (no
+The autograd logic here is the same on every device; three kernels do the passes, with one
+interface and two implementations chosen once per device type (``backend``): C loops on the
+CPU (cpu_kernels.py, float32 and float64), Triton on CUDA (triton_kernels.py, float32, and
+bfloat16 features with float32 statistics and gradient sums). Where neither applies (no
 compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile),
 ``densenet.py`` uses its ATen path instead.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import warnings
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["available", "SharedFeatures", "batch_norm_relu", "gather", "norm_relu", "norm_relu_conv"]
+import cpu_kernels
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <omp.h>
-
-/* Per-thread partial sums, two arrays of C per thread, added up in thread order. */
-static void combine(const double* part, int nt, int64_t C, double* u, double* v) {
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, b = 0;
-    for (int t = 0; t < nt; ++t) {
-      a += part[(size_t)t * 2 * C + c];
-      b += part[(size_t)t * 2 * C + C + c];
-    }
-    u[c] = a; v[c] = b;
-  }
-}
-
-/* Per channel, two sums over the P pixels: each thread adds BODY's terms for its pixels into
-   su[c] and sv[c] (type T) over blocks of 64 pixels, then into double; the totals go to
-   u and v. BODY sees p, the pixel index, and loops over c itself. */
-#define PIXEL_SUMS(T, u, v, ...)                                                             \
-  double* part = calloc((size_t)nt * 2 * C, sizeof(double));                                 \
-  _Pragma("omp parallel num_threads(nt)")                                                    \
-  {                                                                                          \
-    int t = omp_get_thread_num(), n = omp_get_num_threads();                                 \
-    int64_t lo = P * t / n, hi = P * (t + 1) / n;                                            \
-    double* pu = part + (size_t)t * 2 * C; double* pv = pu + C;                              \
-    T* su = calloc(2 * C, sizeof(T)); T* sv = su + C;                                        \
-    for (int64_t p0 = lo; p0 < hi; p0 += 64) {                                               \
-      int64_t p1 = p0 + 64 < hi ? p0 + 64 : hi;                                              \
-      for (int64_t p = p0; p < p1; ++p) { __VA_ARGS__ }                                      \
-      for (int64_t c = 0; c < C; ++c) { pu[c] += su[c]; pv[c] += sv[c]; su[c] = 0; sv[c] = 0; } \
-    }                                                                                        \
-    free(su);                                                                                \
-  }                                                                                          \
-  combine(part, nt, C, u, v);                                                                \
-  free(part);
-
-/* x: P pixels of C channels, pixel stride ldx (a channels-last prefix); y: P x C, dense.
-   Every comparison is written so that a NaN passes through as in ATen: relu(NaN) is NaN, its
-   gradient passes where y is NaN, and a NaN variance stays NaN. */
-#define KERNELS(T, S)                                                                        \
-void norm_relu_##S(const T* x, int64_t ldx, int64_t P, int64_t C, const T* scale,            \
-                   const T* shift, T* y, int nt) {                                           \
-  _Pragma("omp parallel for num_threads(nt) schedule(static)")                               \
-  for (int64_t p = 0; p < P; ++p) {                                                          \
-    const T* xp = x + p * ldx; T* yp = y + p * C;                                            \
-    _Pragma("omp simd")                                                                      \
-    for (int64_t c = 0; c < C; ++c) { T v = xp[c] * scale[c] + shift[c]; yp[c] = v < 0 ? 0 : v; } \
-  }                                                                                          \
-}                                                                                            \
-/* With gm = g * [y > 0]: out (pixel stride ldo) += gm * a, and per channel the sums of gm  \
-   and of gm * (x - mean). */                                                                \
-void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t P,      \
-                            int64_t C, const T* mean, const T* a, T* out, int64_t ldo,       \
-                            double* sum_g, double* sum_gx, int nt) {                         \
-  PIXEL_SUMS(T, sum_g, sum_gx,                                                               \
-    const T* gp = g + p * C; const T* yp = y + p * C; const T* xp = x + p * ldx;             \
-    T* op = out + p * ldo;                                                                   \
-    _Pragma("omp simd")                                                                      \
-    for (int64_t c = 0; c < C; ++c) {                                                        \
-      T gv = gp[c], m = yp[c] <= 0 ? 0 : gv;                                                 \
-      op[c] += m * a[c]; su[c] += m; sv[c] += m * (xp[c] - mean[c]);                         \
-    })                                                                                       \
-}                                                                                            \
-/* Mean and biased var of each channel of f, a dense P x C feature map, and unless dst is   \
-   NULL a copy of f into dst (pixel stride ldd). The sums are taken about the first       \
-   pixel's value, which keeps E[x^2] - E[x]^2 from cancelling. */                          \
-void stats_##S(const T* f, int64_t P, int64_t C, T* dst, int64_t ldd, double* mean,         \
-                double* var, int nt) {                                                       \
-  PIXEL_SUMS(T, mean, var,                                                                   \
-    const T* fp = f + p * C;                                                                 \
-    if (dst) {                                                                               \
-      T* dp = dst + p * ldd;                                                                 \
-      _Pragma("omp simd")                                                                    \
-      for (int64_t c = 0; c < C; ++c) dp[c] = fp[c];                                         \
-    }                                                                                        \
-    _Pragma("omp simd")                                                                      \
-    for (int64_t c = 0; c < C; ++c) { T d = fp[c] - f[c]; su[c] += d; sv[c] += d * d; })     \
-  for (int64_t c = 0; c < C; ++c) {                                                          \
-    double m = mean[c] / P, s = var[c] / P - m * m;                                          \
-    mean[c] = f[c] + m; var[c] = s < 0 ? 0 : s;                                              \
-  }                                                                                          \
-}
-
-KERNELS(float, f32)
-KERNELS(double, f64)
-"""
-
-
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels are built for
+__all__ = ["available", "backend", "SharedFeatures", "batch_norm_relu", "gather", "norm_relu",
+           "norm_relu_conv"]
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Compile the kernels once per process; None, with a warning, where that is not possible."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if sys.platform != "linux" or compiler is None:
-        return _unavailable("no C compiler (cc, gcc or $CC) was found")
-    folder = tempfile.mkdtemp(prefix="densenet-kernels-")
-    source, library = os.path.join(folder, "kernels.c"), os.path.join(folder, "kernels.so")
-    with open(source, "w") as f:
-        f.write(_SOURCE)
+def backend(device_type: str) -> ModuleType | None:
+    """The kernels for tensors on ``device_type``: cpu_kernels on the CPU, triton_kernels on
+    CUDA, loaded once; None, with one warning, where they cannot be (tests point the CPU at
+    Triton's interpreter by replacing this function)."""
     try:
-        # -march=native: built on the machine that runs it, for this process only
-        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-pipe",
-                        source, "-o", library], check=True, capture_output=True, text=True,
-                       timeout=120)
-        # torch has loaded its OpenMP runtime already; the kernels share its thread pool
-        lib = ctypes.CDLL(library)
-    except subprocess.CalledProcessError as error:
-        detail = (error.stderr or "").strip().splitlines() or [f"exit status {error.returncode}"]
-        return _unavailable(f"{compiler} failed: {detail[0]}")
-    except (OSError, subprocess.SubprocessError) as error:
-        return _unavailable(f"{compiler} could not build them: {error}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    arguments = {"norm_relu": [ptr, i64, i64, i64, ptr, ptr, ptr],
-                 "norm_relu_backward": [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr],
-                 "stats": [ptr, i64, i64, ptr, i64, ptr, ptr]}
-    for name, types in arguments.items():
-        for suffix in _SUFFIX.values():
-            getattr(lib, f"{name}_{suffix}").argtypes = types + [ctypes.c_int]  # + threads
-    return lib
+        if device_type == "cpu":
+            cpu_kernels.library()
+            return cpu_kernels
+        if device_type == "cuda":
+            import triton_kernels  # imports triton, which only CUDA needs
+            return triton_kernels
+    except cpu_kernels.Unavailable as error:
+        return _unavailable(f"the fused CPU kernels are unavailable ({error})")
+    except ImportError as error:
+        return _unavailable(f"the fused CUDA kernels are unavailable (Triton cannot be imported: "
+                            f"{error})")
+    return None
 
 
 def _unavailable(reason: str) -> None:
-    warnings.warn(f"fused.py: the fused CPU kernels are unavailable ({reason}); dense blocks "
-                  "use ATen operations instead: the same results, slower", stacklevel=3)
+    warnings.warn(f"fused.py: {reason}; dense blocks use ATen operations instead: the same "
+                  "results, slower", stacklevel=3)
     return None
 
 
 def available(x: Tensor) -> bool:
-    """Whether a block input can take the fused path: channels-last, eager, and float32 or
-    float64 with the C kernels on the CPU, float32 or bfloat16 with the Triton kernels on
-    CUDA (bfloat16 features, float32 statistics and gradient sums)."""
+    """Whether a block input can take the fused path: channels-last, eager, and of a dtype
+    that its device's kernels compute in (float32 or float64 on the CPU; float32 or bfloat16
+    on CUDA)."""
     if (x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last)
             or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
         return False
-    if _backend(x) == "triton":
-        return x.dtype in (torch.float32, torch.bfloat16) and _triton() is not None
-    return x.device.type == "cpu" and x.dtype in _SUFFIX and _library() is not None
-
-
-@functools.cache
-def _triton():
-    """triton_kernels.py, imported once; None, with a warning, where Triton is missing."""
-    try:
-        import triton_kernels
-    except ImportError as error:
-        return _unavailable(f"Triton cannot be imported: {error}")
-    return triton_kernels
-
-
-def _backend(x: Tensor) -> str:
-    """Which kernels run on ``x``: Triton on CUDA, C on the CPU (tests point it at Triton's
-    interpreter on the CPU)."""
-    return "triton" if x.device.type == "cuda" else "c"
-
-
-def _call(name: str, dtype: torch.dtype, *args) -> None:
-    # tensors as pointers; None is NULL
-    converted = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else a for a in args]
-    getattr(_library(), f"{name}_{_SUFFIX[dtype]}")(*converted, torch.get_num_threads())
-
-
-def _norm_relu(x: Tensor, ldx: int, pixels: int, channels: int, scale: Tensor, shift: Tensor,
-               out: Tensor) -> None:
-    if _backend(x) == "triton":
-        return _triton().norm_relu(x, ldx, pixels, channels, scale, shift, out)
-    _call("norm_relu", x.dtype, x, ldx, pixels, channels, scale, shift, out)
-
-
-def _norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, pixels: int, channels: int,
-                        mean: Tensor, a: Tensor, out: Tensor, ldo: int) -> Tensor:
-    """Adds the gradient into ``out``; returns the two per-channel sums, (2, C) float64."""
-    if _backend(x) == "triton":
-        return _triton().norm_relu_backward(g, y, x, ldx, pixels, channels, mean, a, out, ldo)
-    sums = torch.empty(2, channels, dtype=torch.float64)
-    _call("norm_relu_backward", x.dtype, g, y, x, ldx, pixels, channels, mean, a, out, ldo,
-          sums[0], sums[1])
-    return sums
+    kernels = backend(x.device.type)
+    return kernels is not None and x.dtype in kernels.DTYPES
 
 
 class SharedFeatures:
@@ -300,11 +151,7 @@ def _channel_stats(feature: Tensor, copy_to: Tensor | None = None) -> Tensor:
     ``feature``, in one pass that also copies it into ``copy_to`` (a buffer's channel slice)."""
     channels = feature.shape[1]
     pixels, pixel_stride = feature.numel() // channels, 0 if copy_to is None else copy_to.stride(-1)
-    if _backend(feature) == "triton":
-        return _triton().stats(feature, pixels, channels, copy_to, pixel_stride)
-    stats = torch.empty(2, channels, dtype=torch.float64)
-    _call("stats", feature.dtype, feature, pixels, channels, copy_to, pixel_stride, stats[0], stats[1])
-    return stats
+    return backend(feature.device.type).stats(feature, pixels, channels, copy_to, pixel_stride)
 
 
 def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
@@ -341,7 +188,8 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
     shift = bias - mean * scale
     x = shared.prefix(channels)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    _norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, scale, shift, out)
+    backend(x.device.type).norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, scale,
+                                     shift, out)
     return out, mean, invstd
 
 
@@ -356,8 +204,9 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
     if shared.grad is None:  # a SharedFeatures.holding one tensor
         shared.start_grad(torch.zeros_like(shared.buffer, dtype=shared.accumulate))
     a = weight * invstd
-    sums = _norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels, channels, mean, a,
-                               shared.grad, shared.buffer.shape[1])
+    sums = backend(x.device.type).norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels,
+                                                     channels, mean, a, shared.grad,
+                                                     shared.buffer.shape[1])
     sum_g, sum_gx = sums.to(weight.dtype)
     if batch_stats:  # the part of the gradient through the batch mean and variance
         b = -a * invstd * invstd * sum_gx / pixels

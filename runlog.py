@@ -92,6 +92,12 @@ class WorkDirLock:
             os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})".encode(), 0)
 
+    def acquire_if_present(self) -> None:
+        """``acquire`` where the folder exists already; a new one is made (and locked) only
+        once whatever is to be written there is sure to be written."""
+        if self.folder.is_dir():
+            self.acquire()
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):

@@ -1,11 +1,13 @@
-"""One training step, the same everywhere: train.py, attic/lr_find.py and bench/ all run it.
+"""The engine: one training step, the same everywhere, the loop over an epoch's steps, and
+evaluation. train.py, attic/lr_find.py and bench/ all run this step.
 
 A step gathers and augments its batch from the device-resident dataset (data.TrainBatches),
 runs forward, loss, backward and the optimiser, and adds the step's loss and correct count to
 sums kept on the device. It never waits for the host: no ``.item()``, no Python branch on a
 tensor value (tests/test_step.py runs it on the ``meta`` device, where either would fail).
 Every value that changes between steps lives in a device tensor at a fixed address: the batch
-number, the epoch's plan, the learning rate, the sums.
+number, the epoch's plan, the learning rate, the sums. ``train_epoch`` reads those sums only
+every CHECK_EVERY steps, between steps.
 
 That is what lets a GPU run the whole step as one CUDA graph (``GraphedStep``): captured once
 and replayed, so the ~1,700 kernels of a DenseNet-BC-100 step cost one launch instead of
@@ -21,173 +23,29 @@ does. fp16 adds a gradient scaler whose overflow check and skipped steps stay on
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import os
-import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import data
-from densenet import DenseNet
-from runlog import RunError
+from config import TOP5_FROM
+from runlog import non_finite
+from runtime import Runtime, StopFlag, all_sum, capture_cuda_graph
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOP5_FROM = 10  # datasets with more classes than this (CIFAR-100) also log the top-5 error
+# Steps between progress updates and non-finite-loss checks. On a GPU each check waits for
+# the queued work, so it is rare; on the CPU every step is synchronous anyway.
+CHECK_EVERY = {"cuda": 50, "cpu": 1}
 
 
-# ---------------------------------------------------------------- set-up
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device_flag: str) -> Runtime:
-    """One process, or DistributedDataParallel when started by torchrun (NCCL or Gloo).
-
-    On CUDA, cuDNN benchmarks its convolution algorithms once per shape: every training and
-    evaluation batch has one shape, so that happens in the first steps only.
-    """
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    torch.backends.cudnn.benchmark = use_cuda
-    if "LOCAL_RANK" not in os.environ:
-        return Runtime(torch.device("cuda" if use_cuda else "cpu"))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
-
-
-def keep_freed_memory_mapped() -> None:
-    """Make glibc keep freed memory for reuse instead of handing it back to the system.
-
-    By default every tensor over 32 MB is mmap'd and unmapped again, and the heap is trimmed
-    after frees, so each training step page-faults its activations in afresh (seconds of
-    kernel time per step on the CPU; see bench/speed.py). Serving all sizes from the heap
-    and never trimming it keeps that memory mapped between steps. Other C libraries: no-op.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
-def model_kernels(cfg: dict, device: torch.device) -> str:
-    """The DenseNet kernels that --kernels means on ``device``: "auto" is fused.py's on the
-    CPU in float32 (measured faster there, see README) and ATen's elsewhere, until the
-    Triton path is measured on a GPU; "compile" compiles the ATen model."""
-    choice = cfg.get("kernels", "auto")  # runs saved before the flag: auto
-    if choice == "auto":
-        return "fused" if device.type == "cpu" and cfg["precision"] == "fp32" else "aten"
-    return "aten" if choice == "compile" else choice
-
-
-def build_model(cfg: dict, num_classes: int, device: torch.device = torch.device("cpu")) -> DenseNet:
-    return DenseNet(cfg["depth"], cfg["growth_rate"], cfg["bottleneck"], cfg["compression"],
-                    cfg["dropout"], num_classes, cfg["memory_efficient"], model_kernels(cfg, device))
-
-
-def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
-    """The run's optimiser for ``model``'s parameters, on their device.
-
-    SGD and Adam are the fused implementations: one kernel per step for all parameters, and
-    they take the learning rate, the gradient scale and the overflow flag as device tensors.
-    RMSprop has no fused form. Adam and RMSprop keep their step count on the device where a
-    CUDA graph will capture them ("capturable"; torch refuses to capture them otherwise).
-    """
-    params, lr, decay = list(model.parameters()), cfg["lr"], cfg["weight_decay"]
-    capturable = params[0].is_cuda and cfg.get("cuda_graph", True)
-    if cfg["opt"] == "sgd":
-        return torch.optim.SGD(params, lr, momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0,
-                               weight_decay=decay, fused=True)
-    if cfg["opt"] == "adam":
-        return torch.optim.Adam(params, lr, weight_decay=decay, fused=True, capturable=capturable)
-    return torch.optim.RMSprop(params, lr, weight_decay=decay, foreach=True, capturable=capturable)
-
-
-def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
-            path: Path) -> None:
-    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
-
-    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
-    state is the run's, how the step computes it is this version's.
-    """
-    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
-                      for group in getattr(target, "param_groups", [])]
-    try:
-        target.load_state_dict(state)
-        for group, kept in zip(getattr(target, "param_groups", []), implementation):
-            group.update(kept)
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
-        raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
-                       f"use a checkpoint that train.py wrote for this run") from None
-
-
-def learning_rate(cfg: dict, epoch: int) -> float:
-    """Learning rate of 0-based ``epoch``: a pure function, so resuming needs no scheduler state."""
-    if cfg["schedule"] == "cosine":
-        return 0.5 * cfg["lr"] * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
-    drops = sum(epoch >= int(cfg["epochs"] * share) for share in (0.5, 0.75))
-    return cfg["lr"] * 0.1 ** drops
-
-
-def build_training(cfg: dict, split: data.Split, normalizer: data.Normalizer, runtime: Runtime,
-                   num_classes: int) -> tuple[DenseNet, torch.optim.Optimizer,
-                                              torch.amp.GradScaler | None, data.TrainBatches]:
-    """The run's model (seeded, on the device in its memory layout), optimiser, gradient
-    scaler (fp16 only: bfloat16 has float32's range) and training batches."""
-    seed_everything(cfg["seed"])
-    model = build_model(cfg, num_classes, runtime.device)
-    model.to(runtime.device, memory_format=data.memory_format(cfg["channels_last"]))
-    optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(runtime.device.type) if cfg["precision"] == "fp16" else None
-    batches = data.TrainBatches(split, cfg["batch_size"], normalizer, cfg["augment"], cfg["seed"],
-                                runtime.device, runtime.rank, runtime.world_size,
-                                cfg["channels_last"])
-    return model, optimizer, scaler, batches
+class Diverged(Exception):
+    """A loss or a weight became NaN or infinite: the run stops before saving (exit status 1)."""
 
 
 # ---------------------------------------------------------------- forward in a precision
@@ -310,14 +168,6 @@ def top5_hits(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.topk(5, dim=1).indices == labels[:, None]).any(1)
 
 
-def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
-    """Record one call of ``step`` as a CUDA graph (nothing runs); returns its replay."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 class GraphedStep:
     """``step`` as one CUDA graph: run eagerly for WARMUP calls, then captured and replayed.
 
@@ -379,27 +229,175 @@ class GraphedStep:
 
 def step_runner(step: TrainStep, cuda_graph: bool, runtime: Runtime,
                 notice: Callable[[str], None]) -> Callable[[], None]:
-    """What runs each step: on one GPU its CUDA graph (``--cuda-graph``), else ``step`` itself."""
-    if runtime.device.type != "cuda" or not cuda_graph:
+    """What runs each step: its graph where ``cuda_graph`` asks for one and the process can
+    capture (``runtime.capture``: one process on a GPU), else ``step`` itself."""
+    if not cuda_graph or runtime.capture is None:
+        if cuda_graph and runtime.world_size > 1 and runtime.device.type == "cuda":
+            notice("notice: --cuda-graph: with several processes the step runs eagerly "
+                   "(DistributedDataParallel's all-reduce is not captured)")
         return step
-    if runtime.world_size > 1:
-        notice("notice: --cuda-graph: with several processes the step runs eagerly "
-               "(DistributedDataParallel's all-reduce is not captured)")
-        return step
-    return GraphedStep(step, notice)
+    return GraphedStep(step, notice, runtime.capture)
+
+
+# ---------------------------------------------------------------- an epoch
+
+@dataclass
+class EpochProgress:
+    """Sums of the epoch so far, over all processes; saved in a mid-epoch checkpoint."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    correct5: float = 0.0
+    seen: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.seen
+
+    @property
+    def error(self) -> float:
+        return 100 * (1 - self.correct / self.seen)
+
+    @property
+    def top5_error(self) -> float:
+        return 100 * (1 - self.correct5 / self.seen)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.seen / self.seconds
+
+
+class ProgressBar:
+    """On a terminal: tqdm's bar for the epoch, updated at every check."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=steps, initial=start_step, leave=False, unit="step",
+                        desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+
+    def due(self, done: int) -> bool:
+        return True
+
+    def show(self, done: int, loss: float, error: float, images_per_s: float, elapsed: float) -> None:
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.3f}", err=f"{error:.1f}%", img_s=f"{images_per_s:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ProgressLines:
+    """Without a terminal (nohup, a batch scheduler's log): a plain line every ``every``
+    seconds and at 25, 50 and 75% of the epoch, indented so that it never reads as an
+    epoch's result."""
+
+    EVERY = 30  # seconds
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int,
+                 every: float = EVERY) -> None:
+        self.epoch, self.steps, self.start_step, self.every = epoch, steps, start_step, every
+        self.marks = [math.ceil(steps * q / 4) for q in (1, 2, 3)]
+        self.marks = [m for m in self.marks if start_step < m < steps]
+        self.last = time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        if done == self.steps:  # the epoch's own line follows
+            return False
+        quarter = bool(self.marks) and done >= self.marks[0]
+        return quarter or time.perf_counter() - self.last >= self.every
+
+    def show(self, done: int, loss: float, error: float, images_per_s: float, elapsed: float) -> None:
+        while self.marks and done >= self.marks[0]:
+            self.marks.pop(0)
+        self.last = time.perf_counter()
+        eta = (self.steps - done) * elapsed / max(done - self.start_step, 1)
+        print(f"  epoch {self.epoch}: step {done}/{self.steps} ({100 * done // self.steps}%)  "
+              f"loss {loss:.4f}  error {error:.2f}%  {images_per_s:,.0f} img/s  "
+              f"epoch ends in {eta:.0f} s", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime, epoch: int,
+                progress: EpochProgress, stop: StopFlag,
+                display: ProgressBar | ProgressLines | None) -> EpochProgress:
+    """Train 1-based ``epoch`` from ``progress.step``, or until ``stop`` is requested; returns
+    the sums (global over processes).
+
+    ``run_step`` is ``step`` itself or its CUDA graph. Losses and the correct count stay on
+    the device and are read every CHECK_EVERY steps, between steps: the step never waits.
+    A non-finite loss raises Diverged, naming the step.
+    """
+    step.model.train()
+    start = time.perf_counter()
+    step.start_epoch(progress.step)
+    steps, share = step.batches.steps, step.batches.share
+    check_every = CHECK_EVERY.get(runtime.device.type, 50)
+    done = progress.step
+    while done < steps:
+        run_step()
+        done += 1
+        at_check = done % check_every == 0 or done == steps
+        if at_check:
+            first = max(progress.step, done - check_every)
+            finite = torch.isfinite(step.losses[first:done])
+            if not finite.all():
+                step_number = first + int((~finite).nonzero()[0]) + 1
+                raise Diverged(f"the training loss is not finite at epoch {epoch}, step {step_number}")
+            if display is not None and display.due(done):
+                seen = (done - progress.step) * share
+                elapsed = time.perf_counter() - start
+                display.show(done, step.losses[progress.step:done].mean().item(),
+                             100 * (1 - step.correct.item() / seen),
+                             seen * runtime.world_size / elapsed, elapsed)
+        if done < steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
+            break
+    loss_sum, correct_sum, correct5_sum, seen_sum = all_sum(
+        [step.losses[progress.step:done].double().sum().item() * share, step.correct.item(),
+         step.correct5.item(), (done - progress.step) * share], runtime)
+    return EpochProgress(done, progress.loss_sum + loss_sum, progress.correct + correct_sum,
+                         progress.correct5 + correct5_sum, progress.seen + seen_sum,
+                         progress.seconds + time.perf_counter() - start)
+
+
+def ensure_finite(model: nn.Module, where: str) -> None:
+    """Stop before logging, saving or evaluating a model whose weights (or BatchNorm
+    statistics) became NaN or infinite."""
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise Diverged(f"the weights are not finite {where} ({', '.join(bad[:3])})")
 
 
 # ---------------------------------------------------------------- evaluation
 
+@dataclass
+class Evaluation:
+    """A model's results on one split: mean loss, error and top-5 error in percent (top-5
+    for more than TOP5_FROM classes, else None), the confusion matrix (true x predicted)."""
+    loss: float
+    error: float
+    top5_error: float | None
+    confusion: Tensor
+    seconds: float
+
+    @property
+    def images(self) -> int:
+        return int(self.confusion.sum())
+
+    def row(self) -> dict:
+        """The split's CSV row, without the epoch."""
+        return {"loss": self.loss, "error": self.error, "top5_error": self.top5_error,
+                "seconds": self.seconds}
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_classes: int,
-             tta: bool = False) -> tuple[float, float, Tensor, float | None]:
-    """Mean loss, error in percent, the confusion matrix (true x predicted) and, for more than
-    TOP5_FROM classes, the top-5 error in percent (else None); over all processes.
-
-    ``batches`` yields (images, labels, valid) as data.eval_batches does: padded rows count
-    for nothing.
-    """
+             tta: bool = False) -> Evaluation:
+    """Evaluate ``model`` over all processes' batches; ``batches`` yields (images, labels,
+    valid) as data.eval_batches does: padded rows count for nothing."""
+    start = time.perf_counter()
     model.eval()
     precision = Precision(model, precision)
 
@@ -428,4 +426,4 @@ def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_cl
     count = confusion.sum().item()
     error = 100 * (1 - confusion.diagonal().sum().item() / count)
     top5 = 100 * (1 - hits5.item() / count) if num_classes > TOP5_FROM else None
-    return loss_sum.item() / count, error, confusion, top5
+    return Evaluation(loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)

@@ -1,7 +1,8 @@
-"""The fused dense block's three kernels in Triton, for CUDA: what fused.py's C loops do on the CPU.
+"""fused.py's three kernels for CUDA, in Triton: what cpu_kernels.py's C loops do on the CPU.
 
-Each works on channels-last feature maps seen as P pixels of C channels, with a pixel stride
-for the block buffer's channel prefixes:
+The same functions, with the same arguments and results. Each works on channels-last feature
+maps seen as P pixels of C channels, with a pixel stride for the block buffer's channel
+prefixes:
 
 - ``norm_relu``: y = relu(x * scale + shift), one pass;
 - ``norm_relu_backward``: with gm = g where y > 0, out += gm * a, and per channel the sums of
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+DTYPES = (torch.float32, torch.bfloat16)  # what the tensors may hold; arithmetic is float32
 BLOCK_P, BLOCK_C = 64, 32  # pixels x channels per program
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+from config import RunConfig  # noqa: E402
 
 OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 
@@ -25,23 +27,21 @@ OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="which dataset")
-    p.add_argument("--data-dir", default="data", help="torchvision-style root, as train.py's --data-dir")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="fail instead of downloading a missing dataset")
+    config.add_flags(p, ["dataset", "data_dir", "download"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    dataset = data.load_dataset(args.dataset, args.data_dir, args.download)
+    cfg, _ = RunConfig.from_flags(args)
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     mean, std = data.channel_stats(dataset.train.images)
     if args.json:
-        print(json.dumps({"dataset": args.dataset, "images": len(dataset.train), "mean": mean, "std": std}))
+        print(json.dumps({"dataset": cfg.dataset, "images": len(dataset.train), "mean": mean, "std": std}))
         return 0
-    print(f"{args.dataset}: {len(dataset.train)} training images")
+    print(f"{cfg.dataset}: {len(dataset.train)} training images")
     print("channel  mean    std")
     for name, m, s in zip("RGB", mean, std):
         print(f"{name}        {m:.4f}  {s:.4f}")
-    if args.dataset in OFFICIAL:
-        ref_mean, ref_std = OFFICIAL[args.dataset]
+    if cfg.dataset in OFFICIAL:
+        ref_mean, ref_std = OFFICIAL[cfg.dataset]
         print(f"full training set: mean {', '.join(f'{v:.4f}' for v in ref_mean)}; "
               f"std {', '.join(f'{v:.4f}' for v in ref_std)}")
     return 0

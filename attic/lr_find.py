@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
-import training  # noqa: E402
+import config  # noqa: E402
+from build import Run, build_run  # noqa: E402
+from config import RunConfig  # noqa: E402
 from runlog import WorkDirLock, holds_run, write_errors, write_json, write_text  # noqa: E402
+from runtime import setup_runtime  # noqa: E402
 
 SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
 STEADY_STEPS = 100  # fewer make the smoothed curve, and so the suggestion, noisy
@@ -40,45 +40,49 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
     return lrs[start + min(range(len(slopes)), key=slopes.__getitem__)]
 
 
+# train.py's settings that the sweep uses: it trains (no epochs, schedule or evaluation), its
+# learning rate is its own, and it writes into a folder of its own (its own --save)
+LEFT_OUT = {"test_subset", "lr", "schedule", "epochs", "sync_bn", "eval_batch_size"}
+
+
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = train.build_parser(tool=True)
+    parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    config.add_flags(parser, config.flag_names("data", "model", "optimisation", "speed",
+                                               leave_out=LEFT_OUT))
     group = parser.add_argument_group("learning-rate finder")
+    group.add_argument("--save", dest="folder", metavar="SAVE", default=None,
+                       help="folder for the sweep's files (default work/<dataset>-<model>-lr-find; "
+                            "never a training run's)")
     group.add_argument("--steps", type=cli.int_range(3), default=200,
                        help="training steps of the sweep (100 or more for a steady suggestion)")
     group.add_argument("--start-lr", type=cli.positive_float, default=1e-5,
                        help="learning rate of the first step")
     group.add_argument("--end-lr", type=cli.positive_float, default=10.0,
                        help="learning rate of the last step")
-    parser.description = __doc__.split("\n\n")[0]
-    args, _ = train.parse_args(argv, parser)
-    train.check_args(args)
+    args = parser.parse_args(argv)
+    cfg, _ = RunConfig.from_flags(args)
+    cfg.check()
     if not args.start_lr < args.end_lr:
         raise cli.UserError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}")
-    cfg = train.run_config(args)
-    runtime = training.setup_runtime(args.device)
-    dataset, _ = train.prepare_data(cfg, runtime, print)
-    mean, std = data.channel_stats(dataset.train.images)
-    normalizer = data.Normalizer(mean, std, runtime.device)
-    model, optimizer, scaler, batches = training.build_training(
-        cfg, dataset.train, normalizer, runtime, data.NUM_CLASSES[args.dataset])
-    save = Path(args.save or Path("work") / f"{args.dataset}-{model.name}-lr-find")
+    save = Path(args.folder or f"work/{cfg.dataset}-{cfg.model_name}-lr-find")
     if holds_run(save):
         raise cli.UserError(f"{save} holds a training run; the sweep goes into a folder of its "
                             f"own: choose another --save (the default is work/<dataset>-<model>-lr-find)")
-    step = training.TrainStep(torch.compile(model) if cfg["kernels"] == "compile" else model, optimizer,
-                              batches, cfg["precision"], scaler)
+    cfg = replace(cfg, save=str(save))
+    run = build_run(cfg, setup_runtime(cfg.device))
     with WorkDirLock(save, "choose another with --save") as lock:
         lock.acquire()  # refused before the sweep, not after it
         if args.steps < STEADY_STEPS:
             print(f"note: {args.steps} steps are few; the suggestion will be rough "
                   f"(--steps {STEADY_STEPS} or more give a steadier one)")
-        return sweep(args, step, training.step_runner(step, cfg["cuda_graph"], runtime, print), save)
+        return sweep(args, run, save)
 
 
-def sweep(args, step: training.TrainStep, run_step, save: Path) -> int:
+def sweep(args, run: Run, save: Path) -> int:
     """Train with the rising learning rate (train.py's own step), then write the sweep and
     the suggestion. Each step's loss is read as it ends, to stop when the loss explodes."""
+    step, run_step = run.step, run.run_step
     ratio = args.end_lr / args.start_lr
     rows, lrs, smoothed, average, best = ["step,lr,raw_loss,loss"], [], [], 0.0, math.inf
     step.model.train()
@@ -105,7 +109,7 @@ def sweep(args, step: training.TrainStep, run_step, save: Path) -> int:
     with write_errors("free space or choose another --save"):
         write_text(save / "lr_find.csv", "\n".join(rows) + "\n")
         write_json(save / "lr_find.json", {"suggested_lr": suggestion, "lowest_loss_lr": lowest_lr,
-                                           "steps": len(lrs), "config": train.run_config(args)})
+                                           "steps": len(lrs), "config": run.config.to_dict()})
     print(f"{len(lrs)} steps from lr {args.start_lr:g} to {lrs[-1]:.3g}: suggested lr "
           f"{suggestion:.3g} (steepest fall of the loss); lowest loss at lr {lowest_lr:.3g}")
     print(f"wrote {save / 'lr_find.csv'} and {save / 'lr_find.json'}; ./plot.py {save} draws it")

@@ -19,9 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
-import data  # noqa: E402
-import training  # noqa: E402
-from runlog import load_checkpoint  # noqa: E402
+from build import INFERENCE_KEYS, Checkpoint, load_trained  # noqa: E402
 
 SIZE = 32  # what the networks of this project see
 
@@ -64,19 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise cli.UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    state = load_checkpoint(path, ("config", "model", "normalization", "num_classes"))
+    checkpoint = Checkpoint.load(Path(args.checkpoint), INFERENCE_KEYS)
     images = torch.stack([read_image(Path(image)) for image in args.images])
-    device = torch.device(args.device)
-    model = training.build_model(state["config"], state["num_classes"])
-    training.restore(model, state["model"], path)
-    model.to(device).eval()
-    normalizer = data.Normalizer(state["normalization"]["mean"], state["normalization"]["std"], device)
+    trained = load_trained(checkpoint, torch.device(args.device))
     with torch.inference_mode():
-        probabilities = model(normalizer(images.to(device))).float().softmax(1).cpu()
-    names = class_names(path, state["num_classes"])
+        probabilities = trained.model(trained.inputs(images)).float().softmax(1).cpu()
+    names = class_names(checkpoint.path, trained.config.num_classes)
     top = min(args.top, len(names))
     for image, row in zip(args.images, probabilities):
         values, classes = row.topk(top)

@@ -12,7 +12,6 @@ compression at each transition.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
+import config  # noqa: E402
+from config import RunConfig  # noqa: E402
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition  # noqa: E402
 
 
@@ -116,19 +117,16 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=100, help="L: layers with weights")
-    p.add_argument("--growth-rate", type=int, default=12, help="k: feature maps per layer")
-    p.add_argument("--bottleneck", action=argparse.BooleanOptionalAction, default=True,
-                   help="1x1 conv before each 3x3 conv (DenseNet-B)")
-    p.add_argument("--compression", type=float, default=0.5, help="theta of the transitions")
+    config.add_flags(p, ["depth", "growth_rate", "bottleneck", "compression"])
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
     p.add_argument("--image", default=None, help="picture file, .png, .pdf or .svg "
                                                  "(default work/summary/<model>.png)")
     args = p.parse_args(argv)
+    cfg, _ = RunConfig.from_flags(args)
     if args.image and Path(args.image).suffix.lstrip(".").lower() not in cli.FIGURE_FORMATS:
         p.error(f"--image {args.image}: the name must end in .png, .pdf or .svg")
     try:
-        model = DenseNet(args.depth, args.growth_rate, args.bottleneck, args.compression,
+        model = DenseNet(cfg.depth, cfg.growth_rate, cfg.bottleneck, cfg.compression,
                          num_classes=args.num_classes)
     except ValueError as error:
         p.error(str(error))

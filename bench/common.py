@@ -38,36 +38,37 @@ def add_device_flag(parser) -> None:
                         help="cpu or cuda (a GPU when there is one)")
 
 
-def synthetic_step(model, device, batch: int, steps: int, channels_last: bool = True,
-                   precision: str = "fp32", graph: bool = False, compile: bool = False):
-    """train.py's training step (training.TrainStep) for ``model`` on random images, planned for
-    ``steps`` calls after the warm-up a CUDA graph needs, with fused SGD as the paper sets it.
-
-    Returns (step, run_step, sync): ``run_step`` is the step or its CUDA graph, ``sync`` waits
-    for the device. The model must be on ``device`` in its memory layout already.
+def synthetic_run(cfg, device, steps: int, model=None):
+    """train.py's run of ``cfg`` (its model, precision, kernels, graph, compilation: all from
+    build.build_run) on random images, enough for ``steps`` calls after the warm-up a CUDA
+    graph needs; ``model`` replaces ours (torchvision's DenseNet). The epoch is started and,
+    with a graph, captured and replayed once. Returns the run; ``run.run_step`` is what to time.
     """
     import torch
 
+    import build
     import data
-    import training
-    optimizer = training.build_optimizer(
-        {"opt": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}, model)
-    count = batch * (steps + training.GraphedStep.WARMUP + 1)
-    split = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8),
-                       torch.randint(0, 10, (count,)))
-    batches = data.TrainBatches(split, batch, data.Normalizer([0.5] * 3, [0.25] * 3, device), True,
-                                0, device, channels_last=channels_last)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    step = training.TrainStep(torch.compile(model) if compile else model, optimizer, batches,
-                              precision, scaler)
-    run_step = training.step_runner(step, graph, training.Runtime(device), print)
+    from runtime import Runtime
+    from training import GraphedStep
+    count = cfg.batch_size * (steps + GraphedStep.WARMUP + 1)
+    images = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8),
+                        torch.randint(0, 10, (count,)))
+    dataset = build.RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
+    run = build.build_run(cfg, Runtime.alone(device), print, dataset=dataset, model=model)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    step.start_epoch()
-    model.train()
-    if graph:
-        for _ in range(training.GraphedStep.WARMUP + 1):  # warm-up, capture and a first replay
-            run_step()
-    return step, run_step, torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run.step.start_epoch()
+    run.step.model.train()
+    if run.run_step is not run.step:
+        for _ in range(GraphedStep.WARMUP + 1):  # warm-up, capture and a first replay
+            run.run_step()
+    return run
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def spread(values: list[float]) -> str:

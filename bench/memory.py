@@ -19,31 +19,30 @@ import sys
 import time
 
 from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
-                    synthetic_step)
+                    synchronize, synthetic_run)
 import cli  # noqa: E402  (common puts the project on sys.path)
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
 
 
-def measure(config: dict) -> dict:
+def measure(settings: dict) -> dict:
     import torch
-    from densenet import DenseNet
+    from config import RunConfig
 
-    device = torch.device(config["device"])
-    torch.manual_seed(0)
-    model = DenseNet(config["depth"], config["growth_rate"], True, 0.5,
-                     memory_efficient=config["memory_efficient"])
-    model = model.to(device, memory_format=torch.channels_last)
+    device = torch.device(settings["device"])
     # eager, also on CUDA: a graph holds its memory in its own pool between replays, so its
     # peak would not show (bench/speed.py times the memory-efficient graph)
-    _, run_step, sync = synthetic_step(model, device, config["batch"], config["steps"] + 1)
+    cfg = RunConfig(depth=settings["depth"], growth_rate=settings["growth_rate"],
+                    batch_size=settings["batch"], memory_efficient=settings["memory_efficient"],
+                    cuda_graph=False)
+    run_step = synthetic_run(cfg, device, settings["steps"] + 1).run_step
     run_step()  # warm-up: optimizer state and allocator pools exist from here on
     times, peaks = [], []
-    for _ in range(config["steps"]):
+    for _ in range(settings["steps"]):
         base = reset_peak(device)
         start = time.perf_counter()
         run_step()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
         peaks.append(peak_since(base, device))
     return {"peak_mb": statistics.median(peaks) / 2**20, "step_s": statistics.median(times)}
@@ -68,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {False: [], True: []}
         for _ in range(args.repeats):  # alternate the modes so that machine noise falls on both alike
             for efficient in results:
-                config = {"depth": depth, "growth_rate": k, "batch": batch, "device": args.device,
-                          "memory_efficient": efficient, "steps": args.steps}
-                results[efficient].append(in_fresh_process(__file__, config, args.threads))
+                settings = {"depth": depth, "growth_rate": k, "batch": batch, "device": args.device,
+                            "memory_efficient": efficient, "steps": args.steps}
+                results[efficient].append(in_fresh_process(__file__, settings, args.threads))
         for efficient, runs in results.items():
             rows.append((name, batch, "memory-efficient" if efficient else "standard",
                          spread([r["peak_mb"] for r in runs]),

@@ -24,9 +24,10 @@ import sys
 import time
 
 from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
-                    synthetic_step)
+                    synchronize, synthetic_run)
 import cli  # noqa: E402  (common puts the project on sys.path)
-from densenet import check_config  # noqa: E402
+import config  # noqa: E402
+from config import RunConfig  # noqa: E402
 
 # mode: (what it is, settings); unset settings are those of "ours"
 MODES = {
@@ -75,40 +76,35 @@ def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 
     return model
 
 
-def measure(config: dict) -> dict:
+def measure(settings: dict) -> dict:
     import torch
 
-    import data
-    import training
-    from densenet import DenseNet
+    from runtime import keep_freed_memory_mapped
 
-    settings = {**OURS, **MODES[config["mode"]][1]}
-    if settings["allocator"]:
-        training.keep_freed_memory_mapped()
-    device = torch.device(config["device"])
+    mode = {**OURS, **MODES[settings["mode"]][1]}
+    if mode["allocator"]:
+        keep_freed_memory_mapped()
+    device = torch.device(settings["device"])
+    cfg = RunConfig(depth=settings["depth"], growth_rate=settings["growth_rate"],
+                    batch_size=settings["batch"], channels_last=mode["channels_last"],
+                    kernels="compile" if mode["compile"] else mode["kernels"],
+                    precision=mode["precision"], memory_efficient=mode["memory_efficient"],
+                    cuda_graph=mode["graph"])
     torch.manual_seed(0)
-    if settings["model"] == "torchvision":
-        model = torchvision_cifar_densenet(config["depth"], config["growth_rate"])
-    else:
-        kernels = training.model_kernels(settings, device)
-        model = DenseNet(config["depth"], config["growth_rate"], True, 0.5,
-                         memory_efficient=settings["memory_efficient"], kernels=kernels)
-    parameters = sum(p.numel() for p in model.parameters())
-    model = model.to(device, memory_format=data.memory_format(settings["channels_last"]))
-    _, run_step, sync = synthetic_step(model, device, config["batch"],
-                                       config["warmup"] + config["steps"] + 1,
-                                       settings["channels_last"], settings["precision"],
-                                       settings["graph"], settings["compile"])
-    for _ in range(config["warmup"]):
+    model = (torchvision_cifar_densenet(cfg.depth, cfg.growth_rate)
+             if mode["model"] == "torchvision" else None)
+    run = synthetic_run(cfg, device, settings["warmup"] + settings["steps"] + 1, model)
+    run_step, parameters = run.run_step, run.parameters
+    for _ in range(settings["warmup"]):
         run_step()
-    sync()
+    synchronize(device)
     times, system, peaks = [], [], []
-    for _ in range(config["steps"]):
+    for _ in range(settings["steps"]):
         base = reset_peak(device)
         kernel = os.times().system
         start = time.perf_counter()
         run_step()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
         system.append(os.times().system - kernel)
         peaks.append(peak_since(base, device))
@@ -117,24 +113,24 @@ def measure(config: dict) -> dict:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as profiled:
             run_step()
-            sync()
+            synchronize(device)
         kernels = sum(1 for event in profiled.events()
                       if event.device_type == torch.autograd.DeviceType.CUDA)
     step_s = statistics.median(times)
-    return {"images_per_s": config["batch"] / step_s, "step_s": step_s, "system_s": statistics.median(system),
+    return {"images_per_s": settings["batch"] / step_s, "step_s": step_s, "system_s": statistics.median(system),
             # a graph keeps its memory in its own pool between replays: no peak to see
-            "peak_mb": None if settings["graph"] else statistics.median(peaks) / 2**20,
+            "peak_mb": None if mode["graph"] else statistics.median(peaks) / 2**20,
             "parameters": parameters,
             "kernels": kernels}
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     import torch
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", help=f"comma-separated, from: {', '.join(MODES)} (default: on a CPU "
                                    f"{DEFAULT_MODES['cpu']}; on CUDA {DEFAULT_MODES['cuda']})")
-    p.add_argument("--depth", type=int, default=100, help="L of the DenseNet-BC")
-    p.add_argument("--growth-rate", type=int, default=12, help="k of the DenseNet-BC")
+    config.add_flags(p, ["depth", "growth_rate"])  # of a DenseNet-BC
     p.add_argument("--batch", type=cli.positive_int, default=64, help="training batch size")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per mode")
     p.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per process")
@@ -154,20 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     graphs = [m for m in modes if MODES[m][1].get("graph")]
     if graphs and args.device != "cuda":
         p.error(f"mode(s) {', '.join(graphs)} capture a CUDA graph and need --device cuda")
-    try:
-        check_config(args.depth, args.growth_rate, True, 0.5)
-    except ValueError as error:
-        p.error(str(error))
-    print(f"DenseNet-BC-{args.depth}-{args.growth_rate}, batch {args.batch}, {args.device}, "
+    cfg, _ = RunConfig.from_flags(args)
+    cfg.check()
+    print(f"DenseNet-BC-{cfg.depth}-{cfg.growth_rate}, batch {args.batch}, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.repeats} processes x "
           f"{args.steps} steps per mode; median [min-max]")
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeats):  # interleave modes so that machine noise falls on all alike
         for mode in modes:
-            config = {"mode": mode, "depth": args.depth, "growth_rate": args.growth_rate,
-                      "batch": args.batch, "device": args.device, "steps": args.steps,
-                      "warmup": args.warmup}
-            results[mode].append(in_fresh_process(__file__, config, args.threads))
+            settings = {"mode": mode, "depth": cfg.depth, "growth_rate": cfg.growth_rate,
+                        "batch": args.batch, "device": args.device, "steps": args.steps,
+                        "warmup": args.warmup}
+            results[mode].append(in_fresh_process(__file__, settings, args.threads))
     rows = [("mode", "images/s", "kernels/step", "300 epochs", "kernel s/step", "step peak MB",
              "parameters", "what")]
     median = {mode: statistics.median(r["images_per_s"] for r in runs) for mode, runs in results.items()}

@@ -12,7 +12,7 @@ import torch
 
 import plot
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, TINY_MODEL
 
 sys.path.insert(0, str(ROOT / "attic"))
 import dataset_stats  # noqa: E402
@@ -38,6 +38,18 @@ class _ScaledGradient(torch.autograd.Function):
 class _BuggyLayer(DenseLayer):
     def forward(self, features):
         return _ScaledGradient.apply(super().forward(features))
+
+
+def test_tools_never_import_the_trainer():
+    """attic/ and bench/ build runs from the modules train.py uses, never from train.py itself."""
+    import ast
+    for path in sorted((ROOT / "attic").glob("*.py")) + sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert "train" not in {alias.name for alias in node.names}, path
+            elif isinstance(node, ast.ImportFrom):
+                assert node.module != "train", path
+        assert "train.py\"" not in path.read_text() and "'train.py'" not in path.read_text(), path
 
 
 def test_gradcheck_passes_on_the_model(capsys):
@@ -115,7 +127,7 @@ def test_summary_flops_of_bc_100_12():
 
 def test_lr_finder_writes_csv_and_plot_marks_suggestion(tmp_path, cifar_dir, capsys):
     work = tmp_path / "sweep"
-    assert lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY,
+    assert lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY_MODEL,
                          "--steps", "12", "--start-lr", "1e-4", "--end-lr", "1"]) == 0
     assert "note: 12 steps are few; the suggestion will be rough" in capsys.readouterr().out
     with open(work / "lr_find.csv") as f:

@@ -1,7 +1,6 @@
 """Kill training at random moments, resume, and get the run an uninterrupted one gives."""
 from __future__ import annotations
 
-import csv
 import os
 import random
 import signal
@@ -14,33 +13,26 @@ from pathlib import Path
 import pytest
 
 import train
-from conftest import ROOT, TINY, run_cli
+from build import Checkpoint
+from conftest import ROOT, TINY, metrics, on_forward
 
 # CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))
 KILLS_PER_TRIAL = int(os.environ.get("KILLS_PER_TRIAL", "2"))
 
 
+# Dropout makes the torch RNG matter; 5 steps per epoch make saves a large share of the time.
+RUN = ["--epochs", "5", "--dropout", "0.1"]
+
+
 def flags(data_dir: Path) -> list[str]:
-    # Dropout makes the torch RNG matter; 5 steps per epoch make saves a large share of the time.
-    return [*TINY, "--epochs", "5", "--dropout", "0.1", "--data-dir", str(data_dir)]
-
-
-def epochs_and_metrics(work: Path) -> tuple[list, list]:
-    with open(work / "train.csv") as f:
-        train = [(r["epoch"], r["lr"], r["loss"], r["error"]) for r in csv.DictReader(f)]
-    with open(work / "test.csv") as f:
-        test = [(r["epoch"], r["loss"], r["error"]) for r in csv.DictReader(f)]
-    return train, test
+    return [*TINY, *RUN, "--data-dir", str(data_dir)]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cifar_dir) -> Path:
-    """An uninterrupted run."""
-    work = tmp_path_factory.mktemp("reference") / "run"
-    result = run_cli("train.py", "--save", work, *flags(cifar_dir))
-    assert result.returncode == 0, result.stderr
-    return work
+def reference(finished) -> Path:
+    """The same run, uninterrupted."""
+    return finished(*RUN)
 
 
 def kill_moments(rng: random.Random, first: bool) -> tuple[str, int]:
@@ -68,6 +60,7 @@ def reached(kind: str, count: int, work: Path, lines: list[str], started_inode: 
     return any(line.startswith(f"epoch {count}/") for line in lines)  # printed after the save
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
     """Each attempt is killed the moment the run shows a random event (config written, a row
     appended, a checkpoint replaced, an epoch printed), plus up to 50 ms: start-up, steps,
@@ -108,7 +101,7 @@ def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
             assert process.returncode == -signal.SIGKILL, stderr
         command = resume if (work / "config.json").exists() else start
         assert train.main(command[2:]) == 0  # the last resume in this process: the same code
-        assert epochs_and_metrics(work) == epochs_and_metrics(reference), f"trial {trial}"
+        assert metrics(work) == metrics(reference), f"trial {trial}"
         assert not list(work.glob(".*")), "a temporary or lock file was left behind"
     print(f"\n{TRIALS} of {TRIALS} trials resumed exactly after {kills} SIGKILLs")
 
@@ -126,6 +119,7 @@ def interrupt(command: list[str], after: str, signum: int) -> str:
     return stderr
 
 
+@pytest.mark.slow
 def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, reference):
     work = tmp_path / "run"
     train_py = [sys.executable, str(ROOT / "train.py")]
@@ -137,25 +131,23 @@ def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, refere
     stopped = interrupt(resume, "epoch ", signal.SIGTERM)
     assert "stopped by SIGTERM in epoch" in stopped, stopped
     assert train.main(resume[2:]) == 0
-    assert epochs_and_metrics(work) == epochs_and_metrics(reference)
+    assert metrics(work) == metrics(reference)
 
 
-def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference, monkeypatch):
-    """A stop request after the 7th step (epoch 2, step 2 of 5) saves a mid-epoch checkpoint."""
-    calls = []
+def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference):
+    """A SIGINT that arrives during the 7th step (epoch 2, step 2 of 5) saves a mid-epoch
+    checkpoint at the end of that step; the resumed run is the uninterrupted one."""
 
-    def requested(self, runtime):
-        calls.append(1)
-        self.agreed = signal.SIGINT if len(calls) == 7 else 0
-        return self.agreed
+    def interrupt_in_step_7(count, model, output):
+        if count == 7:
+            signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(train.StopFlag, "requested", requested)
     work = tmp_path / "run"
-    status = train.main(["--save", str(work), *flags(cifar_dir)])
+    with on_forward(interrupt_in_step_7, training=True):
+        status = train.main(["--save", str(work), *flags(cifar_dir)])
     assert status == 128 + signal.SIGINT
-    assert len(epochs_and_metrics(work)[0]) == 1
-    state = train.load_checkpoint(work / "checkpoint.pt")
+    assert len(metrics(work)[0]) == 1
+    state = Checkpoint.load(work / "checkpoint.pt").state
     assert (state["epoch"], state["progress"]["step"]) == (1, 2)
-    monkeypatch.undo()
     assert train.main(["--resume", "--save", str(work), "--data-dir", str(cifar_dir)]) == 0
-    assert epochs_and_metrics(work) == epochs_and_metrics(reference)
+    assert metrics(work) == metrics(reference)

@@ -144,7 +144,7 @@ def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
     assert len(calls) == 2 * layers  # forward, then one recomputation in backward
 
 
-@pytest.mark.skipif(fused._library() is None, reason="no C compiler with OpenMP: the fused path is not built")
+@pytest.mark.skipif(fused.backend("cpu") is None, reason="no C compiler with OpenMP: the fused path is not built")
 def test_memory_efficient_fused_path_recomputes_one_normalisation_per_layer(monkeypatch):
     """The fused path recomputes each layer's first BN-ReLU in backward, from the block's
     buffer, and nothing else: no convolution runs twice, no recomputation without gradients."""

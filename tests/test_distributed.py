@@ -1,23 +1,17 @@
 """torchrun with two CPU processes (Gloo) against a single process with the same global batch."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, read_csv
 
 
-def rows(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_and_resume_with_one(tmp_path, cifar_dir):
     """Same data order, augmentation, initialisation and averaged gradients as one process.
 
@@ -43,7 +37,7 @@ def test_torchrun_two_processes_match_one_and_resume_with_one(tmp_path, cifar_di
     # resume the two-process run in one process: the checkpoint does not depend on the count
     assert train.main(["--resume", "--save", str(work), "--data-dir", str(cifar_dir)]) == 0
     for name in ("train.csv", "test.csv"):
-        ours, reference = rows(work / name), rows(single / name)
+        ours, reference = read_csv(work / name), read_csv(single / name)
         assert [r["epoch"] for r in ours] == ["1", "2"]
         for a, b in zip(ours, reference):
             assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=0.03)

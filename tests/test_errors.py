@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import math
 import os
 import pickle
@@ -17,6 +16,7 @@ import resource
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,9 @@ import torch
 import cli
 import plot
 import train
-from conftest import ROOT, TINY, run_cli, write_cifar10
+from config import RunConfig
+from conftest import (ROOT, TINY, TINY_MODEL, Payload, check_refused, run_cli, run_main, snapshot,
+                      write_cifar10)
 from densenet import DenseNet
 
 sys.path[:0] = [str(ROOT / "attic"), str(ROOT / "bench")]
@@ -43,27 +45,6 @@ SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": sum
            "attic/lr_find.py": lr_find.main, "bench/speed.py": speed.main,
            "bench/memory.py": memory.main, "bench/pipeline.py": pipeline.main,
            "attic/predict.py": predict.main}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, cifar_dir) -> Path:
-    """A finished two-epoch run of the tiny model."""
-    work = tmp_path_factory.mktemp("finished") / "run"
-    assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "2"]) == 0
-    return work
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """A hash of every file under ``folder``, to show that nothing changed."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def check_refused(code: int, stderr: str, message: str, status: int = 2) -> None:
-    assert code == status, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr  # one line, no traceback
-    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------- what the cases start from
@@ -188,10 +169,10 @@ CASES = {
     "lr_find batch size 0": ("attic/lr_find.py", "--batch-size 0 --data-dir {data}", "argument --batch-size: must be a positive integer, got 0", "data", None),
     "lr_find steps 2": ("attic/lr_find.py", "--steps 2 --data-dir {data}", "argument --steps: must be at least 3, got 2", "data", None),
     "lr_find lrs reversed": ("attic/lr_find.py", "--start-lr 1 --end-lr 0.1 --data-dir {data}", "--start-lr 1 must be below --end-lr 0.1", "data", None),
-    "lr_find data absent": ("attic/lr_find.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
-    "lr_find into a training run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY), "{run} holds a training run; the sweep goes into a folder of its own: choose another --save", "run", None),
-    "lr_find unwritable save": ("attic/lr_find.py", "--data-dir {data} --save /proc/sweep --steps 3 " + " ".join(TINY), "cannot write to /proc/sweep", "data", None),
-    "lr_find into a busy training run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY), "{run} holds a training run; the sweep goes into a folder of its own", "run", "lock"),
+    "lr_find data absent": ("attic/lr_find.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY_MODEL), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
+    "lr_find into a training run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY_MODEL), "{run} holds a training run; the sweep goes into a folder of its own: choose another --save", "run", None),
+    "lr_find unwritable save": ("attic/lr_find.py", "--data-dir {data} --save /proc/sweep --steps 3 " + " ".join(TINY_MODEL), "cannot write to /proc/sweep", "data", None),
+    "lr_find into a busy training run": ("attic/lr_find.py", "--data-dir {data} --save {run} --steps 3 " + " ".join(TINY_MODEL), "{run} holds a training run; the sweep goes into a folder of its own", "run", "lock"),
     # bench/
     "speed depth 11": ("bench/speed.py", "--depth 11", "depth 11 is impossible", None, None),
     "speed repeats 0": ("bench/speed.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
@@ -239,11 +220,7 @@ def test_bad_input_one_line_nothing_changed(case, tmp_path, cifar_dir, finished_
     with contextlib.ExitStack() as stack:
         argv = prepare(case, tmp_path, cifar_dir, finished_run, stack)
         before = snapshot(tmp_path)
-        try:
-            code = SCRIPTS[script](argv)
-        except SystemExit as exit:  # argparse
-            code = exit.code
-        stderr = capsys.readouterr().err
+        code, _, stderr = run_main(capsys, SCRIPTS[script], *argv)
         check_refused(code, stderr, message.format(tmp=tmp_path, run=tmp_path / "run",
                                                    plotted=tmp_path / "plotted"))
         assert snapshot(tmp_path) == before
@@ -262,12 +239,7 @@ def test_the_table_is_large_enough():
 def test_malicious_dataset_pickle_cannot_run_code(tmp_path, capsys):
     data = write_cifar10(tmp_path / "data")
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    (data / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Payload()}))
+    (data / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Payload(marker)}))
     code = train.main(["--data-dir", str(data), "--save", str(tmp_path / "run"), *TINY])
     check_refused(code, capsys.readouterr().err, "unexpected object")
     assert not marker.exists() and not (tmp_path / "run").exists()
@@ -277,13 +249,8 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, finished_run, 
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     state = torch.load(work / "checkpoint.pt", weights_only=True)
-    state["model"]["evil"] = Payload()
+    state["model"]["evil"] = Payload(marker)
     torch.save(state, work / "checkpoint.pt")
     before = snapshot(work)
     for command in (["--resume", "--save", work, "--epochs", "3", "--reschedule"],
@@ -321,7 +288,7 @@ def test_read_only_folders_are_refused_before_any_work(tmp_path, finished_run, c
                      ["--resume", "--save", work, "--epochs", "3", "--reschedule"]):
             code = train.main([*map(str, argv), "--data-dir", str(cifar_dir)])
             check_refused(code, capsys.readouterr().err, f"cannot write to {work} (")
-        code = lr_find.main(["--data-dir", str(cifar_dir), "--save", str(sweep), "--steps", "3", *TINY])
+        code = lr_find.main(["--data-dir", str(cifar_dir), "--save", str(sweep), "--steps", "3", *TINY_MODEL])
         check_refused(code, capsys.readouterr().err, f"cannot write to {sweep} (")
     assert snapshot(tmp_path) == before
 
@@ -361,8 +328,10 @@ def test_disk_full_while_saving_loses_nothing(tmp_path, finished_run, cifar_dir)
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_help_gives_every_flag_a_text_and_its_default(script, monkeypatch):
-    """Each script's own flags, each with help and its default (0 included); the tools built
-    on train.py's flags leave out those that resume, stop or evaluate a run."""
+    """Each script's own flags, each with help and its default (0 included): argparse's for
+    a script's own flags, the setting's own (config.RunConfig) for the flags of a run's
+    settings, which have none in argparse. The tools built on a run's settings offer only
+    those they use: none that resume, stop or evaluate a run."""
     parsers = []
 
     def capture(parser, *args, **kwargs):
@@ -374,15 +343,24 @@ def test_help_gives_every_flag_a_text_and_its_default(script, monkeypatch):
         SCRIPTS[script](["--help"])
     parser = parsers[0]
     formatter = parser.formatter_class(parser.prog)
+    settings = {f.name: f.default for f in fields(RunConfig)}
     for action in parser._actions:
         if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
         assert action.help, f"{script}: {action.option_strings or action.dest} has no help text"
-        if action.default is not None and action.default is not False:
+        if action.default == argparse.SUPPRESS:  # a run's setting: its default is RunConfig's
+            default = settings[action.dest]
+            if default is not None and default is not False:
+                assert action.help.endswith(f" (default: {default})"), (script, action.dest)
+        elif action.default is not None and action.default is not False:
             assert "%(default)" in formatter._get_help_string(action), (script, action.dest)
     flags = {flag for action in parser._actions for flag in action.option_strings}
     run_only = {"--resume", "--stop-after", "--reschedule", "--evaluate", "--tta"}
     if script in ("attic/lr_find.py", "bench/pipeline.py"):
         assert not flags & run_only
+    if script == "attic/lr_find.py":  # it neither schedules nor evaluates
+        assert not flags & {"--epochs", "--lr", "--schedule", "--test-subset", "--eval-batch-size"}
+        save = next(a for a in parser._actions if "--save" in a.option_strings)
+        assert "lr-find" in save.help
     if script == "train.py":
         assert run_only <= flags

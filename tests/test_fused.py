@@ -7,18 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_kernels
 import fused
+from conftest import same_weights
 from densenet import DenseNet
 
-pytestmark = pytest.mark.skipif(fused._library() is None,
+pytestmark = pytest.mark.skipif(fused.backend("cpu") is None,
                                 reason="no C compiler with OpenMP: the fused path is not built")
 CHANNELS_LAST = torch.channels_last
 
 
-def twins(**kwargs) -> tuple[DenseNet, DenseNet]:
-    torch.manual_seed(0)
-    model = DenseNet(16, 4, num_classes=10, **kwargs).double()
-    return model, copy.deepcopy(model)
+def twins(**kwargs) -> list[DenseNet]:
+    """Two float64 DenseNets with the same weights; which path each takes depends on its input
+    (contiguous: ATen's, channels-last: the fused one)."""
+    return [m.double() for m in same_weights("fused", "fused", depth=16, growth_rate=4, **kwargs)]
 
 
 def step(model: DenseNet, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +101,7 @@ def test_aten_path_where_fused_cannot_run(monkeypatch):
     assert not fused.available(x.contiguous())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused.available(x)
-    monkeypatch.setattr(fused, "_library", lambda: None)  # no compiler: the model still trains
+    monkeypatch.setattr(fused, "backend", lambda device_type: None)  # no compiler: it still trains
     assert not fused.available(x)
     model = DenseNet(10, 4).to(memory_format=CHANNELS_LAST)
     model(torch.randn(2, 3, 32, 32).contiguous(memory_format=CHANNELS_LAST)).sum().backward()
@@ -117,11 +119,25 @@ def test_statistics_kernel_is_accurate_far_from_zero():
 
 def test_a_failing_compiler_warns_and_falls_back(monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    fused._library.cache_clear()
+    fused.backend.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="fused CPU kernels are unavailable.*false failed"):
-            assert fused._library() is None
+            assert fused.backend("cpu") is None
+        assert not fused.available(torch.randn(2, 3, 4, 4).contiguous(memory_format=CHANNELS_LAST))
     finally:
         monkeypatch.delenv("CC")
-        fused._library.cache_clear()
-    assert fused._library() is not None
+        fused.backend.cache_clear()
+        cpu_kernels.library.cache_clear()
+    assert fused.backend("cpu") is cpu_kernels
+
+
+def test_both_backends_offer_the_same_kernels():
+    """cpu_kernels and triton_kernels: the same functions with the same arguments."""
+    import inspect
+
+    triton_kernels = pytest.importorskip("triton_kernels")
+    for name in ("norm_relu", "norm_relu_backward", "stats"):
+        assert (inspect.signature(getattr(cpu_kernels, name)).parameters.keys()
+                == inspect.signature(getattr(triton_kernels, name)).parameters.keys()), name
+    assert cpu_kernels.SOURCE.is_file() and cpu_kernels.SOURCE.suffix == ".c"

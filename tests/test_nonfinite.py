@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import fused
 import train
 import training
-from conftest import TINY
+from config import RunConfig
+from conftest import TINY, on_forward, run_main
 from densenet import DenseNet
 from runlog import load_checkpoint, non_finite
 
@@ -26,7 +27,7 @@ PATHS = {
     "bf16": (CHANNELS_LAST, torch.bfloat16, False),
     "fp16": (CHANNELS_LAST, torch.float16, False),
 }
-needs_fused = pytest.mark.skipif(fused._library() is None, reason="no C compiler: no fused path")
+needs_fused = pytest.mark.skipif(fused.backend("cpu") is None, reason="no C compiler: no fused path")
 
 
 def poison(model: DenseNet, x: torch.Tensor, where: str) -> torch.Tensor:
@@ -56,7 +57,7 @@ def forward_backward(model: DenseNet, x: torch.Tensor, labels: torch.Tensor, pat
 @pytest.mark.parametrize("where", ["norm weight", "conv weight", "input nan", "input inf"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_nan_reaches_the_loss_on_every_path(path, where):
-    if PATHS[path][0] is CHANNELS_LAST and PATHS[path][1] is None and fused._library() is None:
+    if PATHS[path][0] is CHANNELS_LAST and PATHS[path][1] is None and fused.backend("cpu") is None:
         pytest.skip("no C compiler: no fused path")
     torch.manual_seed(0)
     model = DenseNet(16, 4, memory_efficient=PATHS[path][2]).to(memory_format=PATHS[path][0])
@@ -113,60 +114,50 @@ def assert_stopped(status: int, stderr: str, message: str) -> None:
     assert "the last checkpoint and the rows up to it are kept" in lines[0]
 
 
-def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(tmp_path, cifar_dir,
-                                                                       monkeypatch, capsys):
-    """Epoch 1 trains normally, epoch 2 at lr 1e6 on the default (fused) path."""
-    normal = training.learning_rate
-    monkeypatch.setattr(training, "learning_rate",
-                        lambda cfg, epoch: 1e6 if epoch == 1 else normal(cfg, epoch))
+class DivergesInEpoch2(RunConfig):
+    """The run's configuration with a schedule that explodes in its second epoch."""
+
+    def learning_rate(self, epoch: int) -> float:
+        return 1e6 if epoch == 1 else super().learning_rate(epoch)
+
+
+def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(tmp_path, cifar_dir):
+    """Epoch 1 trains normally, epoch 2 at lr 1e6 on the default (fused) path: the schedule is
+    the configuration's, so the run is given one that diverges."""
     work = tmp_path / "run"
-    status = train.main(flags(cifar_dir, work))
-    assert_stopped(status, capsys.readouterr().err, "is not finite at epoch 2")
+    cfg, _ = RunConfig.from_flags(train.build_parser().parse_args(flags(cifar_dir, work)))
+    with pytest.raises(training.Diverged, match="the training loss is not finite at epoch 2"):
+        train.train(DivergesInEpoch2(**cfg.to_dict()))
     state = load_checkpoint(work / "checkpoint.pt")  # refuses non-finite weights itself
     assert state["epoch"] == 1
     for name in ("train.csv", "test.csv"):
         assert [line.split(",")[0] for line in (work / name).read_text().splitlines()] == ["epoch", "1"]
 
 
-def test_a_nan_test_loss_is_never_written(tmp_path, cifar_dir, monkeypatch, capsys):
-    evaluate = training.evaluate
-    calls = []
-
-    def nan_on_second_call(*args, **kwargs):
-        calls.append(1)
-        loss, error, confusion, top5 = evaluate(*args, **kwargs)
-        return (math.nan if len(calls) == 2 else loss), error, confusion, top5
-
-    monkeypatch.setattr(training, "evaluate", nan_on_second_call)
+def test_a_nan_test_loss_is_never_written(tmp_path, cifar_dir, capsys):
+    """The model's output turns NaN in the second evaluation (epoch 2's test set; one batch
+    each), its weights and training loss finite."""
     work = tmp_path / "run"
-    status = train.main(flags(cifar_dir, work))
-    assert_stopped(status, capsys.readouterr().err, "the test loss is not finite after epoch 2")
+    with on_forward(lambda count, model, out: out * math.nan if count == 2 else None, training=False):
+        status, _, err = run_main(capsys, train.main, *flags(cifar_dir, work))
+    assert_stopped(status, err, "the test loss is not finite after epoch 2")
     assert len((work / "test.csv").read_text().splitlines()) == 2  # header and epoch 1
     assert load_checkpoint(work / "checkpoint.pt")["epoch"] == 1
 
 
-def test_weights_gone_non_finite_with_a_finite_loss_are_not_saved(tmp_path, cifar_dir,
-                                                                 monkeypatch, capsys):
-    """A last step of the epoch that leaves a NaN weight: caught before rows and checkpoint.
+def test_weights_gone_non_finite_with_a_finite_loss_are_not_saved(tmp_path, cifar_dir, capsys):
+    """The last step of epoch 2 (the 10th of 5-step epochs) leaves a NaN weight after its
+    loss was computed: caught by the weights' check, before evaluation, rows and checkpoint."""
 
-    Evaluation would show it too, so it reports finite numbers here: the check of the
-    weights alone must stop the run.
-    """
-    train_epoch = train.train_epoch
-    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (2.3, 90.0, None, None))
-
-    def leave_a_nan_weight(step, run_step, runtime, epoch, *args):
-        progress = train_epoch(step, run_step, runtime, epoch, *args)
-        if epoch == 2:  # 1-based
+    def nan_bias_after_step_10(count, model, out):
+        if count == 10:
             with torch.no_grad():
-                step.model.classifier.bias[0] = math.nan
-        return progress
+                model.classifier.bias[0] = math.nan
 
-    monkeypatch.setattr(train, "train_epoch", leave_a_nan_weight)
     work = tmp_path / "run"
-    status = train.main(flags(cifar_dir, work))
-    assert_stopped(status, capsys.readouterr().err,
-                   "the weights are not finite after epoch 2 (classifier.bias)")
+    with on_forward(nan_bias_after_step_10, training=True):
+        status, _, err = run_main(capsys, train.main, *flags(cifar_dir, work))
+    assert_stopped(status, err, "the weights are not finite after epoch 2 (classifier.bias)")
     assert load_checkpoint(work / "checkpoint.pt")["epoch"] == 1
     assert len((work / "train.csv").read_text().splitlines()) == 2
 

@@ -3,19 +3,21 @@ low precision equal to autocast, fixed-shape evaluation; CUDA-only checks carry 
 from __future__ import annotations
 
 import copy
-import csv
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import build
 import data
 import train
 import training
-from conftest import TINY
+from config import RunConfig
+from conftest import TINY, metrics, read_csv, same_weights
 from densenet import DenseNet
+from runtime import Runtime, capture_cuda_graph
 
-SGD = {"opt": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+SGD = RunConfig()  # the paper's: lr 0.1, Nesterov momentum 0.9, weight decay 1e-4
 
 
 def make_step(device: torch.device, precision: str = "fp32", memory_efficient: bool = False,
@@ -24,7 +26,7 @@ def make_step(device: torch.device, precision: str = "fp32", memory_efficient: b
     torch.manual_seed(seed)
     model = DenseNet(10, 4, dropout=dropout, memory_efficient=memory_efficient)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = training.build_optimizer(SGD, model)
+    optimizer = build.build_optimizer(SGD, model)
     generator = torch.Generator().manual_seed(1)
     split = data.Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                        torch.randint(0, 10, (images,), generator=generator))
@@ -124,24 +126,20 @@ def test_a_failed_capture_goes_on_eagerly_with_one_notice(capsys):
                    "with the same results, slower"]
 
 
-def test_train_py_reports_a_failed_capture_and_logs_what_eager_logs(tmp_path, cifar_dir, capsys,
-                                                                    monkeypatch):
-    """train.py with the graph runner forced on the CPU and its capture failing: the run says so
-    once and writes the CSVs of the eager run, loss for loss."""
-    flags = ["--data-dir", str(cifar_dir), *TINY, "--epochs", "2"]
-    assert train.main([*flags, "--save", str(tmp_path / "eager")]) == 0
+def test_train_py_reports_a_failed_capture_and_logs_what_eager_logs(tmp_path, cifar_dir, capsys):
+    """train.py on a runtime whose capture fails (a stand-in: on the CPU there is no CUDA
+    graph): the run says so once and writes the CSVs of the eager run, loss for loss."""
+    argv = ["--data-dir", str(cifar_dir), *TINY, "--epochs", "2"]
+    assert train.main([*argv, "--save", str(tmp_path / "eager")]) == 0
 
     def failing(step):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(training, "step_runner", lambda step, *args: training.GraphedStep(
-        step, print, capture=failing))
+    cfg, _ = RunConfig.from_flags(train.build_parser().parse_args([*argv, "--save", str(tmp_path / "forced")]))
     capsys.readouterr()
-    assert train.main([*flags, "--save", str(tmp_path / "forced")]) == 0
+    assert train.train(cfg, runtime=Runtime(torch.device("cpu"), capture=failing)) == 0
     assert capsys.readouterr().out.count("could not be captured as a CUDA graph (out of memory)") == 1
-    for name in ("train.csv", "test.csv"):
-        rows = [list(csv.DictReader(open(tmp_path / run / name))) for run in ("eager", "forced")]
-        assert [(r["loss"], r["error"]) for r in rows[0]] == [(r["loss"], r["error"]) for r in rows[1]]
+    assert metrics(tmp_path / "forced") == metrics(tmp_path / "eager")
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam", "rmsprop"])
@@ -149,7 +147,7 @@ def test_each_optimiser_takes_its_learning_rate_from_the_device_tensor(opt):
     """Every parameter group reads the step's lr tensor: a rate of 0 leaves the weights as they
     are, a positive one moves them."""
     sgd = make_step(torch.device("cpu"))
-    optimizer = training.build_optimizer({**SGD, "opt": opt, "lr": 0.01}, sgd.model)
+    optimizer = build.build_optimizer(RunConfig(opt=opt, lr=0.01), sgd.model)
     step = training.TrainStep(sgd.model, optimizer, sgd.batches, "fp32")
     before = copy.deepcopy(step.model.state_dict())
     step.set_lr(0.0)
@@ -161,15 +159,19 @@ def test_each_optimiser_takes_its_learning_rate_from_the_device_tensor(opt):
 
 
 def test_the_graph_is_for_one_gpu_process():
+    """A graph where the process can capture one (Runtime.alone on CUDA) and the run asks for
+    it; several processes step eagerly and say so."""
     step = make_step(torch.device("cpu"))
     notices = []
     runner = training.step_runner
-    assert runner(step, True, training.Runtime(torch.device("cpu")), notices.append) is step
-    assert runner(step, False, training.Runtime(torch.device("cuda")), notices.append) is step
-    assert isinstance(runner(step, True, training.Runtime(torch.device("cuda")), notices.append),
-                      training.GraphedStep)
+    assert Runtime.alone(torch.device("cpu")).capture is None
+    assert Runtime.alone(torch.device("cuda")).capture is capture_cuda_graph
+    assert runner(step, True, Runtime.alone(torch.device("cpu")), notices.append) is step
+    assert runner(step, False, Runtime.alone(torch.device("cuda")), notices.append) is step
+    graphed = runner(step, True, Runtime.alone(torch.device("cuda")), notices.append)
+    assert isinstance(graphed, training.GraphedStep) and graphed.capture is capture_cuda_graph
     assert notices == []
-    assert runner(step, True, training.Runtime(torch.device("cuda"), 0, 2), notices.append) is step
+    assert runner(step, True, Runtime(torch.device("cuda"), 0, 2), notices.append) is step
     assert len(notices) == 1 and "several processes the step runs eagerly" in notices[0]
 
 
@@ -181,7 +183,7 @@ def test_a_restored_optimizer_keeps_its_fused_implementation(tmp_path):
                               weight_decay=1e-4, foreach=True)
     train_steps(step, step, 1)
     earlier.step()  # momentum buffers from the gradients the step left
-    training.restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
+    build.restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
     group = step.optimizer.param_groups[0]
     assert group["fused"] is True and not group["foreach"]
     for p in step.model.parameters():
@@ -193,9 +195,8 @@ def test_a_restored_optimizer_keeps_its_fused_implementation(tmp_path):
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_bf16_casts_once_and_computes_what_autocast_computes(memory_efficient):
     """Weights cast in one copy give autocast's outputs and float32 gradients."""
-    torch.manual_seed(0)
-    model = DenseNet(10, 4, memory_efficient=memory_efficient).to(memory_format=torch.channels_last)
-    twin = copy.deepcopy(model)
+    model, twin = (m.to(memory_format=torch.channels_last) for m in
+                   same_weights("fused", "fused", depth=10, growth_rate=4, memory_efficient=memory_efficient))
     x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -218,15 +219,16 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
     split = data.Split(torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8),
                        torch.randint(0, 10, (37,)))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
-    runtime = training.Runtime(torch.device("cpu"))
+    runtime = Runtime(torch.device("cpu"))
     shapes = {tuple(images.shape) for images, _, _ in data.eval_batches(split, 16, normalizer, runtime.device)}
     assert shapes == {(16, 3, 32, 32)}
     results = [training.evaluate(model, data.eval_batches(split, size, normalizer, runtime.device),
                                  "fp32", runtime, 10) for size in (1, 16, 37, 500)]
-    for loss, error, confusion, top5 in results[1:]:
-        assert top5 is None  # ten classes
-        assert loss == pytest.approx(results[0][0], rel=1e-5) and error == results[0][1]
-        assert torch.equal(confusion, results[0][2]) and confusion.sum() == 37
+    first = results[0]
+    for result in results[1:]:
+        assert result.top5_error is None  # ten classes
+        assert result.loss == pytest.approx(first.loss, rel=1e-5) and result.error == first.error
+        assert torch.equal(result.confusion, first.confusion) and result.images == 37
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -278,7 +280,7 @@ def test_cuda_resume_continues_the_run(tmp_path, cifar_dir):
     assert train.main([*flags, "--save", str(tmp_path / "parts"), "--stop-after", "1"]) == 0
     assert train.main(["--resume", "--save", str(tmp_path / "parts"), "--data-dir", str(cifar_dir)]) == 0
     for name in ("train.csv", "test.csv"):
-        whole, parts = (list(csv.DictReader(open(tmp_path / run / name))) for run in ("whole", "parts"))
+        whole, parts = (read_csv(tmp_path / run / name) for run in ("whole", "parts"))
         assert [r["epoch"] for r in parts] == ["1", "2"]
         for a, b in zip(whole, parts):
             assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-3)

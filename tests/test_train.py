@@ -5,7 +5,6 @@ for all); the first test and the lock test use real processes.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -19,34 +18,22 @@ import pytest
 
 import train
 import training
-from conftest import ROOT, TINY, folder_snapshot, run_cli, write_cifar100
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+import workdir
+from build import Checkpoint
+from cli import UserError
+from config import RunConfig
+from conftest import (FIXTURES, ROOT, TINY, metrics, read_csv, run_cli, run_main, snapshot,
+                      start_run, write_cifar100)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
     """train.py's main in this process: (exit status, stdout, stderr)."""
-    try:
-        status = train.main([str(a) for a in argv])
-    except SystemExit as exit:  # argparse
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_main(capsys, train.main, *argv)
 
 
-def start(capsys, work: Path, data_dir: Path, *extra) -> str:
-    status, out, err = run(capsys, "--data-dir", data_dir, "--save", work, *TINY, *extra)
-    assert status == 0, err
-    return out
-
-
-def metrics(work: Path) -> list[tuple]:
-    """Per-epoch losses and errors, the columns that must not depend on interruptions."""
-    return ([(r["epoch"], r["lr"], r["loss"], r["error"]) for r in read_csv(work / "train.csv")],
-            [(r["epoch"], r["loss"], r["error"]) for r in read_csv(work / "test.csv")])
+def flags(*argv: str) -> tuple[RunConfig, frozenset[str]]:
+    """The configuration train.py builds from ``argv``, and the flags given."""
+    return RunConfig.from_flags(train.build_parser().parse_args(list(argv)))
 
 
 def test_two_epochs_on_shared_subset(tmp_path, shared_data):
@@ -72,25 +59,24 @@ def test_two_epochs_on_shared_subset(tmp_path, shared_data):
 
 # ---------------------------------------------------------------- pure functions
 
-def config(**changes) -> dict:
-    args, _ = train.parse_args([])
-    return {**train.run_config(args), **changes}
+def config(**changes) -> RunConfig:
+    return RunConfig(**changes)
 
 
 def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
     cfg = config(epochs=300)
-    assert [training.learning_rate(cfg, e) for e in (0, 149, 150, 224, 225, 299)] == \
+    assert [cfg.learning_rate(e) for e in (0, 149, 150, 224, 225, 299)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     short = config(epochs=4, lr=0.5)
-    assert [training.learning_rate(short, e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
+    assert [short.learning_rate(e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
 
 
 def test_cosine_schedule_anneals_from_lr_to_zero():
     cfg = config(schedule="cosine", epochs=10, lr=0.2)
-    rates = [training.learning_rate(cfg, e) for e in range(10)]
+    rates = [cfg.learning_rate(e) for e in range(10)]
     assert rates[0] == pytest.approx(0.2) and rates[5] == pytest.approx(0.1)
     assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.1 * (1 - 0.951056), rel=1e-4)
-    assert training.learning_rate(cfg, 10) == pytest.approx(0.0, abs=1e-12)
+    assert cfg.learning_rate(10) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("planned,epochs,done,partial,reschedule,outcome", [
@@ -109,56 +95,56 @@ def test_cosine_schedule_anneals_from_lr_to_zero():
 def test_resume_schedule_rules(planned, epochs, done, partial, reschedule, outcome):
     saved, cfg = config(epochs=planned), config(epochs=epochs)
     if outcome.startswith("refused: "):
-        with pytest.raises(train.UserError, match=outcome.removeprefix("refused: ")):
-            train.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
+        with pytest.raises(UserError, match=outcome.removeprefix("refused: ")):
+            workdir.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
     else:
-        note = train.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
+        note = workdir.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
         assert outcome in note and (note == "") == (outcome == "")
 
 
 def test_cosine_resume_with_more_epochs_needs_reschedule():
     saved, cfg = config(schedule="cosine", epochs=10), config(schedule="cosine", epochs=20)
-    with pytest.raises(train.UserError, match="would raise the learning rate"):
-        train.check_schedule(saved, cfg, 10, False, False, Path("w"))
-    assert train.check_schedule(saved, cfg, 1, False, False, Path("w")) == ""  # epoch 1: lr alike
+    with pytest.raises(UserError, match="would raise the learning rate"):
+        workdir.check_schedule(saved, cfg, 10, False, False, Path("w"))
+    assert workdir.check_schedule(saved, cfg, 1, False, False, Path("w")) == ""  # epoch 1: lr alike
 
 
 def test_resumed_config_keeps_the_run_and_takes_what_may_change():
     saved = config(depth=10, epochs=5, save="old/place", data_dir="data")
-    args, explicit = train.parse_args(["--resume", "--save", "new/place", "--epochs", "7",
-                                       "--data-dir", "elsewhere", "--lr", "0.1"])
-    cfg, changes = train.resumed_config(saved, args, explicit, Path("new/place"))
+    given = flags("--resume", "--save", "new/place", "--epochs", "7", "--data-dir", "elsewhere",
+                  "--lr", "0.1")
+    cfg, changes = workdir.resumed_config(saved, *given, Path("new/place"))
     assert changes == {"save": "new/place", "epochs": 7, "data_dir": "elsewhere", "resume": True}
-    assert cfg == {**saved, **changes} and cfg["depth"] == 10  # not the default 100
-    args, explicit = train.parse_args(["--resume", "--save", "new/place", "--seed", "3"])
-    with pytest.raises(train.UserError, match=r"--seed 3 \(the run has 0\) would change the run "
-                                              r"in new/place; drop these flags"):
-        train.resumed_config(saved, args, explicit, Path("new/place"))
+    assert cfg.to_dict() == {**saved.to_dict(), **changes} and cfg.depth == 10  # not the default 100
+    with pytest.raises(UserError, match=r"--seed 3 \(the run has 0\) would change the run "
+                                        r"in new/place; drop these flags"):
+        workdir.resumed_config(saved, *flags("--resume", "--save", "new/place", "--seed", "3"),
+                               Path("new/place"))
 
 
 # ---------------------------------------------------------------- runs
 
 def test_schedule_validation_and_refusal_to_overwrite(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    out = start(capsys, work, cifar_dir, "--epochs", "4", "--val-size", "32")
+    out = start_run(capsys, work, cifar_dir, "--epochs", "4", "--val-size", "32")
     assert "using 128 training, 32 validation and 48 test images" in out
     lrs = [float(r["lr"]) for r in read_csv(work / "train.csv")]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])  # divided by 10 at 50% and 75%
     assert [r["epoch"] for r in read_csv(work / "val.csv")] == ["1", "2", "3", "4"]
-    before = folder_snapshot(work)
+    before = snapshot(work)
     status, _, err = run(capsys, "--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "4")
     assert status == 2
     assert err.strip().splitlines() == [
         f"error: {work} already holds a run; continue it with --resume --save {work} "
         f"or start a new one with another --save DIR"]
-    assert folder_snapshot(work) == before
+    assert snapshot(work) == before
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir, capsys):
     flags = ["--epochs", "2", "--dropout", "0.1"]  # dropout: the torch RNG must be restored too
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    start(capsys, whole, cifar_dir, *flags)
-    out = start(capsys, parts, cifar_dir, *flags, "--stop-after", "1")
+    start_run(capsys, whole, cifar_dir, *flags)
+    out = start_run(capsys, parts, cifar_dir, *flags, "--stop-after", "1")
     assert "continue with --resume" in out and len(read_csv(parts / "train.csv")) == 1
     stale = parts / ".checkpoint.pt.x1y2z3.tmp"  # what a save killed halfway leaves
     stale.write_bytes(b"\0" * 1000)
@@ -172,13 +158,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir, capsys):
 
 def test_resume_refusals_and_extensions(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    start(capsys, work, cifar_dir, "--epochs", "2")
-    before = folder_snapshot(work)
+    start_run(capsys, work, cifar_dir, "--epochs", "2")
+    before = snapshot(work)
     status, _, err = run(capsys, "--resume", "--save", work, "--depth", "16")
     assert status == 2 and "--depth 16 (the run has 10)" in err
     status, _, err = run(capsys, "--resume", "--save", work, "--epochs", "4")
     assert status == 2 and "would raise the learning rate" in err and "epoch 3 trains at lr 0.01" in err
-    assert folder_snapshot(work) == before
+    assert snapshot(work) == before
     status, out, _ = run(capsys, "--resume", "--save", work)
     assert status == 0 and "has finished its 2 epochs; pass --epochs N to train longer" in out
     status, out, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", cifar_dir)
@@ -198,7 +184,7 @@ def test_resume_refusals_and_extensions(tmp_path, cifar_dir, capsys):
 
 def test_a_moved_run_is_named_where_it_is(tmp_path, cifar_dir, capsys):
     first = tmp_path / "first"
-    start(capsys, first, cifar_dir, "--epochs", "2", "--stop-after", "1")
+    start_run(capsys, first, cifar_dir, "--epochs", "2", "--stop-after", "1")
     moved = tmp_path / "moved"
     shutil.move(first, moved)
     status, _, err = run(capsys, "--resume", "--save", moved, "--seed", "5")
@@ -211,13 +197,13 @@ def test_a_moved_run_is_named_where_it_is(tmp_path, cifar_dir, capsys):
 def test_resume_before_the_first_checkpoint_starts_over_but_never_drops_rows(tmp_path, cifar_dir,
                                                                              capsys):
     work = tmp_path / "run"
-    start(capsys, work, cifar_dir, "--epochs", "2")
+    start_run(capsys, work, cifar_dir, "--epochs", "2")
     whole = metrics(work)
     (work / "checkpoint.pt").unlink()
-    before = folder_snapshot(work)
+    before = snapshot(work)
     status, _, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir)
     assert status == 2 and "has epochs logged in train.csv but no checkpoint.pt" in err
-    assert folder_snapshot(work) == before
+    assert snapshot(work) == before
     for name in ("train.csv", "test.csv"):  # killed between the rows of epoch 1 and its checkpoint
         (work / name).write_text("\n".join((work / name).read_text().splitlines()[:2]) + "\n")
     status, out, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir)
@@ -227,9 +213,10 @@ def test_resume_before_the_first_checkpoint_starts_over_but_never_drops_rows(tmp
 
 def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    start(capsys, work, cifar_dir, "--epochs", "1")
+    start_run(capsys, work, cifar_dir, "--epochs", "1")
     last_error = float(read_csv(work / "test.csv")[-1]["error"])
-    status, out, err = run(capsys, "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir)
+    status, out, err = run(capsys, "--evaluate", work / "checkpoint.pt", "--data-dir", cifar_dir,
+                           "--device", "cpu")
     assert status == 0, err
     assert f"test error {last_error:.2f}%" in out
     rows = read_csv(work / "checkpoint-classes.csv")
@@ -251,9 +238,9 @@ def test_files_follow_the_umask(tmp_path, cifar_dir, capsys):
     says so, as the figures are; a stricter umask is followed too."""
     old = os.umask(0o022)
     try:
-        start(capsys, tmp_path / "open", cifar_dir, "--epochs", "1")
+        start_run(capsys, tmp_path / "open", cifar_dir, "--epochs", "1")
         os.umask(0o077)
-        start(capsys, tmp_path / "private", cifar_dir, "--epochs", "1")
+        start_run(capsys, tmp_path / "private", cifar_dir, "--epochs", "1")
     finally:
         os.umask(old)
     for run_name, mode in (("open", 0o644), ("private", 0o600)):
@@ -261,32 +248,28 @@ def test_files_follow_the_umask(tmp_path, cifar_dir, capsys):
             assert (tmp_path / run_name / name).stat().st_mode & 0o777 == mode, (run_name, name)
 
 
-def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys, monkeypatch):
-    """Output to a file gets a line at each quarter of the epoch, and every PROGRESS_SECONDS."""
-    out = start(capsys, tmp_path / "quarters", cifar_dir, "--epochs", "1")  # 5 steps
+def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys):
+    """Output to a file gets a line at each quarter of the epoch, and every ``every`` seconds."""
+    out = start_run(capsys, tmp_path / "quarters", cifar_dir, "--epochs", "1")  # 5 steps
     lines = [line for line in out.splitlines() if line.startswith("  epoch 1: step")]
     assert [line.split("(")[0] for line in lines] == [f"  epoch 1: step {s}/5 " for s in (2, 3, 4)]
     assert all("img/s" in line and "epoch ends in" in line and "loss" in line for line in lines)
-    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)
-    out = start(capsys, tmp_path / "often", cifar_dir, "--epochs", "1")
-    assert sum(line.startswith("  epoch 1: step") for line in out.splitlines()) == 4
-
-
-@pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory, cifar_dir) -> Path:
-    """One epoch on the default path (fused, channels-last, fp32)."""
-    work = tmp_path_factory.mktemp("one-epoch") / "run"
-    assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"]) == 0
-    return work
+    for every, shown in ((0, [1, 2, 3, 4]), (training.ProgressLines.EVERY, [2, 3, 4])):
+        display = training.ProgressLines(1, 3, 5, 0, every=every)
+        due = [done for done in range(1, 6) if display.due(done)
+               and display.show(done, 2.3, 90.0, 100.0, 1.0) is None]
+        assert due == shown  # never at the last step: the epoch's own line follows
+    assert capsys.readouterr().out.count("  epoch 1: step 4/5 (80%)") == 2
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"],
                                    ["--memory-efficient", "--no-channels-last"],
                                    ["--memory-efficient"], ["--kernels", "aten"]])
-def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, capsys, one_epoch, flags):
-    """Each precision and path trains to the losses of the default path, within its precision."""
-    start(capsys, tmp_path / "run", cifar_dir, "--epochs", "1", *flags)
-    (_, reference), (_, ours) = metrics(one_epoch), metrics(tmp_path / "run")
+def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, capsys, finished, flags):
+    """Each precision and path trains to the losses of the default path (fused, channels-last,
+    fp32), within its precision."""
+    start_run(capsys, tmp_path / "run", cifar_dir, "--epochs", "1", *flags)
+    (_, reference), (_, ours) = metrics(finished("--epochs", "1")), metrics(tmp_path / "run")
     tolerance = 0.05 if "--precision" in flags else 1e-4
     assert float(ours[0][1]) == pytest.approx(float(reference[0][1]), rel=tolerance)
     used = json.loads((tmp_path / "run" / "config.json").read_text())["kernels_used"]
@@ -294,10 +277,11 @@ def test_speed_flags_train_on_cpu(tmp_path, cifar_dir, capsys, one_epoch, flags)
     assert used == ("fused on cpu" if fused_path else "aten on cpu")
 
 
+@pytest.mark.slow
 def test_compile_trains_to_the_eager_losses(tmp_path, cifar_dir, capsys):
     """--compile (minutes of compiling on a CPU) gives the eager run's numbers."""
-    start(capsys, tmp_path / "eager", cifar_dir, "--epochs", "1", "--memory-efficient")
-    start(capsys, tmp_path / "compiled", cifar_dir, "--epochs", "1", "--memory-efficient", "--compile")
+    start_run(capsys, tmp_path / "eager", cifar_dir, "--epochs", "1", "--memory-efficient")
+    start_run(capsys, tmp_path / "compiled", cifar_dir, "--epochs", "1", "--memory-efficient", "--compile")
     (eager_train, eager_test), (train_rows, test_rows) = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     assert float(train_rows[0][2]) == pytest.approx(float(eager_train[0][2]), rel=1e-4)
     assert float(test_rows[0][1]) == pytest.approx(float(eager_test[0][1]), rel=1e-4)
@@ -339,22 +323,22 @@ def test_a_second_process_is_refused_while_a_run_trains(tmp_path, cifar_dir, cap
 
 def test_run_config_is_what_config_json_records(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    start(capsys, work, cifar_dir, "--epochs", "1")
+    start_run(capsys, work, cifar_dir, "--epochs", "1")
     recorded = json.loads((work / "config.json").read_text())["config"]
-    args, _ = train.parse_args(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"])
-    assert recorded == train.run_config(args) and "reschedule" not in recorded
-    assert isinstance(args, argparse.Namespace)
+    cfg, _ = flags("--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1")
+    assert recorded == cfg.to_dict() and "reschedule" not in recorded
+    assert RunConfig.from_dict(recorded, "config.json") == cfg
 
 
 def test_best_checkpoint_by_validation_error(tmp_path, cifar_dir, capsys):
     """With --val-size, best.pt holds the epoch of lowest validation error, config.json names it,
     and --evaluate takes it."""
     work = tmp_path / "run"
-    out = start(capsys, work, cifar_dir, "--epochs", "3", "--val-size", "32")
+    out = start_run(capsys, work, cifar_dir, "--epochs", "3", "--val-size", "32")
     errors = [float(r["error"]) for r in read_csv(work / "val.csv")]
     chosen = errors.index(min(errors)) + 1
     assert f"lowest validation error {min(errors):.2f}% at epoch {chosen}, saved as {work / 'best.pt'}" in out
-    assert train.load_checkpoint(work / "best.pt", train.CHECKPOINT_KEYS)["epoch"] == chosen
+    assert Checkpoint.load(work / "best.pt").epoch == chosen
     config = json.loads((work / "config.json").read_text())
     assert config["best_checkpoint"] == {"file": "best.pt", "chosen_by": "lowest validation error"}
     status, out, _ = run(capsys, "--evaluate", work / "best.pt")
@@ -366,7 +350,7 @@ def test_top5_error_for_a_hundred_classes(tmp_path, capsys):
     import plot
     data_dir = write_cifar100(tmp_path / "data", train=96, test=40)
     work = tmp_path / "run"
-    start(capsys, work, data_dir, "--dataset", "cifar100", "--epochs", "2", "--val-size", "32")
+    start_run(capsys, work, data_dir, "--dataset", "cifar100", "--epochs", "2", "--val-size", "32")
     for name in ("train.csv", "test.csv", "val.csv"):
         rows = read_csv(work / name)
         assert "top5_error" in rows[0], name
@@ -375,3 +359,54 @@ def test_top5_error_for_a_hundred_classes(tmp_path, capsys):
     assert (work / "top5-error.png").is_file()
     status, out, _ = run(capsys, "--evaluate", work)
     assert status == 0 and "(top-5 " in out
+
+
+# ---------------------------------------------------------------- runs of an earlier version
+
+OLD_RUN = FIXTURES / "run-e92bffc"  # train.py of commit e92bffc, stopped after epoch 1 of 2
+OLD_RUN_FINISHED = FIXTURES / "run-e92bffc-uninterrupted"  # its CSVs of the run left to finish
+OLD_FLAGS = ["--epochs", "2", "--dropout", "0.1", "--val-size", "32"]  # with TINY's model
+
+
+def assert_same_numbers(work: Path, reference: Path) -> None:
+    """The same losses and errors per epoch and split. The fixture was written on another
+    machine, whose float rounding may differ in the last printed digit (a loss to 1e-4, an
+    error by one of the 48 test images); a wrong state (weights, optimiser, any RNG, the data
+    order) moves the losses by 1e-2 and more."""
+    for name in ("train.csv", "test.csv", "val.csv"):
+        rows, expected = read_csv(work / name), read_csv(reference / name)
+        assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected], name
+        for row, want in zip(rows, expected):
+            assert float(row["loss"]) == pytest.approx(float(want["loss"]), rel=1e-4), name
+            assert float(row["error"]) == pytest.approx(float(want["error"]), abs=100 / 48 + 1e-6)
+            assert row.get("lr") == want.get("lr"), name
+
+
+def test_a_run_written_by_an_earlier_version_evaluates_and_resumes(tmp_path, cifar_dir, capsys):
+    """The fixture ran on conftest's generated CIFAR-10 (the same images as ``cifar_dir``), with
+    dropout (every RNG matters) and a validation split (best.pt). Evaluated now, its
+    checkpoints give the test error it logged; resumed now, it ends as that version's
+    uninterrupted run did."""
+    work = tmp_path / "old"
+    shutil.copytree(OLD_RUN, work)
+    logged = float(read_csv(work / "test.csv")[-1]["error"])
+    for name in ("checkpoint.pt", "best.pt"):
+        status, out, err = run(capsys, "--evaluate", work / name, "--data-dir", cifar_dir,
+                                "--device", "cpu")
+        assert status == 0, err
+        error = float(out.split("test error ")[1].split("%")[0])
+        assert out.startswith(f"{work / name} after epoch 1: ")
+        assert error == pytest.approx(logged, abs=100 / 48 + 1e-6)
+    status, out, err = run(capsys, "--resume", "--save", work, "--data-dir", cifar_dir,
+                           "--device", "cpu")  # it was saved with --device auto
+    assert status == 0, err
+    assert f"resuming {work} after epoch 1" in out
+    assert_same_numbers(work, OLD_RUN_FINISHED)
+    recorded = json.loads((work / "config.json").read_text())
+    assert recorded["resumes"][0]["changes"] == {"save": str(work), "data_dir": str(cifar_dir),
+                                                 "device": "cpu", "resume": True}
+
+
+def test_a_fixed_seed_run_logs_what_the_earlier_version_logged(tmp_path, cifar_dir, capsys):
+    start_run(capsys, tmp_path / "new", cifar_dir, *OLD_FLAGS)
+    assert_same_numbers(tmp_path / "new", OLD_RUN_FINISHED)

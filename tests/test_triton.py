@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fused
-from densenet import DenseNet
+from conftest import same_weights
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -32,19 +32,13 @@ def kernels():
 @pytest.fixture
 def triton_path(kernels, monkeypatch):
     """fused.py's path with every kernel from Triton, on this test's device."""
-    if not CUDA and fused._library() is None:
-        pytest.skip("no C compiler: fused.available() refuses CPU tensors")
-    monkeypatch.setattr(fused, "_backend", lambda x: "triton")
-    monkeypatch.setattr(fused, "_triton", lambda: kernels)
+    monkeypatch.setattr(fused, "backend", lambda device_type: kernels)
 
 
-def twins(memory_efficient: bool, *kernels: str) -> list[DenseNet]:
+def twins(memory_efficient: bool, *kernels: str) -> list:
     """Tiny DenseNets with the same weights, one per kernel choice."""
-    models = []
-    for choice in kernels:
-        torch.manual_seed(0)
-        models.append(DenseNet(10, 4, num_classes=5, memory_efficient=memory_efficient, kernels=choice))
-    return models
+    return same_weights(*kernels, depth=10, growth_rate=4, num_classes=5,
+                        memory_efficient=memory_efficient)
 
 
 def buffer(n: int, channels: int, size: int, dtype=torch.float32) -> torch.Tensor:

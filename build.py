@@ -1,0 +1,265 @@
+"""A run built from its configuration, a checkpoint of it, and a trained model for inference.
+
+``build_run`` is where a configuration becomes a run, for train.py, attic/lr_find.py and
+bench/ alike: the data (subsets, validation split, normalisation by the training images'
+own statistics), the model on its device and in its memory layout, the optimiser, the
+gradient scaler and the training batches; then, from a checkpoint when resuming, their
+state; then the wrapping, once and in this order: SyncBatchNorm, DistributedDataParallel,
+torch.compile; last the training step and what runs it (its CUDA graph on one GPU). The
+restore comes before the step, which makes the learning rate a device tensor that loading an
+optimiser's state would replace.
+
+``Checkpoint`` is the checkpoint format (``Run.checkpoint`` writes it, ``Checkpoint.load``
+reads it back), and ``load_trained`` turns one into a model for inference (train.py
+--evaluate, attic/predict.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import data
+import training
+from config import RunConfig
+from densenet import DenseNet
+from cli import UserError
+from runlog import RunError, load_checkpoint
+from runtime import Runtime, environment, rng_state, seed_everything, set_rng_state
+
+# What every checkpoint holds; one that lacks any of it was not written by this trainer.
+CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
+                   "data_rng", "rng", "normalization", "num_classes")
+INFERENCE_KEYS = ("config", "epoch", "model", "normalization", "num_classes")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file's content, with the run's configuration read back from it."""
+    path: Path
+    state: dict
+    config: RunConfig
+
+    @classmethod
+    def load(cls, path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> Checkpoint:
+        """Read checkpoint ``path`` (a run's directory: its checkpoint.pt) safely, as
+        runlog.load_checkpoint does; RunError for anything amiss."""
+        if path.is_dir():
+            path = path / "checkpoint.pt"
+        state = load_checkpoint(path, keys)
+        return cls(path, state, RunConfig.from_dict(state["config"], str(path)))
+
+    @property
+    def epoch(self) -> int:
+        return self.state["epoch"]
+
+
+# ---------------------------------------------------------------- the parts
+
+@dataclass
+class RunData:
+    """The images a run trains, validates and tests on, and its normalisation."""
+    train: data.Split
+    val: data.Split | None
+    test: data.Split
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+
+
+def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
+    """Read the dataset, apply the validation split and subsets, print the counts."""
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.svhn_extra)
+    log(f"{cfg.dataset}: found {len(dataset.train)} training and {len(dataset.test)} test "
+        f"images in {cfg.data_dir}")
+    train, val, test = dataset.train, None, dataset.test
+    if cfg.val_size:
+        train, val = data.split_validation(train, cfg.val_size, cfg.seed)
+    if cfg.train_subset:
+        train = train.first(cfg.train_subset)
+    if cfg.test_subset:
+        test = test.first(cfg.test_subset)
+    log(f"using {len(train)} training, {len(val) if val else 0} validation and "
+        f"{len(test)} test images")
+    mean, std = data.channel_stats(train.images)
+    classes = dataset.classes or [str(c) for c in range(cfg.num_classes)]
+    return RunData(train, val, test, classes, mean, std)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> DenseNet:
+    """The configuration's DenseNet, with the kernels --kernels means on ``device``."""
+    return DenseNet(cfg.depth, cfg.growth_rate, cfg.bottleneck, cfg.compression, cfg.dropout,
+                    cfg.num_classes, cfg.memory_efficient, cfg.kernels_on(device.type))
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimiser for ``model``'s parameters, on their device.
+
+    SGD and Adam are the fused implementations: one kernel per step for all parameters, and
+    they take the learning rate, the gradient scale and the overflow flag as device tensors.
+    RMSprop has no fused form. Adam and RMSprop keep their step count on the device where a
+    CUDA graph will capture them ("capturable"; torch refuses to capture them otherwise).
+    """
+    params = list(model.parameters())
+    capturable = params[0].is_cuda and cfg.cuda_graph
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay, fused=True)
+    if cfg.opt == "adam":
+        return torch.optim.Adam(params, cfg.lr, weight_decay=cfg.weight_decay, fused=True,
+                                capturable=capturable)
+    return torch.optim.RMSprop(params, cfg.lr, weight_decay=cfg.weight_decay, foreach=True,
+                               capturable=capturable)
+
+
+def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
+            path: Path) -> None:
+    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
+
+    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
+    state is the run's, how the step computes it is this version's.
+    """
+    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+                      for group in getattr(target, "param_groups", [])]
+    try:
+        target.load_state_dict(state)
+        for group, kept in zip(getattr(target, "param_groups", []), implementation):
+            group.update(kept)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
+        raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
+                       f"use a checkpoint that train.py wrote for this run") from None
+
+
+# ---------------------------------------------------------------- a run
+
+@dataclass
+class Run:
+    """Everything a run trains with. ``model`` is the network whose state a checkpoint keeps;
+    the step runs it wrapped (DistributedDataParallel, torch.compile) where the run says so."""
+    config: RunConfig
+    runtime: Runtime
+    data: RunData
+    normalizer: data.Normalizer
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    batches: data.TrainBatches
+    step: training.TrainStep
+    run_step: Callable[[], None]  # the step itself, or its CUDA graph
+    test: data.Split  # on the device
+    val: data.Split | None
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def evaluate(self, split: data.Split) -> training.Evaluation:
+        """The model on ``split`` (all processes together)."""
+        cfg, runtime = self.config, self.runtime
+        batches = data.eval_batches(split, cfg.eval_batch_size, self.normalizer, runtime.device,
+                                    runtime.rank, runtime.world_size, cfg.channels_last)
+        return training.evaluate(self.step.model, batches, cfg.precision, runtime, cfg.num_classes)
+
+    def checkpoint(self, epoch: int, progress: training.EpochProgress, best: dict,
+                   data_rng: torch.Tensor) -> dict:
+        """What a checkpoint holds after ``epoch`` epochs and ``progress.step`` more steps
+        (CHECKPOINT_KEYS); ``data_rng`` plans the epoch that follows."""
+        return {"config": self.config.to_dict(), "epoch": epoch, "progress": vars(progress),
+                "best": best, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "data_rng": data_rng, "rng": rng_state(),
+                "normalization": {"mean": self.data.mean, "std": self.data.std},
+                "num_classes": self.config.num_classes}
+
+    def record(self) -> dict:
+        """What config.json says of the run beside its configuration."""
+        model, device = self.model, self.runtime.device
+        return {"model": model.name, "parameters": self.parameters,
+                "kernels_used": f"{model.kernels}{', compiled' if self.config.compile else ''} "
+                                f"on {device.type}",
+                "classes": self.data.classes, "train_images": len(self.data.train),
+                "test_images": len(self.data.test),
+                "val_images": len(self.data.val) if self.data.val else 0,
+                "normalization": {"mean": self.data.mean, "std": self.data.std},
+                "environment": environment(self.runtime)}
+
+
+def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,
+              checkpoint: Checkpoint | None = None, *, dataset: RunData | None = None,
+              model: nn.Module | None = None) -> Run:
+    """The run ``cfg`` describes, continued from ``checkpoint`` if given. ``dataset`` and
+    ``model`` replace the configuration's own (bench/'s synthetic images, torchvision's
+    DenseNet); ``log`` prints the data's counts and any notice of the step's runner."""
+    device = runtime.device
+    if cfg.batch_size % runtime.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be "
+                        f"divisible by the {runtime.world_size} processes")
+    if cfg.sync_bn and runtime.world_size > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
+    dataset = dataset or load_data(cfg, log)
+    normalizer = data.Normalizer(dataset.mean, dataset.std, device)
+    seed_everything(cfg.seed)
+    model = model or build_model(cfg, device)
+    model.to(device, memory_format=data.memory_format(cfg.channels_last))
+    optimizer = build_optimizer(cfg, model)
+    # fp16 only: bfloat16 has float32's range
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    batches = data.TrainBatches(dataset.train, cfg.batch_size, normalizer, cfg.augment, cfg.seed,
+                                device, runtime.rank, runtime.world_size, cfg.channels_last)
+    if checkpoint is not None:
+        state = checkpoint.state
+        restore(model, state["model"], checkpoint.path)
+        restore(optimizer, state["optimizer"], checkpoint.path)
+        if scaler is not None and state["scaler"]:
+            restore(scaler, state["scaler"], checkpoint.path)
+        batches.set_state(state["data_rng"])
+        set_rng_state(state["rng"])
+    if cfg.sync_bn and runtime.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    module = model
+    if runtime.world_size > 1:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.kernels == "compile":
+        module = torch.compile(module)
+    step = training.TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5)
+    run_step = training.step_runner(step, cfg.cuda_graph, runtime, log)
+    val = dataset.val.to(device) if dataset.val is not None else None
+    return Run(cfg, runtime, dataset, normalizer, model, optimizer, scaler, batches, step,
+               run_step, dataset.test.to(device), val)
+
+
+# ---------------------------------------------------------------- inference
+
+@dataclass
+class Trained:
+    """A trained model, ready for inference: in evaluation mode, on its device, in the run's
+    memory layout, with the run's normalisation."""
+    checkpoint: Checkpoint
+    model: DenseNet
+    normalizer: data.Normalizer
+    device: torch.device
+
+    @property
+    def config(self) -> RunConfig:
+        return self.checkpoint.config
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, 32, 32) as the model takes them."""
+        normalized = self.normalizer(images.to(self.device))
+        return normalized.contiguous(memory_format=data.memory_format(self.config.channels_last))
+
+
+def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
+    """The trained model of ``checkpoint`` (read with at least INFERENCE_KEYS), on ``device``."""
+    model = build_model(checkpoint.config, device)
+    restore(model, checkpoint.state["model"], checkpoint.path)
+    model.to(device, memory_format=data.memory_format(checkpoint.config.channels_last)).eval()
+    normalization = checkpoint.state["normalization"]
+    normalizer = data.Normalizer(normalization["mean"], normalization["std"], device)
+    return Trained(checkpoint, model, normalizer, device)

@@ -1,0 +1,324 @@
+"""A run's configuration: one typed, frozen description of a run, built from the flags.
+
+``RunConfig`` holds every setting of a run. Each field declares, beside it, its type, its
+default, the help of its command-line flag, and whether a resume may change it
+(``resumable``: where the data is, how fast, how long; never what the numbers are). Defaults
+that depend on other settings (300 epochs, or 40 for SVHN; dropout 0.2 without augmentation;
+...) are derived in one place, ``__post_init__``. config.json and every checkpoint keep the
+configuration flat (``to_dict``); ``from_dict`` reads what any version of train.py wrote.
+
+Scripts offer the flags they use (``add_flags``) and read them back with ``from_flags``,
+which also names the flags given on the command line: a resume must know which settings
+the user asked to change. The learning-rate schedule, the kernel choice and the model's name
+and validity are functions of the configuration.
+
+This module imports no torch, so that plot.py can read a run's configuration too.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+
+import cli
+from cli import UserError
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+DATASETS = tuple(NUM_CLASSES)
+KERNELS = ("fused", "aten")  # how densenet.py computes dense blocks and BatchNorm-ReLU
+TOP5_FROM = 10  # datasets with more classes than this (CIFAR-100) also log the top-5 error
+GROUPS = ("data", "model", "optimisation", "speed", "run")  # in the order --help lists them
+
+
+def setting(default, group: str, help: str, *, type=None, choices=None, metavar: str | None = None,
+            resumable: bool = False):
+    """A field of RunConfig with its flag. ``default`` None: derived (see __post_init__).
+
+    A bool setting is ``--flag/--no-flag``, or ``--flag`` alone where it defaults to False.
+    """
+    return field(default=default, metadata={"group": group, "help": help, "type": type,
+                                            "choices": choices, "metavar": metavar,
+                                            "resumable": resumable})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run; the defaults are the paper's recipe (DenseNet-BC-100-12)."""
+
+    dataset: str = setting("cifar10", "data", "which dataset", choices=DATASETS)
+    data_dir: str = setting("data", "data", "torchvision-style root: holds cifar-10-batches-py/, "
+                            "cifar-100-python/ or svhn/", resumable=True)
+    download: bool = setting(True, "data", "download the dataset through torchvision when it is "
+                             "absent", resumable=True)
+    svhn_extra: bool = setting(True, "data", "SVHN: train on train+extra, as the paper does")
+    val_size: int = setting(0, "data", "hold this many training images out as a validation set "
+                            "(paper: 5000)", type=cli.count)
+    train_subset: int = setting(0, "data", "train on the first N training images only (0: all), "
+                                "for quick experiments", type=cli.count)
+    test_subset: int = setting(0, "data", "test on the first N test images only (0: all)",
+                               type=cli.count)
+    augment: bool = setting(None, "data", "4-pixel padding, random 32x32 crop, random horizontal "
+                            "flip (the paper's '+'; default on for CIFAR, off for SVHN as in the "
+                            "paper)")
+
+    depth: int = setting(100, "model", "L: layers with weights", type=int)
+    growth_rate: int = setting(12, "model", "k: feature maps per layer", type=int)
+    bottleneck: bool = setting(True, "model", "1x1 conv to 4k maps before each 3x3 conv (the B of "
+                               "DenseNet-BC)")
+    compression: float = setting(0.5, "model", "theta: transitions keep floor(theta*m) maps (1: no "
+                                 "compression)", type=float)
+    dropout: float = setting(None, "model", "dropout after each conv but the first (default 0, or "
+                             "0.2 with --no-augment)", type=float)
+    memory_efficient: bool = setting(False, "model", "store only conv outputs, recompute BN and "
+                                     "ReLU in backward: memory linear in depth, same results, "
+                                     "slightly slower steps", resumable=True)
+
+    opt: str = setting("sgd", "optimisation", "optimiser", choices=("sgd", "adam", "rmsprop"))
+    lr: float = setting(None, "optimisation", "initial learning rate (default 0.1 for sgd, 0.001 "
+                        "otherwise)", type=cli.positive_float)
+    schedule: str = setting("step", "optimisation", "step: divide by 10 at 50%% and 75%% of the "
+                            "epochs; cosine: anneal to 0", choices=("step", "cosine"))
+    momentum: float = setting(0.9, "optimisation", "SGD Nesterov momentum, in [0, 1)",
+                              type=cli.float_range(0, 1, high_open=True))
+    weight_decay: float = setting(1e-4, "optimisation", "L2 penalty on all weights",
+                                  type=cli.non_negative_float)
+    epochs: int = setting(None, "optimisation", "default 300, or 40 for SVHN",
+                          type=cli.positive_int, resumable=True)
+    batch_size: int = setting(64, "optimisation", "global batch, over all processes",
+                              type=cli.positive_int)
+    seed: int = setting(0, "optimisation", "seeds initialisation, data order and augmentation "
+                        "(0 to 2**32 - 1)", type=cli.seed)
+
+    device: str = setting("auto", "speed", "auto: a GPU when there is one",
+                          choices=("auto", "cpu", "cuda"), resumable=True)
+    precision: str = setting("fp32", "speed", "autocast precision; fp16 uses a gradient scaler",
+                             choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = setting(True, "speed", "NHWC memory layout (faster on tensor-core GPUs; "
+                                  "on the CPU it enables the fused dense blocks of fused.py)",
+                                  resumable=True)
+    cuda_graph: bool = setting(True, "speed", "on CUDA, capture the whole training step as one "
+                               "CUDA graph after 3 eager steps and replay it (one process; if "
+                               "capture fails, the run goes on eagerly and says why)",
+                               resumable=True)
+    kernels: str = setting("auto", "speed", "how dense blocks and BatchNorm-ReLU run: fused "
+                           "(fused.py: C loops on the CPU in float32, Triton on CUDA in float32 "
+                           "or bf16), aten (PyTorch's operations), compile (torch.compile of the "
+                           "aten model; inside the CUDA graph on a GPU); auto: fused on the CPU "
+                           "in float32, aten otherwise (the Triton path is not yet measured on a "
+                           "GPU). Same results, different speed",
+                           choices=("auto", *KERNELS, "compile"), resumable=True)
+    compile: bool = setting(False, "speed", "the same as --kernels compile", resumable=True)
+    sync_bn: bool = setting(False, "speed", "SyncBatchNorm across processes (torchrun)")
+    eval_batch_size: int = setting(500, "speed", "batch size for evaluation",
+                                   type=cli.positive_int, resumable=True)
+
+    save: str = setting(None, "run", "work directory (default work/<dataset>-<model name>)",
+                        resumable=True)
+    resume: bool = setting(False, "run", "continue the run in --save from its checkpoint",
+                           resumable=True)
+    stop_after: int = setting(0, "run", "end this session after EPOCH (0: run all epochs); "
+                              "continue later with --resume", type=cli.count, metavar="EPOCH",
+                              resumable=True)
+
+    def __post_init__(self) -> None:
+        """Fill in the defaults that depend on other settings; keep compile and kernels in step."""
+        augment = self.dataset != "svhn" if self.augment is None else self.augment
+        derived = {
+            "augment": augment,
+            "epochs": (40 if self.dataset == "svhn" else 300) if self.epochs is None else self.epochs,
+            "lr": (0.1 if self.opt == "sgd" else 0.001) if self.lr is None else self.lr,
+            "dropout": (0.0 if augment else 0.2) if self.dropout is None else self.dropout,
+            "compile": self.kernels == "compile",  # --compile is read as --kernels compile
+            "save": self.save or f"work/{self.dataset}-{self.model_name}",
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------ what follows from it
+
+    @property
+    def model_name(self) -> str:
+        return model_name(self.depth, self.growth_rate, self.bottleneck, self.compression)
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.dataset]
+
+    @property
+    def top5(self) -> bool:
+        """Whether the top-5 error is logged (datasets with many classes)."""
+        return self.num_classes > TOP5_FROM
+
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of 0-based ``epoch``: a pure function, so resuming needs no
+        scheduler state."""
+        if self.schedule == "cosine":
+            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.epochs))
+        drops = sum(epoch >= int(self.epochs * share) for share in (0.5, 0.75))
+        return self.lr * 0.1 ** drops
+
+    def kernels_on(self, device_type: str) -> str:
+        """The DenseNet kernels ("fused" or "aten") that --kernels means on a device: auto is
+        fused.py's on the CPU in float32 (measured faster there, see README) and ATen's
+        elsewhere, until the Triton path is measured on a GPU; compile compiles the ATen model."""
+        if self.kernels == "auto":
+            return "fused" if device_type == "cpu" and self.precision == "fp32" else "aten"
+        return "aten" if self.kernels == "compile" else self.kernels
+
+    def check(self) -> None:
+        """Refuse a model that cannot be built, in one line (each flag's own range is checked
+        by its argparse type)."""
+        try:
+            check_config(self.depth, self.growth_rate, self.bottleneck, self.compression,
+                         self.dropout, self.num_classes)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+    # ------------------------------------------------------------ the flat form
+
+    def to_dict(self) -> dict:
+        """The flat form kept in config.json and in every checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict, source: str) -> RunConfig:
+        """The configuration that ``source`` (a checkpoint or config.json) recorded.
+
+        A run written before a setting existed lacks it and gets its default; every setting
+        added since the first version is resumable, and a missing setting that decides the
+        numbers means the file was not written by train.py. Settings this version does not
+        know, or values of the wrong type, are refused rather than guessed.
+        """
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(saved) - set(known))
+        if unknown:
+            raise UserError(f"{source} has the setting {unknown[0]!r}, which this version of "
+                            f"train.py does not know; use the version that wrote it")
+        lacking = sorted(name for name, f in known.items()
+                         if name not in saved and not f.metadata["resumable"])
+        if lacking:
+            raise UserError(f"{source} was saved without --{flag_name(lacking[0])}: it is not a "
+                            f"run of this trainer; start a new run with another --save")
+        values = {}
+        for name, value in saved.items():
+            if not _fits(known[name], value):
+                raise UserError(f"{source} records --{flag_name(name)} as {value!r}, which is "
+                                f"not a valid value; it is damaged: use another checkpoint")
+            values[name] = float(value) if known[name].type == "float" else value
+        if "kernels" not in saved:  # runs from before --kernels: --compile said it
+            values["kernels"] = "compile" if saved.get("compile") else "auto"
+        return cls(**values)
+
+    @classmethod
+    def from_flags(cls, namespace: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
+        """The configuration from a namespace that ``add_flags`` filled, and the names of the
+        settings given on the command line (--compile and --kernels count as one)."""
+        given = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
+        if given.pop("compile", False):
+            given["kernels"] = "compile"
+        names = set(given) | ({"compile", "kernels"} if {"compile", "kernels"} & set(vars(namespace)) else set())
+        return cls(**given), frozenset(names)
+
+
+RESUMABLE = frozenset(f.name for f in fields(RunConfig) if f.metadata["resumable"])
+
+
+def _fits(spec, value) -> bool:
+    """Whether a recorded value has the type (and is one of the choices) of its setting."""
+    kind = spec.type
+    if value is None:
+        return spec.default is None and kind == "str"  # an unresolved --save
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    choices = spec.metadata["choices"]
+    return ok and (choices is None or value in choices)
+
+
+def flag_name(setting_name: str) -> str:
+    return setting_name.replace("_", "-")
+
+
+def flag_names(*groups: str, leave_out: Iterable[str] = ()) -> list[str]:
+    """The settings of ``groups``, in --help order, without ``leave_out``."""
+    left_out = set(leave_out)
+    return [f.name for f in fields(RunConfig)
+            if f.metadata["group"] in groups and f.name not in left_out]
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> dict[str, argparse._ArgumentGroup]:
+    """Give ``parser`` the flags of the settings ``names``, in their groups; returns the
+    groups by title, for a script to add flags of its own to them.
+
+    The flags have no argparse default (a flag not given is absent from the namespace, which
+    is how ``from_flags`` tells the given ones); --help shows each setting's own default.
+    """
+    wanted = set(names)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in fields(RunConfig):
+        if spec.name not in wanted:
+            continue
+        meta = spec.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(
+            meta["group"], parser.add_argument_group(meta["group"]))
+        shown = spec.default is not None and spec.default is not False
+        options = {"default": argparse.SUPPRESS,
+                   "help": meta["help"] + (f" (default: {spec.default})" if shown else "")}
+        if spec.type == "bool":
+            options["action"] = "store_true" if spec.default is False else argparse.BooleanOptionalAction
+        else:
+            options.update(type=meta["type"], choices=meta["choices"], metavar=meta["metavar"])
+        group.add_argument(f"--{flag_name(spec.name)}", **options)
+    return groups
+
+
+# ---------------------------------------------------------------- the architecture's rules
+
+def valid_depths(bottleneck: bool) -> tuple[int, int]:
+    """Return (step, smallest) of the valid depths: depth = 4 + step * n for n >= 1.
+
+    Depth counts the stem conv, every conv in the blocks, the two transition convs and the
+    classifier. Each of the three blocks has (L - 4) / 3 convs, i.e. (L - 4) / 6 layers
+    when every layer has a bottleneck conv as well.
+    """
+    step = 6 if bottleneck else 3
+    return step, 4 + step
+
+
+def check_config(depth: int, growth_rate: int, bottleneck: bool, compression: float,
+                 dropout: float = 0.0, num_classes: int = 10) -> None:
+    """Raise ValueError, saying what would be valid, for a configuration that cannot be built."""
+    step, smallest = valid_depths(bottleneck)
+    if depth < smallest or (depth - 4) % step:
+        kind = "DenseNet-BC (bottleneck)" if bottleneck else "DenseNet without bottleneck"
+        lower = max(smallest, 4 + (depth - 4) // step * step)
+        upper = max(smallest, lower + step) if depth > lower else lower
+        nearest = f"{lower} or {upper}" if lower != upper else f"{lower}"
+        raise ValueError(f"depth {depth} is impossible for {kind}: depth - 4 must be a "
+                         f"positive multiple of {step}; nearest valid depths: {nearest}")
+    if growth_rate < 1:
+        raise ValueError(f"growth rate must be a positive integer, got {growth_rate}")
+    if not 0 < compression <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {compression}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+
+
+def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: float) -> str:
+    """A short name for a configuration, e.g. ``densenet-bc-100-12`` or ``densenet-40-12``.
+
+    The paper's suffixes: B for the bottleneck, C for compression below 1.
+    """
+    suffix = ("b" if bottleneck else "") + ("c" if compression < 1 else "")
+    variant = f"densenet-{suffix}" if suffix else "densenet"
+    if compression < 1 and compression != 0.5:
+        variant += f"{compression:g}"
+    return f"{variant}-{depth}-{growth_rate}"

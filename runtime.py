@@ -1,0 +1,174 @@
+"""The process a run lives in: its device, its place among torchrun's processes, its random
+number generators, the signals that stop it, and the glibc setting that keeps it fast."""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cli import UserError
+
+
+def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
+    """Record one call of ``step`` as a CUDA graph (nothing runs); returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+@dataclass
+class Runtime:
+    """The process: its device, its rank among ``world_size`` processes, and ``capture``, how
+    it records a training step as a graph to replay (None: it runs every step eagerly)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
+
+    @classmethod
+    def alone(cls, device: torch.device) -> Runtime:
+        """One process on ``device``; on CUDA it captures steps as CUDA graphs."""
+        return cls(device, capture=capture_cuda_graph if device.type == "cuda" else None)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args, **kwargs) -> None:
+        """print, on the main process only (under torchrun every process runs the same code)."""
+        if self.main:
+            print(*args, **kwargs)
+
+
+def setup_runtime(device_flag: str) -> Runtime:
+    """One process, or DistributedDataParallel when started by torchrun (NCCL or Gloo).
+
+    On CUDA, cuDNN benchmarks its convolution algorithms once per shape: every training and
+    evaluation batch has one shape, so that happens in the first steps only.
+    """
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    torch.backends.cudnn.benchmark = use_cuda
+    if "LOCAL_RANK" not in os.environ:
+        return Runtime.alone(torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # several processes step eagerly: DistributedDataParallel's all-reduce is not captured
+    return Runtime(device, dist.get_rank(), dist.get_world_size())
+
+
+def environment(runtime: Runtime) -> dict:
+    """What the run ran on, for config.json."""
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "host": platform.node(), "device": str(runtime.device),
+            "world_size": runtime.world_size, "threads": torch.get_num_threads()}
+    if runtime.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(runtime.device)
+    return info
+
+
+def on_main(runtime: Runtime, action: Callable, *args):
+    """``action(*args)`` on rank 0 alone; a UserError there ends every process, all at this point."""
+    error, result = None, None
+    if runtime.main:
+        try:
+            result = action(*args)
+        except UserError as raised:
+            error = raised
+    if runtime.world_size > 1:
+        message = [str(error) if error else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and not runtime.main:
+            raise UserError(message[0])
+    if error is not None:
+        raise error
+    return result
+
+
+def all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """``values`` summed over the processes (themselves with one process)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    if runtime.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop at the next safe point; a second one kills."""
+
+    def __init__(self) -> None:
+        self.signum = self.agreed = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._request)
+
+    def _request(self, signum, frame) -> None:
+        if self.signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def requested(self, runtime: Runtime) -> int:
+        """The signal to stop for, agreed by every process (0: go on); kept in ``agreed``."""
+        self.agreed = self.signum
+        if runtime.world_size > 1:
+            flag = torch.tensor([self.signum], device=runtime.device)
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            self.agreed = int(flag.item())
+        return self.agreed
+
+
+# ---------------------------------------------------------------- random numbers
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+# ---------------------------------------------------------------- memory
+
+def keep_freed_memory_mapped() -> None:
+    """Make glibc keep freed memory for reuse instead of handing it back to the system.
+
+    By default every tensor over 32 MB is mmap'd and unmapped again, and the heap is trimmed
+    after frees, so each training step page-faults its activations in afresh (seconds of
+    kernel time per step on the CPU; see bench/speed.py). Serving all sizes from the heap
+    and never trimming it keeps that memory mapped between steps. Other C libraries: no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)

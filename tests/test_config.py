@@ -1,0 +1,96 @@
+"""The typed configuration (config.py): one description of a run, its flags, its flat form."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+
+import config
+import densenet
+from cli import OneLineParser, UserError
+from config import RESUMABLE, RunConfig
+
+
+def test_every_setting_declares_its_flag_and_whether_a_resume_may_change_it():
+    for spec in fields(RunConfig):
+        assert spec.metadata["group"] in config.GROUPS and spec.metadata["help"], spec.name
+        assert isinstance(spec.metadata["resumable"], bool), spec.name
+    # where the data is, how fast, how long, where the files go: never what the numbers are
+    assert RESUMABLE == {"epochs", "device", "channels_last", "compile", "kernels", "cuda_graph",
+                         "memory_efficient", "data_dir", "download", "eval_batch_size", "save",
+                         "resume", "stop_after"}
+    kernels = next(f for f in fields(RunConfig) if f.name == "kernels")
+    assert set(densenet.KERNELS) <= set(kernels.metadata["choices"])
+
+
+def test_defaults_that_depend_on_other_settings():
+    assert (RunConfig().epochs, RunConfig().augment, RunConfig().dropout, RunConfig().lr) == (300, True, 0.0, 0.1)
+    svhn = RunConfig(dataset="svhn")
+    assert (svhn.epochs, svhn.augment, svhn.dropout, svhn.num_classes) == (40, False, 0.2, 10)
+    assert RunConfig(augment=False).dropout == 0.2 and RunConfig(opt="adam").lr == 0.001
+    assert RunConfig(dataset="svhn", epochs=7, augment=True, dropout=0.1).epochs == 7
+    assert RunConfig().save == "work/cifar10-densenet-bc-100-12"
+    assert RunConfig(depth=40, bottleneck=False, compression=1).save == "work/cifar10-densenet-40-12"
+    assert RunConfig(dataset="cifar100").top5 and not RunConfig().top5
+    assert RunConfig(kernels="compile").compile and not RunConfig(kernels="aten").compile
+
+
+def test_the_kernels_are_a_function_of_the_configuration_and_the_device():
+    assert RunConfig().kernels_on("cpu") == "fused" and RunConfig().kernels_on("cuda") == "aten"
+    assert RunConfig(precision="bf16").kernels_on("cpu") == "aten"
+    assert RunConfig(kernels="compile").kernels_on("cpu") == "aten"
+    assert RunConfig(kernels="fused").kernels_on("cuda") == "fused"
+
+
+def test_a_configuration_is_its_flat_form_and_back():
+    cfg = RunConfig(dataset="cifar100", depth=40, growth_rate=6, compression=1, opt="rmsprop",
+                    val_size=10, precision="bf16", save="work/x")
+    flat = json.loads(json.dumps(cfg.to_dict()))  # as config.json keeps it
+    assert len(flat) == 33 and flat["compile"] is False and flat["kernels"] == "auto"
+    assert RunConfig.from_dict(flat, "config.json") == cfg
+
+
+def test_runs_of_earlier_versions_take_the_defaults_of_the_settings_added_since():
+    saved = RunConfig(depth=40, save="work/x").to_dict()
+    for later in ("kernels", "cuda_graph", "stop_after"):
+        del saved[later]
+    cfg = RunConfig.from_dict(saved, "old/checkpoint.pt")
+    assert (cfg.kernels, cfg.cuda_graph, cfg.stop_after, cfg.depth) == ("auto", True, 0, 40)
+    assert RunConfig.from_dict({**saved, "compile": True}, "old").kernels == "compile"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"depth": None}, "was saved without --depth: it is not a run of this trainer"),
+    ({"wings": 2}, "has the setting 'wings', which this version of train.py does not know"),
+    ({"depth": "ten"}, "records --depth as 'ten', which is not a valid value"),
+    ({"dataset": "mnist"}, "records --dataset as 'mnist'"),
+    ({"augment": 1}, "records --augment as 1"),
+    ({"lr": float("nan")}, "records --lr as nan"),
+])
+def test_a_damaged_or_foreign_configuration_is_refused(change, message):
+    saved = {**RunConfig(save="work/x").to_dict(), **change}
+    saved = {k: v for k, v in saved.items() if v is not None}
+    with pytest.raises(UserError, match=message):
+        RunConfig.from_dict(saved, "work/x/checkpoint.pt")
+
+
+def test_flags_name_what_was_given_and_compile_is_a_kernel_choice():
+    parser = OneLineParser()
+    config.add_flags(parser, config.flag_names("model", "speed"))
+    cfg, given = RunConfig.from_flags(parser.parse_args(["--depth", "100", "--compile"]))
+    assert given == {"depth", "compile", "kernels"}  # --depth 100 is the default, and given
+    assert cfg == RunConfig(kernels="compile")
+    cfg, given = RunConfig.from_flags(parser.parse_args(["--kernels", "aten", "--compile"]))
+    assert cfg.kernels == "compile" and given == {"compile", "kernels"}
+    assert RunConfig.from_flags(parser.parse_args([])) == (RunConfig(), frozenset())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--epochs", "5"])  # a group that was not asked for
+
+
+def test_impossible_models_are_refused_in_one_line():
+    with pytest.raises(UserError, match="depth 41 is impossible for DenseNet-BC"):
+        RunConfig(depth=41).check()
+    with pytest.raises(UserError, match="compression must be in"):
+        RunConfig(compression=0).check()
+    RunConfig(depth=40, bottleneck=False, compression=1).check()

@@ -1,0 +1,259 @@
+"""A run's work directory: what a start or a resume will do there, and the files the run keeps.
+
+``plan_run`` decides, reading only, whether ``--save DIR`` starts a new run or continues the
+one there, and refuses what could not continue exactly: a directory that already holds a run
+(without --resume), a flag that would change the run's numbers, an --epochs that would
+shorten the run or raise its learning rate (``check_schedule``), CSVs or a config.json that
+do not match the checkpoint. A refused start or resume leaves every file as it was.
+
+``RunFiles`` owns the files once the run begins: config.json (the configuration, what was
+built, and a ``resumes`` entry per resume), one CSV per split with a row per epoch, and the
+checkpoints: checkpoint.pt after every epoch (or at a stop mid-epoch), best.pt at the epoch
+of lowest validation error, written before the checkpoint that records it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch import Tensor
+
+from build import Checkpoint
+from cli import UserError
+from config import RESUMABLE, RunConfig, flag_name
+from runlog import (CsvLog, RunError, WorkDirLock, holds_run, remove_stale_temporaries,
+                    save_checkpoint, write_errors, write_json, write_text)
+
+TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
+EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
+TOP5_COLUMNS = ["top5_error"]  # added for datasets with many classes (RunConfig.top5)
+LAST_CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
+
+
+@dataclass
+class Plan:
+    """What this start or resume will do in ``save``, decided before any file is written."""
+    save: Path
+    config: RunConfig
+    checkpoint: Checkpoint | None = None  # the checkpoint to continue from
+    changes: dict = field(default_factory=dict)  # flags that differ at this resume
+    config_json: dict | None = None  # config.json as found, to append this resume to
+    note: str = ""  # a line to print about the schedule
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint is not None or self.config_json is not None
+
+    @property
+    def start_epoch(self) -> int:
+        return self.checkpoint.epoch if self.checkpoint else 0
+
+    @property
+    def progress(self) -> dict:
+        """The sums of the epoch a checkpoint was saved in the middle of (empty: none)."""
+        return self.checkpoint.state["progress"] if self.checkpoint else {}
+
+    @property
+    def best(self) -> dict:
+        return self.checkpoint.state["best"] if self.checkpoint else {"error": float("inf"), "epoch": 0}
+
+
+def already_holds_a_run(save: Path) -> UserError:
+    return UserError(f"{save} already holds a run; continue it with --resume --save {save} "
+                     f"or start a new one with another --save DIR")
+
+
+def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
+    """Decide what to do in ``cfg.save``; ``given``: the flags on the command line.
+
+    Reads only: a refused start or resume leaves every file as it was.
+    """
+    save = Path(cfg.save)
+    if not cfg.resume:
+        if holds_run(save):
+            raise already_holds_a_run(save)
+        return Plan(save, cfg)
+    path = save / LAST_CHECKPOINT
+    checkpoint = Checkpoint.load(path) if path.exists() else None
+    config_json = read_config_json(save, checkpoint is not None)
+    if checkpoint is not None:
+        saved = checkpoint.config
+    elif config_json is None:
+        raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
+                        f"start a new run without --resume")
+    else:
+        saved = RunConfig.from_dict(config_json["config"], str(save / "config.json"))
+        if max(run_logs(save, saved)["train"].epochs(), default=0) > 1:
+            # rows are appended before each checkpoint, so only epoch 1 can be logged without one
+            raise UserError(f"{save} has epochs logged in train.csv but no checkpoint.pt to "
+                            f"continue from; put the checkpoint back, or start a new run with "
+                            f"another --save")
+        # else: stopped before its first checkpoint: start over with its flags (epoch 1 again)
+    resumed, changes = resumed_config(saved, cfg, given, save)
+    plan = Plan(save, resumed, checkpoint, changes, config_json)
+    partial = bool(checkpoint and checkpoint.state["progress"]["step"])
+    plan.note = check_schedule(saved, resumed, plan.start_epoch, partial, reschedule, save)
+    if plan.note:
+        changes["schedule"] = plan.note
+    for log in run_logs(save, resumed).values():
+        log.check_resumable(plan.start_epoch)
+    return plan
+
+
+def resumed_config(saved: RunConfig, cfg: RunConfig, given: frozenset[str],
+                   save: Path) -> tuple[RunConfig, dict]:
+    """The saved run's configuration, with the ``given`` flags of ``cfg`` that differ from it
+    and that a resume may change (RESUMABLE); returns it and those changes. A given flag
+    that would change the run's numbers is refused."""
+    changes = {name: getattr(cfg, name) for name in sorted(given)
+               if getattr(cfg, name) != getattr(saved, name)}
+    fixed = {name: value for name, value in changes.items() if name not in RESUMABLE}
+    if fixed:
+        described = ", ".join(f"--{flag_name(name)} {value} (the run has {getattr(saved, name)})"
+                              for name, value in fixed.items())
+        raise UserError(f"--resume: {described} would change the run in {save}; "
+                        f"drop these flags or start a new run with --save")
+    return replace(saved, **changes), changes
+
+
+def check_schedule(saved: RunConfig, cfg: RunConfig, start_epoch: int, partial: bool,
+                   reschedule: bool, save: Path) -> str:
+    """Refuse an --epochs on resume that would shorten the run or raise its learning rate.
+
+    The run continues in 0-based ``start_epoch`` (``partial``: some of its steps are done).
+    A new length whose schedule gives every epoch trained so far the learning rate it had is
+    exact, as if the run had started with it. Any other length is a new schedule from here
+    on: accepted where the next learning rate is no higher than the last one trained (say,
+    more epochs at the final rate of a finished run), refused where it would jump back up
+    unless ``reschedule``. Returns what changed, to print and record ('' when exact).
+    """
+    epochs, planned = cfg.epochs, saved.epochs
+    trained = start_epoch + partial
+    if epochs < planned and epochs <= trained:
+        raise UserError(f"--epochs {epochs}: the run in {save} has trained {trained} of its "
+                        f"{planned} epochs and cannot be shortened to {epochs}; resume without "
+                        f"--epochs to finish it, or pass a larger --epochs")
+    had = [saved.learning_rate(epoch) for epoch in range(trained)]
+    if epochs == planned or had == [cfg.learning_rate(epoch) for epoch in range(trained)]:
+        return ""
+    following = cfg.learning_rate(start_epoch)
+    change = (f"the {trained} epoch(s) trained followed the schedule of --epochs {planned}, the "
+              f"last at lr {had[-1]:.3g}; under --epochs {epochs}, epoch {start_epoch + 1} trains "
+              f"at lr {following:.3g}")
+    if following > had[-1] and not reschedule:
+        raise UserError(f"--epochs {epochs} would raise the learning rate: {change}; add "
+                        f"--reschedule to accept that, or resume without --epochs")
+    return change
+
+
+def read_config_json(save: Path, has_checkpoint: bool) -> dict | None:
+    """config.json of a run (None when absent); a damaged one is refused."""
+    path = save / "config.json"
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        content = None
+    if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
+        fix = ("move it away and resume again (checkpoint.pt holds the run's flags; a new "
+               "config.json is written)" if has_checkpoint else
+               "there is no checkpoint either: start a new run with another --save")
+        raise RunError(f"{path} is damaged; {fix}")
+    return content
+
+
+def run_logs(save: Path, cfg: RunConfig) -> dict[str, CsvLog]:
+    """The run's CSV files; with many classes each also has a top5_error column (except in a
+    run logged before there was one, which keeps its columns)."""
+    logs = {}
+    for split in ["train", "test"] + (["val"] if cfg.val_size else []):
+        path, columns = save / f"{split}.csv", TRAIN_COLUMNS if split == "train" else EVAL_COLUMNS
+        try:
+            with open(path) as f:
+                earlier = f.readline().rstrip("\n") == ",".join(columns)
+        except (OSError, UnicodeDecodeError):
+            earlier = False
+        logs[split] = CsvLog(path, columns if earlier or not cfg.top5 else columns + TOP5_COLUMNS)
+    return logs
+
+
+class RunFiles:
+    """The files of a run that has begun; on processes other than the main one, no file."""
+
+    def __init__(self, plan: Plan, writes: bool = True) -> None:
+        self.plan, self.save, self.writes = plan, plan.save, writes
+        self.logs = run_logs(plan.save, plan.config)
+
+    def open(self, lock: WorkDirLock, record: dict) -> None:
+        """Write config.json and the CSV headers, or on resume the resume's entry and the CSVs
+        trimmed to the checkpoint. Only once every check has passed: a directory that did not
+        exist is made and locked here, and looked at again in case another process has
+        started a run in it meanwhile."""
+        plan = self.plan
+        if not lock.held:
+            lock.acquire()
+            if not plan.resuming and holds_run(self.save):
+                raise already_holds_a_run(self.save)
+        if plan.config.val_size:
+            record = {**record, "best_checkpoint": {"file": BEST_CHECKPOINT,
+                                                    "chosen_by": "lowest validation error"}}
+        with write_errors("choose another work directory with --save"):
+            remove_stale_temporaries(self.save)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if plan.config_json is not None:
+                content = plan.config_json
+                content.setdefault("resumes", []).append(
+                    {"time": stamp, "from_epoch": plan.start_epoch, "changes": plan.changes,
+                     **record})
+                content["config"] = plan.config.to_dict()
+            else:
+                content = {"config": plan.config.to_dict(), "started": stamp, **record}
+            write_json(self.save / "config.json", content)
+            for log in self.logs.values():
+                log.keep_epochs_up_to(plan.start_epoch) if plan.resuming else log.create()
+
+    def append(self, epoch: int, rows: dict[str, dict]) -> None:
+        """One row per split for 1-based ``epoch``, fsynced."""
+        if self.writes:
+            with self._writing():
+                for split, row in rows.items():
+                    self.logs[split].append({"epoch": epoch, **row})
+
+    def save_checkpoint(self, state: dict, best: bool = False) -> None:
+        """Replace checkpoint.pt (or best.pt) with ``state``, atomically."""
+        if self.writes:
+            with self._writing():
+                save_checkpoint(self.save / (BEST_CHECKPOINT if best else LAST_CHECKPOINT), state)
+
+    def _writing(self):
+        """Failed writes end the run in one line that says how to go on from what is saved."""
+        if (self.save / LAST_CHECKPOINT).exists():
+            return write_errors(f"free space (or fix permissions), then continue from the last "
+                                f"checkpoint with --resume --save {self.save}")
+        return write_errors("nothing was saved yet: free space (or fix permissions) and start again")
+
+
+# ---------------------------------------------------------------- evaluation files
+
+def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str],
+                     tta: bool) -> tuple[Path, Path]:
+    """Per-class errors and the confusion matrix (counts, true class by row) of an evaluation,
+    beside the checkpoint and named after it (-tta with test-time augmentation)."""
+    suffix = "-tta" if tta else ""
+    per_class = checkpoint.parent / f"{checkpoint.stem}-classes{suffix}.csv"
+    matrix = checkpoint.parent / f"{checkpoint.stem}-confusion{suffix}.csv"
+    images = confusion.sum(1)
+    rows = ["class,name,images,errors,error"] + [
+        f"{c},{names[c]},{int(images[c])},{int(images[c] - confusion[c, c])},"
+        f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"
+        for c in range(len(names))]
+    with write_errors("free space or copy the checkpoint into a folder you can write to"):
+        write_text(per_class, "\n".join(rows) + "\n")
+        write_text(matrix, "true\\predicted," + ",".join(names) + "\n" + "".join(
+            f"{names[c]}," + ",".join(str(int(v)) for v in confusion[c]) + "\n"
+            for c in range(len(names))))
+    return per_class, matrix
