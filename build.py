@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import data
+import fused
 import training
 from config import RunConfig
 from densenet import DenseNet
@@ -89,10 +90,23 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
     return RunData(train, val, test, classes, mean, std)
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> DenseNet:
-    """The configuration's DenseNet, with the kernels --kernels means on ``device``."""
+def build_model(cfg: RunConfig, kernels: str) -> DenseNet:
+    """The configuration's DenseNet, computing with ``kernels`` ("fused" or "aten")."""
     return DenseNet(cfg.depth, cfg.growth_rate, cfg.bottleneck, cfg.compression, cfg.dropout,
-                    cfg.num_classes, cfg.memory_efficient, cfg.kernels_on(device.type))
+                    cfg.num_classes, cfg.memory_efficient, kernels)
+
+
+def choose_kernels(cfg: RunConfig, runtime: Runtime) -> str:
+    """The DenseNet kernels the run computes with: what --kernels means on its device
+    (RunConfig.kernels_on), but ATen's under SyncBatchNorm, whose statistics the fused
+    kernels would not synchronise over the processes."""
+    kernels = cfg.kernels_on(runtime.device.type)
+    if cfg.sync_bn and runtime.world_size > 1:
+        if cfg.kernels == "fused":
+            raise UserError("--kernels fused normalises with each process's own batch statistics, "
+                            "not --sync-bn's; use --kernels aten (or auto) with --sync-bn")
+        return "aten"
+    return kernels
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -128,10 +142,23 @@ def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, st
         target.load_state_dict(state)
         for group, kept in zip(getattr(target, "param_groups", []), implementation):
             group.update(kept)
+            _place_step_counts(target, group)
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
         raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
                        f"use a checkpoint that train.py wrote for this run") from None
+
+
+def _place_step_counts(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """Put the group's step counts where its implementation reads them: on the parameters'
+    device for the fused and capturable ones, on the CPU otherwise. load_state_dict placed
+    them for the implementation that saved them (a run trained on the CPU, or without the
+    graph, and resumed with it would otherwise fail at its first step)."""
+    on_device = group.get("fused") or group.get("capturable")
+    for param in group["params"]:
+        state = optimizer.state.get(param, {})
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
 
 
 # ---------------------------------------------------------------- a run
@@ -176,12 +203,24 @@ class Run:
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
                 "num_classes": self.config.num_classes}
 
+    @property
+    def step_status(self) -> str:
+        """Whether the steps run as a CUDA graph (checked, or not yet) or eagerly, and why."""
+        if isinstance(self.run_step, training.GraphedStep):
+            return self.run_step.status
+        kernels = getattr(self.model, "kernels", "aten")
+        return f"eager ({training.eager_reason(self.config, self.runtime, kernels)})"
+
     def record(self) -> dict:
-        """What config.json says of the run beside its configuration."""
+        """What config.json says of the run beside its configuration: what it ran on and how."""
         model, device = self.model, self.runtime.device
+        kernels = getattr(model, "kernels", "aten")
+        if kernels == "fused" and fused.backend(device.type) is None:
+            kernels = "aten (the fused kernels are unavailable here)"
         return {"model": model.name, "parameters": self.parameters,
-                "kernels_used": f"{model.kernels}{', compiled' if self.config.compile else ''} "
+                "kernels_used": f"{kernels}{', compiled' if self.config.compile else ''} "
                                 f"on {device.type}",
+                "step": self.step_status,
                 "classes": self.data.classes, "train_images": len(self.data.train),
                 "test_images": len(self.data.test),
                 "val_images": len(self.data.val) if self.data.val else 0,
@@ -204,7 +243,8 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     dataset = dataset or load_data(cfg, log)
     normalizer = data.Normalizer(dataset.mean, dataset.std, device)
     seed_everything(cfg.seed)
-    model = model or build_model(cfg, device)
+    kernels = choose_kernels(cfg, runtime)
+    model = model or build_model(cfg, kernels)
     model.to(device, memory_format=data.memory_format(cfg.channels_last))
     optimizer = build_optimizer(cfg, model)
     # fp16 only: bfloat16 has float32's range
@@ -228,7 +268,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     if cfg.kernels == "compile":
         module = torch.compile(module)
     step = training.TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5)
-    run_step = training.step_runner(step, cfg.cuda_graph, runtime, log)
+    run_step = training.step_runner(step, cfg, getattr(model, "kernels", "aten"), runtime, log)
     val = dataset.val.to(device) if dataset.val is not None else None
     return Run(cfg, runtime, dataset, normalizer, model, optimizer, scaler, batches, step,
                run_step, dataset.test.to(device), val)
@@ -257,7 +297,7 @@ class Trained:
 
 def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
     """The trained model of ``checkpoint`` (read with at least INFERENCE_KEYS), on ``device``."""
-    model = build_model(checkpoint.config, device)
+    model = build_model(checkpoint.config, checkpoint.config.kernels_on(device.type))
     restore(model, checkpoint.state["model"], checkpoint.path)
     model.to(device, memory_format=data.memory_format(checkpoint.config.channels_last)).eval()
     normalization = checkpoint.state["normalization"]

@@ -3,6 +3,7 @@ number generators, the signals that stop it, and the glibc setting that keeps it
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 import platform
 import random
@@ -76,7 +77,13 @@ def environment(runtime: Runtime) -> dict:
             "numpy": np.__version__, "host": platform.node(), "device": str(runtime.device),
             "world_size": runtime.world_size, "threads": torch.get_num_threads()}
     if runtime.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(runtime.device)
+        properties = torch.cuda.get_device_properties(runtime.device)
+        info.update({"gpu": properties.name, "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()})
+        try:
+            info["triton"] = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            info["triton"] = None
     return info
 
 

@@ -41,7 +41,7 @@ from cli import OneLineParser, UserError
 from config import RunConfig
 from runlog import WorkDirLock
 from runtime import Runtime, StopFlag, keep_freed_memory_mapped, on_main, setup_runtime
-from training import Diverged, EpochProgress
+from training import Diverged, EpochProgress, StepCheckFailed
 
 
 class Interrupted(Exception):
@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as error:
         print(f"error: {error}; stopped without saving that epoch: the last checkpoint and the rows "
               f"up to it are kept. Start a new run (--save) with a lower --lr", file=sys.stderr)
+        return 1
+    except StepCheckFailed as error:
+        print(f"error: {error}; stopped without saving that epoch: the last checkpoint and the "
+              f"rows up to it are kept. Continue with --resume --no-cuda-graph --kernels aten, "
+              f"and please report this", file=sys.stderr)
         return 1
     except Interrupted as interrupted:
         print(interrupted, file=sys.stderr)
@@ -162,6 +167,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
             files.save_checkpoint(run.checkpoint(epoch, progress, best, data_rng))
             raise Interrupted(stop.agreed, save, epoch + 1, progress.step)
         training.ensure_finite(run.model, f"after epoch {epoch + 1}")
+        files.update_record("step", run.step_status)
         results = {"test": run.evaluate(run.test)}
         if run.val is not None:
             results["val"] = run.evaluate(run.val)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import data
-from config import TOP5_FROM
+from config import TOP5_FROM, RunConfig
 from runlog import non_finite
 from runtime import Runtime, StopFlag, all_sum, capture_cuda_graph
 
@@ -46,6 +46,14 @@ CHECK_EVERY = {"cuda": 50, "cpu": 1}
 
 class Diverged(Exception):
     """A loss or a weight became NaN or infinite: the run stops before saving (exit status 1)."""
+
+
+class StepCheckFailed(Exception):
+    """The epoch's bookkeeping disagrees with the steps it trained (a step that was skipped,
+    replayed twice or left no loss): the run stops before saving (exit status 1)."""
+
+
+UNWRITTEN = -1.0  # a loss slot's value until its step writes it: cross-entropy is never negative
 
 
 # ---------------------------------------------------------------- forward in a precision
@@ -116,7 +124,8 @@ class TrainStep:
 
     ``losses[i]`` is step i's mean loss, ``correct`` the epoch's correct predictions so far
     and ``correct5`` its top-5 correct ones (counted with ``top5``), all on the device; ``lr``
-    is the learning rate every parameter group reads.
+    is the learning rate every parameter group reads. ``norms`` are the model's BatchNorms,
+    whose batch counters the epoch's check reads.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -133,6 +142,27 @@ class TrainStep:
         self.lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=device)
         for group in optimizer.param_groups:  # also after load_state_dict put floats back
             group["lr"] = self.lr
+        self.norms = [m for m in model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.norm_batches_at_start = self.norm_batches()
+
+    def norm_batches(self) -> Tensor:
+        """The BatchNorms' batch counters, summed (on the device)."""
+        return sum((m.num_batches_tracked for m in self.norms),
+                   torch.zeros((), dtype=torch.int64, device=self.step.device))
+
+    def state(self) -> dict[str, list[Tensor]]:
+        """Every tensor a step changes, by kind: what a replay of the step must change alike."""
+        module_state = [*self.model.parameters(), *self.model.buffers()]
+        optimizer = [t for s in self.optimizer.state.values() for t in s.values()
+                     if isinstance(t, Tensor)]
+        if self.scaler is not None and self.scaler._scale is not None:
+            optimizer += [self.scaler._scale, self.scaler._growth_tracker]
+        return {"counters": [self.step, self.correct, self.correct5,
+                             *(t for t in module_state if not t.is_floating_point())],
+                "losses": [self.losses],
+                "weights and BatchNorm statistics": [t for t in module_state if t.is_floating_point()],
+                "optimizer state": optimizer}
 
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
@@ -141,8 +171,10 @@ class TrainStep:
         """Plan the next epoch and begin it at ``start_step`` (a resumed epoch's next step)."""
         self.batches.plan_epoch()
         self.step.fill_(start_step)
+        self.losses[start_step:].fill_(UNWRITTEN)
         self.correct.zero_()
         self.correct5.zero_()
+        self.norm_batches_at_start = self.norm_batches()
 
     def __call__(self) -> None:
         images, labels = self.batches.batch(self.step)
@@ -169,41 +201,47 @@ def top5_hits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class GraphedStep:
-    """``step`` as one CUDA graph: run eagerly for WARMUP calls, then captured and replayed.
+    """``step`` as one CUDA graph: run eagerly for WARMUP calls, then captured, checked and
+    replayed.
 
     The warm-up calls are real training steps, run on a side stream as PyTorch's CUDA-graph
     notes ask (cuDNN's benchmarking, the optimiser's state and the allocator settle there), so
     the model, BatchNorm buffers and optimiser are exactly what the eager steps leave. Capture
-    records without running anything; the graph then replays the same kernels on the same
-    tensors. If capture fails (an operation that cannot be captured, a driver or memory
-    limit) training goes on eagerly, after ``notice`` says why.
+    records without running anything; that call's step then runs eagerly. The next call checks
+    the graph before trusting it: from one state it replays the graph, then restores that state
+    and runs the step eagerly; the two must agree (``replay_mismatch``), and the run goes on
+    from the eager result. If capture fails (an operation that cannot be captured, a driver or
+    memory limit) or the replay disagrees, training goes on eagerly, after ``notice`` says why.
+    ``status`` says which, for config.json.
     """
 
     WARMUP = 3
+    CALLS_BEFORE_REPLAYS = WARMUP + 2  # warm-up, capture (and an eager step), the checked replay
 
     def __init__(self, step: TrainStep, notice: Callable[[str], None],
                  capture: Callable = capture_cuda_graph) -> None:
         self.step, self.notice, self.capture = step, notice, capture
         self.cuda = step.batches.device.type == "cuda"
         self.replay: Callable[[], None] | None = None
-        self.eager, self.warmed = False, 0
+        self.eager, self.warmed, self.checked = False, 0, False
+        self.status = "graphed (not captured yet)"
 
     def __call__(self) -> None:
-        if self.replay is not None:
+        if self.checked:
             self.replay()
         elif self.eager:
             self.step()
         elif self.warmed < self.WARMUP:
             self.warmed += 1
             self._on_side_stream()
-        else:
+        elif self.replay is None:
             try:
                 self.replay = self.capture(self.step)
             except Exception as error:  # any failure: CUDA, an uncapturable op, memory
                 self._fall_back(error)
-                self.step()
-                return
-            self.replay()
+            self.step()
+        else:
+            self._checked_replay()
 
     def _on_side_stream(self) -> None:
         if not self.cuda:
@@ -214,29 +252,125 @@ class GraphedStep:
             self.step()
         torch.cuda.current_stream().wait_stream(side)
 
+    def _checked_replay(self) -> None:
+        """One replay and one eager step from the same state; the eager one's result stays."""
+        state = self.step.state()
+        tensors = [t for kind in state.values() for t in kind]
+        before = [t.detach().clone() for t in tensors]
+        rng = _rng_state(self.step.batches.device)
+        self.replay()
+        replayed = [t.detach().clone() for t in tensors]
+        with torch.no_grad():
+            for tensor, value in zip(tensors, before):
+                tensor.copy_(value)
+        _set_rng_state(self.step.batches.device, rng)
+        self.step()
+        mismatch = replay_mismatch(state, before, replayed)
+        if mismatch:
+            self.replay, self.eager = None, True
+            self.status = f"eager: the graph's first replay disagreed with an eager step ({mismatch})"
+            self.notice(f"notice: the CUDA graph's first replay disagreed with an eager step from "
+                        f"the same state ({mismatch}); training goes on eagerly from the eager "
+                        f"step's result, slower")
+        else:
+            self.checked = True
+            self.status = "graphed (its first replay matched an eager step)"
+
     def _fall_back(self, error: Exception) -> None:
         """Undo what the failed capture left on the Python side; nothing ran on the device."""
-        self.eager = True
+        self.eager, self.replay = True, None
         self.step.optimizer.zero_grad(set_to_none=True)  # gradients allocated by the capture
         if self.step.scaler is not None:
             self.step.scaler._per_optimizer_states.clear()  # its per-step bookkeeping
         if self.cuda:
             torch.cuda.synchronize()
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        self.status = f"eager: the capture failed ({reason})"
         self.notice(f"notice: the training step could not be captured as a CUDA graph "
                     f"({reason}); training goes on eagerly, with the same results, slower")
 
 
-def step_runner(step: TrainStep, cuda_graph: bool, runtime: Runtime,
+# A replay may differ from the eager step by the order of floating-point sums (atomics in
+# cuDNN's backward, split reductions): far below this fraction of what the step changed. A
+# graph that replays another batch, skips the update or runs a stale kernel moves a state by
+# the size of the change itself.
+REPLAY_RTOL = 1e-3
+
+
+def replay_mismatch(state: dict[str, list[Tensor]], before: list[Tensor],
+                    replayed: list[Tensor]) -> str | None:
+    """Where a replay (``replayed``) differs from the eager step now held in ``state``, both
+    from ``before``: counters exactly, floating-point state within REPLAY_RTOL of the change
+    the eager step made (plus a float32 rounding of its size). None if they agree."""
+    position = 0
+    for kind, tensors in state.items():
+        count = len(tensors)
+        eager = [t.detach().double().flatten() for t in tensors]
+        start = [t.double().flatten() for t in before[position:position + count]]
+        replay = [t.double().flatten() for t in replayed[position:position + count]]
+        position += count
+        if not eager:
+            continue
+        eager, start, replay = torch.cat(eager), torch.cat(start), torch.cat(replay)
+        if kind == "counters":
+            if not torch.equal(eager, replay):
+                return "the counters differ"
+            continue
+        difference = torch.linalg.vector_norm(replay - eager)
+        changed = torch.linalg.vector_norm(eager - start)
+        allowed = REPLAY_RTOL * changed + 1e-6 * torch.linalg.vector_norm(eager)
+        if not difference <= allowed:  # NaN included
+            return f"{kind} off by {difference.item():.3g}, the eager step changed them by {changed.item():.3g}"
+    return None
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def uncapturable(cfg: RunConfig, kernels: str) -> str | None:
+    """Why the step this configuration runs cannot be captured as a CUDA graph (None: it can),
+    known before trying: a capture that fails can leave PyTorch's allocator unusable on older
+    torch and keeps its memory pool until the process exits."""
+    if cfg.precision == "fp16" and cfg.opt == "rmsprop":
+        return ("fp16's gradient scaler reads its overflow flag on the host for RMSprop, "
+                "which has no fused implementation")
+    if cfg.memory_efficient and cfg.dropout > 0 and kernels == "aten":
+        return ("--memory-efficient with dropout on the ATen path: checkpointing saves the "
+                "CUDA random-number state, which a capture cannot read")
+    return None
+
+
+def eager_reason(cfg: RunConfig, runtime: Runtime, kernels: str) -> str | None:
+    """Why the steps of this run run eagerly rather than as one CUDA graph (None: graphed).
+    ``kernels`` are the DenseNet kernels the model runs ("fused" or "aten")."""
+    if not cfg.cuda_graph:
+        return "--no-cuda-graph"
+    if runtime.capture is None:
+        if runtime.world_size > 1:
+            return "several processes: DistributedDataParallel's all-reduce is not captured"
+        return f"CUDA graphs are for GPUs; this runs on {runtime.device.type}"
+    return uncapturable(cfg, kernels)
+
+
+def step_runner(step: TrainStep, cfg: RunConfig, kernels: str, runtime: Runtime,
                 notice: Callable[[str], None]) -> Callable[[], None]:
-    """What runs each step: its graph where ``cuda_graph`` asks for one and the process can
-    capture (``runtime.capture``: one process on a GPU), else ``step`` itself."""
-    if not cuda_graph or runtime.capture is None:
-        if cuda_graph and runtime.world_size > 1 and runtime.device.type == "cuda":
-            notice("notice: --cuda-graph: with several processes the step runs eagerly "
-                   "(DistributedDataParallel's all-reduce is not captured)")
-        return step
-    return GraphedStep(step, notice, runtime.capture)
+    """What runs each step: its graph where --cuda-graph asks for one, the process can capture
+    (``runtime.capture``: one process on a GPU) and the step is capturable, else ``step``
+    itself, after a notice where a GPU run asked for a graph it does not get."""
+    reason = eager_reason(cfg, runtime, kernels)
+    if reason is None:
+        return GraphedStep(step, notice, runtime.capture)
+    if cfg.cuda_graph and (runtime.capture is not None or runtime.device.type == "cuda"):
+        notice(f"notice: the training step runs eagerly, not as a CUDA graph: {reason}")
+    return step
 
 
 # ---------------------------------------------------------------- an epoch
@@ -328,7 +462,8 @@ def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime,
 
     ``run_step`` is ``step`` itself or its CUDA graph. Losses and the correct count stay on
     the device and are read every CHECK_EVERY steps, between steps: the step never waits.
-    A non-finite loss raises Diverged, naming the step.
+    A non-finite loss raises Diverged, naming the step; bookkeeping that disagrees with the
+    steps trained raises StepCheckFailed (``check_epoch``).
     """
     step.model.train()
     start = time.perf_counter()
@@ -354,12 +489,37 @@ def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime,
                              seen * runtime.world_size / elapsed, elapsed)
         if done < steps and (at_check or runtime.world_size == 1) and stop.requested(runtime):
             break
+    check_epoch(step, progress.step, done, epoch)
     loss_sum, correct_sum, correct5_sum, seen_sum = all_sum(
         [step.losses[progress.step:done].double().sum().item() * share, step.correct.item(),
          step.correct5.item(), (done - progress.step) * share], runtime)
     return EpochProgress(done, progress.loss_sum + loss_sum, progress.correct + correct_sum,
                          progress.correct5 + correct5_sum, progress.seen + seen_sum,
                          progress.seconds + time.perf_counter() - start)
+
+
+def check_epoch(step: TrainStep, first: int, done: int, epoch: int) -> None:
+    """Steps ``first`` to ``done`` of ``epoch`` ran once each: the batch counter stands at
+    ``done``, each of them wrote its loss, and every BatchNorm counted each of them once.
+
+    Read where the epoch waits for the device anyway; a graph that replays a stale or partial
+    step, or a step that never ran, stops the run here, before any row or checkpoint.
+    """
+    expected = (done - first) * len(step.norms)
+    counter, unwritten, counted = torch.stack([
+        step.step[0], (step.losses[first:done] == UNWRITTEN).sum(),
+        step.norm_batches() - step.norm_batches_at_start]).tolist()
+    problems = []
+    if counter != done:
+        problems.append(f"the batch counter is at {counter}, not {done}")
+    if unwritten:
+        problems.append(f"{unwritten} of its {done - first} steps wrote no loss")
+    if counted != expected:
+        problems.append(f"the BatchNorm layers counted {counted} batches, not {expected} "
+                        f"({len(step.norms)} layers x {done - first} steps)")
+    if problems:
+        raise StepCheckFailed(f"epoch {epoch} did not train the steps it ran: "
+                              + "; ".join(problems))
 
 
 def ensure_finite(model: nn.Module, where: str) -> None:

@@ -213,8 +213,20 @@ class RunFiles:
             else:
                 content = {"config": plan.config.to_dict(), "started": stamp, **record}
             write_json(self.save / "config.json", content)
+            self.content = content
             for log in self.logs.values():
                 log.keep_epochs_up_to(plan.start_epoch) if plan.resuming else log.create()
+
+    def update_record(self, key: str, value) -> None:
+        """Set ``key`` of what config.json records of this run (or of this resume), where it
+        changed since: how the steps run is known only once they have."""
+        if not self.writes:
+            return
+        entry = self.content["resumes"][-1] if self.plan.config_json is not None else self.content
+        if entry.get(key) != value:
+            entry[key] = value
+            with self._writing():
+                write_json(self.save / "config.json", self.content)
 
     def append(self, epoch: int, rows: dict[str, dict]) -> None:
         """One row per split for 1-based ``epoch``, fsynced."""

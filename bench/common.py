@@ -50,7 +50,7 @@ def synthetic_run(cfg, device, steps: int, model=None):
     import data
     from runtime import Runtime
     from training import GraphedStep
-    count = cfg.batch_size * (steps + GraphedStep.WARMUP + 1)
+    count = cfg.batch_size * (steps + GraphedStep.CALLS_BEFORE_REPLAYS)
     images = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8),
                         torch.randint(0, 10, (count,)))
     dataset = build.RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
@@ -59,7 +59,7 @@ def synthetic_run(cfg, device, steps: int, model=None):
     run.step.start_epoch()
     run.step.model.train()
     if run.run_step is not run.step:
-        for _ in range(GraphedStep.WARMUP + 1):  # warm-up, capture and a first replay
+        for _ in range(GraphedStep.CALLS_BEFORE_REPLAYS):  # warm-up, capture, the checked replay
             run.run_step()
     return run
 

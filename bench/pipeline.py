@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     data_s = median_time(data_epoch, args.repeats)
     step.start_epoch()
     step.model.train()
-    for _ in range(GraphedStep.WARMUP + 1):  # a graph is captured by then
+    for _ in range(GraphedStep.CALLS_BEFORE_REPLAYS):  # a graph is captured and checked by then
         run_step()
 
     def one_step() -> None:

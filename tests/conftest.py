@@ -34,6 +34,11 @@ sys.path.insert(0, str(ROOT))
 TINY_MODEL = ["--depth", "10", "--growth-rate", "4", "--batch-size", "32", "--device", "cpu"]
 TINY = [*TINY_MODEL, "--eval-batch-size", "64"]  # train.py's, which evaluates
 
+# On a GPU, float32 convolutions and matrix products use TF32 by default, about 1e-3 from
+# float64: the tests compare paths against float64 and each other far tighter than that.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, without one")

@@ -1,0 +1,230 @@
+"""The step checks itself (training.py): the CUDA graph's first replay against an eager step,
+each epoch's bookkeeping, the configurations never captured; config.json's record of how the
+run ran. On the CPU the graph is a stand-in capture that replays right or wrong."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import build
+import train
+import training
+from cli import UserError
+from config import RunConfig
+from conftest import TINY, metrics
+from runtime import Runtime
+from test_step import make_step, train_steps
+
+
+def right(step):
+    """A capture whose replay is the step."""
+    return step
+
+
+def stale(step):
+    """A capture whose replay trains on the batch it was captured at, over and over."""
+    captured_at = int(step.step)
+
+    def replay():
+        step.step.fill_(captured_at)
+        step()
+    return replay
+
+
+def no_update(step):
+    """A capture whose replay computes the loss but leaves the weights where they were."""
+    def replay():
+        weights = [p.detach().clone() for p in step.model.parameters()]
+        step()
+        with torch.no_grad():
+            for p, w in zip(step.model.parameters(), weights):
+                p.copy_(w)
+    return replay
+
+
+def flags(tmp_path, cifar_dir, name: str, *more: str) -> RunConfig:
+    argv = ["--data-dir", str(cifar_dir), *TINY, "--batch-size", "16", "--epochs", "2",
+            "--save", str(tmp_path / name), *more]
+    return RunConfig.from_flags(train.build_parser().parse_args(argv))[0]
+
+
+# ---------------------------------------------------------------- the first replay
+
+def test_a_replay_that_matches_is_trusted_and_changes_nothing(capsys):
+    eager, graphed = make_step(torch.device("cpu")), make_step(torch.device("cpu"))
+    runner = training.GraphedStep(graphed, print, capture=right)
+    assert train_steps(graphed, runner, 6) == train_steps(eager, eager, 6)
+    assert runner.checked and not runner.eager
+    assert runner.status == "graphed (its first replay matched an eager step)"
+    for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert eager.optimizer.state_dict()["state"][0]["momentum_buffer"].equal(
+        graphed.optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("capture, what", [(stale, "the counters differ"),
+                                           (no_update, "weights and BatchNorm statistics off by")])
+def test_a_replay_that_disagrees_is_dropped_and_the_run_is_the_eager_one(capture, what, capsys):
+    """The stale replay trains on the wrong batch, the other skips the update: either is caught
+    at the first replay, said once, and the run continues from the eager step's result."""
+    eager, graphed = make_step(torch.device("cpu")), make_step(torch.device("cpu"))
+    runner = training.GraphedStep(graphed, print, capture=capture)
+    assert train_steps(graphed, runner, 6) == train_steps(eager, eager, 6)
+    assert runner.eager and runner.replay is None and not runner.checked
+    for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(
+        "notice: the CUDA graph's first replay disagreed with an eager step from the same state (")
+    assert what in out[0] and what in runner.status
+
+
+def test_replay_mismatch_tolerates_rounding_and_nothing_more():
+    """Within REPLAY_RTOL of what the step changed: the order of sums may differ, a wrong
+    update may not; counters must be equal, and NaN never agrees."""
+    start = torch.linspace(-1, 1, 1000, dtype=torch.float32)
+    eager = start + 1e-2 * torch.sin(torch.arange(1000.0))
+    change = torch.linalg.vector_norm(eager - start).item()
+    state = {"counters": [torch.tensor([5])], "weights": [eager]}
+
+    def mismatch(weights, counter=5):
+        return training.replay_mismatch(state, [torch.tensor([4]), start],
+                                        [torch.tensor([counter]), weights])
+
+    noise = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    noise *= change / torch.linalg.vector_norm(noise)
+    assert mismatch(eager) is None
+    assert mismatch(eager + 1e-4 * noise) is None
+    assert "weights off by" in mismatch(eager + 1e-2 * noise)
+    assert "weights off by" in mismatch(start)  # no update at all
+    assert mismatch(eager, counter=6) == "the counters differ"
+    assert mismatch(torch.where(start > 0.5, float("nan"), eager)) is not None
+
+
+# ---------------------------------------------------------------- each epoch
+
+def test_the_epoch_check_counts_steps_losses_and_batchnorm_batches():
+    step = make_step(torch.device("cpu"))
+    step.model.train()
+    step.start_epoch()
+    for _ in range(3):
+        step()
+    training.check_epoch(step, 0, 3, 1)  # all as it should be
+    norms = len(step.norms)
+    with pytest.raises(training.StepCheckFailed) as raised:
+        training.check_epoch(step, 0, 4, 1)  # a fourth step that never ran
+    assert str(raised.value) == (
+        f"epoch 1 did not train the steps it ran: the batch counter is at 3, not 4; 1 of its 4 "
+        f"steps wrote no loss; the BatchNorm layers counted {3 * norms} batches, not "
+        f"{4 * norms} ({norms} layers x 4 steps)")
+    step.norms[2].num_batches_tracked -= 1  # a replay that skipped one layer's statistics
+    with pytest.raises(training.StepCheckFailed, match=f"counted {3 * norms - 1} batches, not {3 * norms}"):
+        training.check_epoch(step, 0, 3, 1)
+
+
+def test_a_graph_that_goes_wrong_later_stops_the_run_before_the_epoch_is_saved(tmp_path, cifar_dir):
+    """Replays that pass the first check and then stop training (a stand-in for a graph gone
+    stale): the epoch's check stops the run with no row and no checkpoint for that epoch."""
+    def later_nothing(step):
+        calls = []
+
+        def replay():
+            calls.append(1)
+            if len(calls) == 1:
+                step()
+        return replay
+
+    cfg = flags(tmp_path, cifar_dir, "run")
+    with pytest.raises(training.StepCheckFailed, match="epoch 1 did not train the steps it ran: "
+                                                       "the batch counter is at 5, not 10"):
+        train.train(cfg, runtime=Runtime(torch.device("cpu"), capture=later_nothing))
+    assert (tmp_path / "run" / "train.csv").read_text().count("\n") == 1  # the header alone
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- never captured
+
+@pytest.mark.parametrize("cfg, kernels, reason", [
+    (RunConfig(opt="rmsprop", precision="fp16"), "fused",
+     "fp16's gradient scaler reads its overflow flag on the host for RMSprop"),
+    (RunConfig(memory_efficient=True, dropout=0.2), "aten",
+     "--memory-efficient with dropout on the ATen path: checkpointing saves the CUDA random-number state"),
+])
+def test_a_step_that_cannot_be_captured_is_never_tried(cfg, kernels, reason):
+    step = make_step(torch.device("cpu"))
+    attempts, notices = [], []
+    runtime = Runtime(torch.device("cpu"), capture=attempts.append)
+    assert training.step_runner(step, cfg, kernels, runtime, notices.append) is step
+    assert attempts == [] and len(notices) == 1
+    assert notices[0].startswith(f"notice: the training step runs eagerly, not as a CUDA graph: {reason}")
+
+
+def test_what_can_be_captured_is():
+    runtime = Runtime(torch.device("cpu"), capture=right)
+    step = make_step(torch.device("cpu"))
+    for cfg, kernels in [(RunConfig(opt="adam", precision="fp16"), "aten"),
+                         (RunConfig(opt="rmsprop", precision="bf16"), "aten"),
+                         (RunConfig(memory_efficient=True, dropout=0.2), "fused"),
+                         (RunConfig(memory_efficient=True), "aten")]:
+        assert isinstance(training.step_runner(step, cfg, kernels, runtime, pytest.fail),
+                          training.GraphedStep)
+
+
+# ---------------------------------------------------------------- fixes
+
+def test_fused_kernels_are_never_used_under_syncbatchnorm():
+    """SyncBatchNorm's statistics are synchronised in its forward, which the fused kernels do
+    not call: auto takes ATen there, and naming fused is refused."""
+    two = Runtime(torch.device("cpu"), 0, 2)
+    assert build.choose_kernels(RunConfig(sync_bn=True), two) == "aten"
+    assert build.choose_kernels(RunConfig(sync_bn=True), Runtime.alone(torch.device("cpu"))) == "fused"
+    assert build.choose_kernels(RunConfig(kernels="fused"), two) == "fused"
+    with pytest.raises(UserError, match="--kernels fused normalises with each process's own batch "
+                                        "statistics, not --sync-bn's"):
+        build.choose_kernels(RunConfig(sync_bn=True, kernels="fused"), two)
+
+
+@pytest.mark.parametrize("opt", ["adam", "rmsprop"])
+def test_step_counts_move_to_where_the_resumed_optimiser_reads_them(opt):
+    """Trained without the graph (RMSprop keeps its step counts on the CPU then) and resumed
+    with it, on a GPU (the meta device stands in): the counts move to the parameters' device,
+    where a capturable optimiser reads them; a resume without the graph keeps them as its
+    implementation reads them."""
+    cfg = RunConfig(opt=opt)
+    trained = build.build_optimizer(cfg, model := torch.nn.Linear(3, 2))
+    model(torch.ones(1, 3)).sum().backward()
+    trained.step()
+    kind = torch.optim.Adam if opt == "adam" else torch.optim.RMSprop
+    graphed = kind(torch.nn.Linear(3, 2, device="meta").parameters(), capturable=True)
+    build.restore(graphed, trained.state_dict(), "checkpoint.pt")
+    assert graphed.param_groups[0]["capturable"]
+    assert [s["step"].device.type for s in graphed.state.values()] == ["meta", "meta"]
+    eager = build.build_optimizer(cfg, torch.nn.Linear(3, 2))
+    build.restore(eager, trained.state_dict(), "checkpoint.pt")
+    assert [s["step"].dtype for s in eager.state.values()] == [torch.float32] * 2
+
+
+# ---------------------------------------------------------------- what config.json says
+
+def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
+    cpu = Runtime(torch.device("cpu"))
+    for name, runtime, status in [
+            ("eager", cpu, "eager (CUDA graphs are for GPUs; this runs on cpu)"),
+            ("graphed", Runtime(torch.device("cpu"), capture=right),
+             "graphed (its first replay matched an eager step)"),
+            ("dropped", Runtime(torch.device("cpu"), capture=stale),
+             "eager: the graph's first replay disagreed with an eager step (the counters differ)")]:
+        assert train.train(flags(tmp_path, cifar_dir, name), runtime=runtime) == 0
+        record = json.loads((tmp_path / name / "config.json").read_text())
+        assert record["step"].startswith(status)
+        assert record["kernels_used"] == "fused on cpu"
+        assert record["environment"]["device"] == "cpu" and "gpu" not in record["environment"]
+    assert metrics(tmp_path / "graphed") == metrics(tmp_path / "eager") == metrics(tmp_path / "dropped")
+    # a resume records how its own steps ran
+    assert train.main(["--resume", "--save", str(tmp_path / "graphed"), "--epochs", "3",
+                       "--no-cuda-graph"]) == 0
+    record = json.loads((tmp_path / "graphed" / "config.json").read_text())
+    assert record["step"].startswith("graphed") and record["resumes"][-1]["step"] == "eager (--no-cuda-graph)"
