@@ -15,6 +15,9 @@ reads it back), and ``load_trained`` turns one into a model for inference (train
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +27,14 @@ from torch import nn
 
 import data
 import fused
+import kernel_check
 import training
 from config import RunConfig
 from densenet import DenseNet
 from cli import UserError
 from runlog import RunError, load_checkpoint
-from runtime import Runtime, environment, rng_state, seed_everything, set_rng_state
+from runtime import (Runtime, broadcast, environment, rng_state, seed_everything, set_rng_state,
+                     synchronize)
 
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
 CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
@@ -96,17 +101,98 @@ def build_model(cfg: RunConfig, kernels: str) -> DenseNet:
                     cfg.num_classes, cfg.memory_efficient, kernels)
 
 
-def choose_kernels(cfg: RunConfig, runtime: Runtime) -> str:
-    """The DenseNet kernels the run computes with: what --kernels means on its device
-    (RunConfig.kernels_on), but ATen's under SyncBatchNorm, whose statistics the fused
-    kernels would not synchronise over the processes."""
-    kernels = cfg.kernels_on(runtime.device.type)
+@dataclass
+class KernelChoice:
+    """The DenseNet kernels a run computes with, why, and the timings that chose them."""
+    kernels: str  # "fused" or "aten"
+    why: str
+    ms_per_step: dict[str, float] | None = None
+
+    def record(self) -> dict:
+        """What config.json says of it."""
+        return {"kernels": self.kernels, "why": self.why,
+                **({"ms_per_step": self.ms_per_step} if self.ms_per_step else {})}
+
+
+AUTOTUNE_STEPS = 5  # timed steps per kernel set, after the warm-up and the graph's capture
+
+
+def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,
+                   saved: dict | None = None,
+                   measure: Callable[[str], float] | None = None) -> KernelChoice:
+    """The DenseNet kernels the run computes with.
+
+    --kernels auto on a GPU times AUTOTUNE_STEPS steps of each kernel set that can run the
+    configuration (``measure``: seconds per step; by default ``time_steps``) and takes the
+    fastest, as cudnn.benchmark chooses convolutions; a resumed run keeps the choice it
+    ``saved``. Elsewhere --kernels means what RunConfig.kernels_on says. Fused kernels are
+    used only once they have passed their self-test on the device (kernel_check), and never
+    under SyncBatchNorm, whose statistics they would not synchronise over the processes.
+    """
+    device = runtime.device
     if cfg.sync_bn and runtime.world_size > 1:
         if cfg.kernels == "fused":
             raise UserError("--kernels fused normalises with each process's own batch statistics, "
                             "not --sync-bn's; use --kernels aten (or auto) with --sync-bn")
-        return "aten"
-    return kernels
+        return KernelChoice("aten", "--sync-bn: the fused kernels do not synchronise BatchNorm")
+    if cfg.kernels == "auto" and device.type == "cuda":
+        if saved and saved.get("device_type") == device.type:
+            return KernelChoice(saved["kernels"], "auto, kept from the run's first start")
+        problem = _fused_problem(cfg, device, log)
+        if problem:
+            return KernelChoice("aten", f"auto: {problem}")
+        seconds = {kernels: (measure or functools.partial(time_steps, cfg, runtime))(kernels)
+                   for kernels in ("aten", "fused")}
+        fastest = min(seconds, key=seconds.get)
+        if runtime.world_size > 1:  # every process computes alike: rank 0's timings decide
+            fastest = broadcast(fastest, runtime)
+        ms = {kernels: round(1e3 * s, 3) for kernels, s in seconds.items()}
+        runtime.log(f"--kernels auto: {fastest} ({', '.join(f'{k} {v:.2f} ms' for k, v in ms.items())} "
+                    f"per step{', on rank 0' if runtime.world_size > 1 else ''})")
+        return KernelChoice(fastest, f"auto: the faster over {AUTOTUNE_STEPS} timed steps each", ms)
+    kernels = cfg.kernels_on(device.type)
+    why = f"--kernels {cfg.kernels} on {device.type}"
+    if kernels == "fused":
+        problem = _fused_problem(cfg, device, log)
+        if problem:
+            return KernelChoice("aten", f"{why}, but {problem}")
+    return KernelChoice(kernels, why)
+
+
+def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None]) -> str | None:
+    """Why the fused kernels cannot compute this run on ``device`` (None: they can); a
+    failed self-test is also said at once, as a warning."""
+    kernels = fused.backend(device.type)
+    if kernels is None:
+        return "the fused kernels are unavailable here"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    if dtype not in kernels.DTYPES:
+        return f"the fused kernels do not compute in {cfg.precision}"
+    failure = kernel_check.failure(device.type)
+    if failure:
+        log(f"warning: the fused kernels failed their self-test on {device.type} ({failure}); "
+            f"the run computes with ATen's kernels instead: the same results, slower")
+        return f"the fused kernels failed their self-test ({failure})"
+    return None
+
+
+def time_steps(cfg: RunConfig, runtime: Runtime, kernels: str) -> float:
+    """Seconds per step of ``cfg``'s training computing with ``kernels``, stepped as the run
+    will be (its graph included) on random images, by one process alone. The global random
+    generators are left as they were: the run seeds them after this."""
+    alone = Runtime(runtime.device, capture=runtime.capture)
+    state = rng_state()
+    try:
+        run = build_synthetic_run(dataclasses.replace(cfg, kernels=kernels), alone,
+                                  AUTOTUNE_STEPS, log=lambda *args, **kwargs: None)
+        synchronize(runtime.device)
+        start = time.perf_counter()
+        for _ in range(AUTOTUNE_STEPS):
+            run.run_step()
+        synchronize(runtime.device)
+        return (time.perf_counter() - start) / AUTOTUNE_STEPS
+    finally:
+        set_rng_state(state)
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -172,6 +258,7 @@ class Run:
     data: RunData
     normalizer: data.Normalizer
     model: nn.Module
+    kernels: KernelChoice
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     batches: data.TrainBatches
@@ -201,25 +288,23 @@ class Run:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "data_rng": data_rng, "rng": rng_state(),
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
-                "num_classes": self.config.num_classes}
+                "num_classes": self.config.num_classes,
+                "kernels": {"device_type": self.runtime.device.type, "kernels": self.kernels.kernels}}
 
     @property
     def step_status(self) -> str:
         """Whether the steps run as a CUDA graph (checked, or not yet) or eagerly, and why."""
         if isinstance(self.run_step, training.GraphedStep):
             return self.run_step.status
-        kernels = getattr(self.model, "kernels", "aten")
-        return f"eager ({training.eager_reason(self.config, self.runtime, kernels)})"
+        return f"eager ({training.eager_reason(self.config, self.runtime, self.kernels.kernels)})"
 
     def record(self) -> dict:
         """What config.json says of the run beside its configuration: what it ran on and how."""
         model, device = self.model, self.runtime.device
-        kernels = getattr(model, "kernels", "aten")
-        if kernels == "fused" and fused.backend(device.type) is None:
-            kernels = "aten (the fused kernels are unavailable here)"
         return {"model": model.name, "parameters": self.parameters,
-                "kernels_used": f"{kernels}{', compiled' if self.config.compile else ''} "
+                "kernels_used": f"{self.kernels.kernels}{', compiled' if self.config.compile else ''} "
                                 f"on {device.type}",
+                "kernels_chosen": self.kernels.record(),
                 "step": self.step_status,
                 "classes": self.data.classes, "train_images": len(self.data.train),
                 "test_images": len(self.data.test),
@@ -242,9 +327,12 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
         raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
     dataset = dataset or load_data(cfg, log)
     normalizer = data.Normalizer(dataset.mean, dataset.std, device)
-    seed_everything(cfg.seed)
-    kernels = choose_kernels(cfg, runtime)
-    model = model or build_model(cfg, kernels)
+    if model is None:
+        kernels = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"))
+    else:
+        kernels = KernelChoice(getattr(model, "kernels", "aten"), "a model given to build_run")
+    seed_everything(cfg.seed)  # after choose_kernels, whose timing draws random numbers
+    model = model or build_model(cfg, kernels.kernels)
     model.to(device, memory_format=data.memory_format(cfg.channels_last))
     optimizer = build_optimizer(cfg, model)
     # fp16 only: bfloat16 has float32's range
@@ -268,10 +356,30 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     if cfg.kernels == "compile":
         module = torch.compile(module)
     step = training.TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5)
-    run_step = training.step_runner(step, cfg, getattr(model, "kernels", "aten"), runtime, log)
+    run_step = training.step_runner(step, cfg, kernels.kernels, runtime, log)
     val = dataset.val.to(device) if dataset.val is not None else None
-    return Run(cfg, runtime, dataset, normalizer, model, optimizer, scaler, batches, step,
-               run_step, dataset.test.to(device), val)
+    return Run(cfg, runtime, dataset, normalizer, model, kernels, optimizer, scaler, batches,
+               step, run_step, dataset.test.to(device), val)
+
+
+def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.Module | None = None,
+                        log: Callable[..., None] = print) -> Run:
+    """``cfg``'s run (model, precision, kernels, graph, compilation: all as build_run makes
+    them) on random images, enough for ``steps`` calls after a CUDA graph's warm-up and
+    check, which are done: the epoch is started, and ``run.run_step`` is what to time.
+    ``model`` replaces ours (bench/'s torchvision DenseNet)."""
+    count = cfg.batch_size * (steps + training.GraphedStep.CALLS_BEFORE_REPLAYS)
+    generator = torch.Generator().manual_seed(0)
+    images = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                        torch.randint(0, cfg.num_classes, (count,), generator=generator))
+    dataset = RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
+    run = build_run(cfg, runtime, log, dataset=dataset, model=model)
+    run.step.start_epoch()
+    run.step.model.train()
+    if run.run_step is not run.step:
+        for _ in range(training.GraphedStep.CALLS_BEFORE_REPLAYS):
+            run.run_step()
+    return run
 
 
 # ---------------------------------------------------------------- inference

@@ -105,6 +105,21 @@ def on_main(runtime: Runtime, action: Callable, *args):
     return result
 
 
+def broadcast(value, runtime: Runtime):
+    """Rank 0's ``value``, on every process."""
+    if runtime.world_size == 1:
+        return value
+    message = [value]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def all_sum(values: list[float], runtime: Runtime) -> list[float]:
     """``values`` summed over the processes (themselves with one process)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)

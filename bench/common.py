@@ -39,36 +39,14 @@ def add_device_flag(parser) -> None:
 
 
 def synthetic_run(cfg, device, steps: int, model=None):
-    """train.py's run of ``cfg`` (its model, precision, kernels, graph, compilation: all from
-    build.build_run) on random images, enough for ``steps`` calls after the warm-up a CUDA
-    graph needs; ``model`` replaces ours (torchvision's DenseNet). The epoch is started and,
-    with a graph, captured and replayed once. Returns the run; ``run.run_step`` is what to time.
-    """
+    """train.py's run of ``cfg`` on random images in one process on ``device``, with cuDNN
+    choosing its algorithms as train.py has it (build.build_synthetic_run)."""
     import torch
 
-    import build
-    import data
+    from build import build_synthetic_run
     from runtime import Runtime
-    from training import GraphedStep
-    count = cfg.batch_size * (steps + GraphedStep.CALLS_BEFORE_REPLAYS)
-    images = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8),
-                        torch.randint(0, 10, (count,)))
-    dataset = build.RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
-    run = build.build_run(cfg, Runtime.alone(device), print, dataset=dataset, model=model)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    run.step.start_epoch()
-    run.step.model.train()
-    if run.run_step is not run.step:
-        for _ in range(GraphedStep.CALLS_BEFORE_REPLAYS):  # warm-up, capture, the checked replay
-            run.run_step()
-    return run
-
-
-def synchronize(device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU)."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return build_synthetic_run(cfg, Runtime.alone(device), steps, model)
 
 
 def spread(values: list[float]) -> str:

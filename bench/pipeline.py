@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import synchronize  # (common also puts the project on sys.path)
+import common  # noqa: F401  (puts the project on sys.path)
 import cli  # noqa: E402
 import config  # noqa: E402
 from build import build_run  # noqa: E402
 from config import RunConfig  # noqa: E402
 from runlog import CsvLog, save_checkpoint  # noqa: E402
-from runtime import keep_freed_memory_mapped, setup_runtime  # noqa: E402
+from runtime import keep_freed_memory_mapped, setup_runtime, synchronize  # noqa: E402
 from training import EpochProgress, GraphedStep  # noqa: E402
 from workdir import EVAL_COLUMNS, TRAIN_COLUMNS  # noqa: E402
 

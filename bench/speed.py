@@ -24,8 +24,9 @@ import sys
 import time
 
 from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
-                    synchronize, synthetic_run)
+                    synthetic_run)
 import cli  # noqa: E402  (common puts the project on sys.path)
+from runtime import synchronize  # noqa: E402
 import config  # noqa: E402
 from config import RunConfig  # noqa: E402
 

@@ -179,9 +179,9 @@ def test_fused_kernels_are_never_used_under_syncbatchnorm():
     """SyncBatchNorm's statistics are synchronised in its forward, which the fused kernels do
     not call: auto takes ATen there, and naming fused is refused."""
     two = Runtime(torch.device("cpu"), 0, 2)
-    assert build.choose_kernels(RunConfig(sync_bn=True), two) == "aten"
-    assert build.choose_kernels(RunConfig(sync_bn=True), Runtime.alone(torch.device("cpu"))) == "fused"
-    assert build.choose_kernels(RunConfig(kernels="fused"), two) == "fused"
+    assert build.choose_kernels(RunConfig(sync_bn=True), two).kernels == "aten"
+    assert build.choose_kernels(RunConfig(sync_bn=True), Runtime.alone(torch.device("cpu"))).kernels == "fused"
+    assert build.choose_kernels(RunConfig(kernels="fused"), two).kernels == "fused"
     with pytest.raises(UserError, match="--kernels fused normalises with each process's own batch "
                                         "statistics, not --sync-bn's"):
         build.choose_kernels(RunConfig(sync_bn=True, kernels="fused"), two)
@@ -207,6 +207,134 @@ def test_step_counts_move_to_where_the_resumed_optimiser_reads_them(opt):
     assert [s["step"].dtype for s in eager.state.values()] == [torch.float32] * 2
 
 
+# ---------------------------------------------------------------- the fused kernels' self-test
+
+class Broken:
+    """The CPU kernels with one fault: a wrong result, or an error as a missing compiler or a
+    failed launch would raise."""
+
+    def __init__(self, fault: str) -> None:
+        import cpu_kernels
+        self.kernels, self.fault, self.DTYPES = cpu_kernels, fault, cpu_kernels.DTYPES
+
+    def norm_relu(self, x, ldx, P, C, scale, shift, y):
+        if self.fault == "error":
+            raise RuntimeError("Triton launcher: Python.h: No such file or directory")
+        self.kernels.norm_relu(x, ldx, P, C, scale, shift, y)
+
+    def norm_relu_backward(self, *args):
+        return self.kernels.norm_relu_backward(*args)
+
+    def stats(self, f, P, C, dst, ldd):
+        result = self.kernels.stats(f, P, C, dst, ldd)
+        if self.fault == "tail" and C > 32:
+            result[1, 32:] *= 1.01  # a channel tail's variance a little off
+        return result
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    """fused.py's kernels on the CPU replaced by a faulty set; the self-test's memo cleared."""
+    import fused
+    import kernel_check
+
+    def use(fault: str) -> None:
+        monkeypatch.setattr(fused, "backend", lambda device_type: Broken(fault))
+        kernel_check.failure.cache_clear()
+    yield use
+    kernel_check.failure.cache_clear()
+
+
+def test_the_cpu_kernels_pass_their_self_test():
+    import kernel_check
+    assert kernel_check.check(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("error", "the kernels in torch.float32: RuntimeError: Triton launcher: Python.h: No such file"),
+    ("tail", "the kernels in torch.float32: stats' variance: Tensor-likes are not close!")])
+def test_a_kernel_that_fails_its_self_test_is_not_used(broken, fault, reason, tmp_path, cifar_dir, capsys):
+    """One warning, ATen's kernels, and config.json says why; the run's numbers are ATen's."""
+    import kernel_check
+    broken(fault)
+    assert kernel_check.check(torch.device("cpu")).startswith(reason)
+    assert train.train(flags(tmp_path, cifar_dir, "broken")) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: the fused kernels failed their self-test on cpu (") == 1
+    record = json.loads((tmp_path / "broken" / "config.json").read_text())
+    assert record["kernels_used"] == "aten on cpu"
+    assert record["kernels_chosen"]["why"].startswith(
+        f"--kernels auto on cpu, but the fused kernels failed their self-test ({reason}")
+    assert train.train(flags(tmp_path, cifar_dir, "aten", "--kernels", "aten")) == 0
+    assert metrics(tmp_path / "broken") == metrics(tmp_path / "aten")
+
+
+# ---------------------------------------------------------------- --kernels auto on a GPU
+
+def fake_timings(**ms):
+    calls = []
+
+    def measure(kernels: str) -> float:
+        calls.append(kernels)
+        return ms[kernels] / 1e3
+    return measure, calls
+
+
+@pytest.fixture
+def gpu_kernels_pass(monkeypatch):
+    """The fused CUDA kernels as if they had passed their self-test on a GPU."""
+    import kernel_check
+    monkeypatch.setattr(kernel_check, "failure", lambda device_type: None)
+
+
+@pytest.mark.parametrize("aten, fused_ms, chosen", [(3.0, 2.0, "fused"), (2.5, 2.6, "aten")])
+def test_auto_on_a_gpu_takes_the_faster_kernels_and_records_why(gpu_kernels_pass, aten, fused_ms,
+                                                                chosen, capsys):
+    measure, calls = fake_timings(aten=aten, fused=fused_ms)
+    choice = build.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
+    assert calls == ["aten", "fused"]
+    assert choice == build.KernelChoice(chosen, "auto: the faster over 5 timed steps each",
+                                        {"aten": aten, "fused": fused_ms})
+    assert capsys.readouterr().out == (f"--kernels auto: {chosen} (aten {aten:.2f} ms, fused "
+                                       f"{fused_ms:.2f} ms per step)\n")
+    assert choice.record() == {"kernels": chosen, "why": "auto: the faster over 5 timed steps each",
+                               "ms_per_step": {"aten": aten, "fused": fused_ms}}
+
+
+def test_auto_on_a_gpu_keeps_a_resumed_runs_choice_and_times_only_what_can_run(gpu_kernels_pass):
+    gpu, never = Runtime(torch.device("cuda")), fake_timings()[0]
+    saved = {"device_type": "cuda", "kernels": "fused"}
+    assert build.choose_kernels(RunConfig(), gpu, print, saved, never) == build.KernelChoice(
+        "fused", "auto, kept from the run's first start")
+    # a run trained on the CPU and resumed on a GPU chooses afresh
+    measure, calls = fake_timings(aten=1.0, fused=2.0)
+    assert build.choose_kernels(RunConfig(), gpu, print, {"device_type": "cpu", "kernels": "fused"},
+                                measure).kernels == "aten"
+    # the fused kernels do not compute in fp16: nothing to time
+    assert build.choose_kernels(RunConfig(precision="fp16"), gpu, print, None, never) == build.KernelChoice(
+        "aten", "auto: the fused kernels do not compute in fp16")
+
+
+def test_timing_steps_changes_nothing_the_run_draws():
+    """time_steps builds and steps a run of its own: the global generators are as they were."""
+    import random
+
+    import numpy as np
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    cfg = RunConfig(depth=10, growth_rate=4, batch_size=8)
+    seconds = build.time_steps(cfg, Runtime(torch.device("cpu")), "aten")
+    assert seconds > 0
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+    assert (np.random.get_state()[1] == state[2]).all()
+
+
+def test_a_checkpoint_keeps_the_kernels_it_trained_with(tmp_path, cifar_dir):
+    assert train.train(flags(tmp_path, cifar_dir, "run")) == 0
+    state = build.Checkpoint.load(tmp_path / "run").state
+    assert state["kernels"] == {"device_type": "cpu", "kernels": "fused"}
+
+
 # ---------------------------------------------------------------- what config.json says
 
 def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
@@ -228,3 +356,15 @@ def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
                        "--no-cuda-graph"]) == 0
     record = json.loads((tmp_path / "graphed" / "config.json").read_text())
     assert record["step"].startswith("graphed") and record["resumes"][-1]["step"] == "eager (--no-cuda-graph)"
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_the_run_checks_itself_and_says_what_ran(tmp_path, cifar_dir):
+    """--kernels auto times both kernel sets, the graph's first replay matches, and config.json
+    names the GPU and the versions it ran with."""
+    assert train.main(["--data-dir", str(cifar_dir), *TINY, "--device", "cuda", "--epochs", "1",
+                       "--save", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["step"] == "graphed (its first replay matched an eager step)"
+    assert set(record["kernels_chosen"]["ms_per_step"]) == {"aten", "fused"}
+    assert {"gpu", "gpu_memory_gib", "cuda", "cudnn", "triton"} <= set(record["environment"])

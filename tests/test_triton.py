@@ -151,3 +151,9 @@ def test_the_triton_path_on_cuda(kernels, triton_path):
     test_kernels_match_float64(kernels, 3, 21, 13)
     test_kernels_propagate_nan_and_store_bf16(kernels)
     test_densenet_on_the_triton_path_matches_aten_in_float64(None, True)
+
+
+def test_the_self_test_passes_the_triton_kernels(triton_path):
+    """kernel_check's shapes and tolerances hold for the Triton kernels (interpreted here)."""
+    import kernel_check
+    assert kernel_check.check(DEVICE) is None
