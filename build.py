@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cuda_graph
 import data
 import fused
 import kernel_check
@@ -294,9 +295,9 @@ class Run:
     @property
     def step_status(self) -> str:
         """Whether the steps run as a CUDA graph (checked, or not yet) or eagerly, and why."""
-        if isinstance(self.run_step, training.GraphedStep):
+        if isinstance(self.run_step, cuda_graph.GraphedStep):
             return self.run_step.status
-        return f"eager ({training.eager_reason(self.config, self.runtime, self.kernels.kernels)})"
+        return f"eager ({cuda_graph.eager_reason(self.config, self.runtime, self.kernels.kernels)})"
 
     def record(self) -> dict:
         """What config.json says of the run beside its configuration: what it ran on and how."""
@@ -356,7 +357,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     if cfg.kernels == "compile":
         module = torch.compile(module)
     step = training.TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5)
-    run_step = training.step_runner(step, cfg, kernels.kernels, runtime, log)
+    run_step = cuda_graph.step_runner(step, cfg, kernels.kernels, runtime, log)
     val = dataset.val.to(device) if dataset.val is not None else None
     return Run(cfg, runtime, dataset, normalizer, model, kernels, optimizer, scaler, batches,
                step, run_step, dataset.test.to(device), val)
@@ -368,7 +369,7 @@ def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.
     them) on random images, enough for ``steps`` calls after a CUDA graph's warm-up and
     check, which are done: the epoch is started, and ``run.run_step`` is what to time.
     ``model`` replaces ours (bench/'s torchvision DenseNet)."""
-    count = cfg.batch_size * (steps + training.GraphedStep.CALLS_BEFORE_REPLAYS)
+    count = cfg.batch_size * (steps + cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS)
     generator = torch.Generator().manual_seed(0)
     images = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, cfg.num_classes, (count,), generator=generator))
@@ -377,7 +378,7 @@ def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.
     run.step.start_epoch()
     run.step.model.train()
     if run.run_step is not run.step:
-        for _ in range(training.GraphedStep.CALLS_BEFORE_REPLAYS):
+        for _ in range(cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS):
             run.run_step()
     return run
 

@@ -9,10 +9,11 @@ Every value that changes between steps lives in a device tensor at a fixed addre
 number, the epoch's plan, the learning rate, the sums. ``train_epoch`` reads those sums only
 every CHECK_EVERY steps, between steps.
 
-That is what lets a GPU run the whole step as one CUDA graph (``GraphedStep``): captured once
+That is what lets a GPU run the whole step as one CUDA graph (cuda_graph.py): captured once
 and replayed, so the ~1,700 kernels of a DenseNet-BC-100 step cost one launch instead of
 keeping the CPU busy launching them. The graph replays exactly the kernels the eager step
-runs; the CPU always runs the step eagerly.
+runs; the CPU always runs the step eagerly. ``check_epoch`` checks at each epoch's end that
+every step ran once, graph or not.
 
 Low precision (``--precision bf16|fp16``) casts the convolution and linear weights to the
 compute type in one multi-tensor copy per step, and their gradients back in one more, where
@@ -34,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import data
-from config import TOP5_FROM, RunConfig
+from config import TOP5_FROM
 from runlog import non_finite
-from runtime import Runtime, StopFlag, all_sum, capture_cuda_graph
+from runtime import Runtime, StopFlag, all_sum
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Steps between progress updates and non-finite-loss checks. On a GPU each check waits for
@@ -198,179 +199,6 @@ class TrainStep:
 def top5_hits(logits: Tensor, labels: Tensor) -> Tensor:
     """Per row, whether the label is among the five highest logits."""
     return (logits.topk(5, dim=1).indices == labels[:, None]).any(1)
-
-
-class GraphedStep:
-    """``step`` as one CUDA graph: run eagerly for WARMUP calls, then captured, checked and
-    replayed.
-
-    The warm-up calls are real training steps, run on a side stream as PyTorch's CUDA-graph
-    notes ask (cuDNN's benchmarking, the optimiser's state and the allocator settle there), so
-    the model, BatchNorm buffers and optimiser are exactly what the eager steps leave. Capture
-    records without running anything; that call's step then runs eagerly. The next call checks
-    the graph before trusting it: from one state it replays the graph, then restores that state
-    and runs the step eagerly; the two must agree (``replay_mismatch``), and the run goes on
-    from the eager result. If capture fails (an operation that cannot be captured, a driver or
-    memory limit) or the replay disagrees, training goes on eagerly, after ``notice`` says why.
-    ``status`` says which, for config.json.
-    """
-
-    WARMUP = 3
-    CALLS_BEFORE_REPLAYS = WARMUP + 2  # warm-up, capture (and an eager step), the checked replay
-
-    def __init__(self, step: TrainStep, notice: Callable[[str], None],
-                 capture: Callable = capture_cuda_graph) -> None:
-        self.step, self.notice, self.capture = step, notice, capture
-        self.cuda = step.batches.device.type == "cuda"
-        self.replay: Callable[[], None] | None = None
-        self.eager, self.warmed, self.checked = False, 0, False
-        self.status = "graphed (not captured yet)"
-
-    def __call__(self) -> None:
-        if self.checked:
-            self.replay()
-        elif self.eager:
-            self.step()
-        elif self.warmed < self.WARMUP:
-            self.warmed += 1
-            self._on_side_stream()
-        elif self.replay is None:
-            try:
-                self.replay = self.capture(self.step)
-            except Exception as error:  # any failure: CUDA, an uncapturable op, memory
-                self._fall_back(error)
-            self.step()
-        else:
-            self._checked_replay()
-
-    def _on_side_stream(self) -> None:
-        if not self.cuda:
-            return self.step()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step()
-        torch.cuda.current_stream().wait_stream(side)
-
-    def _checked_replay(self) -> None:
-        """One replay and one eager step from the same state; the eager one's result stays."""
-        state = self.step.state()
-        tensors = [t for kind in state.values() for t in kind]
-        before = [t.detach().clone() for t in tensors]
-        rng = _rng_state(self.step.batches.device)
-        self.replay()
-        replayed = [t.detach().clone() for t in tensors]
-        with torch.no_grad():
-            for tensor, value in zip(tensors, before):
-                tensor.copy_(value)
-        _set_rng_state(self.step.batches.device, rng)
-        self.step()
-        mismatch = replay_mismatch(state, before, replayed)
-        if mismatch:
-            self.replay, self.eager = None, True
-            self.status = f"eager: the graph's first replay disagreed with an eager step ({mismatch})"
-            self.notice(f"notice: the CUDA graph's first replay disagreed with an eager step from "
-                        f"the same state ({mismatch}); training goes on eagerly from the eager "
-                        f"step's result, slower")
-        else:
-            self.checked = True
-            self.status = "graphed (its first replay matched an eager step)"
-
-    def _fall_back(self, error: Exception) -> None:
-        """Undo what the failed capture left on the Python side; nothing ran on the device."""
-        self.eager, self.replay = True, None
-        self.step.optimizer.zero_grad(set_to_none=True)  # gradients allocated by the capture
-        if self.step.scaler is not None:
-            self.step.scaler._per_optimizer_states.clear()  # its per-step bookkeeping
-        if self.cuda:
-            torch.cuda.synchronize()
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        self.status = f"eager: the capture failed ({reason})"
-        self.notice(f"notice: the training step could not be captured as a CUDA graph "
-                    f"({reason}); training goes on eagerly, with the same results, slower")
-
-
-# A replay may differ from the eager step by the order of floating-point sums (atomics in
-# cuDNN's backward, split reductions): far below this fraction of what the step changed. A
-# graph that replays another batch, skips the update or runs a stale kernel moves a state by
-# the size of the change itself.
-REPLAY_RTOL = 1e-3
-
-
-def replay_mismatch(state: dict[str, list[Tensor]], before: list[Tensor],
-                    replayed: list[Tensor]) -> str | None:
-    """Where a replay (``replayed``) differs from the eager step now held in ``state``, both
-    from ``before``: counters exactly, floating-point state within REPLAY_RTOL of the change
-    the eager step made (plus a float32 rounding of its size). None if they agree."""
-    position = 0
-    for kind, tensors in state.items():
-        count = len(tensors)
-        eager = [t.detach().double().flatten() for t in tensors]
-        start = [t.double().flatten() for t in before[position:position + count]]
-        replay = [t.double().flatten() for t in replayed[position:position + count]]
-        position += count
-        if not eager:
-            continue
-        eager, start, replay = torch.cat(eager), torch.cat(start), torch.cat(replay)
-        if kind == "counters":
-            if not torch.equal(eager, replay):
-                return "the counters differ"
-            continue
-        difference = torch.linalg.vector_norm(replay - eager)
-        changed = torch.linalg.vector_norm(eager - start)
-        allowed = REPLAY_RTOL * changed + 1e-6 * torch.linalg.vector_norm(eager)
-        if not difference <= allowed:  # NaN included
-            return f"{kind} off by {difference.item():.3g}, the eager step changed them by {changed.item():.3g}"
-    return None
-
-
-def _rng_state(device: torch.device) -> Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state: Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def uncapturable(cfg: RunConfig, kernels: str) -> str | None:
-    """Why the step this configuration runs cannot be captured as a CUDA graph (None: it can),
-    known before trying: a capture that fails can leave PyTorch's allocator unusable on older
-    torch and keeps its memory pool until the process exits."""
-    if cfg.precision == "fp16" and cfg.opt == "rmsprop":
-        return ("fp16's gradient scaler reads its overflow flag on the host for RMSprop, "
-                "which has no fused implementation")
-    if cfg.memory_efficient and cfg.dropout > 0 and kernels == "aten":
-        return ("--memory-efficient with dropout on the ATen path: checkpointing saves the "
-                "CUDA random-number state, which a capture cannot read")
-    return None
-
-
-def eager_reason(cfg: RunConfig, runtime: Runtime, kernels: str) -> str | None:
-    """Why the steps of this run run eagerly rather than as one CUDA graph (None: graphed).
-    ``kernels`` are the DenseNet kernels the model runs ("fused" or "aten")."""
-    if not cfg.cuda_graph:
-        return "--no-cuda-graph"
-    if runtime.capture is None:
-        if runtime.world_size > 1:
-            return "several processes: DistributedDataParallel's all-reduce is not captured"
-        return f"CUDA graphs are for GPUs; this runs on {runtime.device.type}"
-    return uncapturable(cfg, kernels)
-
-
-def step_runner(step: TrainStep, cfg: RunConfig, kernels: str, runtime: Runtime,
-                notice: Callable[[str], None]) -> Callable[[], None]:
-    """What runs each step: its graph where --cuda-graph asks for one, the process can capture
-    (``runtime.capture``: one process on a GPU) and the step is capturable, else ``step``
-    itself, after a notice where a GPU run asked for a graph it does not get."""
-    reason = eager_reason(cfg, runtime, kernels)
-    if reason is None:
-        return GraphedStep(step, notice, runtime.capture)
-    if cfg.cuda_graph and (runtime.capture is not None or runtime.device.type == "cuda"):
-        notice(f"notice: the training step runs eagerly, not as a CUDA graph: {reason}")
-    return step
 
 
 # ---------------------------------------------------------------- an epoch

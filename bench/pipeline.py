@@ -25,7 +25,8 @@ from build import build_run  # noqa: E402
 from config import RunConfig  # noqa: E402
 from runlog import CsvLog, save_checkpoint  # noqa: E402
 from runtime import keep_freed_memory_mapped, setup_runtime, synchronize  # noqa: E402
-from training import EpochProgress, GraphedStep  # noqa: E402
+from cuda_graph import GraphedStep  # noqa: E402
+from training import EpochProgress  # noqa: E402
 from workdir import EVAL_COLUMNS, TRAIN_COLUMNS  # noqa: E402
 
 # train.py's settings that shape an epoch's work (not its length or schedule, not the files)

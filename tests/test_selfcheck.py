@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import build
+import cuda_graph
 import train
 import training
 from cli import UserError
@@ -54,7 +55,7 @@ def flags(tmp_path, cifar_dir, name: str, *more: str) -> RunConfig:
 
 def test_a_replay_that_matches_is_trusted_and_changes_nothing(capsys):
     eager, graphed = make_step(torch.device("cpu")), make_step(torch.device("cpu"))
-    runner = training.GraphedStep(graphed, print, capture=right)
+    runner = cuda_graph.GraphedStep(graphed, print, capture=right)
     assert train_steps(graphed, runner, 6) == train_steps(eager, eager, 6)
     assert runner.checked and not runner.eager
     assert runner.status == "graphed (its first replay matched an eager step)"
@@ -71,7 +72,7 @@ def test_a_replay_that_disagrees_is_dropped_and_the_run_is_the_eager_one(capture
     """The stale replay trains on the wrong batch, the other skips the update: either is caught
     at the first replay, said once, and the run continues from the eager step's result."""
     eager, graphed = make_step(torch.device("cpu")), make_step(torch.device("cpu"))
-    runner = training.GraphedStep(graphed, print, capture=capture)
+    runner = cuda_graph.GraphedStep(graphed, print, capture=capture)
     assert train_steps(graphed, runner, 6) == train_steps(eager, eager, 6)
     assert runner.eager and runner.replay is None and not runner.checked
     for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
@@ -91,7 +92,7 @@ def test_replay_mismatch_tolerates_rounding_and_nothing_more():
     state = {"counters": [torch.tensor([5])], "weights": [eager]}
 
     def mismatch(weights, counter=5):
-        return training.replay_mismatch(state, [torch.tensor([4]), start],
+        return cuda_graph.replay_mismatch(state, [torch.tensor([4]), start],
                                         [torch.tensor([counter]), weights])
 
     noise = torch.randn(1000, generator=torch.Generator().manual_seed(0))
@@ -157,7 +158,7 @@ def test_a_step_that_cannot_be_captured_is_never_tried(cfg, kernels, reason):
     step = make_step(torch.device("cpu"))
     attempts, notices = [], []
     runtime = Runtime(torch.device("cpu"), capture=attempts.append)
-    assert training.step_runner(step, cfg, kernels, runtime, notices.append) is step
+    assert cuda_graph.step_runner(step, cfg, kernels, runtime, notices.append) is step
     assert attempts == [] and len(notices) == 1
     assert notices[0].startswith(f"notice: the training step runs eagerly, not as a CUDA graph: {reason}")
 
@@ -169,8 +170,8 @@ def test_what_can_be_captured_is():
                          (RunConfig(opt="rmsprop", precision="bf16"), "aten"),
                          (RunConfig(memory_efficient=True, dropout=0.2), "fused"),
                          (RunConfig(memory_efficient=True), "aten")]:
-        assert isinstance(training.step_runner(step, cfg, kernels, runtime, pytest.fail),
-                          training.GraphedStep)
+        assert isinstance(cuda_graph.step_runner(step, cfg, kernels, runtime, pytest.fail),
+                          cuda_graph.GraphedStep)
 
 
 # ---------------------------------------------------------------- fixes

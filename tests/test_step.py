@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import build
+import cuda_graph
 import data
 import train
 import training
@@ -98,10 +99,10 @@ def test_graphed_step_warms_up_captures_once_and_replays(capsys):
         captures.append(step)
         return step
 
-    runner = training.GraphedStep(graphed, print, capture=capture)
+    runner = cuda_graph.GraphedStep(graphed, print, capture=capture)
     reference = train_steps(eager, eager, 6)
     assert train_steps(graphed, runner, 6) == reference
-    assert captures == [graphed] and runner.warmed == training.GraphedStep.WARMUP
+    assert captures == [graphed] and runner.warmed == cuda_graph.GraphedStep.WARMUP
     for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert capsys.readouterr().out == ""
@@ -119,7 +120,7 @@ def test_a_failed_capture_goes_on_eagerly_with_one_notice(capsys):
             p.grad = torch.full_like(p, float("nan"))
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
-    runner = training.GraphedStep(graphed, print, capture=failing_capture)
+    runner = cuda_graph.GraphedStep(graphed, print, capture=failing_capture)
     assert train_steps(graphed, runner, 6) == train_steps(eager, eager, 6)
     assert attempts == [1]
     out = capsys.readouterr().out.strip().splitlines()
@@ -165,13 +166,13 @@ def test_the_graph_is_for_one_gpu_process():
     it; several processes step eagerly and say so."""
     step = make_step(torch.device("cpu"))
     notices = []
-    runner, graph, no_graph = training.step_runner, RunConfig(), RunConfig(cuda_graph=False)
+    runner, graph, no_graph = cuda_graph.step_runner, RunConfig(), RunConfig(cuda_graph=False)
     assert Runtime.alone(torch.device("cpu")).capture is None
     assert Runtime.alone(torch.device("cuda")).capture is capture_cuda_graph
     assert runner(step, graph, "aten", Runtime.alone(torch.device("cpu")), notices.append) is step
     assert runner(step, no_graph, "aten", Runtime.alone(torch.device("cuda")), notices.append) is step
     graphed = runner(step, graph, "aten", Runtime.alone(torch.device("cuda")), notices.append)
-    assert isinstance(graphed, training.GraphedStep) and graphed.capture is capture_cuda_graph
+    assert isinstance(graphed, cuda_graph.GraphedStep) and graphed.capture is capture_cuda_graph
     assert notices == []
     assert runner(step, graph, "aten", Runtime(torch.device("cuda"), 0, 2), notices.append) is step
     assert notices == ["notice: the training step runs eagerly, not as a CUDA graph: several "
@@ -248,7 +249,7 @@ def test_cuda_graph_replays_the_eager_steps(precision, memory_efficient):
     try:
         eager = make_step(CUDA, precision, memory_efficient)
         graphed = make_step(CUDA, precision, memory_efficient)
-        runner = training.GraphedStep(graphed, pytest.fail)
+        runner = cuda_graph.GraphedStep(graphed, pytest.fail)
         expected, got = train_steps(eager, eager, 6), train_steps(graphed, runner, 6)
         assert runner.replay is not None
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -302,7 +303,7 @@ from test_step import make_step, train_steps
 step = make_step(torch.device("cuda"))
 call = training.TrainStep.__call__
 training.TrainStep.__call__ = lambda self: (call(self), self.step.item())
-runner = training.GraphedStep(step, print)
+runner = cuda_graph.GraphedStep(step, print)
 train_steps(step, runner, 6)
 print("eager" if runner.eager else "graphed")
 """
