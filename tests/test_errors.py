@@ -33,6 +33,7 @@ from densenet import DenseNet
 sys.path[:0] = [str(ROOT / "attic"), str(ROOT / "bench")]
 import dataset_stats  # noqa: E402
 import gradcheck  # noqa: E402
+import kernels as kernel_count  # noqa: E402
 import lr_find  # noqa: E402
 import memory  # noqa: E402
 import pipeline  # noqa: E402
@@ -44,7 +45,7 @@ SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": sum
            "attic/gradcheck.py": gradcheck.main, "attic/dataset_stats.py": dataset_stats.main,
            "attic/lr_find.py": lr_find.main, "bench/speed.py": speed.main,
            "bench/memory.py": memory.main, "bench/pipeline.py": pipeline.main,
-           "attic/predict.py": predict.main}
+           "attic/predict.py": predict.main, "bench/kernels.py": kernel_count.main}
 
 
 # ---------------------------------------------------------------- what the cases start from
@@ -182,6 +183,9 @@ CASES = {
     "speed graph on a cpu": ("bench/speed.py", "--device cpu --modes ours,graph_bf16", "mode(s) graph_bf16 capture a CUDA graph and need --device cuda", None, None),
     "memory repeats 0": ("bench/memory.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
     "memory threads 0": ("bench/memory.py", "--threads 0", "argument --threads: must be a positive integer, got 0", None, None),
+    "kernels depth 11": ("bench/kernels.py", "--depth 11", "depth 11 is impossible", None, None),
+    "kernels batch 0": ("bench/kernels.py", "--batch 0", "argument --batch: must be a positive integer, got 0", None, None),
+    "kernels unknown path": ("bench/kernels.py", "--paths aten,fastest", "--paths: unknown fastest; choose from aten, fused", None, None),
     "pipeline steps 0": ("bench/pipeline.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
     "pipeline depth 11": ("bench/pipeline.py", "--depth 11", "depth 11 is impossible", None, None),
     "pipeline data absent": ("bench/pipeline.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),

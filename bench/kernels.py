@@ -1,0 +1,187 @@
+"""What one training step launches on a GPU, counted on any machine without one.
+
+Inside a CUDA graph a step's kernels run one after another and each costs about 2 µs
+however little it does, so their number bounds the step's speed: 1,000 kernels are 2 ms
+before any real work. This script runs one training step of train.py (the same
+``build.build_synthetic_run``) on the CPU and counts:
+
+- every ATen operation that launches work on a GPU, seen by a TorchDispatchMode: views,
+  metadata and allocations (``empty``) excluded;
+- every Triton launch of the fused path: triton_kernels.py's wrappers run as on a GPU,
+  their jitted kernels replaced by counters;
+- how many of those touch at most TINY elements (the launch-bound ones), and an estimate of
+  the bytes they move (every tensor each reads or writes, once).
+
+The counts depend on the model, the batch and the code, never on the machine: the table is
+the same everywhere.
+
+  python bench/kernels.py                              # BC-100-12, batch 64
+  python bench/kernels.py --depth 250 --growth-rate 24 --batch 16
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+from common import print_table
+import cli  # noqa: E402  (common puts the project on sys.path)
+import config  # noqa: E402
+
+TINY = 1024  # elements: a kernel this small costs its launch, not its work
+# Operations that allocate without writing, or only describe memory: no kernel on a GPU.
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+             "lift_fresh", "set_", "resize_", "is_same_size", "_local_scalar_dense",
+             "_has_compatible_shallow_copy_type", "record_stream", "as_strided_",
+             "_record_function_enter_new", "_record_function_exit"}
+PATHS = [  # (name, settings)
+    ("aten", {"kernels": "aten"}),
+    ("fused", {"kernels": "fused"}),
+    ("aten bf16", {"kernels": "aten", "precision": "bf16"}),
+    ("fused bf16", {"kernels": "fused", "precision": "bf16"}),
+    ("aten memory-efficient", {"kernels": "aten", "memory_efficient": True}),
+    ("fused memory-efficient", {"kernels": "fused", "memory_efficient": True}),
+]
+
+
+@dataclasses.dataclass
+class Count:
+    """What one step launched."""
+    aten: int = 0
+    triton: int = 0
+    tiny: int = 0
+    bytes: int = 0
+    names: Counter = dataclasses.field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return self.aten + self.triton
+
+    def add(self, name: str, tensors: list, triton: bool = False) -> None:
+        if triton:
+            self.triton += 1
+        else:
+            self.aten += 1
+        self.names[name] += 1
+        largest = max((t.numel() for t in tensors), default=0)
+        self.tiny += largest <= TINY
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tensors(value) -> list:
+    import torch
+    from torch.utils._pytree import tree_leaves
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def counting(count: Count) -> Iterator[None]:
+    """Count the ATen operations run inside, as ``count.add`` does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in NO_KERNEL:
+                count.add(f"aten.{name}", _tensors((args, kwargs, out)))
+            return out
+
+    with Mode():
+        yield
+
+
+class _CountedLaunch:
+    """Stands for a jitted Triton kernel: ``kernel[grid](*args)`` counts one launch."""
+
+    def __init__(self, name: str, count_of) -> None:
+        self.name, self.count_of = name, count_of
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.count_of().add(f"triton.{self.name}", _tensors((args, kwargs)), triton=True)
+        return launch
+
+
+@contextlib.contextmanager
+def triton_counted(count_of) -> Iterator[None]:
+    """fused.py's kernels as on CUDA: triton_kernels.py's wrappers, with every jitted kernel
+    counted instead of launched, on any device (``count_of()`` is the Count to add to)."""
+    import fused
+    import kernel_check
+    import triton_kernels
+    kernels = {name: getattr(triton_kernels, name) for name in dir(triton_kernels)
+               if name.startswith("_") and name.endswith("_kernel")}
+    saved = fused.backend, kernel_check.failure
+    try:
+        for name in kernels:
+            setattr(triton_kernels, name, _CountedLaunch(name.strip("_"), count_of))
+        fused.backend = lambda device_type: triton_kernels
+        kernel_check.failure = lambda device_type: None  # nothing to check: nothing computes
+        yield
+    finally:
+        fused.backend, kernel_check.failure = saved
+        for name, kernel in kernels.items():
+            setattr(triton_kernels, name, kernel)
+
+
+def count_step(cfg: config.RunConfig) -> Count:
+    """What one training step of ``cfg`` launches (its second: the optimiser has its state).
+
+    The step runs on the CPU, but with the fused path's Triton wrappers, whose kernels only
+    count: what they would write is left as it was, so the numbers mean nothing, the count
+    everything (the step never branches on a value)."""
+    import torch
+
+    import build
+    from runtime import Runtime
+    count = Count()
+    current = [Count()]  # the step before the counted one counts into a Count of its own
+    with triton_counted(lambda: current[0]):
+        cfg = dataclasses.replace(cfg, cuda_graph=False, device="cpu")
+        run = build.build_synthetic_run(cfg, Runtime(torch.device("cpu")), 2,
+                                        log=lambda *a, **k: None)
+        run.step()
+        current[0] = count
+        with counting(count):
+            run.step()
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    config.add_flags(parser, config.flag_names("model", leave_out={"dropout", "memory_efficient"}))
+    parser.add_argument("--batch", type=cli.positive_int, default=64, help="images per step")
+    parser.add_argument("--paths", default=",".join(name for name, _ in PATHS),
+                        help="which of: " + ", ".join(name for name, _ in PATHS))
+    parser.add_argument("--top", type=cli.positive_int, default=0, metavar="N",
+                        help="also list each path's N most frequent operations")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.paths.split(",")]
+    unknown = [name for name in chosen if name not in dict(PATHS)]
+    if unknown:
+        parser.error(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(dict(PATHS))}")
+    cfg, _ = config.RunConfig.from_flags(args)
+    cfg = dataclasses.replace(cfg, batch_size=args.batch)
+    try:
+        cfg.check()
+    except cli.UserError as error:
+        parser.error(str(error))
+    print(f"one training step of {cfg.model_name}, batch {args.batch}: kernels a GPU would "
+          f"launch (ATen operations + Triton launches); tiny: at most {TINY:,} elements")
+    rows = [("path", "ATen ops", "Triton", "total", "tiny", "MB moved (estimate)")]
+    counts = {}
+    for name in chosen:
+        counts[name] = count = count_step(dataclasses.replace(cfg, **dict(PATHS)[name]))
+        rows.append((name, f"{count.aten:,}", f"{count.triton:,}", f"{count.total:,}",
+                     f"{count.tiny:,}", f"{count.bytes / 1e6:,.0f}"))
+    print_table(rows)
+    for name, count in counts.items() if args.top else ():
+        print(f"\n{name}: " + ", ".join(f"{op} {n}" for op, n in count.names.most_common(args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
