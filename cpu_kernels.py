@@ -1,8 +1,10 @@
-"""fused.py's three kernels for the CPU: the C loops of cpu_kernels.c, compiled at first use.
+"""fused.py's kernels for the CPU: the C loops of cpu_kernels.c, compiled at first use.
 
 The same functions, with the same arguments and results, as triton_kernels.py has for CUDA
-(fused.py calls whichever fits the tensors' device). Feature maps are channels-last, seen as
-P pixels of C channels, with a pixel stride for a block buffer's channel prefix:
+(fused.py calls whichever fits the tensors' device; that file says what each computes).
+Here the per-channel work around the passes over the pixels (scale and shift, running
+statistics, the gradient's coefficients) is done with torch operations, which cost nothing
+on a CPU; the C loops make the passes:
 
 - ``norm_relu``: y = relu(x * scale + shift), one pass;
 - ``norm_relu_backward``: with gm = g where y > 0, out += gm * a, and per channel the sums of
@@ -76,22 +78,57 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
     getattr(library(), f"{name}_{_SUFFIX[dtype]}")(*converted, torch.get_num_threads())
 
 
-def norm_relu(x: Tensor, ldx: int, P: int, C: int, scale: Tensor, shift: Tensor, y: Tensor) -> None:
-    _call("norm_relu", x.dtype, x, ldx, P, C, scale, shift, y)
-
-
-def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int, mean: Tensor,
-                       a: Tensor, out: Tensor, ldo: int) -> Tensor:
-    """Adds the gradient into ``out``; returns the per-channel sums of gm and gm * (x - mean),
-    a (2, C) float64 tensor."""
-    sums = torch.empty(2, C, dtype=torch.float64)
-    _call("norm_relu_backward", x.dtype, g, y, x, ldx, P, C, mean, a, out, ldo, sums[0], sums[1])
-    return sums
-
-
-def stats(f: Tensor, P: int, C: int, dst: Tensor | None, ldd: int) -> Tensor:
-    """Mean and biased variance per channel of the dense P x C ``f`` (a (2, C) float64 tensor),
+def stats(f: Tensor, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor, var: Tensor) -> None:
+    """Mean and biased variance per channel of the dense P x C ``f`` into ``mean`` and ``var``,
     copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
     result = torch.empty(2, C, dtype=torch.float64)
     _call("stats", f.dtype, f, P, C, dst, ldd, result[0], result[1])
-    return result
+    mean.copy_(result[0])
+    var.copy_(result[1])
+
+
+def norm_relu(x: Tensor, ldx: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
+              bias: Tensor, eps: float, y: Tensor, running_mean: Tensor | None = None,
+              running_var: Tensor | None = None, momentum: float = 0.0) -> None:
+    """y = relu(batch_norm(x)) with the given statistics; the running ones move by
+    ``momentum`` towards them (the variance unbiased) where given."""
+    if running_mean is not None:
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * (P / max(P - 1, 1)), momentum)
+    scale = weight * torch.rsqrt(var + eps)
+    _call("norm_relu", x.dtype, x, ldx, P, C, scale, bias - mean * scale, y)
+
+
+def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int, mean: Tensor,
+                       var: Tensor, weight: Tensor, eps: float, out: Tensor, ldo: int,
+                       accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
+    statistics' part into ``coefficients`` (rows b and d) unless None; returns the
+    gradients of weight and bias."""
+    if not accumulate:
+        out[:, :C].zero_()
+    invstd = torch.rsqrt(var + eps)
+    a = weight * invstd
+    sums = torch.empty(2, C, dtype=torch.float64)
+    _call("norm_relu_backward", x.dtype, g, y, x, ldx, P, C, mean, a, out, ldo, sums[0], sums[1])
+    sum_g, sum_gx = sums.to(weight.dtype)
+    if coefficients is not None:
+        b = -a * invstd * invstd * sum_gx / P
+        d = -a * sum_g / P - b * mean
+        if accumulate:
+            coefficients[0, :C] += b
+            coefficients[1, :C] += d
+        else:
+            coefficients[0, :C], coefficients[1, :C] = b, d
+    return sum_gx * invstd, sum_g
+
+
+def finish_grad(grad: Tensor, x: Tensor, ld: int, coefficients: Tensor | None,
+                dtype: torch.dtype) -> Tensor:
+    """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
+    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers of ``ld``
+    channels. Computed in place in ``grad``."""
+    if coefficients is not None:
+        grad.addcmul_(x, coefficients[0].view(1, -1, 1, 1))
+        grad.add_(coefficients[1].view(1, -1, 1, 1))
+    return grad.to(dtype)

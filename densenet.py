@@ -274,7 +274,8 @@ class DenseNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.features(self.stem(x))
-        x = _batch_norm_relu(self.norm, x, self.kernels == "fused")
+        with fused.batch_counters():  # the fused BatchNorms count their batch all at once
+            x = self.features(self.stem(x))
+            x = _batch_norm_relu(self.norm, x, self.kernels == "fused")
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)

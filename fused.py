@@ -16,17 +16,23 @@ autograd hands on one feature at a time. The result equals the ATen path (tests 
 outputs and gradients in float64); only the order of floating-point sums differs. In the
 memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
-The autograd logic here is the same on every device; three kernels do the passes, with one
-interface and two implementations chosen once per device type (``backend``): C loops on the
-CPU (cpu_kernels.py, float32 and float64), Triton on CUDA (triton_kernels.py, float32, and
-bfloat16 features with float32 statistics and gradient sums). Where neither applies (no
+The autograd logic here is the same on every device; four functions do a BatchNorm's work
+(``stats``, ``norm_relu``, ``norm_relu_backward``, ``finish_grad``), with one interface and
+two implementations chosen once per device type (``backend``): C loops on the CPU
+(cpu_kernels.py, float32 and float64), Triton on CUDA (triton_kernels.py, float32, and
+bfloat16 features with float32 statistics and gradient sums). On CUDA each is one or two
+kernels with the per-channel work inside, and the BatchNorms' batch counters move in one
+operation per forward (``batch_counters``): a DenseNet-BC-100 step is about 850 kernels
+where ATen's path launches about 1,200 (bench/kernels.py). Where neither applies (no
 compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile),
 ``densenet.py`` uses its ATen path instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -35,8 +41,8 @@ from torch import Tensor, nn
 
 import cpu_kernels
 
-__all__ = ["available", "backend", "SharedFeatures", "batch_norm_relu", "gather", "norm_relu",
-           "norm_relu_conv"]
+__all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "gather",
+           "norm_relu", "norm_relu_conv"]
 
 
 @functools.cache
@@ -96,6 +102,7 @@ class SharedFeatures:
         self.mean = buffer.new_empty(channels, dtype=self.accumulate)
         self.var = buffer.new_empty(channels, dtype=self.accumulate)
         self.grad: Tensor | None = None
+        self.coefficients: Tensor | None = None
 
     @classmethod
     def for_block(cls, first: Tensor, channels: int) -> SharedFeatures:
@@ -111,109 +118,118 @@ class SharedFeatures:
         """``features`` alone, as the buffer itself (no copy); statistics only if asked for."""
         shared = cls(features, filled=features.shape[1])
         if batch_stats:
-            shared.mean[:], shared.var[:] = _channel_stats(features)
+            with torch.no_grad():
+                backend(features.device.type).stats(features, shared.pixels, shared.filled, None,
+                                                    0, shared.mean, shared.var)
         return shared
 
+    @torch.no_grad()
     def append(self, feature: Tensor) -> None:
         """Copy ``feature`` into the next channels, and note its batch statistics."""
         feature = feature.contiguous(memory_format=torch.channels_last)
         start = self.filled
         self.filled += feature.shape[1]
-        self.mean[start:self.filled], self.var[start:self.filled] = _channel_stats(
-            feature, copy_to=self.buffer[:, start:])
+        backend(feature.device.type).stats(feature, self.pixels, feature.shape[1],
+                                           self.buffer[:, start:], self.buffer.shape[1],
+                                           self.mean[start:self.filled], self.var[start:self.filled])
 
     def prefix(self, channels: int) -> Tensor:
         return self.buffer[:, :channels]
 
-    def start_grad(self, grad: Tensor) -> None:
-        """Begin backward with the gradient from the block's output (or zeros)."""
-        self.grad = grad
-        self.grad_x_coefficient = grad.new_zeros(grad.shape[1])
-        self.grad_constant = grad.new_zeros(grad.shape[1])
+    def start_grad(self, grad: Tensor, coefficients: Tensor | None) -> None:
+        """Begin backward with the gradient of the whole buffer so far and, where the batch
+        statistics were used, the per-channel coefficients ``x * b + d`` of their part."""
+        self.grad, self.coefficients = grad, coefficients
 
     def finish_grad(self, start: int, end: int) -> Tensor:
         """The complete gradient of channels start:end, whose every user has run backward.
 
         A layer's BatchNorm passes gradient through its batch mean and variance as
         ``x * b + d`` per channel, and every later layer sees the same ``x``: the layers only
-        sum their ``b`` and ``d``, and the sum is applied here once, to these channels.
+        sum their ``b`` and ``d`` (``coefficients``), and the sum is applied here once, to
+        these channels.
         """
-        grad = self.grad[:, start:end]
-        coefficient = self.grad_x_coefficient[start:end].view(1, -1, 1, 1)
-        grad.addcmul_(self.buffer[:, start:end], coefficient)
-        grad.add_(self.grad_constant[start:end].view(1, -1, 1, 1))
-        return grad.to(self.buffer.dtype)
+        coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
+        return backend(self.buffer.device.type).finish_grad(
+            self.grad[:, start:end], self.buffer[:, start:end], self.buffer.shape[1],
+            coefficients, self.buffer.dtype)
 
 
-@torch.no_grad()
-def _channel_stats(feature: Tensor, copy_to: Tensor | None = None) -> Tensor:
-    """Mean and biased variance per channel (a (2, C) float64 tensor) of a dense channels-last
-    ``feature``, in one pass that also copies it into ``copy_to`` (a buffer's channel slice)."""
-    channels = feature.shape[1]
-    pixels, pixel_stride = feature.numel() // channels, 0 if copy_to is None else copy_to.stride(-1)
-    return backend(feature.device.type).stats(feature, pixels, channels, copy_to, pixel_stride)
+_counting: list[list[Tensor]] = []  # batch_counters' lists, innermost last
 
 
-def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """What nn.BatchNorm2d does to its running statistics in training mode (unbiased var).
+@contextlib.contextmanager
+def batch_counters() -> Iterator[None]:
+    """Within, the fused BatchNorms count their batch at the end, all in one multi-tensor
+    addition, instead of one tiny kernel each (DenseNet.forward uses this)."""
+    counters: list[Tensor] = []
+    _counting.append(counters)
+    try:
+        yield
+    finally:
+        _counting.pop()
+        if counters:
+            torch._foreach_add_(counters, 1)
 
-    Skipped where the counter is hidden: a recomputation must not count a batch twice.
-    """
+
+def _count_batch(norm: nn.BatchNorm2d) -> float | None:
+    """Count a training batch in ``norm``'s counter (at the end of batch_counters, if within
+    one); returns the factor by which the running statistics move, or None where they do not:
+    where the counter is hidden, a recomputation must not count a batch twice."""
     if not norm.track_running_stats or norm.num_batches_tracked is None:
-        return
-    norm.num_batches_tracked.add_(1)
-    factor = norm.momentum if norm.momentum is not None else 1 / norm.num_batches_tracked.item()
-    norm.running_mean.lerp_(mean, factor)
-    norm.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
+        return None
+    if norm.momentum is None:  # a cumulative average needs the count now
+        norm.num_batches_tracked.add_(1)
+        return 1 / norm.num_batches_tracked.item()
+    if _counting:
+        _counting[-1].append(norm.num_batches_tracked)
+    else:
+        norm.num_batches_tracked.add_(1)
+    return norm.momentum
 
 
 def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor,
                statistics: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, invstd).
+    """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, var).
 
     In training mode the batch statistics are the buffer's and the running ones are updated,
-    unless ``statistics`` (mean, invstd) are given: a recomputation repeats the forward's.
+    unless ``statistics`` (mean, var) are given: a recomputation repeats the forward's.
     """
     channels = weight.shape[0]
+    running: tuple = ()
     if statistics is not None:
-        mean, invstd = statistics
-    else:
-        if norm.training:
-            mean, var = shared.mean[:channels].clone(), shared.var[:channels]
-            _update_running_stats(norm, mean, var, shared.pixels)
-        else:
-            mean, var = norm.running_mean.clone(), norm.running_var
-        invstd = torch.rsqrt(var + norm.eps)
-    scale = weight * invstd
-    shift = bias - mean * scale
+        mean, var = statistics
+    elif norm.training:
+        mean, var = shared.mean[:channels], shared.var[:channels]
+        factor = _count_batch(norm)
+        if factor is not None:
+            running = (norm.running_mean, norm.running_var, factor)
+    else:  # copies: a later training step moves the running statistics
+        mean, var = norm.running_mean.clone(), norm.running_var.clone()
     x = shared.prefix(channels)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    backend(x.device.type).norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, scale,
-                                     shift, out)
-    return out, mean, invstd
+    backend(x.device.type).norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, mean, var,
+                                     weight, bias, norm.eps, out, *running)
+    return out, mean, var
 
 
 def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, weight: Tensor,
-                        mean: Tensor, invstd: Tensor, batch_stats: bool,
+                        mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
                         newest_channels: int) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``_normalise``: adds the input gradient into the block's gradient buffer
     and returns (the newest feature's complete gradient, grad weight, grad bias)."""
-    channels, pixels = weight.shape[0], shared.pixels
-    x = shared.prefix(channels)
+    channels, ld = weight.shape[0], shared.buffer.shape[1]
     g = grad_out.contiguous(memory_format=torch.channels_last)
-    if shared.grad is None:  # a SharedFeatures.holding one tensor
-        shared.start_grad(torch.zeros_like(shared.buffer, dtype=shared.accumulate))
-    a = weight * invstd
-    sums = backend(x.device.type).norm_relu_backward(g, out, x, shared.buffer.shape[1], pixels,
-                                                     channels, mean, a, shared.grad,
-                                                     shared.buffer.shape[1])
-    sum_g, sum_gx = sums.to(weight.dtype)
-    if batch_stats:  # the part of the gradient through the batch mean and variance
-        b = -a * invstd * invstd * sum_gx / pixels
-        shared.grad_x_coefficient[:channels] += b
-        shared.grad_constant[:channels] += -a * sum_g / pixels - b * mean
+    alone = shared.grad is None  # a SharedFeatures.holding one tensor: nothing to add to
+    if alone:
+        shared.start_grad(torch.empty_like(shared.buffer, dtype=shared.accumulate),
+                          shared.buffer.new_empty(2, ld, dtype=shared.accumulate) if batch_stats
+                          else None)
+    grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
+        g, out, shared.prefix(channels), ld, shared.pixels, channels, mean, var, weight, eps,
+        shared.grad, ld, not alone, shared.coefficients if batch_stats else None)
     newest = shared.finish_grad(channels - newest_channels, channels)
-    return newest, sum_gx * invstd, sum_g
+    return newest, grad_weight, grad_bias
 
 
 class _NormReLU(torch.autograd.Function):
@@ -227,16 +243,18 @@ class _NormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, shared: SharedFeatures,
                 norm: nn.BatchNorm2d) -> Tensor:
-        out, mean, invstd = _normalise(shared, norm, weight, bias)
-        ctx.save_for_backward(out, weight, mean, invstd)
+        out, mean, var = _normalise(shared, norm, weight, bias)
+        ctx.save_for_backward(out, weight)
+        # kept outside autograd's checks: later features' statistics are written beside them
+        ctx.statistics, ctx.eps = (mean, var), norm.eps
         ctx.shared, ctx.batch_stats = shared, norm.training
         ctx.newest_channels = newest.shape[1]
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        out, weight, mean, invstd = ctx.saved_tensors
-        return (*_normalise_backward(ctx.shared, grad_out, out, weight, mean, invstd,
+        out, weight = ctx.saved_tensors
+        return (*_normalise_backward(ctx.shared, grad_out, out, weight, *ctx.statistics, ctx.eps,
                                      ctx.batch_stats, ctx.newest_channels), None, None)
 
 
@@ -251,8 +269,9 @@ class _NormReLUConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, conv_weight: Tensor,
                 shared: SharedFeatures, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
-        activated, mean, invstd = _normalise(shared, norm, weight, bias)
-        ctx.save_for_backward(weight, bias, conv_weight, mean, invstd)
+        activated, mean, var = _normalise(shared, norm, weight, bias)
+        ctx.save_for_backward(weight, bias, conv_weight)
+        ctx.statistics = (mean, var)  # outside autograd's checks, as in _NormReLU
         ctx.shared, ctx.norm, ctx.conv, ctx.batch_stats = shared, norm, conv, norm.training
         ctx.newest_channels = newest.shape[1]
         return F.conv2d(activated, conv_weight, None, conv.stride, conv.padding, conv.dilation,
@@ -260,15 +279,15 @@ class _NormReLUConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
+        weight, bias, conv_weight = ctx.saved_tensors
         conv: nn.Conv2d = ctx.conv
-        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, (mean, invstd))
+        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, ctx.statistics)
         grad_activated, grad_conv, _ = torch.ops.aten.convolution_backward(
             grad_out, activated, conv_weight, None, conv.stride, conv.padding, conv.dilation,
             False, [0, 0], conv.groups, [True, True, False])
         newest, grad_weight, grad_bias = _normalise_backward(
-            ctx.shared, grad_activated, activated, weight, mean, invstd, ctx.batch_stats,
-            ctx.newest_channels)
+            ctx.shared, grad_activated, activated, weight, *ctx.statistics, ctx.norm.eps,
+            ctx.batch_stats, ctx.newest_channels)
         return newest, grad_weight, grad_bias, grad_conv, None, None, None
 
 
@@ -283,7 +302,8 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         shared: SharedFeatures = ctx.shared
-        shared.start_grad(grad_out.to(shared.accumulate, memory_format=torch.channels_last, copy=True))
+        shared.start_grad(grad_out.to(shared.accumulate, memory_format=torch.channels_last, copy=True),
+                          grad_out.new_zeros(2, shared.buffer.shape[1], dtype=shared.accumulate))
         channels = shared.buffer.shape[1]
         return shared.finish_grad(channels - ctx.newest_channels, channels), None
 

@@ -45,7 +45,7 @@ def check(device: torch.device) -> str | None:
     try:
         for dtype in kernels.DTYPES:
             step = f"the kernels in {dtype}"
-            _check_kernels(kernels, device, dtype)
+            check_kernels(kernels, device, dtype)
         for memory_efficient in (False, True):
             step = f"a fused dense block{' (memory-efficient)' if memory_efficient else ''}"
             _check_block(device, memory_efficient)
@@ -70,52 +70,99 @@ def _random(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
     return values.to(device=device, dtype=dtype)
 
 
-def _check_kernels(kernels, device: torch.device, dtype: torch.dtype) -> None:
-    """norm_relu, norm_relu_backward and stats on a channel prefix of a block buffer."""
+def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
+                  shape: tuple[int, int, int, int, int] = (*PIXELS, CHANNELS, TOTAL)) -> None:
+    """Every kernel of ``kernels`` (a backend module) on a channel prefix of a block buffer,
+    against float64; ``shape`` is (batch, height, width, channels, the buffer's channels).
+    An AssertionError says which result is off."""
     generator = torch.Generator().manual_seed(0)
     tolerance = TOLERANCES[dtype]
-    n, height, width = PIXELS
+    sums = (tolerance[0] * 10, tolerance[1] * 10)  # float32 partial sums, their totals in float64
+    n, height, width, channels, total = shape
+    assert total >= channels + 3, "the buffer holds the feature at channel 3"
     pixels, last = n * height * width, torch.channels_last
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
-    def buffer(channels: int, **how) -> Tensor:
-        return _random((n, channels, height, width), device, dtype, generator, **how).contiguous(memory_format=last)
+    def buffer(count: int, **how) -> Tensor:
+        return _random((n, count, height, width), device, dtype, generator, **how).contiguous(memory_format=last)
 
-    def vector(**how) -> Tensor:  # BatchNorm's parameters: float32 unless the features are float64
-        return _random((CHANNELS,), device, torch.float64 if dtype == torch.float64 else torch.float32,
-                       generator, **how)
+    def vector(count: int = channels, **how) -> Tensor:
+        return _random((count,), device, stats_dtype, generator, **how)
 
     def per_channel(v: Tensor) -> Tensor:
         return v.double().cpu().view(1, -1, 1, 1)
 
-    shared = buffer(TOTAL)
-    x = shared[:, :CHANNELS]
-    scale, shift = vector(), vector()
-    y = torch.empty(x.shape, dtype=dtype, device=device).contiguous(memory_format=last)
-    kernels.norm_relu(x, TOTAL, pixels, CHANNELS, scale, shift, y)
-    expected = (x.double().cpu() * per_channel(scale) + per_channel(shift)).clamp(min=0)
-    _close(y, expected, tolerance, "norm_relu")
-
-    g = buffer(CHANNELS)
-    out = torch.zeros_like(shared)
-    mean, a = vector(), vector()
-    sums = kernels.norm_relu_backward(g, y, x, TOTAL, pixels, CHANNELS, mean, a, out, TOTAL)
-    gm = torch.where(y.cpu() > 0, g.cpu(), 0).double()
-    _close(out[:, :CHANNELS], gm * per_channel(a), tolerance, "norm_relu_backward's gradient")
-    _close(out[:, CHANNELS:], torch.zeros_like(out[:, CHANNELS:]), (0, 0),
-           "norm_relu_backward beyond its channels")
-    centred = x.double().cpu() - per_channel(mean)
-    sum_tolerance = (tolerance[0] * 10, tolerance[1] * pixels)
-    _close(sums[0], gm.sum((0, 2, 3)), sum_tolerance, "norm_relu_backward's sums")
-    _close(sums[1], (gm * centred).sum((0, 2, 3)), sum_tolerance, "norm_relu_backward's sums")
-
-    feature = buffer(CHANNELS, scale=3.0, offset=100.0)  # an offset that E[x^2] - E[x]^2 loses
-    target = torch.zeros_like(shared)
-    stats = kernels.stats(feature, pixels, CHANNELS, target[:, 3:3 + CHANNELS], TOTAL)
+    # stats, copying into the buffer at channel 3
+    feature = buffer(channels, scale=3.0, offset=100.0)  # an offset that E[x^2] - E[x]^2 loses
+    target = torch.zeros((n, total, height, width), dtype=dtype, device=device).contiguous(memory_format=last)
+    mean, var = vector(), vector()
+    kernels.stats(feature, pixels, channels, target[:, 3:], total, mean, var)
     reference = feature.double().cpu()
-    _close(stats[0], reference.mean((0, 2, 3)), tolerance, "stats' mean")
-    _close(stats[1], reference.var((0, 2, 3), correction=0), (tolerance[0] * 10, tolerance[1] * 10),
-           "stats' variance")
-    _close(target[:, 3:3 + CHANNELS], feature, (0, 0), "stats' copy")
+    _close(mean, reference.mean((0, 2, 3)), tolerance, "stats' mean")
+    _close(var, reference.var((0, 2, 3), correction=0), sums, "stats' variance")
+    _close(target[:, 3:3 + channels], feature, (0, 0), "stats' copy")
+    _close(target[:, 3 + channels:], torch.zeros_like(target[:, 3 + channels:]), (0, 0),
+           "stats beyond its channels")
+
+    # norm_relu on the prefix, moving the running statistics
+    shared = buffer(total)
+    x = shared[:, :channels]
+    mean, var = vector(), vector(scale=0.5, offset=1.0).abs()
+    weight, bias, eps, momentum = vector(), vector(), 1e-5, 0.1
+    running = [vector(), vector(offset=2.0).abs()]
+    before = [r.double().cpu().clone() for r in running]
+    y = torch.empty(x.shape, dtype=dtype, device=device).contiguous(memory_format=last)
+    kernels.norm_relu(x, total, pixels, channels, mean, var, weight, bias, eps, y, *running, momentum)
+    invstd = 1 / (var.double().cpu() + eps).sqrt()
+    scale = weight.double().cpu() * invstd
+    centred = x.double().cpu() - per_channel(mean)
+    expected = (centred * per_channel(scale) + per_channel(bias)).clamp(min=0)
+    _close(y, expected, tolerance, "norm_relu")
+    unbiased = var.double().cpu() * pixels / max(pixels - 1, 1)
+    _close(running[0], before[0] + momentum * (mean.double().cpu() - before[0]), TOLERANCES[stats_dtype],
+           "norm_relu's running mean")
+    _close(running[1], before[1] + momentum * (unbiased - before[1]), TOLERANCES[stats_dtype],
+           "norm_relu's running variance")
+
+    # norm_relu_backward, adding into a buffer's gradient and coefficients
+    g = buffer(channels)
+    accumulate = _random((n, total, height, width), device, stats_dtype, generator).contiguous(memory_format=last)
+    out = accumulate.clone()
+    coefficients = _random((2, total), device, stats_dtype, generator)
+    start = coefficients.clone()
+    grad_weight, grad_bias = kernels.norm_relu_backward(g, y, x, total, pixels, channels, mean, var,
+                                                        weight, eps, out, total, True, coefficients)
+    gm = torch.where(y.cpu() > 0, g.cpu(), 0).double()
+    a = per_channel(scale)
+    _close(out[:, :channels], accumulate[:, :channels].double().cpu() + gm * a, tolerance,
+           "norm_relu_backward's gradient")
+    _close(out[:, channels:], accumulate[:, channels:], (0, 0), "norm_relu_backward beyond its channels")
+    sum_g, sum_gx = gm.sum((0, 2, 3)), (gm * centred).sum((0, 2, 3))
+    _close(grad_bias, sum_g, sums, "norm_relu_backward's bias gradient")
+    _close(grad_weight, sum_gx * invstd, sums, "norm_relu_backward's weight gradient")
+    b = -scale * invstd * invstd * sum_gx / pixels
+    d = -scale * sum_g / pixels - b * mean.double().cpu()
+    _close(coefficients[0, :channels], start[0, :channels].double().cpu() + b, sums, "the coefficients b")
+    _close(coefficients[1, :channels], start[1, :channels].double().cpu() + d, sums, "the coefficients d")
+    _close(coefficients[:, channels:], start[:, channels:], (0, 0), "the coefficients beyond its channels")
+    # and writing them, for a tensor of its own
+    alone = torch.empty_like(g, dtype=stats_dtype)
+    written = torch.empty(2, channels, dtype=stats_dtype, device=device)
+    kernels.norm_relu_backward(g, y, shared[:, :channels].contiguous(memory_format=last), channels,
+                               pixels, channels, mean, var, weight, eps, alone, channels, False,
+                               written)
+    _close(alone, gm * a, tolerance, "norm_relu_backward's gradient, written")
+    _close(written, torch.stack([b, d]), sums, "the coefficients, written")
+
+    # finish_grad of channels 2:channels of the buffer
+    coefficients = _random((2, total), device, stats_dtype, generator)
+    grad = out.clone()
+    finished = kernels.finish_grad(grad[:, 2:channels], shared[:, 2:channels], total,
+                                   coefficients[:, 2:channels], dtype)
+    expected = (out[:, 2:channels].double().cpu() + shared[:, 2:channels].double().cpu()
+                * per_channel(coefficients[0, 2:channels]) + per_channel(coefficients[1, 2:channels]))
+    assert finished.dtype == dtype and finished.shape == (n, channels - 2, height, width)
+    _close(finished, expected, tolerance, "finish_grad")
 
 
 def _check_block(device: torch.device, memory_efficient: bool) -> None:

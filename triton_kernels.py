@@ -1,19 +1,27 @@
-"""fused.py's three kernels for CUDA, in Triton: what cpu_kernels.py's C loops do on the CPU.
+"""fused.py's kernels for CUDA, in Triton: what cpu_kernels.py does on the CPU.
 
 The same functions, with the same arguments and results. Each works on channels-last feature
 maps seen as P pixels of C channels, with a pixel stride for the block buffer's channel
-prefixes:
+prefixes, and does a BatchNorm's per-channel work itself, so that one BatchNorm-ReLU costs a
+handful of launches instead of dozens of tiny operations around one kernel (inside a CUDA
+graph every launch costs about 2 µs however little it does; bench/kernels.py counts them):
 
-- ``norm_relu``: y = relu(x * scale + shift), one pass;
-- ``norm_relu_backward``: with gm = g where y > 0, out += gm * a, and per channel the sums of
-  gm and of gm * (x - mean) (the statistics' part of the gradient);
-- ``stats``: per channel mean and biased variance, and optionally a copy into the buffer.
+- ``stats``: per channel mean and biased variance into the given vectors, and optionally a
+  copy into the buffer (a partial-sum pass and a finishing pass);
+- ``norm_relu``: y = relu((x - mean) * rsqrt(var + eps) * weight + bias), the scale and shift
+  made per channel in the kernel, and the running statistics updated by the first row of
+  programs (one pass);
+- ``norm_relu_backward``: with gm = g where y > 0 and a = weight * rsqrt(var + eps),
+  out (+)= gm * a, then the weight's and bias's gradients and the batch statistics' part of
+  the input gradient, ``x * b + d`` per channel, added to (or written into) ``coefficients``
+  (a pass and a finishing pass);
+- ``finish_grad``: a feature's complete gradient, grad + x * b + d, in the features' dtype.
 
-Arithmetic is float32 whatever the tensors hold; the per-channel sums are taken per block of
-pixels in float32 and the blocks added in float64 by torch, in a fixed order (no atomics: the
-same inputs give the same sums). Comparisons are written so that NaN passes through as in
-ATen. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how
-tests/test_triton.py checks them without a GPU.
+Arithmetic is float32 whatever the tensors hold; per-channel sums are taken per block of
+pixels in float32 and the blocks added in float64 by the finishing pass in a fixed order (no
+atomics: the same inputs give the same sums). Comparisons are written so that NaN passes
+through as in ATen. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which
+is how tests/test_triton.py checks them without a GPU.
 """
 from __future__ import annotations
 
@@ -24,34 +32,57 @@ from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16)  # what the tensors may hold; arithmetic is float32
 BLOCK_P, BLOCK_C = 64, 32  # pixels x channels per program
+BLOCK_R = 64  # partial-sum rows a finishing program adds per iteration
 
 
 @triton.jit
-def _norm_relu_kernel(x, ldx, y, scale, shift, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-    inside = (p < P) & (c < C)
-    v = tl.load(x + p * ldx + c, mask=inside, other=0.0).to(tl.float32)
-    v = v * tl.load(scale + c, mask=c < C, other=0.0) + tl.load(shift + c, mask=c < C, other=0.0)
-    v = tl.where(v < 0, 0.0, v)  # relu that keeps NaN
-    tl.store(y + p * C + c, v.to(y.dtype.element_ty), mask=inside)
+def _scale(mean, var, weight, eps, c, cm):
+    """Per channel, float32: mean, var and the scale rsqrt(var + eps) * weight."""
+    m = tl.load(mean + c, mask=cm, other=0.0).to(tl.float32)
+    v = tl.load(var + c, mask=cm, other=1.0).to(tl.float32)  # 1: no 0/0 in masked lanes
+    return m, v, tl.load(weight + c, mask=cm, other=0.0).to(tl.float32) / tl.sqrt(v + eps)
 
 
 @triton.jit
-def _norm_relu_backward_kernel(g, y, x, ldx, out, ldo, mean, a, part_g, part_gx, P, C,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _norm_relu_kernel(x, ldx, y, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
+                      P, C, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m, v, scale = _scale(mean, var, weight, eps, c, cm)
+    shift = tl.load(bias + c, mask=cm, other=0.0).to(tl.float32) - m * scale
+    if UPDATE:  # the first row of programs moves the running statistics towards the batch's
+        first = cm & (tl.program_id(0) == 0)
+        running = tl.load(rmean + c, mask=first, other=0.0)
+        tl.store(rmean + c, running + momentum * (m - running), mask=first)
+        running = tl.load(rvar + c, mask=first, other=0.0)
+        tl.store(rvar + c, running + momentum * (v * unbias - running), mask=first)
+    inside = (p[:, None] < P) & cm[None, :]
+    value = tl.load(x + p[:, None] * ldx + c[None, :], mask=inside, other=0.0).to(tl.float32)
+    value = value * scale[None, :] + shift[None, :]
+    value = tl.where(value < 0, 0.0, value)  # relu that keeps NaN
+    tl.store(y + p[:, None] * C + c[None, :], value.to(y.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _norm_relu_backward_kernel(g, y, x, ldx, out, ldo, mean, var, weight, eps, part_g, part_gx,
+                               P, C, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
     block = tl.program_id(0)
     p = (block * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m, _, a = _scale(mean, var, weight, eps, c1, c1 < C)
+    c = c1[None, :]
     inside = (p < P) & (c < C)
     gv = tl.load(g + p * C + c, mask=inside, other=0.0).to(tl.float32)
     yv = tl.load(y + p * C + c, mask=inside, other=0.0).to(tl.float32)
     xv = tl.load(x + p * ldx + c, mask=inside, other=0.0).to(tl.float32)
     gm = tl.where(yv <= 0, 0.0, gv)  # a NaN output passes its gradient on
-    o = tl.load(out + p * ldo + c, mask=inside, other=0.0).to(tl.float32)
-    o += gm * tl.load(a + c, mask=c < C, other=0.0)
+    o = gm * a[None, :]
+    if ACCUMULATE:
+        o += tl.load(out + p * ldo + c, mask=inside, other=0.0).to(tl.float32)
     tl.store(out + p * ldo + c, o.to(out.dtype.element_ty), mask=inside)
-    centred = tl.where(inside, xv - tl.load(mean + c, mask=c < C, other=0.0), 0.0)
+    centred = tl.where(inside, xv - m[None, :], 0.0)
     row = c < C
     tl.store(part_g + block * C + c, tl.sum(gm, axis=0)[None, :], mask=row)
     tl.store(part_gx + block * C + c, tl.sum(gm * centred, axis=0)[None, :], mask=row)
@@ -75,32 +106,129 @@ def _stats_kernel(f, P, C, dst, ldd, part_s, part_ss, COPY: tl.constexpr,
     tl.store(part_ss + block * C + c, tl.sum(d * d, axis=0)[None, :], mask=row)
 
 
+@triton.jit
+def _add_rows(part_u, part_v, blocks, C, c, cm, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel, the sums over ``blocks`` rows of two (blocks, C) partial sums, in float64
+    and in a fixed order."""
+    u = tl.zeros([BLOCK_C], tl.float64)
+    v = tl.zeros([BLOCK_C], tl.float64)
+    for start in range(0, blocks, BLOCK_R):
+        r = (start + tl.arange(0, BLOCK_R))[:, None]
+        mask = (r < blocks) & cm[None, :]
+        u += tl.sum(tl.load(part_u + r * C + c[None, :], mask=mask, other=0.0).to(tl.float64), axis=0)
+        v += tl.sum(tl.load(part_v + r * C + c[None, :], mask=mask, other=0.0).to(tl.float64), axis=0)
+    return u, v
+
+
+@triton.jit
+def _stats_finish_kernel(f, part_s, part_ss, blocks, P, C, mean, var,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    s, ss = _add_rows(part_s, part_ss, blocks, C, c, cm, BLOCK_R, BLOCK_C)
+    s = s / P
+    first = tl.load(f + c, mask=cm, other=0.0).to(tl.float64)
+    tl.store(mean + c, (first + s).to(mean.dtype.element_ty), mask=cm)
+    v = ss / P - s * s
+    tl.store(var + c, tl.where(v < 0, 0.0, v).to(var.dtype.element_ty), mask=cm)  # NaN stays
+
+
+@triton.jit
+def _backward_finish_kernel(part_g, part_gx, blocks, P, C, mean, var, weight, eps, grad_weight,
+                            grad_bias, coefficients, ldc, COEFFICIENTS: tl.constexpr,
+                            ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    sum_g, sum_gx = _add_rows(part_g, part_gx, blocks, C, c, cm, BLOCK_R, BLOCK_C)
+    sum_g, sum_gx = sum_g.to(tl.float32), sum_gx.to(tl.float32)
+    m = tl.load(mean + c, mask=cm, other=0.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(tl.load(var + c, mask=cm, other=1.0).to(tl.float32) + eps)
+    a = tl.load(weight + c, mask=cm, other=0.0).to(tl.float32) * invstd
+    tl.store(grad_weight + c, sum_gx * invstd, mask=cm)
+    tl.store(grad_bias + c, sum_g, mask=cm)
+    if COEFFICIENTS:  # the gradient through the batch mean and variance: x * b + d
+        b = -a * invstd * invstd * sum_gx / P
+        d = -a * sum_g / P - b * m
+        if ACCUMULATE:
+            b += tl.load(coefficients + c, mask=cm, other=0.0)
+            d += tl.load(coefficients + ldc + c, mask=cm, other=0.0)
+        tl.store(coefficients + c, b, mask=cm)
+        tl.store(coefficients + ldc + c, d, mask=cm)
+
+
+@triton.jit
+def _finish_grad_kernel(grad, ldg, x, ldx, coefficients, ldc, out, P, C,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.load(coefficients + c1, mask=c1 < C, other=0.0)[None, :]
+    d = tl.load(coefficients + ldc + c1, mask=c1 < C, other=0.0)[None, :]
+    c = c1[None, :]
+    inside = (p < P) & (c < C)
+    value = tl.load(grad + p * ldg + c, mask=inside, other=0.0).to(tl.float32)
+    value += tl.load(x + p * ldx + c, mask=inside, other=0.0).to(tl.float32) * b + d
+    tl.store(out + p * C + c, value.to(out.dtype.element_ty), mask=inside)
+
+
 def _grid(P: int, C: int) -> tuple[int, int]:
     return triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C)
 
 
-def norm_relu(x: Tensor, ldx: int, P: int, C: int, scale: Tensor, shift: Tensor, y: Tensor) -> None:
-    _norm_relu_kernel[_grid(P, C)](x, ldx, y, scale.float(), shift.float(), P, C,
-                                   BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-
-
-def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int, mean: Tensor,
-                       a: Tensor, out: Tensor, ldo: int) -> Tensor:
-    """Returns the per-channel sums of gm and gm * (x - mean), a (2, C) float64 tensor."""
-    grid = _grid(P, C)
-    parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
-    _norm_relu_backward_kernel[grid](g, y, x, ldx, out, ldo, mean.float(), a.float(), parts[0],
-                                     parts[1], P, C, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    return parts.sum(1, dtype=torch.float64)
-
-
-def stats(f: Tensor, P: int, C: int, dst: Tensor | None, ldd: int) -> Tensor:
-    """Mean and biased variance per channel of the dense P x C ``f`` (a (2, C) float64 tensor),
+def stats(f: Tensor, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor, var: Tensor) -> None:
+    """Mean and biased variance per channel of the dense P x C ``f`` into ``mean`` and ``var``,
     copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
     grid = _grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
     _stats_kernel[grid](f, P, C, f if dst is None else dst, ldd, parts[0], parts[1],
                         COPY=dst is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    sums = parts.sum(1, dtype=torch.float64) / P
-    first = f[0, :, 0, 0].double()  # the first pixel of a channels-last (N, C, H, W) map
-    return torch.stack([first + sums[0], (sums[1] - sums[0] ** 2).clamp(min=0)])
+    _stats_finish_kernel[(grid[1],)](f, parts[0], parts[1], grid[0], P, C, mean, var,
+                                     BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+
+
+def norm_relu(x: Tensor, ldx: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
+              bias: Tensor, eps: float, y: Tensor, running_mean: Tensor | None = None,
+              running_var: Tensor | None = None, momentum: float = 0.0) -> None:
+    """y = relu(batch_norm(x)) with the given statistics; the running ones move by
+    ``momentum`` towards them (the variance unbiased) where given."""
+    update = running_mean is not None
+    _norm_relu_kernel[_grid(P, C)](
+        x, ldx, y, mean, var, weight, bias, eps, running_mean if update else mean,
+        running_var if update else var, momentum, P / max(P - 1, 1), P, C, UPDATE=update,
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+
+
+def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int, mean: Tensor,
+                       var: Tensor, weight: Tensor, eps: float, out: Tensor, ldo: int,
+                       accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
+    statistics' part into ``coefficients`` (rows b and d) unless None; returns the
+    gradients of weight and bias."""
+    grid = _grid(P, C)
+    parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
+    _norm_relu_backward_kernel[grid](g, y, x, ldx, out, ldo, mean, var, weight, eps, parts[0],
+                                     parts[1], P, C, ACCUMULATE=accumulate, BLOCK_P=BLOCK_P,
+                                     BLOCK_C=BLOCK_C)
+    grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
+    grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)
+    use = coefficients is not None
+    _backward_finish_kernel[(grid[1],)](
+        parts[0], parts[1], grid[0], P, C, mean, var, weight, eps, grad_weight, grad_bias,
+        coefficients if use else grad_bias, coefficients.stride(0) if use else 0,
+        COEFFICIENTS=use, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    return grad_weight, grad_bias
+
+
+def finish_grad(grad: Tensor, x: Tensor, ld: int, coefficients: Tensor | None,
+                dtype: torch.dtype) -> Tensor:
+    """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
+    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers of ``ld``
+    channels."""
+    if coefficients is None:
+        return grad.to(dtype)
+    n, channels, h, w = grad.shape
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=torch.channels_last)
+    pixels = n * h * w
+    _finish_grad_kernel[_grid(pixels, channels)](grad, ld, x, ld, coefficients,
+                                                 coefficients.stride(0), out, pixels, channels,
+                                                 BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return out

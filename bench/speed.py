@@ -49,14 +49,16 @@ MODES = {
                       {"graph": True, "compile": True}),
     "graph_fused": ("graph + --kernels fused (Triton on CUDA, float32)",
                     {"graph": True, "kernels": "fused"}),
+    "graph_fused_bf16": ("graph_fused + bf16", {"graph": True, "kernels": "fused", "precision": "bf16"}),
 }
 OURS = {"model": "ours", "channels_last": True, "allocator": True, "kernels": "auto",
         "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False}
 DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
-                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_compile,"
+                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,graph_compile,"
                          "memory_efficient,graph_memory_efficient"}
 # ratios printed under the table: (mode, against)
 RATIOS = [("graph", "ours"), ("graph_bf16", "graph"), ("bf16", "ours"), ("graph_fused", "graph"),
+          ("graph_fused_bf16", "graph_bf16"),
           ("graph_compile", "graph"), ("memory_efficient", "ours"),
           ("graph_memory_efficient", "graph")]
 

@@ -137,7 +137,7 @@ def test_both_backends_offer_the_same_kernels():
     import inspect
 
     triton_kernels = pytest.importorskip("triton_kernels")
-    for name in ("norm_relu", "norm_relu_backward", "stats"):
+    for name in ("norm_relu", "norm_relu_backward", "stats", "finish_grad"):
         assert (inspect.signature(getattr(cpu_kernels, name)).parameters.keys()
                 == inspect.signature(getattr(triton_kernels, name)).parameters.keys()), name
     assert cpu_kernels.SOURCE.is_file() and cpu_kernels.SOURCE.suffix == ".c"

@@ -97,8 +97,8 @@ def test_fused_relu_and_statistics_keep_nan_and_inf():
     assert torch.equal(torch.isinf(out), torch.isinf(reference)) and torch.isinf(out).any()
     finite = torch.isfinite(reference)
     assert torch.equal(out[finite], reference[finite])
-    mean_var = fused._channel_stats(x)
-    assert torch.isnan(mean_var[:, 0]).all() and torch.isnan(mean_var[1, 3:]).all()
+    shared = fused.SharedFeatures.holding(x, batch_stats=True)
+    assert torch.isnan(shared.mean[0]) and torch.isnan(shared.var[0]) and torch.isnan(shared.var[3:]).all()
 
 
 # ---------------------------------------------------------------- the trainer stops

@@ -45,47 +45,30 @@ def buffer(n: int, channels: int, size: int, dtype=torch.float32) -> torch.Tenso
     return torch.randn(n, channels, size, size, dtype=dtype, device=DEVICE).contiguous(memory_format=LAST)
 
 
-@pytest.mark.parametrize("n,total,channels", [(3, 21, 13), (1, 7, 7), (2, 40, 33)])
-def test_kernels_match_float64(kernels, n, total, channels):
-    """A channel prefix of a block buffer (odd counts, batch 1), forward and backward sums."""
-    torch.manual_seed(0)
-    shared = buffer(n, total, 5)
-    x, pixels = shared[:, :channels], n * 25
-    scale, shift = torch.randn(channels, device=DEVICE), torch.randn(channels, device=DEVICE)
-    y = torch.empty(x.shape, device=DEVICE).contiguous(memory_format=LAST)
-    kernels.norm_relu(x, total, pixels, channels, scale, shift, y)
-    expected = (x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)).clamp(min=0)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
-
-    g = buffer(n, channels, 5)
-    out = torch.zeros_like(shared)
-    mean, a = torch.randn(channels, device=DEVICE), torch.randn(channels, device=DEVICE)
-    sums = kernels.norm_relu_backward(g, y, x, total, pixels, channels, mean, a, out, total)
-    gm = torch.where(y > 0, g, 0).double()
-    torch.testing.assert_close(out[:, :channels].double(), gm * a.double().view(1, -1, 1, 1), rtol=1e-6, atol=1e-6)
-    assert out[:, channels:].abs().sum() == 0
-    torch.testing.assert_close(sums[0], gm.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
-    centred = x.double() - mean.double().view(1, -1, 1, 1)
-    torch.testing.assert_close(sums[1], (gm * centred).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
-
-    feature = buffer(n, 5, 5) * 3 + 100  # an offset that a naive E[x^2] - E[x]^2 would lose
-    target = torch.zeros_like(shared)
-    stats = kernels.stats(feature, pixels, 5, target[:, 2:], total)
-    torch.testing.assert_close(stats[0], feature.double().mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(stats[1], feature.double().var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
-    assert torch.equal(target[:, 2:7], feature) and target[:, :2].abs().sum() == 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 5, 13, 21), (1, 1, 7, 7, 10), (2, 5, 5, 33, 40),
+                                   (1, 9, 9, 37, 45), (2, 6, 6, 16, 64)])
+def test_kernels_match_float64(kernels, dtype, shape):
+    """Every kernel on a channel prefix of a block buffer against float64 (kernel_check's
+    checks, which a run makes on its GPU): pixel counts that leave a tile part-full, channel
+    tails over 32, pixel strides that are and are not multiples of 16, batch 1."""
+    import kernel_check
+    kernel_check.check_kernels(kernels, DEVICE, dtype, shape)
 
 
 def test_kernels_propagate_nan_and_store_bf16(kernels):
     x = buffer(2, 6, 3)
     x[1, 2, 0, 1] = float("nan")
     y = torch.empty_like(x)
-    kernels.norm_relu(x, 6, 18, 6, torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE), y)
+    ones, zeros = torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE)
+    kernels.norm_relu(x, 6, 18, 6, zeros, ones, ones, zeros, 0.0, y)
     assert torch.isnan(y[1, 2, 0, 1]) and torch.isnan(y).sum() == 1
-    assert torch.isnan(kernels.stats(x, 18, 6, None, 0)[:, 2]).all()
+    mean, var = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)
+    kernels.stats(x, 18, 6, None, 0, mean, var)
+    assert torch.isnan(mean[2]) and torch.isnan(var[2]) and not torch.isnan(mean[3])
     low = x.nan_to_num().bfloat16()
     out = torch.empty_like(low)
-    kernels.norm_relu(low, 6, 18, 6, torch.full((6,), 0.5, device=DEVICE), torch.zeros(6, device=DEVICE), out)
+    kernels.norm_relu(low, 6, 18, 6, zeros, ones, torch.full((6,), 0.5, device=DEVICE), zeros, 0.0, out)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), (low.float() * 0.5).clamp(min=0), rtol=1e-2, atol=1e-2)
 
@@ -148,7 +131,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
 @pytest.mark.cuda
 def test_the_triton_path_on_cuda(kernels, triton_path):
     """The checks above on a GPU, selected with the others by -m cuda."""
-    test_kernels_match_float64(kernels, 3, 21, 13)
+    test_kernels_match_float64(kernels, torch.float32, (3, 5, 5, 13, 21))
     test_kernels_propagate_nan_and_store_bf16(kernels)
     test_densenet_on_the_triton_path_matches_aten_in_float64(None, True)
 
