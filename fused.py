@@ -96,7 +96,8 @@ class SharedFeatures:
         self.buffer, self.filled = buffer, filled
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
-        # low-precision features keep float32 statistics and a float32 gradient buffer
+        # low-precision features keep float32 statistics and gradient coefficients; their
+        # gradient buffer holds the features' dtype, as ATen's gradients of them do
         low = buffer.dtype in (torch.bfloat16, torch.float16)
         self.accumulate = torch.float32 if low else buffer.dtype
         self.mean = buffer.new_empty(channels, dtype=self.accumulate)
@@ -222,7 +223,7 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
     g = grad_out.contiguous(memory_format=torch.channels_last)
     alone = shared.grad is None  # a SharedFeatures.holding one tensor: nothing to add to
     if alone:
-        shared.start_grad(torch.empty_like(shared.buffer, dtype=shared.accumulate),
+        shared.start_grad(torch.empty_like(shared.buffer),
                           shared.buffer.new_empty(2, ld, dtype=shared.accumulate) if batch_stats
                           else None)
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
@@ -302,7 +303,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         shared: SharedFeatures = ctx.shared
-        shared.start_grad(grad_out.to(shared.accumulate, memory_format=torch.channels_last, copy=True),
+        shared.start_grad(grad_out.to(shared.buffer.dtype, memory_format=torch.channels_last, copy=True),
                           grad_out.new_zeros(2, shared.buffer.shape[1], dtype=shared.accumulate))
         channels = shared.buffer.shape[1]
         return shared.finish_grad(channels - ctx.newest_channels, channels), None
