@@ -66,13 +66,13 @@ void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t ldx, int
       op[c] += m * a[c]; su[c] += m; sv[c] += m * (xp[c] - mean[c]);                         \
     })                                                                                       \
 }                                                                                            \
-/* Mean and biased var of each channel of f, a dense P x C feature map, and unless dst is   \
-   NULL a copy of f into dst (pixel stride ldd). The sums are taken about the first       \
-   pixel's value, which keeps E[x^2] - E[x]^2 from cancelling. */                          \
-void stats_##S(const T* f, int64_t P, int64_t C, T* dst, int64_t ldd, double* mean,         \
-                double* var, int nt) {                                                       \
+/* Mean and biased var of each channel of f, P pixels of C channels (pixel stride ldf),   \
+   and unless dst is NULL a copy of f into dst (pixel stride ldd). The sums are taken      \
+   about the first pixel's value, which keeps E[x^2] - E[x]^2 from cancelling. */          \
+void stats_##S(const T* f, int64_t ldf, int64_t P, int64_t C, T* dst, int64_t ldd,          \
+                double* mean, double* var, int nt) {                                         \
   PIXEL_SUMS(T, mean, var,                                                                   \
-    const T* fp = f + p * C;                                                                 \
+    const T* fp = f + p * ldf;                                                               \
     if (dst) {                                                                               \
       T* dp = dst + p * ldd;                                                                 \
       _Pragma("omp simd")                                                                    \

@@ -37,7 +37,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGUMENTS = {"norm_relu": [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
               "norm_relu_backward": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64,
                                      _PTR, _PTR],
-              "stats": [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR]}
+              "stats": [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR]}
+PIXEL_STRIDE_MULTIPLE = 1  # a block buffer's pixels need no padding here
 
 
 class Unavailable(RuntimeError):
@@ -78,11 +79,12 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
     getattr(library(), f"{name}_{_SUFFIX[dtype]}")(*converted, torch.get_num_threads())
 
 
-def stats(f: Tensor, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor, var: Tensor) -> None:
-    """Mean and biased variance per channel of the dense P x C ``f`` into ``mean`` and ``var``,
-    copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
+def stats(f: Tensor, ldf: int, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor,
+          var: Tensor) -> None:
+    """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``ldf``) into
+    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
     result = torch.empty(2, C, dtype=torch.float64)
-    _call("stats", f.dtype, f, P, C, dst, ldd, result[0], result[1])
+    _call("stats", f.dtype, f, ldf, P, C, dst, ldd, result[0], result[1])
     mean.copy_(result[0])
     var.copy_(result[1])
 
@@ -123,11 +125,11 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int
     return sum_gx * invstd, sum_g
 
 
-def finish_grad(grad: Tensor, x: Tensor, ld: int, coefficients: Tensor | None,
+def finish_grad(grad: Tensor, ldg: int, x: Tensor, ldx: int, coefficients: Tensor | None,
                 dtype: torch.dtype) -> Tensor:
     """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
-    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers of ``ld``
-    channels. Computed in place in ``grad``."""
+    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers, pixel
+    strides ``ldg`` and ``ldx``. Computed in place in ``grad``."""
     if coefficients is not None:
         grad.addcmul_(x, coefficients[0].view(1, -1, 1, 1))
         grad.add_(coefficients[1].view(1, -1, 1, 1))

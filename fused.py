@@ -72,28 +72,44 @@ def _unavailable(reason: str) -> None:
 
 
 def available(x: Tensor) -> bool:
-    """Whether a block input can take the fused path: channels-last, eager, and of a dtype
-    that its device's kernels compute in (float32 or float64 on the CPU; float32 or bfloat16
-    on CUDA)."""
-    if (x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last)
+    """Whether a block input can take the fused path: channels-last (a block's padded output
+    too), eager, and of a dtype that its device's kernels compute in (float32 or float64 on
+    the CPU; float32 or bfloat16 on CUDA)."""
+    if (x.dim() != 4 or pixel_stride(x) is None
             or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
         return False
     kernels = backend(x.device.type)
     return kernels is not None and x.dtype in kernels.DTYPES
 
 
+def pixel_stride(x: Tensor) -> int | None:
+    """The elements from one pixel to the next of a channels-last (N, C, H, W) map whose
+    channels are contiguous: C, or more for a block's output with padded pixels (None for
+    other layouts)."""
+    n, channels, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return channels
+    stride = x.stride()
+    if (stride[1] == 1 and w > 1 and stride[3] >= channels and stride[2] == w * stride[3]
+            and (n == 1 or stride[0] == h * stride[2])):
+        return stride[3]
+    return None
+
+
 class SharedFeatures:
     """One dense block's features, written once into a channels-last buffer, with their statistics.
 
-    ``buffer[:, :filled]`` holds the block input and every layer output so far; ``mean`` and
-    ``var`` (biased) their per-channel batch statistics, used in training mode. ``grad`` is
+    ``buffer[:, :filled]`` holds the block input and every layer output so far, ``ld``
+    elements from one pixel to the next (on CUDA the channels are padded up to a multiple of
+    16, which lets the kernels vectorise their loads); ``mean`` and ``var`` (biased) their
+    per-channel batch statistics, used in training mode. ``grad`` (dense) is
     the gradient of the whole buffer: ``gather`` starts it in backward and every layer adds
     its share, so it is complete from the last channels down to the first; ``finish_grad``
     hands each feature's part on.
     """
 
     def __init__(self, buffer: Tensor, filled: int = 0) -> None:
-        self.buffer, self.filled = buffer, filled
+        self.buffer, self.filled, self.ld = buffer, filled, pixel_stride(buffer)
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
         # low-precision features keep float32 statistics and gradient coefficients; their
@@ -109,8 +125,11 @@ class SharedFeatures:
     def for_block(cls, first: Tensor, channels: int) -> SharedFeatures:
         """A buffer of ``channels`` for a block whose input is ``first``."""
         n, _, h, w = first.shape
-        shared = cls(torch.empty((n, channels, h, w), dtype=first.dtype, device=first.device,
-                                 memory_format=torch.channels_last))
+        multiple = backend(first.device.type).PIXEL_STRIDE_MULTIPLE if w > 1 else 1
+        padded = -(-channels // multiple) * multiple
+        storage = torch.empty((n, padded, h, w), dtype=first.dtype, device=first.device,
+                              memory_format=torch.channels_last)
+        shared = cls(storage[:, :channels])
         shared.append(first)
         return shared
 
@@ -120,8 +139,8 @@ class SharedFeatures:
         shared = cls(features, filled=features.shape[1])
         if batch_stats:
             with torch.no_grad():
-                backend(features.device.type).stats(features, shared.pixels, shared.filled, None,
-                                                    0, shared.mean, shared.var)
+                backend(features.device.type).stats(features, shared.ld, shared.pixels,
+                                                    shared.filled, None, 0, shared.mean, shared.var)
         return shared
 
     @torch.no_grad()
@@ -130,8 +149,8 @@ class SharedFeatures:
         feature = feature.contiguous(memory_format=torch.channels_last)
         start = self.filled
         self.filled += feature.shape[1]
-        backend(feature.device.type).stats(feature, self.pixels, feature.shape[1],
-                                           self.buffer[:, start:], self.buffer.shape[1],
+        backend(feature.device.type).stats(feature, feature.shape[1], self.pixels, feature.shape[1],
+                                           self.buffer[:, start:], self.ld,
                                            self.mean[start:self.filled], self.var[start:self.filled])
 
     def prefix(self, channels: int) -> Tensor:
@@ -152,7 +171,7 @@ class SharedFeatures:
         """
         coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
         return backend(self.buffer.device.type).finish_grad(
-            self.grad[:, start:end], self.buffer[:, start:end], self.buffer.shape[1],
+            self.grad[:, start:end], self.grad.shape[1], self.buffer[:, start:end], self.ld,
             coefficients, self.buffer.dtype)
 
 
@@ -209,7 +228,7 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
         mean, var = norm.running_mean.clone(), norm.running_var.clone()
     x = shared.prefix(channels)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    backend(x.device.type).norm_relu(x, shared.buffer.shape[1], shared.pixels, channels, mean, var,
+    backend(x.device.type).norm_relu(x, shared.ld, shared.pixels, channels, mean, var,
                                      weight, bias, norm.eps, out, *running)
     return out, mean, var
 
@@ -219,16 +238,18 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
                         newest_channels: int) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``_normalise``: adds the input gradient into the block's gradient buffer
     and returns (the newest feature's complete gradient, grad weight, grad bias)."""
-    channels, ld = weight.shape[0], shared.buffer.shape[1]
+    channels, buffer = weight.shape[0], shared.buffer
     g = grad_out.contiguous(memory_format=torch.channels_last)
     alone = shared.grad is None  # a SharedFeatures.holding one tensor: nothing to add to
     if alone:
-        shared.start_grad(torch.empty_like(shared.buffer),
-                          shared.buffer.new_empty(2, ld, dtype=shared.accumulate) if batch_stats
-                          else None)
+        shared.start_grad(torch.empty(buffer.shape, dtype=buffer.dtype, device=buffer.device,
+                                      memory_format=torch.channels_last),
+                          buffer.new_empty(2, buffer.shape[1], dtype=shared.accumulate)
+                          if batch_stats else None)
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
-        g, out, shared.prefix(channels), ld, shared.pixels, channels, mean, var, weight, eps,
-        shared.grad, ld, not alone, shared.coefficients if batch_stats else None)
+        g, out, shared.prefix(channels), shared.ld, shared.pixels, channels, mean, var, weight,
+        eps, shared.grad, shared.grad.shape[1], not alone,
+        shared.coefficients if batch_stats else None)
     newest = shared.finish_grad(channels - newest_channels, channels)
     return newest, grad_weight, grad_bias
 

@@ -92,17 +92,22 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     def per_channel(v: Tensor) -> Tensor:
         return v.double().cpu().view(1, -1, 1, 1)
 
-    # stats, copying into the buffer at channel 3
+    # stats of a dense feature, copying it into the buffer at channel 3
     feature = buffer(channels, scale=3.0, offset=100.0)  # an offset that E[x^2] - E[x]^2 loses
     target = torch.zeros((n, total, height, width), dtype=dtype, device=device).contiguous(memory_format=last)
     mean, var = vector(), vector()
-    kernels.stats(feature, pixels, channels, target[:, 3:], total, mean, var)
+    kernels.stats(feature, channels, pixels, channels, target[:, 3:], total, mean, var)
     reference = feature.double().cpu()
     _close(mean, reference.mean((0, 2, 3)), tolerance, "stats' mean")
     _close(var, reference.var((0, 2, 3), correction=0), sums, "stats' variance")
     _close(target[:, 3:3 + channels], feature, (0, 0), "stats' copy")
     _close(target[:, 3 + channels:], torch.zeros_like(target[:, 3 + channels:]), (0, 0),
            "stats beyond its channels")
+    # and of the buffer's first channels, read with its pixel stride
+    kernels.stats(target, total, pixels, channels, None, 0, mean, var)
+    reference = target[:, :channels].double().cpu()
+    _close(mean, reference.mean((0, 2, 3)), tolerance, "stats' mean of a prefix")
+    _close(var, reference.var((0, 2, 3), correction=0), sums, "stats' variance of a prefix")
 
     # norm_relu on the prefix, moving the running statistics
     shared = buffer(total)
@@ -157,7 +162,7 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     # finish_grad of channels 2:channels of the buffer
     coefficients = _random((2, total), device, stats_dtype, generator)
     grad = out.clone()
-    finished = kernels.finish_grad(grad[:, 2:channels], shared[:, 2:channels], total,
+    finished = kernels.finish_grad(grad[:, 2:channels], total, shared[:, 2:channels], total,
                                    coefficients[:, 2:channels], dtype)
     expected = (out[:, 2:channels].double().cpu() + shared[:, 2:channels].double().cpu()
                 * per_channel(coefficients[0, 2:channels]) + per_channel(coefficients[1, 2:channels]))

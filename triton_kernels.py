@@ -32,6 +32,9 @@ from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16)  # what the tensors may hold; arithmetic is float32
 TILE = 2048  # pixels x channels per program
+# A block buffer's pixels start on 16-element boundaries (its channels padded up to a multiple
+# of 16), so that loads of a pixel's channels can be vectorised; the padding is never read.
+PIXEL_STRIDE_MULTIPLE = 16
 BLOCK_R = 64  # partial-sum rows a finishing program adds per iteration
 
 
@@ -89,13 +92,13 @@ def _norm_relu_backward_kernel(g, y, x, ldx, out, ldo, mean, var, weight, eps, p
 
 
 @triton.jit
-def _stats_kernel(f, P, C, dst, ldd, part_s, part_ss, COPY: tl.constexpr,
+def _stats_kernel(f, ldf, P, C, dst, ldd, part_s, part_ss, COPY: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     block = tl.program_id(0)
     p = (block * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
     inside = (p < P) & (c < C)
-    v = tl.load(f + p * C + c, mask=inside, other=0.0)
+    v = tl.load(f + p * ldf + c, mask=inside, other=0.0)
     if COPY:
         tl.store(dst + p * ldd + c, v.to(dst.dtype.element_ty), mask=inside)
     # sums about the first pixel's value, which keeps E[x^2] - E[x]^2 from cancelling
@@ -179,12 +182,13 @@ def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(P, block_p), triton.cdiv(C, block_c)), block_p, block_c
 
 
-def stats(f: Tensor, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor, var: Tensor) -> None:
-    """Mean and biased variance per channel of the dense P x C ``f`` into ``mean`` and ``var``,
-    copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
+def stats(f: Tensor, ldf: int, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor,
+          var: Tensor) -> None:
+    """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``ldf``) into
+    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
     grid, block_p, block_c = _tiles(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
-    _stats_kernel[grid](f, P, C, f if dst is None else dst, ldd, parts[0], parts[1],
+    _stats_kernel[grid](f, ldf, P, C, f if dst is None else dst, ldd, parts[0], parts[1],
                         COPY=dst is not None, BLOCK_P=block_p, BLOCK_C=block_c)
     _stats_finish_kernel[(grid[1],)](f, parts[0], parts[1], grid[0], P, C, mean, var,
                                      BLOCK_R=BLOCK_R, BLOCK_C=block_c)
@@ -224,17 +228,17 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int
     return grad_weight, grad_bias
 
 
-def finish_grad(grad: Tensor, x: Tensor, ld: int, coefficients: Tensor | None,
+def finish_grad(grad: Tensor, ldg: int, x: Tensor, ldx: int, coefficients: Tensor | None,
                 dtype: torch.dtype) -> Tensor:
     """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
-    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers of ``ld``
-    channels."""
+    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers, pixel
+    strides ``ldg`` and ``ldx``."""
     if coefficients is None:
         return grad.to(dtype)
     n, channels, h, w = grad.shape
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=torch.channels_last)
     pixels = n * h * w
     grid, block_p, block_c = _tiles(pixels, channels)
-    _finish_grad_kernel[grid](grad, ld, x, ld, coefficients, coefficients.stride(0), out, pixels,
+    _finish_grad_kernel[grid](grad, ldg, x, ldx, coefficients, coefficients.stride(0), out, pixels,
                               channels, BLOCK_P=block_p, BLOCK_C=block_c)
     return out

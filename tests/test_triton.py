@@ -64,7 +64,7 @@ def test_kernels_propagate_nan_and_store_bf16(kernels):
     kernels.norm_relu(x, 6, 18, 6, zeros, ones, ones, zeros, 0.0, y)
     assert torch.isnan(y[1, 2, 0, 1]) and torch.isnan(y).sum() == 1
     mean, var = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)
-    kernels.stats(x, 18, 6, None, 0, mean, var)
+    kernels.stats(x, 6, 18, 6, None, 0, mean, var)
     assert torch.isnan(mean[2]) and torch.isnan(var[2]) and not torch.isnan(mean[3])
     low = x.nan_to_num().bfloat16()
     out = torch.empty_like(low)
@@ -140,3 +140,15 @@ def test_the_self_test_passes_the_triton_kernels(triton_path):
     """kernel_check's shapes and tolerances hold for the Triton kernels (interpreted here)."""
     import kernel_check
     assert kernel_check.check(DEVICE) is None
+
+
+def test_block_buffers_pad_their_pixels_to_16_elements(triton_path):
+    """On the Triton path a block's pixels start on 16-element boundaries; the padding is
+    invisible: the buffer has its channels, and its output still takes the fused path."""
+    x = buffer(2, 5, 4)
+    shared = fused.SharedFeatures.for_block(x, 21)
+    assert shared.buffer.shape == (2, 21, 4, 4) and shared.ld == 32
+    assert torch.equal(shared.buffer[:, :5], x)
+    output = fused.gather(shared, x)
+    assert fused.pixel_stride(output) == 32 and fused.available(output)
+    assert fused.pixel_stride(x) == 5 and fused.pixel_stride(x.contiguous()) is None
