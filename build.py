@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import data
 import fused
 import kernel_check
 import training
-from config import RunConfig
+from config import RESUMABLE, RunConfig, flag_name
 from densenet import DenseNet
 from cli import UserError
 from runlog import RunError, load_checkpoint
@@ -53,11 +54,39 @@ class Checkpoint:
     @classmethod
     def load(cls, path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> Checkpoint:
         """Read checkpoint ``path`` (a run's directory: its checkpoint.pt) safely, as
-        runlog.load_checkpoint does; RunError for anything amiss."""
+        runlog.load_checkpoint does, and check that it is the run of its folder
+        (``check_folder``); RunError for anything amiss."""
         if path.is_dir():
             path = path / "checkpoint.pt"
         state = load_checkpoint(path, keys)
-        return cls(path, state, RunConfig.from_dict(state["config"], str(path)))
+        checkpoint = cls(path, state, RunConfig.from_dict(state["config"], str(path)))
+        checkpoint.check_folder()
+        return checkpoint
+
+    def check_folder(self) -> None:
+        """Refuse a checkpoint that is not the run whose config.json lies beside it: another
+        run's identity, or settings that no resume could have changed (a checkpoint copied in
+        from elsewhere). A checkpoint with no readable config.json beside it is its own record."""
+        try:
+            recorded = json.loads((self.path.parent / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+            return
+        ours, theirs = self.state.get("run_id"), recorded.get("run_id")
+        differ = [name for name, value in recorded["config"].items()
+                  if name not in RESUMABLE and name in self.state["config"]
+                  and self.state["config"][name] != value]
+        if ours and theirs and ours != theirs:
+            reason = f"it is run {ours}, the folder's config.json is run {theirs}"
+        elif differ:
+            reason = ", ".join(f"{flag_name(name)} {self.state['config'][name]} (config.json: "
+                               f"{recorded['config'][name]})" for name in differ[:3])
+        else:
+            return
+        raise RunError(f"{self.path} is not the run recorded in {self.path.parent / 'config.json'} "
+                       f"({reason}): it was copied in from another run; put this run's own "
+                       f"checkpoint back, or use the checkpoint from its own folder")
 
     @property
     def epoch(self) -> int:

@@ -310,6 +310,15 @@ def check_config(depth: int, growth_rate: int, bottleneck: bool, compression: fl
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    channels = 2 * growth_rate if bottleneck else 16
+    for transition in (1, 2):  # every layer must keep at least one channel
+        channels += (depth - 4) // step * growth_rate
+        kept = math.floor(compression * channels)
+        if kept < 1:
+            raise ValueError(f"compression {compression:g} leaves transition {transition} no "
+                             f"channels (floor({compression:g} x {channels}) = 0); use at least "
+                             f"{1 / channels:.3g}")
+        channels = kept
 
 
 def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: float) -> str:

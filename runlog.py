@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
 import sys
 import tempfile
@@ -122,10 +123,17 @@ def write_errors(advice: str) -> Iterator[None]:
         raise RunError(f"cannot write{where} ({error.strerror or error}); {advice}") from None
 
 
+# What atomic_write's temporary files are called: "." + the file's name + "." + mkstemp's 8
+# random characters + ".tmp", for the checkpoints, JSON and CSV files it writes.
+TEMPORARY = re.compile(r"\.[^/]+\.(pt|json|csv)\.[A-Za-z0-9_]{8}\.tmp")
+
+
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete what atomic writes killed halfway left behind (only while holding the lock)."""
+    """Delete what atomic writes killed halfway left behind (only while holding the lock),
+    and nothing else: a user's own dot-files stay."""
     for leftover in folder.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+        if TEMPORARY.fullmatch(leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 def current_umask() -> int:
@@ -199,6 +207,14 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config"),
                        f"new run with --save")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise corrupt
+    try:  # every entry against its CRC-32, which torch.load does not check
+        damaged = zipfile.ZipFile(path).testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+        raise corrupt from None
+    if damaged is not None:
+        raise RunError(f"{path} is damaged: its entry {damaged} does not match its checksum "
+                       f"(a changed or flipped byte); use another checkpoint or start a new "
+                       f"run with --save")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

@@ -215,7 +215,9 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
     errors and the confusion matrix go to CSV files beside it.
 
     The data comes from where the run was trained, unless --data-dir (or --download) says
-    otherwise; --test-subset and --eval-batch-size are this command's.
+    otherwise; the test images are those the run was tested on (its --test-subset) unless
+    --test-subset says otherwise, and then the result files are named after that selection,
+    beside the run's own; --eval-batch-size is this command's.
     """
     checkpoint = Checkpoint.load(path)
     with WorkDirLock(checkpoint.path.parent, "copy the checkpoint into a folder of your own and "
@@ -227,17 +229,22 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
         dataset = data.load_dataset(run.dataset, cfg.data_dir if "data_dir" in given else run.data_dir,
                                     cfg.download if "download" in given else run.download,
                                     svhn_extra=False)
-        test = dataset.test.first(cfg.test_subset) if cfg.test_subset else dataset.test
+        subset = cfg.test_subset if "test_subset" in given else run.test_subset
+        test = dataset.test.first(subset) if subset else dataset.test
         batches = data.eval_batches(test.to(runtime.device), cfg.eval_batch_size,
                                     trained.normalizer, runtime.device,
                                     channels_last=run.channels_last)
         result = training.evaluate(trained.model, batches, run.precision, runtime,
                                    run.num_classes, tta=tta)
         names = dataset.classes or [str(c) for c in range(run.num_classes)]
-        per_class, matrix = workdir.write_evaluation(checkpoint.path, result.confusion, names, tta)
+        selection = "" if subset == run.test_subset else f"-test{subset or 'all'}"
+        per_class, matrix = workdir.write_evaluation(checkpoint.path, result.confusion, names,
+                                                     tta, selection)
     print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
           + (f"(top-5 {result.top5_error:.2f}%) " if result.top5_error is not None else "")
           + f"(loss {result.loss:.4f}) on {result.images} images"
+          + (f" (the test set's first {subset}: --test-subset {subset}"
+             f"{'' if 'test_subset' in given else ', as the run was tested'})" if subset else "")
           + (" with flip test-time augmentation" if tta else ""))
     print(f"per-class errors: {per_class}\nconfusion matrix: {matrix}")
     return 0

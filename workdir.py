@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class Plan:
     changes: dict = field(default_factory=dict)  # flags that differ at this resume
     config_json: dict | None = None  # config.json as found, to append this resume to
     note: str = ""  # a line to print about the schedule
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept in every file of the run
 
     @property
     def resuming(self) -> bool:
@@ -94,6 +96,9 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
         # else: stopped before its first checkpoint: start over with its flags (epoch 1 again)
     resumed, changes = resumed_config(saved, cfg, given, save)
     plan = Plan(save, resumed, checkpoint, changes, config_json)
+    known = (config_json or {}).get("run_id") or (checkpoint.state.get("run_id") if checkpoint else None)
+    if known:  # a run from before run identities gets one now
+        plan.run_id = known
     partial = bool(checkpoint and checkpoint.state["progress"]["step"])
     plan.note = check_schedule(saved, resumed, plan.start_epoch, partial, reschedule, save)
     if plan.note:
@@ -210,8 +215,10 @@ class RunFiles:
                     {"time": stamp, "from_epoch": plan.start_epoch, "changes": plan.changes,
                      **record})
                 content["config"] = plan.config.to_dict()
+                content.setdefault("run_id", plan.run_id)
             else:
-                content = {"config": plan.config.to_dict(), "started": stamp, **record}
+                content = {"config": plan.config.to_dict(), "run_id": plan.run_id, "started": stamp,
+                           **record}
             write_json(self.save / "config.json", content)
             self.content = content
             for log in self.logs.values():
@@ -236,10 +243,12 @@ class RunFiles:
                     self.logs[split].append({"epoch": epoch, **row})
 
     def save_checkpoint(self, state: dict, best: bool = False) -> None:
-        """Replace checkpoint.pt (or best.pt) with ``state``, atomically."""
+        """Replace checkpoint.pt (or best.pt) with ``state``, atomically, marked with the run's
+        identity."""
         if self.writes:
             with self._writing():
-                save_checkpoint(self.save / (BEST_CHECKPOINT if best else LAST_CHECKPOINT), state)
+                save_checkpoint(self.save / (BEST_CHECKPOINT if best else LAST_CHECKPOINT),
+                                {**state, "run_id": self.plan.run_id})
 
     def _writing(self):
         """Failed writes end the run in one line that says how to go on from what is saved."""
@@ -251,11 +260,12 @@ class RunFiles:
 
 # ---------------------------------------------------------------- evaluation files
 
-def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str],
-                     tta: bool) -> tuple[Path, Path]:
+def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str], tta: bool,
+                     selection: str = "") -> tuple[Path, Path]:
     """Per-class errors and the confusion matrix (counts, true class by row) of an evaluation,
-    beside the checkpoint and named after it (-tta with test-time augmentation)."""
-    suffix = "-tta" if tta else ""
+    beside the checkpoint and named after it (-tta with test-time augmentation; ``selection``
+    names test images other than the run's own)."""
+    suffix = selection + ("-tta" if tta else "")
     per_class = checkpoint.parent / f"{checkpoint.stem}-classes{suffix}.csv"
     matrix = checkpoint.parent / f"{checkpoint.stem}-confusion{suffix}.csv"
     images = confusion.sum(1)

@@ -14,8 +14,10 @@ import os
 import pickle
 import resource
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -77,6 +79,25 @@ def swap_architecture(tmp: Path, run: Path) -> None:
     torch.save(state, run / "checkpoint.pt")
 
 
+def from_another_run(tmp: Path, run: Path) -> None:
+    """checkpoint.pt replaced by another run's: another identity, another seed."""
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["run_id"], state["config"]["seed"] = "0" * 32, 5
+    torch.save(state, run / "checkpoint.pt")
+
+
+def flip_a_bit(tmp: Path, run: Path) -> None:
+    """One bit flipped inside the largest tensor of checkpoint.pt; the archive still opens."""
+    path = run / "checkpoint.pt"
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    content = bytearray(path.read_bytes())
+    header = entry.header_offset
+    name_length, extra_length = struct.unpack("<HH", content[header + 26:header + 30])
+    content[header + 30 + name_length + extra_length + entry.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(content))
+
+
 def hold_lock(tmp: Path, run: Path, stack: contextlib.ExitStack) -> None:
     """Another holder of the run's lock (an open file description of its own, as another
     process would have), named as train.py names itself."""
@@ -117,6 +138,12 @@ CASES = {
     "weight decay nan": ("train.py", "--weight-decay nan", "argument --weight-decay: must be a finite number", None, None),
     "unknown dataset": ("train.py", "--dataset mnist", "invalid choice: 'mnist'", None, None),
     "tta alone": ("train.py", "--tta", "--tta only applies with --evaluate CHECKPOINT", None, None),
+    "compression leaves no channels": ("train.py", "--depth 10 --growth-rate 4 --compression 0.01 --save {tmp}/r", "compression 0.01 leaves transition 1 no channels (floor(0.01 x 12) = 0); use at least 0.0833", None, None),
+    "resume another run's checkpoint": ("train.py", "--resume --save {run} --epochs 3", "{run}/checkpoint.pt is not the run recorded in {run}/config.json (it is run 00000000000000000000000000000000, the folder's config.json is run ", "run", from_another_run),
+    "evaluate another run's checkpoint": ("train.py", "--evaluate {run}", "{run}/checkpoint.pt is not the run recorded in {run}/config.json", "run", from_another_run),
+    "predict with another run's checkpoint": ("attic/predict.py", "{run} {tmp}/cat.png", "{run}/checkpoint.pt is not the run recorded in {run}/config.json", "run", from_another_run),
+    "resume a flipped bit": ("train.py", "--resume --save {run} --epochs 3", "{run}/checkpoint.pt is damaged: its entry ", "run", flip_a_bit),
+    "evaluate a flipped bit": ("train.py", "--evaluate {run}/checkpoint.pt", "does not match its checksum (a changed or flipped byte)", "run", flip_a_bit),
     "reschedule alone": ("train.py", "--reschedule", "--reschedule only applies with --resume", None, None),
     "compression 0": ("train.py", "--compression 0", "compression must be in (0, 1], got 0.0", None, None),
     # train.py: data

@@ -146,11 +146,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir, capsys):
     start_run(capsys, whole, cifar_dir, *flags)
     out = start_run(capsys, parts, cifar_dir, *flags, "--stop-after", "1")
     assert "continue with --resume" in out and len(read_csv(parts / "train.csv")) == 1
-    stale = parts / ".checkpoint.pt.x1y2z3.tmp"  # what a save killed halfway leaves
+    stale = parts / ".checkpoint.pt.x1y2_3z4.tmp"  # what a save killed halfway leaves
     stale.write_bytes(b"\0" * 1000)
+    notes = parts / ".notes.tmp"  # a user's own: not the trainer's to remove
+    notes.write_text("mine")
     status, out, err = run(capsys, "--resume", "--save", parts, "--data-dir", cifar_dir)
     assert status == 0, err
-    assert "resuming" in out and not stale.exists()
+    assert "resuming" in out and not stale.exists() and notes.read_text() == "mine"
     assert metrics(parts) == metrics(whole)
     config = json.loads((parts / "config.json").read_text())
     assert config["resumes"][0]["from_epoch"] == 1
@@ -231,6 +233,38 @@ def test_evaluate_writes_per_class_errors(tmp_path, cifar_dir, capsys):
     assert (work / "checkpoint-classes-tta.csv").is_file() and not (work / ".lock").exists()
     status, _, err = run(capsys, "--evaluate", work, "--data-dir", tmp_path / "elsewhere", "--no-download")
     assert status == 2 and f"cifar10 is not in {tmp_path / 'elsewhere'}" in err
+
+
+def test_evaluate_tests_the_images_the_run_was_tested_on(tmp_path, cifar_dir, capsys):
+    """A run tested on a subset is evaluated on that subset, and says so; another selection is
+    a flag, and its files never replace those of the run's own."""
+    work = tmp_path / "run"
+    start_run(capsys, work, cifar_dir, "--epochs", "1", "--test-subset", "20")
+    logged = float(read_csv(work / "test.csv")[-1]["error"])
+    status, out, err = run(capsys, "--evaluate", work)
+    assert status == 0, err
+    assert f"test error {logged:.2f}%" in out
+    assert "on 20 images (the test set's first 20: --test-subset 20, as the run was tested)" in out
+    own = (work / "checkpoint-classes.csv").read_text()
+    assert sum(int(r["images"]) for r in read_csv(work / "checkpoint-classes.csv")) == 20
+    status, out, err = run(capsys, "--evaluate", work, "--test-subset", "0")
+    assert status == 0 and "on 48 images" in out and "--test-subset" not in out, err
+    assert sum(int(r["images"]) for r in read_csv(work / "checkpoint-classes-testall.csv")) == 48
+    assert (work / "checkpoint-classes.csv").read_text() == own
+
+
+def test_every_file_of_a_run_carries_its_identity(tmp_path, cifar_dir, capsys):
+    """config.json and each checkpoint name the same run; a resume keeps it."""
+    work = tmp_path / "run"
+    start_run(capsys, work, cifar_dir, "--epochs", "2", "--val-size", "32", "--stop-after", "1")
+    run_id = json.loads((work / "config.json").read_text())["run_id"]
+    assert len(run_id) == 32
+    for name in ("checkpoint.pt", "best.pt"):
+        assert Checkpoint.load(work / name).state["run_id"] == run_id
+    status, _, err = run(capsys, "--resume", "--save", work)
+    assert status == 0, err
+    assert json.loads((work / "config.json").read_text())["run_id"] == run_id
+    assert Checkpoint.load(work).state["run_id"] == run_id
 
 
 def test_files_follow_the_umask(tmp_path, cifar_dir, capsys):
