@@ -92,23 +92,54 @@ def _unpickle(path: Path) -> dict:
     return content
 
 
+def _checked(path: Path, images, labels, shape: tuple[int, ...], lowest: int, highest: int) -> tuple:
+    """One file's images and labels, checked value by value, as (uint8 images, int64 labels):
+    8-bit pixels (integers 0-255, never floats), images of ``shape`` (N first, or where -1
+    stands), whole-number labels from ``lowest`` to ``highest``, as many labels as images, and at
+    least one image. The same checks for every dataset; each failure names the file."""
+    fix = "replace it with a fresh copy"
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype.kind not in "ui":
+        raise DataError(f"{path} holds {images.dtype} pixels, not 8-bit integers 0-255; {fix}")
+    if labels.dtype.kind == "f":  # MATLAB stores numbers as doubles: whole ones are labels
+        fractional = labels[labels != np.round(labels)]  # NaN too
+        if len(fractional):
+            raise DataError(f"{path} holds labels that are not whole numbers (such as "
+                            f"{fractional.flat[0]}); {fix}")
+    elif labels.dtype.kind not in "ui":
+        raise DataError(f"{path} holds {labels.dtype} labels, not integers; {fix}")
+    if images.dtype != np.uint8 and images.size and (images.min() < 0 or images.max() > 255):
+        raise DataError(f"{path} holds pixels outside 0-255 (such as "
+                        f"{images.max() if images.max() > 255 else images.min()}); {fix}")
+    axis = shape.index(-1)
+    if images.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, images.shape)):
+        sizes = "x".join(str(s) for i, s in enumerate(images.shape) if i != axis) or "empty"
+        wanted = "x".join(str(s) for i, s in enumerate(shape) if i != axis)
+        raise DataError(f"{path} holds images of {sizes}, not {wanted}; {fix}")
+    labels = labels.reshape(-1)
+    if images.shape[axis] != len(labels):
+        raise DataError(f"{path} has {images.shape[axis]} images but {len(labels)} labels; {fix}")
+    if not len(labels):
+        raise DataError(f"{path} holds no images; {fix}")
+    outside = labels[(labels < lowest) | (labels > highest)]
+    if len(outside):
+        raise DataError(f"{path} has labels outside {lowest}-{highest} (such as {outside[0]:g}); {fix}")
+    return images.astype(np.uint8, copy=False), labels.astype(np.int64, copy=False)
+
+
 def _read_cifar_files(paths: list[Path], label_key: str, num_classes: int) -> Split:
     images, labels = [], []
     for path in paths:
         content = _unpickle(path)
         try:
-            data = np.asarray(content["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            target = np.asarray(content[label_key], dtype=np.int64)
-        except (KeyError, ValueError) as error:
+            data, target = content["data"], content[label_key]
+            data = np.asarray(data)
+            if data.ndim == 2 and data.shape[1] == 3 * 32 * 32:  # the official layout: rows of pixels
+                data = data.reshape(-1, 3, 32, 32)
+        except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{path} lacks CIFAR image data or labels ({error}); "
                             f"replace it with a fresh copy") from None
-        if len(data) != len(target):
-            raise DataError(f"{path} has {len(data)} images but {len(target)} labels; "
-                            f"replace it with a fresh copy")
-        outside = target[(target < 0) | (target >= num_classes)]
-        if len(outside):
-            raise DataError(f"{path} has labels outside 0-{num_classes - 1} (such as "
-                            f"{outside[0]}); replace it with a fresh copy")
+        data, target = _checked(path, data, target, (-1, 3, 32, 32), 0, num_classes - 1)
         images.append(data)
         labels.append(target)
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -169,12 +200,13 @@ def _read_svhn_file(path: Path) -> Split:
     from scipy.io import loadmat
     try:
         content = loadmat(path)
-        images = np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1), dtype=np.uint8)
-        labels = content["y"].astype(np.int64).reshape(-1) % 10
+        images, labels = content["X"], content["y"]
     except Exception as error:  # scipy raises several types for damaged files
         raise DataError(f"{path} is not a readable SVHN .mat file ({error}); replace it "
                         f"with a fresh copy") from None
-    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+    images, labels = _checked(path, images, labels, (32, 32, 3, -1), 1, 10)
+    images = np.ascontiguousarray(images.transpose(3, 2, 0, 1))
+    return Split(torch.from_numpy(images), torch.from_numpy(labels % 10))
 
 
 def _load_svhn(root: Path, download: bool, extra: bool) -> Dataset:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import write_cifar100
+from conftest import write_cifar10, write_cifar100
 
 
 def test_reads_official_layout_with_fewer_images(cifar_dir):
@@ -125,3 +125,74 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch, name):
     with pytest.raises(data.DataError, match="could not be downloaded .*network is unreachable"):
         data.load_dataset(name, tmp_path / "mine" / "data")
     assert list((tmp_path / "mine").iterdir()) == []
+
+
+def _cifar_with(tmp_path, **changes):
+    """The generated CIFAR-10 with test_batch's entries replaced by ``changes``."""
+    import pickle
+    root = write_cifar10(tmp_path / "data")
+    path = root / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as f:
+        content = pickle.load(f)
+    content.update(changes)
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
+    return root, path
+
+
+def _svhn_with(tmp_path, X, y):
+    from scipy.io import savemat
+    import numpy as np
+    folder = tmp_path / "svhn"
+    folder.mkdir()
+    good = np.zeros((32, 32, 3, 4), dtype=np.uint8)
+    for name in ("train", "extra"):
+        savemat(folder / f"{name}_32x32.mat", {"X": good, "y": np.ones((4, 1))})
+    savemat(folder / "test_32x32.mat", {"X": X, "y": y})
+    return folder / "test_32x32.mat"
+
+
+def _cifar_cases():
+    import numpy as np
+    pixels = np.zeros((48, 3072), dtype=np.uint8)
+    return {
+        "float pixels": ({"data": pixels.astype(np.float32) / 255}, "holds float32 pixels, not 8-bit integers 0-255"),
+        "pixels above 255": ({"data": pixels.astype(np.int32) + 300}, "holds pixels outside 0-255 (such as 300)"),
+        "fractional labels": ({"labels": [0.5] * 48}, "holds labels that are not whole numbers (such as 0.5)"),
+        "text labels": ({"labels": ["cat"] * 48}, "holds <U3 labels, not integers"),
+        "labels out of range": ({"labels": [12] * 48}, "has labels outside 0-9 (such as 12)"),
+        "fewer labels": ({"labels": [1] * 40}, "has 48 images but 40 labels"),
+        "wrong image size": ({"data": np.zeros((48, 3000), dtype=np.uint8)}, "holds images of 3000, not 3x32x32"),
+        "empty": ({"data": np.zeros((0, 3072), dtype=np.uint8), "labels": []}, "holds no images"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cifar_cases()))
+def test_cifar_files_are_checked_value_by_value(tmp_path, case):
+    changes, message = _cifar_cases()[case]
+    root, path = _cifar_with(tmp_path, **changes)
+    with pytest.raises(data.DataError) as refused:
+        data.load_dataset("cifar10", root, download=False)
+    assert str(refused.value) == f"{path} {message}; replace it with a fresh copy"
+
+
+def _svhn_cases():
+    import numpy as np
+    images = np.zeros((32, 32, 3, 6), dtype=np.uint8)
+    labels = np.ones((6, 1))
+    return {
+        "label 37": (images, labels * 37, "has labels outside 1-10 (such as 37)"),
+        "label 0": (images, labels * 0, "has labels outside 1-10 (such as 0)"),
+        "more images than labels": (images, labels[:4], "has 6 images but 4 labels"),
+        "28x28": (np.zeros((28, 28, 3, 6), dtype=np.uint8), labels, "holds images of 28x28x3, not 32x32x3"),
+        "float pixels": (images.astype(np.float64) + 0.5, labels, "holds float64 pixels, not 8-bit integers 0-255"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_svhn_cases()))
+def test_svhn_files_get_the_same_checks(tmp_path, case):
+    X, y, message = _svhn_cases()[case]
+    path = _svhn_with(tmp_path, X, y)
+    with pytest.raises(data.DataError) as refused:
+        data.load_dataset("svhn", tmp_path, download=False)
+    assert str(refused.value) == f"{path} {message}; replace it with a fresh copy"
