@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -105,3 +106,22 @@ count = int_range(0)  # 0 or more
 positive_float = float_range(0, low_open=True)
 non_negative_float = float_range(0)
 seed = int_range(0, 2**32 - 1)  # what numpy's global generator accepts
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: Linux's limits on a file name and on a whole path
+
+
+def path(text: str) -> str:
+    """An argparse type: a path the operating system can take (each name at most NAME_MAX
+    bytes, the whole under PATH_MAX), refused before anything is read or written."""
+    encoded = os.fsencode(text)
+    if len(encoded) >= PATH_MAX:
+        raise argparse.ArgumentTypeError(f"the path is {len(encoded):,} bytes long; the system "
+                                         f"takes at most {PATH_MAX - 1:,}")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        shown = os.fsdecode(longest[:24])
+        raise argparse.ArgumentTypeError(f"the name {shown}... is {len(longest)} bytes long; a "
+                                         f"file or folder name takes at most {NAME_MAX}")
+    return text
+

@@ -48,7 +48,7 @@ class RunConfig:
 
     dataset: str = setting("cifar10", "data", "which dataset", choices=DATASETS)
     data_dir: str = setting("data", "data", "torchvision-style root: holds cifar-10-batches-py/, "
-                            "cifar-100-python/ or svhn/", resumable=True)
+                            "cifar-100-python/ or svhn/", type=cli.path, resumable=True)
     download: bool = setting(True, "data", "download the dataset through torchvision when it is "
                              "absent", resumable=True)
     svhn_extra: bool = setting(True, "data", "SVHN: train on train+extra, as the paper does")
@@ -114,7 +114,7 @@ class RunConfig:
                                    type=cli.positive_int, resumable=True)
 
     save: str = setting(None, "run", "work directory (default work/<dataset>-<model name>)",
-                        resumable=True)
+                        type=cli.path, resumable=True)
     resume: bool = setting(False, "run", "continue the run in --save from its checkpoint",
                            resumable=True)
     stop_after: int = setting(0, "run", "end this session after EPOCH (0: run all epochs); "
@@ -319,6 +319,36 @@ def check_config(depth: int, growth_rate: int, bottleneck: bool, compression: fl
                              f"channels (floor({compression:g} x {channels}) = 0); use at least "
                              f"{1 / channels:.3g}")
         channels = kept
+    parameters = parameter_count(depth, growth_rate, bottleneck, compression, num_classes)
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"this DenseNet would have {parameters:,} parameters ({parameters * 16 / 2**30:,.0f} "
+                         f"GiB with gradients and optimiser state, before any activation); at "
+                         f"most {MAX_PARAMETERS:,} are built: choose a smaller depth or growth rate")
+
+
+MAX_PARAMETERS = 1_000_000_000  # 40 times DenseNet-BC-190-40, the paper's largest
+
+
+def parameter_count(depth: int, growth_rate: int, bottleneck: bool, compression: float,
+                    num_classes: int = 10) -> int:
+    """The parameters of the DenseNet these settings describe, counted without building it
+    (densenet.py's layers: convolutions without bias, BatchNorm weight and bias, the
+    classifier), so that an enormous model is refused before memory is allocated."""
+    step, _ = valid_depths(bottleneck)
+    k, channels = growth_rate, 2 * growth_rate if bottleneck else 16
+    total = 3 * 9 * channels  # the stem
+    for block in range(3):
+        for _ in range((depth - 4) // step):
+            if bottleneck:
+                total += 2 * channels + channels * 4 * k + 2 * 4 * k + 4 * k * k * 9
+            else:
+                total += 2 * channels + channels * k * 9
+            channels += k
+        if block < 2:
+            kept = math.floor(compression * channels)
+            total += 2 * channels + channels * kept
+            channels = kept
+    return total + 2 * channels + channels * num_classes + num_classes
 
 
 def model_name(depth: int, growth_rate: int, bottleneck: bool, compression: float) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["text.parse_math"] = False  # titles and run names are drawn as written
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -141,7 +142,9 @@ def load_run(folder: Path) -> Run:
             matrix = frame.iloc[:, 1:].to_numpy(dtype=float)
         except ValueError:
             matrix = None
-        if matrix is None or matrix.shape != (len(frame), len(frame)) or not len(frame):
+        counts = (matrix is not None and np.isfinite(matrix).all() and (matrix >= 0).all()
+                  and (matrix == np.round(matrix)).all())
+        if not counts or matrix.shape != (len(frame), len(frame)) or not len(frame):
             raise PlotError(f"{path} is not a square confusion matrix of counts; evaluate the "
                             f"checkpoint again (train.py --evaluate) or move the file away")
         run.confusion[path] = (list(frame.columns[1:]), matrix)
@@ -398,7 +401,8 @@ def epoch_range(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="WORKDIR", help="work directories written by train.py")
+    p.add_argument("runs", nargs="+", metavar="WORKDIR", type=cli.path,
+                   help="work directories written by train.py")
     p.add_argument("--out", help="figure file for several runs (default: comparison.FORMAT in the "
                                    "folder that holds the runs)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")

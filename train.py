@@ -37,7 +37,7 @@ import data
 import training
 import workdir
 from build import Checkpoint, Run, build_run, load_trained
-from cli import OneLineParser, UserError
+from cli import OneLineParser, UserError, path
 from config import RunConfig
 from runlog import WorkDirLock
 from runtime import Runtime, StopFlag, keep_freed_memory_mapped, on_main, setup_runtime
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --resume and a larger --epochs: accept the new length's schedule "
                           "even where it raises the learning rate above the last one trained "
                           "(without it such a resume is refused, naming the lr it would use)")
-    run.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
+    run.add_argument("--evaluate", metavar="CHECKPOINT", default=None, type=path,
                      help="only report the test error of a checkpoint file or of a run's "
                           "directory (its checkpoint.pt), on the data the run was trained on (or "
                           "--data-dir); writes CHECKPOINT-classes.csv and CHECKPOINT-confusion.csv "

@@ -22,13 +22,19 @@ import cli  # noqa: E402
 from build import INFERENCE_KEYS, Checkpoint, load_trained  # noqa: E402
 
 SIZE = 32  # what the networks of this project see
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes in about 150 MB; more is refused unread
 
 
 def read_image(path: Path) -> torch.Tensor:
     """A uint8 (3, 32, 32) tensor: the central square of the image, resized."""
     from PIL import Image, UnidentifiedImageError
+    Image.MAX_IMAGE_PIXELS = None  # MAX_PIXELS below is the limit, checked before decoding
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            if image.width * image.height > MAX_PIXELS:
+                raise cli.UserError(f"{path} is {image.width}x{image.height} pixels, more than "
+                                    f"the {MAX_PIXELS // 1_000_000} megapixels this reads; "
+                                    f"shrink it first")
             image = image.convert("RGB")
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -55,8 +61,8 @@ def class_names(checkpoint: Path, count: int) -> list[str]:
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a checkpoint written by train.py, or its run's directory")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("checkpoint", type=cli.path, help="a checkpoint written by train.py, or its run's directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=cli.path, help="PNG or JPEG files")
     p.add_argument("--top", type=cli.positive_int, default=5, help="classes shown per image")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
     args = p.parse_args(argv)

@@ -19,7 +19,10 @@ def in_fresh_process(script: Path, config: dict, threads: int) -> dict:
     result = subprocess.run([sys.executable, str(script), "--one", json.dumps(config)],
                             capture_output=True, text=True, env={**os.environ, **env_threads})
     if result.returncode:
-        raise RuntimeError(f"{config} failed:\n{result.stderr[-2000:]}")
+        from cli import UserError
+        last = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()),
+                    f"exit status {result.returncode}")
+        raise UserError(f"the measuring process for {json.dumps(config)} failed: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -150,6 +150,7 @@ def count_step(cfg: config.RunConfig) -> Count:
     return count
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     config.add_flags(parser, config.flag_names("model", leave_out={"dropout", "memory_efficient"}))

@@ -49,6 +49,7 @@ def measure(settings: dict) -> dict:
     return {"peak_mb": statistics.median(peaks) / 2**20, "step_s": statistics.median(times)}
 
 
+@cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per configuration")

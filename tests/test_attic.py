@@ -12,6 +12,7 @@ import torch
 
 import plot
 import train
+from cli import UserError
 from conftest import ROOT, TINY, TINY_MODEL
 
 sys.path.insert(0, str(ROOT / "attic"))
@@ -178,3 +179,15 @@ def test_predict_classifies_own_images_with_the_runs_names(tmp_path, cifar_dir, 
         assert percents == sorted(percents, reverse=True) and sum(percents) == pytest.approx(100, abs=0.6)
     assert predict.main([str(work / "checkpoint.pt"), str(ROOT / "train.py")]) == 2
     assert "train.py is not a readable PNG or JPEG image" in capsys.readouterr().err
+
+
+def test_a_failing_measurement_process_ends_in_one_line(tmp_path):
+    """bench/: a measuring child that fails gives its last error line, not a traceback."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint('something', file=sys.stderr)\n"
+                      "raise SystemExit('out of memory on the device')\n")
+    with pytest.raises(UserError, match='the measuring process for {"mode": "x"} failed: out of '
+                                        'memory on the device'):
+        common.in_fresh_process(script, {"mode": "x"}, 1)

@@ -191,3 +191,15 @@ def test_confusion_matrix_in_percent_of_each_class_with_the_error(tmp_path, caps
     assert [t.get_text() for t in ax.texts] == ["75", "25", "25", "75"]  # rows: 4 and 8 images
     assert ax.get_title() == "run: confusion (checkpoint), test error 25.00% of 12 images"
     assert tta.axes[0].get_title().startswith("run: confusion (checkpoint, flip TTA)")
+
+
+def test_math_text_in_titles_and_run_names_is_drawn_as_written(tmp_path, capsys):
+    """A title or a folder name with matplotlib's math markup ($...$) is text, not markup:
+    an unbalanced one would otherwise end in a traceback."""
+    run_dir = make_run(tmp_path / "x$\\alpha_$", 4)
+    status, out, err = draw(capsys, run_dir, "--title", "$\\alpha_$ 50% of $5")
+    assert status == 0, err
+    fig = plot.make_figure([plot.load_run(run_dir)], ["loss"], options("--title", "$\\alpha_$"))
+    fig.canvas.draw()  # would parse math text here
+    assert "$\\alpha_$" in fig._suptitle.get_text() or any(
+        "$\\alpha_$" in ax.get_title() for ax in fig.axes)
