@@ -158,10 +158,23 @@ class RunConfig:
         drops = sum(epoch >= int(self.epochs * share) for share in (0.5, 0.75))
         return self.lr * 0.1 ** drops
 
+    def schedule_notice(self) -> str:
+        """A line to print when the step schedule's two drops fall on one epoch ('' if not)."""
+        if self.schedule == "cosine":
+            return ""
+        first, second = (int(self.epochs * share) for share in (0.5, 0.75))
+        if first != second:
+            return ""
+        before = f"right after {self.lr:g}" if first else f"not {self.lr:g}"
+        return (f"notice: --epochs {self.epochs} is too short to keep the step schedule's two "
+                f"learning-rate drops apart: both fall before epoch {first + 1}, which trains at "
+                f"{self.learning_rate(first):g}, {before}")
+
     def kernels_on(self, device_type: str) -> str:
-        """The DenseNet kernels ("fused" or "aten") that --kernels means on a device: auto is
-        fused.py's on the CPU in float32 (measured faster there, see README) and ATen's
-        elsewhere, until the Triton path is measured on a GPU; compile compiles the ATen model."""
+        """The DenseNet kernels ("fused" or "aten") that --kernels means on a device without
+        measuring: auto is fused.py's on the CPU in float32 (measured faster there, see
+        README) and ATen's elsewhere (a training run on a GPU times both instead:
+        build.choose_kernels); compile compiles the ATen model."""
         if self.kernels == "auto":
             return "fused" if device_type == "cpu" and self.precision == "fp32" else "aten"
         return "aten" if self.kernels == "compile" else self.kernels

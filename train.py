@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch.distributed as dist
@@ -75,10 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """SIGTERM before the run's own stop handling (StopFlag) is in place: treated as SIGINT is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_before_training(signum: int, frame) -> None:
+    raise StoppedBeforeTraining(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, given = RunConfig.from_flags(args)
     keep_freed_memory_mapped()
+    handles_signals = threading.current_thread() is threading.main_thread()
+    if handles_signals:
+        previous = signal.signal(signal.SIGTERM, _stop_before_training)
     try:
         cfg.check()
         if args.tta and not args.evaluate:
@@ -104,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as interrupted:
         print(interrupted, file=sys.stderr)
         return 128 + interrupted.signum
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        signum = getattr(interrupted, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name} before training started; nothing "
+              f"was saved", file=sys.stderr)
+        return 128 + signum
     finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -140,6 +160,8 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
                         + (f", step {step}" if step else ""))
         if plan.note:
             runtime.log(f"--epochs {plan.config.epochs}: {plan.note}")
+        if plan.config.schedule_notice():
+            runtime.log(plan.config.schedule_notice())
         files = workdir.RunFiles(plan, writes=runtime.main)
         on_main(runtime, files.open, lock, run.record())
         return train_epochs(plan, run, files, StopFlag())

@@ -105,3 +105,12 @@ def test_the_parameter_count_is_known_before_the_model_is_built(args):
     assert config.parameter_count(*args) == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="at most 1,000,000,000 are built"):
         config.check_config(190, 2000, True, 0.5)
+
+
+def test_a_schedule_too_short_for_two_drops_says_so():
+    assert RunConfig(epochs=2).schedule_notice() == (
+        "notice: --epochs 2 is too short to keep the step schedule's two learning-rate drops "
+        "apart: both fall before epoch 2, which trains at 0.001, right after 0.1")
+    assert RunConfig(epochs=1, lr=0.05).schedule_notice().endswith("before epoch 1, which trains at 0.0005, not 0.05")
+    assert RunConfig(epochs=3).schedule_notice() == RunConfig(epochs=300).schedule_notice() == ""
+    assert RunConfig(epochs=2, schedule="cosine").schedule_notice() == ""

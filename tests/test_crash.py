@@ -151,3 +151,43 @@ def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, ref
     assert (state["epoch"], state["progress"]["step"]) == (1, 2)
     assert train.main(["--resume", "--save", str(work), "--data-dir", str(cifar_dir)]) == 0
     assert metrics(work) == metrics(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_says_so_and_leaves_nothing(tmp_path, signum):
+    """train.py stopped while it reads its data (a FIFO stands for a slow disk: the signal
+    comes once train.py is waiting on it, never on a timer): one line, exit 128 + N, and no
+    work directory."""
+    import errno
+
+    from conftest import write_cifar10
+    data = write_cifar10(tmp_path / "data")
+    batch = data / "cifar-10-batches-py" / "data_batch_1"
+    batch.unlink()
+    os.mkfifo(batch)
+    work = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data),
+                                "--save", str(work), *TINY], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 120
+        while writer is None:  # opening for writing succeeds once train.py opened it to read
+            try:
+                writer = os.open(batch, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as error:
+                if error.errno != errno.ENXIO or time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == (f"interrupted by {signal.Signals(signum).name} before "
+                                            f"training started; nothing was saved")
+    assert not work.exists()
