@@ -238,6 +238,29 @@ def run_names(runs: list[Run], width: int = 90) -> str:
     return ""
 
 
+def undrawable(runs: list[Run], metrics: list[str], opts: argparse.Namespace) -> list[str]:
+    """A note for each curve with values that leave a gap: NaN or infinite ones, and on a log
+    axis zero or negative ones."""
+    notes = []
+    for run in runs:
+        for split, frame in run.logs.items():
+            frame = epoch_window(frame, opts.epochs)
+            for metric in metrics:
+                if metric not in frame:
+                    continue
+                values = frame[metric].to_numpy(dtype=float)
+                log = (opts.loss_scale if metric == "loss" else opts.error_scale) == "log"
+                gaps = {"not finite": ~np.isfinite(values),
+                        "not positive, on a log axis": np.isfinite(values) & (values <= 0) & log}
+                for what, where in gaps.items():
+                    if where.any():
+                        epochs = frame["epoch"].to_numpy()[where]
+                        notes.append(f"note: {run.folder} {split} {metric}: {where.sum()} value(s) "
+                                     f"{what} left out (epoch {', '.join(f'{e:g}' for e in epochs[:5])}"
+                                     f"{', ...' if len(epochs) > 5 else ''})")
+    return notes
+
+
 def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
     with plt.style.context(opts.style):
         fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
@@ -352,6 +375,8 @@ def draw(opts: argparse.Namespace) -> list[Path]:
                if run.sweep is not None]
     metrics = ["loss", "error"] + (["top5_error"] if any(
         "top5_error" in run.logs["train"] for run in trained) else [])
+    for line in undrawable(trained, metrics, opts):
+        print(line)
     if len(trained) == 1 and len(runs) == 1:
         folder = trained[0].folder
         figures += [(make_figure(trained, [metric], opts), folder / metric.replace("_", "-"))

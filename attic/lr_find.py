@@ -81,31 +81,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(args, run: Run, save: Path) -> int:
     """Train with the rising learning rate (train.py's own step), then write the sweep and
-    the suggestion. Each step's loss is read as it ends, to stop when the loss explodes."""
+    the suggestion. Each step's loss is read as it ends, to stop when the loss explodes or
+    stops being finite (that step is not written: every row holds numbers)."""
     step, run_step = run.step, run.run_step
     ratio = args.end_lr / args.start_lr
     rows, lrs, smoothed, average, best = ["step,lr,raw_loss,loss"], [], [], 0.0, math.inf
     step.model.train()
-    while len(lrs) < args.steps:
+    ended = ""
+    while len(lrs) < args.steps and not ended:
         step.start_epoch()
         for index in range(step.batches.steps):
             lr = args.start_lr * ratio ** (len(lrs) / (args.steps - 1))
             step.set_lr(lr)
             run_step()
             value = step.losses[index].item()
+            if not math.isfinite(value):
+                ended = f"the loss stopped being finite at lr {lr:.3g} (step {len(lrs) + 1})"
+                break
             average = SMOOTHING * average + (1 - SMOOTHING) * value
             current = average / (1 - SMOOTHING ** (len(lrs) + 1))
             lrs.append(lr)
             smoothed.append(current)
             rows.append(f"{len(lrs)},{lr:.6g},{value:.6g},{current:.6g}")
             best = min(best, current)
-            if len(lrs) >= args.steps or not math.isfinite(current) or current > 4 * best:
+            if current > 4 * best:
+                ended = f"the loss rose past 4 times its lowest at lr {lr:.3g}"
+            if len(lrs) >= args.steps or ended:
                 break
-        if not math.isfinite(current) or current > 4 * best:
-            break
-    finite = [(lr, s) for lr, s in zip(lrs, smoothed) if math.isfinite(s)]
-    suggestion = suggest([lr for lr, _ in finite], [s for _, s in finite])
-    lowest_lr = min(finite, key=lambda pair: pair[1])[0]
+    if not lrs:
+        raise cli.UserError(f"{ended} already; lower --start-lr (now {args.start_lr:g})")
+    if ended:
+        print(f"the sweep ended early: {ended}")
+    suggestion = suggest(lrs, smoothed)
+    lowest_lr = min(zip(lrs, smoothed), key=lambda pair: pair[1])[0]
     with write_errors("free space or choose another --save"):
         write_text(save / "lr_find.csv", "\n".join(rows) + "\n")
         write_json(save / "lr_find.json", {"suggested_lr": suggestion, "lowest_loss_lr": lowest_lr,

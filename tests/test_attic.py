@@ -142,6 +142,21 @@ def test_lr_finder_writes_csv_and_plot_marks_suggestion(tmp_path, cifar_dir, cap
     assert sorted(p.name for p in work.iterdir()) == ["lr_find.csv", "lr_find.json", "lr_find.png"]
 
 
+def test_lr_finder_stops_at_the_first_non_finite_loss(tmp_path, cifar_dir, capsys):
+    """Absurd rates: the sweep ends where the loss stops being finite and says so; every row
+    it writes holds numbers, so plot.py draws it."""
+    work = tmp_path / "sweep"
+    assert lr_find.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY_MODEL,
+                         "--steps", "12", "--start-lr", "1e30", "--end-lr", "1e35"]) == 0
+    out = capsys.readouterr().out
+    assert "the sweep ended early: the loss stopped being finite at lr " in out
+    with open(work / "lr_find.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert 1 <= len(rows) < 12
+    assert all(np.isfinite(float(r[key])) for r in rows for key in ("lr", "raw_loss", "loss"))
+    assert plot.main([str(work)]) == 0
+
+
 def test_confusion_matrix_and_per_class_errors_are_drawn(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
     assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"]) == 0

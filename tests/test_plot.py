@@ -203,3 +203,18 @@ def test_math_text_in_titles_and_run_names_is_drawn_as_written(tmp_path, capsys)
     fig.canvas.draw()  # would parse math text here
     assert "$\\alpha_$" in fig._suptitle.get_text() or any(
         "$\\alpha_$" in ax.get_title() for ax in fig.axes)
+
+
+def test_values_that_cannot_be_drawn_are_named(tmp_path, capsys):
+    """A loss of infinity and one of 0 on the log axis leave gaps: each is named once."""
+    run_dir = make_run(tmp_path / "gaps", 4)
+    lines = (run_dir / "train.csv").read_text().splitlines()
+    lines[2] = "2,0.1,inf,30,1.5,400"
+    lines[3] = "3,0.1,0,20,1.5,400"
+    (run_dir / "train.csv").write_text("\n".join(lines) + "\n")
+    status, out, err = draw(capsys, run_dir)
+    assert status == 0, err
+    assert f"note: {run_dir} train loss: 1 value(s) not finite left out (epoch 2)" in out
+    assert f"note: {run_dir} train loss: 1 value(s) not positive, on a log axis left out (epoch 3)" in out
+    status, out, _ = draw(capsys, run_dir, "--loss-scale", "linear")
+    assert "not positive" not in out and "not finite" in out
