@@ -428,7 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="WORKDIR", type=cli.path,
                    help="work directories written by train.py")
-    p.add_argument("--out", help="figure file for several runs (default: comparison.FORMAT in the "
+    p.add_argument("--out", type=cli.path, help="figure file for several runs (default: comparison.FORMAT in the "
                                    "folder that holds the runs)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
     p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS, help="figure file type")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     config.add_flags(parser, config.flag_names("data", "model", "optimisation", "speed",
                                                leave_out=LEFT_OUT))
     group = parser.add_argument_group("learning-rate finder")
-    group.add_argument("--save", dest="folder", metavar="SAVE", default=None,
+    group.add_argument("--save", dest="folder", metavar="SAVE", default=None, type=cli.path,
                        help="folder for the sweep's files (default work/<dataset>-<model>-lr-find; "
                             "never a training run's)")
     group.add_argument("--steps", type=cli.int_range(3), default=200,

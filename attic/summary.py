@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     config.add_flags(p, ["depth", "growth_rate", "bottleneck", "compression"])
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
-    p.add_argument("--image", default=None, help="picture file, .png, .pdf or .svg "
+    p.add_argument("--image", default=None, type=cli.path, help="picture file, .png, .pdf or .svg "
                                                  "(default work/summary/<model>.png)")
     args = p.parse_args(argv)
     cfg, _ = RunConfig.from_flags(args)
