@@ -1,11 +1,11 @@
 """The model: Table 2 parameter counts, shapes, errors, dropout, memory-efficient mode."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
+import config
 import fused
 from densenet import DenseNet, model_name
 
@@ -15,25 +15,9 @@ def count(model: torch.nn.Module) -> int:
 
 
 def expected_parameters(depth: int, k: int, bottleneck: bool, theta: float, classes: int) -> int:
-    """Parameter count derived from the paper's description, independently of densenet.py.
-
-    BN has 2 parameters per channel; convs have no bias; the classifier has a bias.
-    """
-    per_block = (depth - 4) // (6 if bottleneck else 3)
-    channels = 2 * k if bottleneck else 16
-    total = 3 * 9 * channels  # stem
-    for block in range(3):
-        for _ in range(per_block):
-            if bottleneck:
-                total += 2 * channels + channels * 4 * k + 2 * 4 * k + 4 * k * 9 * k
-            else:
-                total += 2 * channels + channels * 9 * k
-            channels += k
-        if block < 2:
-            out = math.floor(theta * channels)
-            total += 2 * channels + channels * out
-            channels = out
-    return total + 2 * channels + channels * classes + classes
+    """The count derived from the paper's description without building the model
+    (config.parameter_count, which also refuses enormous models before they are built)."""
+    return config.parameter_count(depth, k, bottleneck, theta, classes)
 
 
 TABLE_2 = [  # depth, k, bottleneck, theta, classes, paper's count
