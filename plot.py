@@ -7,6 +7,8 @@ run is still writing, and runs on a machine that has just the CSVs.
   ./plot.py work/RUN                 # loss.png, error.png, curves.png in work/RUN
   ./plot.py work/A work/B work/C     # overlaid curves in work/comparison.png and a table
   ./plot.py work/RUN --watch 60      # redraw every minute while it trains
+  ./plot.py --table work/*           # seeds grouped, mean ± std, beside the paper's Table 2
+  ./plot.py --group work/*           # each group's mean curve with its spread
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 import cli  # noqa: E402
+import results  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -441,6 +444,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--title", default=None, help="figure title (default: the run's name, or the runs' names)")
     p.add_argument("--watch", type=cli.non_negative_float, default=0, metavar="SECONDS",
                    help="redraw every SECONDS until Ctrl-C")
+    results_group = p.add_argument_group(
+        "results across runs", "Runs whose config.json differ only in the seed and in settings "
+        "that cannot change the numbers (" + ", ".join(sorted(results.IGNORED - {"seed"})) + ") are "
+        "one group; an unfinished run is a row of its own, outside the means. The paper's column "
+        "is Table 2 of Huang et al. (table2.json) where depth, growth rate, bottleneck, "
+        "compression, dataset, augmentation and the paper's epochs all match.")
+    results_group.add_argument("--table", action="store_true",
+                               help="print the results table: mean ± sample std of the final "
+                                    "test error per group, beside the paper's")
+    results_group.add_argument("--table-format", default="text",
+                               choices=["text", "markdown", "csv", "latex", "all"],
+                               help="how --table prints; all: text, and results.md, results.csv "
+                                    "and results.tex beside the runs (or in --out's folder)")
+    results_group.add_argument("--group", action="store_true",
+                               help="draw each group's mean curves with a band: groups.FORMAT "
+                                    "beside the runs (or --out)")
+    results_group.add_argument("--band", default="minmax", choices=["minmax", "std"],
+                               help="--group's band: min to max, or mean ± one standard deviation")
+    results_group.add_argument("--strict", action="store_true",
+                               help="refuse a folder that cannot be read instead of skipping it")
     opts = p.parse_args(argv)
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
         p.error(f"unknown --style {opts.style!r}; choose one of: {', '.join(sorted(plt.style.available))}")
@@ -456,9 +479,108 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
+def readable_results(opts: argparse.Namespace) -> list[results.Result]:
+    """The runs of ``opts.runs`` that can be read as results; the others are named in a
+    warning and skipped (refused with --strict). None at all is an error."""
+    found = []
+    for folder in opts.runs:
+        try:
+            run = load_run(Path(folder))
+            found.append((run, results.read_result(run.folder, run.logs, run.config)))
+        except (PlotError, ValueError) as error:
+            if opts.strict:
+                raise PlotError(f"{folder}: {error}; leave it out, or drop --strict to skip it") from None
+            print(f"warning: skipped {folder}: {error}", file=sys.stderr)
+    if not found:
+        raise PlotError(f"none of the {len(opts.runs)} folder(s) holds a run with a logged epoch; "
+                        f"name train.py work directories")
+    return found
+
+
+def write_table(opts: argparse.Namespace) -> list[Path]:
+    """--table: print the results table; with --table-format all, also write it as Markdown,
+    CSV and LaTeX beside the runs (or into --out's folder). Nothing is replaced on failure."""
+    found = readable_results(opts)
+    table_rows = results.rows([result for _, result in found])
+    style = "text" if opts.table_format == "all" else opts.table_format
+    print(results.table(table_rows, style), end="")
+    if opts.table_format != "all":
+        return []
+    folder = Path(opts.out).parent if opts.out else Path(os.path.commonpath(
+        [str(run.folder.resolve().parent) for run, _ in found]))
+    texts = {folder / f"results.{suffix}": results.table(table_rows, style)
+             for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
+    for path, text in texts.items():
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp",
+                                             prefix=f".{path.name}.") as f:
+                f.write(text)
+            os.replace(f.name, path)
+        except OSError as error:
+            raise PlotError(f"cannot write {path} ({error.strerror}); make the folder writable "
+                            f"or choose another with --out") from None
+        print(f"wrote {path}")
+    return list(texts)
+
+
+def group_figure(opts: argparse.Namespace):
+    """--group: per group of runs, the mean test error and training loss by epoch with a band
+    (min to max, or mean ± one standard deviation: --band), one colour per group."""
+    found = readable_results(opts)
+    by_folder = {result.folder: run for run, result in found}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for index, row in enumerate(results.rows([result for _, result in found])):
+        colour = COLOURS[index % len(COLOURS)]
+        first = row.first
+        label = (f"{first.model} {first.data} (n={len(row.results)})"
+                 + ("" if first.finished else f", {first.epochs}/{first.planned} epochs"))
+        for ax, (split, metric) in zip(axes, (("test", "error"), ("train", "loss"))):
+            frames = [epoch_window(by_folder[r.folder].logs[split], opts.epochs).set_index("epoch")[metric]
+                      for r in row.results]
+            curves = pd.concat(frames, axis=1)
+            mean = curves.mean(axis=1)
+            if opts.band == "std":
+                spread = curves.std(axis=1).fillna(0)
+                low, high = mean - spread, mean + spread
+            else:
+                low, high = curves.min(axis=1), curves.max(axis=1)
+            ax.plot(mean.index, mean, color=colour, label=label, linewidth=1.6)
+            ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, linewidth=0)
+    for ax, title in zip(axes, ("test error (%)", "training loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(title)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale(opts.loss_scale)
+    band = "min to max" if opts.band == "minmax" else "mean ± one standard deviation"
+    fig.suptitle(opts.title or f"mean over each group's runs; bands: {band}")
+    fig.tight_layout()
+    return fig, [run for run, _ in found]
+
+
+def write_groups(opts: argparse.Namespace) -> list[Path]:
+    fig, runs = group_figure(opts)
+    path = (Path(opts.out) if opts.out else Path(os.path.commonpath(
+        [str(run.folder.resolve().parent) for run in runs])) / "groups").with_suffix(f".{opts.format}")
+    try:
+        fig.savefig(path, dpi=opts.dpi)
+    except OSError as error:
+        raise PlotError(f"cannot write {path} ({error.strerror}); free space or choose another "
+                        f"--out") from None
+    finally:
+        plt.close(fig)
+    print(f"wrote {path}")
+    return [path]
+
+
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.table or opts.group:
+        if opts.table:
+            write_table(opts)
+        if opts.group:
+            write_groups(opts)
+        return 0
     try:
         draw(opts)
         while opts.watch > 0:

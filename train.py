@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -172,6 +173,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
     cfg, runtime, save = run.config, run.runtime, plan.save
     progress, best = EpochProgress(**plan.progress), plan.best
     display_type = training.ProgressBar if sys.stderr.isatty() else training.ProgressLines
+    started, epochs_done = time.perf_counter(), 0
     for epoch in range(plan.start_epoch, cfg.epochs):  # 0-based here, 1-based in files and lines
         lr = cfg.learning_rate(epoch)
         run.step.set_lr(lr)
@@ -211,6 +213,10 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
                 f"error {progress.error:.2f}%  test loss {test.loss:.4f} error {test.error:.2f}%"
                 + (f"  val error {results['val'].error:.2f}%" if "val" in results else "")
                 + f"  {progress.images_per_s:.0f} img/s  {progress.seconds:.1f}s")
+        epochs_done += 1
+        if epoch + 1 < cfg.epochs:  # at this session's pace, evaluation included
+            pace = (time.perf_counter() - started) / epochs_done
+            line += f"  run ends in about {training.duration(pace * (cfg.epochs - epoch - 1))}"
         progress = EpochProgress()
         if new_best_val:  # before the checkpoint that records it
             files.save_checkpoint(run.checkpoint(epoch + 1, progress, best, run.batches.state()), best=True)

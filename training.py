@@ -258,7 +258,8 @@ class ProgressLines:
 
     def __init__(self, epoch: int, epochs: int, steps: int, start_step: int,
                  every: float = EVERY) -> None:
-        self.epoch, self.steps, self.start_step, self.every = epoch, steps, start_step, every
+        self.epoch, self.epochs, self.steps, self.start_step = epoch, epochs, steps, start_step
+        self.every = every
         self.marks = [math.ceil(steps * q / 4) for q in (1, 2, 3)]
         self.marks = [m for m in self.marks if start_step < m < steps]
         self.last = time.perf_counter()
@@ -273,13 +274,24 @@ class ProgressLines:
         while self.marks and done >= self.marks[0]:
             self.marks.pop(0)
         self.last = time.perf_counter()
-        eta = (self.steps - done) * elapsed / max(done - self.start_step, 1)
+        per_step = elapsed / max(done - self.start_step, 1)
+        eta = (self.steps - done) * per_step
+        run = eta + (self.epochs - self.epoch) * self.steps * per_step  # training time alone
         print(f"  epoch {self.epoch}: step {done}/{self.steps} ({100 * done // self.steps}%)  "
               f"loss {loss:.4f}  error {error:.2f}%  {images_per_s:,.0f} img/s  "
-              f"epoch ends in {eta:.0f} s", flush=True)
+              f"epoch ends in {duration(eta)}"
+              + (f", the run in about {duration(run)}" if self.epoch < self.epochs else ""),
+              flush=True)
 
     def close(self) -> None:
         pass
+
+
+def duration(seconds: float) -> str:
+    """A time span as people say it: 45 s, 12 min, 3.4 h."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
 def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime, epoch: int,

@@ -104,6 +104,8 @@ def sweep(args, run: Run, save: Path) -> int:
             smoothed.append(current)
             rows.append(f"{len(lrs)},{lr:.6g},{value:.6g},{current:.6g}")
             best = min(best, current)
+            if len(lrs) % max(1, args.steps // 10) == 0:  # ten progress lines in a whole sweep
+                print(f"  step {len(lrs)}/{args.steps}  lr {lr:.3g}  loss {current:.4f}", flush=True)
             if current > 4 * best:
                 ended = f"the loss rose past 4 times its lowest at lr {lr:.3g}"
             if len(lrs) >= args.steps or ended:

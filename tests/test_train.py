@@ -282,6 +282,18 @@ def test_files_follow_the_umask(tmp_path, cifar_dir, capsys):
             assert (tmp_path / run_name / name).stat().st_mode & 0o777 == mode, (run_name, name)
 
 
+def test_the_lines_say_when_the_run_will_end(tmp_path, cifar_dir, capsys):
+    """The progress lines and each epoch's line give the whole run's remaining time too."""
+    out = start_run(capsys, tmp_path / "eta", cifar_dir, "--epochs", "2")
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert "  run ends in about " in epoch_lines[0] and "run ends" not in epoch_lines[1]
+    progress = [line for line in out.splitlines() if line.startswith("  epoch ")]
+    assert all(", the run in about " in line for line in progress if line.startswith("  epoch 1:"))
+    assert not any("the run in" in line for line in progress if line.startswith("  epoch 2:"))
+    assert training.duration(45) == "45 s" and training.duration(720) == "12 min"
+    assert training.duration(3.4 * 3600) == "3.4 h"
+
+
 def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys):
     """Output to a file gets a line at each quarter of the epoch, and every ``every`` seconds."""
     out = start_run(capsys, tmp_path / "quarters", cifar_dir, "--epochs", "1")  # 5 steps
