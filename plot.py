@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import matplotlib.text
 
 matplotlib.use("Agg")
-matplotlib.rcParams["text.parse_math"] = False  # titles and run names are drawn as written
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -271,6 +271,7 @@ def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
             draw_metric(ax, runs, metric, opts)
         title = opts.title or run_names(runs)
         fig.suptitle(title)
+        as_written(fig)
         fig.tight_layout()
     return fig
 
@@ -288,6 +289,7 @@ def lr_find_figure(run: Run, opts: argparse.Namespace):
                        label=f"suggested lr {run.suggested_lr:.3g}")
         ax.legend(fontsize=8)
         ax.set_title(f"{run.name}: learning-rate finder")
+        as_written(fig)
         fig.tight_layout()
     return fig
 
@@ -311,6 +313,7 @@ def evaluation_figures(run: Run, opts: argparse.Namespace) -> list[tuple[object,
             ax.set_ylabel("error (%)")
             ax.tick_params(axis="x", labelrotation=60)
             ax.set_title(f"{run.name}: per-class test error ({how(path)})")
+            as_written(fig)
             fig.tight_layout()
         figures.append((fig, path.with_suffix("")))
     for path, (names, matrix) in run.confusion.items():
@@ -333,6 +336,7 @@ def evaluation_figures(run: Run, opts: argparse.Namespace) -> list[tuple[object,
             fig.colorbar(image, ax=ax, label="% of the true class")
             ax.set_title(f"{run.name}: confusion ({how(path)}), test error {error:.2f}% "
                          f"of {int(matrix.sum()):,} images", fontsize=10)
+            as_written(fig)
             fig.tight_layout()
         figures.append((fig, path.with_suffix("")))
     return figures
@@ -528,33 +532,46 @@ def group_figure(opts: argparse.Namespace):
     (min to max, or mean ± one standard deviation: --band), one colour per group."""
     found = readable_results(opts)
     by_folder = {result.folder: run for run, result in found}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for index, row in enumerate(results.rows([result for _, result in found])):
-        colour = COLOURS[index % len(COLOURS)]
-        first = row.first
-        label = (f"{first.model} {first.data} (n={len(row.results)})"
-                 + ("" if first.finished else f", {first.epochs}/{first.planned} epochs"))
-        for ax, (split, metric) in zip(axes, (("test", "error"), ("train", "loss"))):
-            frames = [epoch_window(by_folder[r.folder].logs[split], opts.epochs).set_index("epoch")[metric]
-                      for r in row.results]
-            curves = pd.concat(frames, axis=1)
-            mean = curves.mean(axis=1)
-            if opts.band == "std":
-                spread = curves.std(axis=1).fillna(0)
-                low, high = mean - spread, mean + spread
-            else:
-                low, high = curves.min(axis=1), curves.max(axis=1)
-            ax.plot(mean.index, mean, color=colour, label=label, linewidth=1.6)
-            ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, linewidth=0)
-    for ax, title in zip(axes, ("test error (%)", "training loss")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(title)
-        ax.legend(fontsize=8)
-    axes[1].set_yscale(opts.loss_scale)
-    band = "min to max" if opts.band == "minmax" else "mean ± one standard deviation"
-    fig.suptitle(opts.title or f"mean over each group's runs; bands: {band}")
-    fig.tight_layout()
+    with plt.style.context(opts.style):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for index, row in enumerate(results.rows([result for _, result in found])):
+            colour = COLOURS[index % len(COLOURS)]
+            first = row.first
+            label = (f"{first.model} {first.data} (n={len(row.results)})"
+                     + ("" if first.finished else f", {first.epochs}/{first.planned} epochs"))
+            for ax, (split, metric) in zip(axes, (("test", "error"), ("train", "loss"))):
+                curves = pd.concat([epoch_window(by_folder[r.folder].logs[split], opts.epochs)
+                                    .set_index("epoch")[metric] for r in row.results], axis=1)
+                mean = curves.mean(axis=1)
+                if opts.band == "std":
+                    spread = curves.std(axis=1).fillna(0)
+                    low, high = mean - spread, mean + spread
+                else:
+                    low, high = curves.min(axis=1), curves.max(axis=1)
+                ax.plot(mean.index, mean, color=colour, label=label, linewidth=1.6)
+                ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, linewidth=0)
+        for ax, title in zip(axes, ("test error (%)", "training loss")):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=8)
+        axes[1].set_yscale(opts.loss_scale)
+        band = "min to max" if opts.band == "minmax" else "mean ± one standard deviation"
+        fig.suptitle(opts.title or f"mean over each group's runs; bands: {band}")
+        as_written(fig)
+        fig.tight_layout()
     return fig, [run for run, _ in found]
+
+
+def as_written(fig) -> None:
+    """Draw every title, label, legend entry and note of ``fig`` as written: a $ in a run's
+    folder name or a --title is text, not math markup (tick labels keep matplotlib's)."""
+    ticks = {label for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+             for label in (tick.label1, tick.label2)}
+    for text in fig.findobj(matplotlib.text.Text):
+        if text not in ticks:
+            text.set_parse_math(False)
 
 
 def write_groups(opts: argparse.Namespace) -> list[Path]:
