@@ -390,8 +390,7 @@ def draw(opts: argparse.Namespace) -> list[Path]:
                     for metric in metrics]
         figures.append((make_figure(trained, metrics, opts), folder / "curves"))
     elif trained:
-        out = Path(opts.out) if opts.out else Path(os.path.commonpath(
-            [str(r.folder.resolve().parent) for r in trained])) / "comparison"
+        out = Path(opts.out) if opts.out else common_folder(trained) / "comparison"
         figures.append((make_figure(trained, metrics, opts), out))
     for run in trained:
         figures += evaluation_figures(run, opts)
@@ -404,11 +403,7 @@ def draw(opts: argparse.Namespace) -> list[Path]:
                 raise PlotError(f"cannot write to {folder} ({error.strerror}); make it writable, "
                                 f"or for several runs choose another folder with --out") from None
         for (fig, _), path in zip(figures, paths):
-            try:
-                fig.savefig(path, dpi=opts.dpi)
-            except OSError as error:
-                raise PlotError(f"cannot write {path} ({error.strerror}); free space or make "
-                                f"the folder writable") from None
+            save_figure(fig, path, opts.dpi)
     finally:
         for fig, _ in figures:
             plt.close(fig)
@@ -510,8 +505,7 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
     print(results.table(table_rows, style), end="")
     if opts.table_format != "all":
         return []
-    folder = Path(opts.out).parent if opts.out else Path(os.path.commonpath(
-        [str(run.folder.resolve().parent) for run, _ in found]))
+    folder = Path(opts.out).parent if opts.out else common_folder([run for run, _ in found])
     texts = {folder / f"results.{suffix}": results.table(table_rows, style)
              for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
     for path, text in texts.items():
@@ -576,17 +570,26 @@ def as_written(fig) -> None:
 
 def write_groups(opts: argparse.Namespace) -> list[Path]:
     fig, runs = group_figure(opts)
-    path = (Path(opts.out) if opts.out else Path(os.path.commonpath(
-        [str(run.folder.resolve().parent) for run in runs])) / "groups").with_suffix(f".{opts.format}")
+    path = (Path(opts.out) if opts.out else common_folder(runs) / "groups").with_suffix(f".{opts.format}")
     try:
-        fig.savefig(path, dpi=opts.dpi)
-    except OSError as error:
-        raise PlotError(f"cannot write {path} ({error.strerror}); free space or choose another "
-                        f"--out") from None
+        save_figure(fig, path, opts.dpi)
     finally:
         plt.close(fig)
     print(f"wrote {path}")
     return [path]
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as error:
+        raise PlotError(f"cannot write {path} ({error.strerror}); free space, make the folder "
+                        f"writable or choose another with --out") from None
+
+
+def common_folder(runs: list[Run]) -> Path:
+    """The folder that holds all of ``runs``: where what is made of several runs goes."""
+    return Path(os.path.commonpath([str(run.folder.resolve().parent) for run in runs]))
 
 
 @cli.one_line_errors
