@@ -105,8 +105,9 @@ class RunConfig:
                            "(fused.py: C loops on the CPU in float32, Triton on CUDA in float32 "
                            "or bf16), aten (PyTorch's operations), compile (torch.compile of the "
                            "aten model; inside the CUDA graph on a GPU); auto: fused on the CPU "
-                           "in float32, aten otherwise (the Triton path is not yet measured on a "
-                           "GPU). Same results, different speed",
+                           "in float32; on a GPU the faster of fused and aten in a few steps "
+                           "timed at the start of the run (fp16: aten); aten otherwise. Same "
+                           "results, different speed",
                            choices=("auto", *KERNELS, "compile"), resumable=True)
     compile: bool = setting(False, "speed", "the same as --kernels compile", resumable=True)
     sync_bn: bool = setting(False, "speed", "SyncBatchNorm across processes (torchrun)")
