@@ -195,7 +195,7 @@ def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None
     kernels = fused.backend(device.type)
     if kernels is None:
         return "the fused kernels are unavailable here"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    dtype = training.COMPUTE_DTYPES[cfg.precision] or torch.float32
     if dtype not in kernels.DTYPES:
         return f"the fused kernels do not compute in {cfg.precision}"
     failure = kernel_check.failure(device.type)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from config import RunConfig
-from runtime import Runtime, capture_cuda_graph
+from runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
 from training import TrainStep
 
 
@@ -77,13 +77,13 @@ class GraphedStep:
         state = self.step.state()
         tensors = [t for kind in state.values() for t in kind]
         before = [t.detach().clone() for t in tensors]
-        rng = _rng_state(self.step.batches.device)
+        rng = rng_state()
         self.replay()
         replayed = [t.detach().clone() for t in tensors]
         with torch.no_grad():
             for tensor, value in zip(tensors, before):
                 tensor.copy_(value)
-        _set_rng_state(self.step.batches.device, rng)
+        set_rng_state(rng)
         self.step()
         mismatch = replay_mismatch(state, before, replayed)
         if mismatch:
@@ -142,17 +142,6 @@ def replay_mismatch(state: dict[str, list[Tensor]], before: list[Tensor],
         if not difference <= allowed:  # NaN included
             return f"{kind} off by {difference.item():.3g}, the eager step changed them by {changed.item():.3g}"
     return None
-
-
-def _rng_state(device: torch.device) -> Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state: Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 def uncapturable(cfg: RunConfig, kernels: str) -> str | None:

@@ -161,8 +161,8 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
                         + (f", step {step}" if step else ""))
         if plan.note:
             runtime.log(f"--epochs {plan.config.epochs}: {plan.note}")
-        if plan.config.schedule_notice():
-            runtime.log(plan.config.schedule_notice())
+        if notice := plan.config.schedule_notice():
+            runtime.log(notice)
         files = workdir.RunFiles(plan, writes=runtime.main)
         on_main(runtime, files.open, lock, run.record())
         return train_epochs(plan, run, files, StopFlag())
