@@ -34,8 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-import fused
-from config import KERNELS, check_config, model_name, valid_depths  # the rules flags share
+from densenet_trainer.kernels import fused
+from densenet_trainer.settings.config import (  # the rules flags share
+    KERNELS,
+    check_config,
+    model_name,
+    valid_depths,
+)
 
 __all__ = ["DenseNet", "KERNELS", "check_config", "model_name", "valid_depths"]
 

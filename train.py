@@ -34,16 +34,21 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import config
-import data
-import training
-import workdir
-from build import Checkpoint, Run, build_run, load_trained
-from cli import OneLineParser, UserError, path
-from config import RunConfig
-from runlog import WorkDirLock
-from runtime import Runtime, StopFlag, keep_freed_memory_mapped, on_main, setup_runtime
-from training import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.engine import data, training
+from densenet_trainer.engine.runtime import (
+    Runtime,
+    StopFlag,
+    keep_freed_memory_mapped,
+    on_main,
+    setup_runtime,
+)
+from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.run import workdir
+from densenet_trainer.run.build import Checkpoint, Run, build_run, load_trained
+from densenet_trainer.run.files import WorkDirLock
+from densenet_trainer.settings import config
+from densenet_trainer.settings.cli import OneLineParser, UserError, path
+from densenet_trainer.settings.config import RunConfig
 
 
 class Interrupted(Exception):

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cli  # noqa: E402
-import config  # noqa: E402
-import data  # noqa: E402
-from config import RunConfig  # noqa: E402
+from densenet_trainer.engine import data
+from densenet_trainer.settings import cli, config
+from densenet_trainer.settings.config import RunConfig
 
 OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cli  # noqa: E402
-from densenet import DenseBlock, DenseLayer, DenseNet, Transition  # noqa: E402
+from densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from densenet_trainer.settings import cli
 
 
 def parts(growth_rate: int, bottleneck: bool, memory_efficient: bool) -> dict[str, tuple[nn.Module, Callable]]:

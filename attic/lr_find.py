@@ -17,13 +17,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cli  # noqa: E402
-import config  # noqa: E402
-from build import Run, build_run  # noqa: E402
-from config import RunConfig  # noqa: E402
-from runlog import WorkDirLock, holds_run, write_errors, write_json, write_text  # noqa: E402
-from runtime import setup_runtime  # noqa: E402
+from densenet_trainer.engine.runtime import setup_runtime
+from densenet_trainer.run.build import Run, build_run
+from densenet_trainer.run.files import WorkDirLock, holds_run, write_errors, write_json, write_text
+from densenet_trainer.settings import cli, config
+from densenet_trainer.settings.config import RunConfig
 
 SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
 STEADY_STEPS = 100  # fewer make the smoothed curve, and so the suggestion, noisy

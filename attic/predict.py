@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cli  # noqa: E402
-from build import INFERENCE_KEYS, Checkpoint, load_trained  # noqa: E402
+from densenet_trainer.run.build import INFERENCE_KEYS, Checkpoint, load_trained
+from densenet_trainer.settings import cli
 
 SIZE = 32  # what the networks of this project see
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes in about 150 MB; more is refused unread

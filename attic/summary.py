@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cli  # noqa: E402
-import config  # noqa: E402
-from config import RunConfig  # noqa: E402
-from densenet import DenseBlock, DenseLayer, DenseNet, Transition  # noqa: E402
+from densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from densenet_trainer.settings import cli, config
+from densenet_trainer.settings.config import RunConfig
 
 
 def rows_of(model: DenseNet, num_classes: int) -> list[dict]:

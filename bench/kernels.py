@@ -26,9 +26,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-from common import print_table
-import cli  # noqa: E402  (common puts the project on sys.path)
-import config  # noqa: E402
+from densenet_trainer.measuring import print_table
+from densenet_trainer.settings import cli, config
 
 TINY = 1024  # elements: a kernel this small costs its launch, not its work
 # Operations that allocate without writing, or only describe memory: no kernel on a GPU.
@@ -109,9 +108,7 @@ class _CountedLaunch:
 def triton_counted(count_of) -> Iterator[None]:
     """fused.py's kernels as on CUDA: triton_kernels.py's wrappers, with every jitted kernel
     counted instead of launched, on any device (``count_of()`` is the Count to add to)."""
-    import fused
-    import kernel_check
-    import triton_kernels
+    from densenet_trainer.kernels import fused, kernel_check, triton_kernels
     kernels = {name: getattr(triton_kernels, name) for name in dir(triton_kernels)
                if name.startswith("_") and name.endswith("_kernel")}
     saved = fused.backend, kernel_check.failure
@@ -135,8 +132,8 @@ def count_step(cfg: config.RunConfig) -> Count:
     everything (the step never branches on a value)."""
     import torch
 
-    import build
-    from runtime import Runtime
+    from densenet_trainer.engine.runtime import Runtime
+    from densenet_trainer.run import build
     count = Count()
     current = [Count()]  # the step before the counted one counts into a Count of its own
     with triton_counted(lambda: current[0]):

@@ -18,17 +18,25 @@ import statistics
 import sys
 import time
 
-from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
-                    synthetic_run)
-import cli  # noqa: E402  (common puts the project on sys.path)
-from runtime import synchronize  # noqa: E402
+from densenet_trainer.engine.runtime import synchronize
+from densenet_trainer.measuring import (
+    add_device_flag,
+    in_fresh_process,
+    peak_since,
+    print_table,
+    reset_peak,
+    spread,
+    synthetic_run,
+)
+from densenet_trainer.settings import cli
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
 
 
 def measure(settings: dict) -> dict:
     import torch
-    from config import RunConfig
+
+    from densenet_trainer.settings.config import RunConfig
 
     device = torch.device(settings["device"])
     # eager, also on CUDA: a graph holds its memory in its own pool between replays, so its

@@ -18,16 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts the project on sys.path)
-import cli  # noqa: E402
-import config  # noqa: E402
-from build import build_run  # noqa: E402
-from config import RunConfig  # noqa: E402
-from runlog import CsvLog, save_checkpoint  # noqa: E402
-from runtime import keep_freed_memory_mapped, setup_runtime, synchronize  # noqa: E402
-from cuda_graph import GraphedStep  # noqa: E402
-from training import EpochProgress  # noqa: E402
-from workdir import EVAL_COLUMNS, TRAIN_COLUMNS  # noqa: E402
+from densenet_trainer.engine.cuda_graph import GraphedStep
+from densenet_trainer.engine.runtime import keep_freed_memory_mapped, setup_runtime, synchronize
+from densenet_trainer.engine.training import EpochProgress
+from densenet_trainer.run.build import build_run
+from densenet_trainer.run.files import CsvLog, save_checkpoint
+from densenet_trainer.run.workdir import EVAL_COLUMNS, TRAIN_COLUMNS
+from densenet_trainer.settings import cli, config
+from densenet_trainer.settings.config import RunConfig
 
 # train.py's settings that shape an epoch's work (not its length or schedule, not the files)
 LEFT_OUT = {"lr", "schedule", "epochs", "sync_bn"}

@@ -23,12 +23,18 @@ import statistics
 import sys
 import time
 
-from common import (add_device_flag, in_fresh_process, peak_since, print_table, reset_peak, spread,
-                    synthetic_run)
-import cli  # noqa: E402  (common puts the project on sys.path)
-from runtime import synchronize  # noqa: E402
-import config  # noqa: E402
-from config import RunConfig  # noqa: E402
+from densenet_trainer.engine.runtime import synchronize
+from densenet_trainer.measuring import (
+    add_device_flag,
+    in_fresh_process,
+    peak_since,
+    print_table,
+    reset_peak,
+    spread,
+    synthetic_run,
+)
+from densenet_trainer.settings import cli, config
+from densenet_trainer.settings.config import RunConfig
 
 # mode: (what it is, settings); unset settings are those of "ours"
 MODES = {
@@ -82,7 +88,7 @@ def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 
 def measure(settings: dict) -> dict:
     import torch
 
-    from runtime import keep_freed_memory_mapped
+    from densenet_trainer.engine.runtime import keep_freed_memory_mapped
 
     mode = {**OURS, **MODES[settings["mode"]][1]}
     if mode["allocator"]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402  (does not import triton)
 
 if not torch.cuda.is_available():
@@ -26,7 +25,6 @@ if not torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(ROOT))
 
 # A tiny model and few images keep every CLI run to a few seconds on 2 cores. The tests force
 # the CPU: --device auto would pick a GPU where there is one, and these tests are about the
@@ -38,12 +36,6 @@ TINY = [*TINY_MODEL, "--eval-batch-size", "64"]  # train.py's, which evaluates
 # float64: the tests compare paths against float64 and each other far tighter than that.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, without one")
-    config.addinivalue_line("markers", "slow: takes more than about 10 s; `pytest -m 'not slow'` "
-                                       "leaves these out for a quick loop")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

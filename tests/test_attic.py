@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -12,16 +11,10 @@ import torch
 
 import plot
 import train
-from cli import UserError
+from attic import dataset_stats, gradcheck, lr_find, predict, summary
 from conftest import ROOT, TINY, TINY_MODEL
-
-sys.path.insert(0, str(ROOT / "attic"))
-import dataset_stats  # noqa: E402
-import gradcheck  # noqa: E402
-import lr_find  # noqa: E402
-import predict  # noqa: E402
-import summary  # noqa: E402
-from densenet import DenseLayer, DenseNet  # noqa: E402
+from densenet import DenseLayer, DenseNet
+from densenet_trainer.settings.cli import UserError
 
 
 class _ScaledGradient(torch.autograd.Function):
@@ -198,11 +191,10 @@ def test_predict_classifies_own_images_with_the_runs_names(tmp_path, cifar_dir, 
 
 def test_a_failing_measurement_process_ends_in_one_line(tmp_path):
     """bench/: a measuring child that fails gives its last error line, not a traceback."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import common
+    from densenet_trainer import measuring
     script = tmp_path / "fails.py"
     script.write_text("import sys\nprint('something', file=sys.stderr)\n"
                       "raise SystemExit('out of memory on the device')\n")
     with pytest.raises(UserError, match='the measuring process for {"mode": "x"} failed: out of '
                                         'memory on the device'):
-        common.in_fresh_process(script, {"mode": "x"}, 1)
+        measuring.in_fresh_process(script, {"mode": "x"}, 1)

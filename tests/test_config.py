@@ -6,10 +6,10 @@ from dataclasses import fields
 
 import pytest
 
-import config
 import densenet
-from cli import OneLineParser, UserError
-from config import RESUMABLE, RunConfig
+from densenet_trainer.settings import config
+from densenet_trainer.settings.cli import OneLineParser, UserError
+from densenet_trainer.settings.config import RESUMABLE, RunConfig
 
 
 def test_every_setting_declares_its_flag_and_whether_a_resume_may_change_it():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import train
-from build import Checkpoint
 from conftest import ROOT, TINY, metrics, on_forward
+from densenet_trainer.run.build import Checkpoint
 
 # CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))

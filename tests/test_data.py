@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 from conftest import write_cifar10, write_cifar100
+from densenet_trainer.engine import data
 
 
 def test_reads_official_layout_with_fewer_images(cifar_dir):
@@ -141,8 +141,8 @@ def _cifar_with(tmp_path, **changes):
 
 
 def _svhn_with(tmp_path, X, y):
-    from scipy.io import savemat
     import numpy as np
+    from scipy.io import savemat
     folder = tmp_path / "svhn"
     folder.mkdir()
     good = np.zeros((32, 32, 3, 4), dtype=np.uint8)

@@ -1,13 +1,12 @@
 """The model: Table 2 parameter counts, shapes, errors, dropout, memory-efficient mode."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-import config
-import fused
 from densenet import DenseNet, model_name
+from densenet_trainer.kernels import fused
+from densenet_trainer.settings import config
 
 
 def count(model: torch.nn.Module) -> int:

@@ -24,24 +24,25 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
 import plot
 import train
-from config import RunConfig
-from conftest import (ROOT, TINY, TINY_MODEL, Payload, check_refused, run_cli, run_main, snapshot,
-                      write_cifar10)
+from attic import dataset_stats, gradcheck, lr_find, predict, summary
+from bench import kernels as kernel_count
+from bench import memory, pipeline, speed
+from conftest import (
+    ROOT,
+    TINY,
+    TINY_MODEL,
+    Payload,
+    check_refused,
+    run_cli,
+    run_main,
+    snapshot,
+    write_cifar10,
+)
 from densenet import DenseNet
-
-sys.path[:0] = [str(ROOT / "attic"), str(ROOT / "bench")]
-import dataset_stats  # noqa: E402
-import gradcheck  # noqa: E402
-import kernels as kernel_count  # noqa: E402
-import lr_find  # noqa: E402
-import memory  # noqa: E402
-import pipeline  # noqa: E402
-import predict  # noqa: E402
-import speed  # noqa: E402
-import summary  # noqa: E402
+from densenet_trainer.settings import cli
+from densenet_trainer.settings.config import RunConfig
 
 SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": summary.main,
            "attic/gradcheck.py": gradcheck.main, "attic/dataset_stats.py": dataset_stats.main,

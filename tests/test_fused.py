@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cpu_kernels
-import fused
 from conftest import same_weights
 from densenet import DenseNet
+from densenet_trainer.kernels import cpu_kernels, fused
 
 pytestmark = pytest.mark.skipif(fused.backend("cpu") is None,
                                 reason="no C compiler with OpenMP: the fused path is not built")
@@ -136,7 +135,7 @@ def test_both_backends_offer_the_same_kernels():
     """cpu_kernels and triton_kernels: the same functions with the same arguments."""
     import inspect
 
-    triton_kernels = pytest.importorskip("triton_kernels")
+    triton_kernels = pytest.importorskip("densenet_trainer.kernels.triton_kernels")
     for name in ("norm_relu", "norm_relu_backward", "stats", "finish_grad"):
         assert (inspect.signature(getattr(cpu_kernels, name)).parameters.keys()
                 == inspect.signature(getattr(triton_kernels, name)).parameters.keys()), name

@@ -1,16 +1,12 @@
 """bench/kernels.py: what one training step would launch on a GPU, counted on the CPU."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from config import RunConfig
-from conftest import ROOT, on_forward
+from bench import kernels as kernel_count
+from conftest import on_forward
 from densenet import DenseNet
-
-sys.path.insert(0, str(ROOT / "bench"))
-import kernels as kernel_count  # noqa: E402
+from densenet_trainer.settings.config import RunConfig
 
 TINY_BC = dict(depth=10, growth_rate=4, batch_size=8)
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fused
 import train
-import training
-from config import RunConfig
 from conftest import TINY, on_forward, run_main
 from densenet import DenseNet
-from runlog import load_checkpoint, non_finite
+from densenet_trainer.engine import training
+from densenet_trainer.kernels import fused
+from densenet_trainer.run.files import load_checkpoint, non_finite
+from densenet_trainer.settings.config import RunConfig
 
 CHANNELS_LAST = torch.channels_last
 # (memory format, autocast dtype, memory-efficient): the fused CPU path takes channels-last

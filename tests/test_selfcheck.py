@@ -7,16 +7,15 @@ import json
 
 import pytest
 import torch
-
-import build
-import cuda_graph
-import train
-import training
-from cli import UserError
-from config import RunConfig
-from conftest import TINY, metrics
-from runtime import Runtime
 from test_step import make_step, train_steps
+
+import train
+from conftest import TINY, metrics
+from densenet_trainer.engine import cuda_graph, training
+from densenet_trainer.engine.runtime import Runtime
+from densenet_trainer.run import build
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import RunConfig
 
 
 def right(step):
@@ -215,7 +214,7 @@ class Broken:
     failed launch would raise."""
 
     def __init__(self, fault: str) -> None:
-        import cpu_kernels
+        from densenet_trainer.kernels import cpu_kernels
         self.kernels, self.fault, self.DTYPES = cpu_kernels, fault, cpu_kernels.DTYPES
 
     def norm_relu(self, *args):
@@ -238,8 +237,7 @@ class Broken:
 @pytest.fixture
 def broken(monkeypatch):
     """fused.py's kernels on the CPU replaced by a faulty set; the self-test's memo cleared."""
-    import fused
-    import kernel_check
+    from densenet_trainer.kernels import fused, kernel_check
 
     def use(fault: str) -> None:
         monkeypatch.setattr(fused, "backend", lambda device_type: Broken(fault))
@@ -249,7 +247,7 @@ def broken(monkeypatch):
 
 
 def test_the_cpu_kernels_pass_their_self_test():
-    import kernel_check
+    from densenet_trainer.kernels import kernel_check
     assert kernel_check.check(torch.device("cpu")) is None
 
 
@@ -258,7 +256,7 @@ def test_the_cpu_kernels_pass_their_self_test():
     ("tail", "the kernels in torch.float32: stats' variance: Tensor-likes are not close!")])
 def test_a_kernel_that_fails_its_self_test_is_not_used(broken, fault, reason, tmp_path, cifar_dir, capsys):
     """One warning, ATen's kernels, and config.json says why; the run's numbers are ATen's."""
-    import kernel_check
+    from densenet_trainer.kernels import kernel_check
     broken(fault)
     assert kernel_check.check(torch.device("cpu")).startswith(reason)
     assert train.train(flags(tmp_path, cifar_dir, "broken")) == 0
@@ -286,7 +284,7 @@ def fake_timings(**ms):
 @pytest.fixture
 def gpu_kernels_pass(monkeypatch):
     """The fused CUDA kernels as if they had passed their self-test on a GPU."""
-    import kernel_check
+    from densenet_trainer.kernels import kernel_check
     monkeypatch.setattr(kernel_check, "failure", lambda device_type: None)
 
 

@@ -3,22 +3,22 @@ low precision equal to autocast, fixed-shape evaluation; CUDA-only checks carry 
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import build
-import cuda_graph
-import data
 import train
-import training
-from config import RunConfig
 from conftest import ROOT, TINY, metrics, read_csv, same_weights
 from densenet import DenseNet
-from runtime import Runtime, capture_cuda_graph
+from densenet_trainer.engine import cuda_graph, data, training
+from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
+from densenet_trainer.run import build
+from densenet_trainer.settings.config import RunConfig
 
 SGD = RunConfig()  # the paper's: lr 0.1, Nesterov momentum 0.9, weight decay 1e-4
 
@@ -295,19 +295,10 @@ def test_an_uncapturable_step_falls_back_on_cuda():
     """A real capture failure (a host read inside the step), in a process of its own: on older
     torch a failed capture leaves the caching allocator unusable (pytorch#180395), and its
     memory pool stays until the process exits."""
-    script = f"""
-import sys
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-import torch, training
-from test_step import make_step, train_steps
-step = make_step(torch.device("cuda"))
-call = training.TrainStep.__call__
-training.TrainStep.__call__ = lambda self: (call(self), self.step.item())
-runner = cuda_graph.GraphedStep(step, print)
-train_steps(step, runner, 6)
-print("eager" if runner.eager else "graphed")
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, str(tests / "uncapturable_step.py")], capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tests)])})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "could not be captured as a CUDA graph" in result.stdout
     assert result.stdout.strip().endswith("eager")

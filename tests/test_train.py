@@ -17,13 +17,23 @@ from pathlib import Path
 import pytest
 
 import train
-import training
-import workdir
-from build import Checkpoint
-from cli import UserError
-from config import RunConfig
-from conftest import (FIXTURES, ROOT, TINY, metrics, read_csv, run_cli, run_main, snapshot,
-                      start_run, write_cifar100)
+from conftest import (
+    FIXTURES,
+    ROOT,
+    TINY,
+    metrics,
+    read_csv,
+    run_cli,
+    run_main,
+    snapshot,
+    start_run,
+    write_cifar100,
+)
+from densenet_trainer.engine import training
+from densenet_trainer.run import workdir
+from densenet_trainer.run.build import Checkpoint
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import RunConfig
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -409,8 +419,11 @@ def test_top5_error_for_a_hundred_classes(tmp_path, capsys):
 
 # ---------------------------------------------------------------- runs of an earlier version
 
-OLD_RUN = FIXTURES / "run-e92bffc"  # train.py of commit e92bffc, stopped after epoch 1 of 2
-OLD_RUN_FINISHED = FIXTURES / "run-e92bffc-uninterrupted"  # its CSVs of the run left to finish
+# Runs written by earlier versions (train.py of commits e92bffc, and 9a4f3b8 before the modules
+# moved into densenet_trainer/), each stopped after epoch 1 of 2, beside the CSVs of its
+# uninterrupted twin ("-uninterrupted").
+OLD_RUNS = ["run-e92bffc", "run-9a4f3b8"]
+OLD_RUN_FINISHED = FIXTURES / "run-e92bffc-uninterrupted"
 OLD_FLAGS = ["--epochs", "2", "--dropout", "0.1", "--val-size", "32"]  # with TINY's model
 
 
@@ -428,13 +441,15 @@ def assert_same_numbers(work: Path, reference: Path) -> None:
             assert row.get("lr") == want.get("lr"), name
 
 
-def test_a_run_written_by_an_earlier_version_evaluates_and_resumes(tmp_path, cifar_dir, capsys):
+@pytest.mark.parametrize("fixture", OLD_RUNS)
+def test_a_run_written_by_an_earlier_version_evaluates_and_resumes(tmp_path, cifar_dir, capsys, fixture):
     """The fixture ran on conftest's generated CIFAR-10 (the same images as ``cifar_dir``), with
     dropout (every RNG matters) and a validation split (best.pt). Evaluated now, its
     checkpoints give the test error it logged; resumed now, it ends as that version's
     uninterrupted run did."""
     work = tmp_path / "old"
-    shutil.copytree(OLD_RUN, work)
+    shutil.copytree(FIXTURES / fixture, work)
+    saved = json.loads((work / "config.json").read_text())["config"]
     logged = float(read_csv(work / "test.csv")[-1]["error"])
     for name in ("checkpoint.pt", "best.pt"):
         status, out, err = run(capsys, "--evaluate", work / name, "--data-dir", cifar_dir,
@@ -447,10 +462,11 @@ def test_a_run_written_by_an_earlier_version_evaluates_and_resumes(tmp_path, cif
                            "--device", "cpu")  # it was saved with --device auto
     assert status == 0, err
     assert f"resuming {work} after epoch 1" in out
-    assert_same_numbers(work, OLD_RUN_FINISHED)
+    assert_same_numbers(work, FIXTURES / f"{fixture}-uninterrupted")
     recorded = json.loads((work / "config.json").read_text())
-    assert recorded["resumes"][0]["changes"] == {"save": str(work), "data_dir": str(cifar_dir),
-                                                 "device": "cpu", "resume": True}
+    assert recorded["resumes"][0]["changes"] == {
+        "save": str(work), "data_dir": str(cifar_dir), "resume": True,
+        **({"device": "cpu"} if saved["device"] != "cpu" else {})}
 
 
 def test_a_fixed_seed_run_logs_what_the_earlier_version_logged(tmp_path, cifar_dir, capsys):

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fused
 from conftest import same_weights
+from densenet_trainer.kernels import fused
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -25,7 +25,7 @@ def kernels():
     """triton_kernels, interpreted unless there is a GPU (conftest.py sets TRITON_INTERPRET)."""
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-    import triton_kernels
+    from densenet_trainer.kernels import triton_kernels
     return triton_kernels
 
 
@@ -52,7 +52,7 @@ def test_kernels_match_float64(kernels, dtype, shape):
     """Every kernel on a channel prefix of a block buffer against float64 (kernel_check's
     checks, which a run makes on its GPU): pixel counts that leave a tile part-full, channel
     tails over 32, pixel strides that are and are not multiples of 16, batch 1."""
-    import kernel_check
+    from densenet_trainer.kernels import kernel_check
     kernel_check.check_kernels(kernels, DEVICE, dtype, shape)
 
 
@@ -103,7 +103,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
     """bfloat16 features with float32 statistics and gradient sums, against the float64
     reference: no further from it than the ATen path in bfloat16 is (twice that, at most);
     parameters and their gradients stay float32."""
-    import training
+    from densenet_trainer.engine import training
     reference, aten, ours = twins(memory_efficient, "aten", "aten", "fused")
     reference.double().to(DEVICE).train()
     x = torch.randn(16, 3, 8, 8, device=DEVICE)
@@ -138,7 +138,7 @@ def test_the_triton_path_on_cuda(kernels, triton_path):
 
 def test_the_self_test_passes_the_triton_kernels(triton_path):
     """kernel_check's shapes and tolerances hold for the Triton kernels (interpreted here)."""
-    import kernel_check
+    from densenet_trainer.kernels import kernel_check
     assert kernel_check.check(DEVICE) is None
 
 

@@ -16,8 +16,8 @@ import functools
 import torch
 from torch import Tensor
 
-import fused
 from densenet import DenseBlock
+from densenet_trainer.kernels import fused
 
 # Tolerances against float64, by the dtype the tensors hold. Arithmetic is float32; bfloat16
 # outputs are rounded to 8 significant bits (a relative step of 2^-8), sums kept in float32.

@@ -18,7 +18,6 @@ import os
 import sys
 from collections.abc import Callable
 
-
 FIGURE_FORMATS = ("png", "pdf", "svg")  # what plot.py and attic/summary.py write
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from densenet_trainer.settings.cli import UserError
 
 RUN_MARKERS = ("config.json", "train.csv", "test.csv", "checkpoint.pt")
 LOCK_FILE = ".lock"

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cli import UserError
-from config import DATASETS, NUM_CLASSES
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import DATASETS, NUM_CLASSES
 
 PAD = 4  # the paper's augmentation: 4-pixel zero padding, random 32x32 crop, random flip
 

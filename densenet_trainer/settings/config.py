@@ -21,8 +21,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
-import cli
-from cli import UserError
+from densenet_trainer.settings import cli
+from densenet_trainer.settings.cli import UserError
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 DATASETS = tuple(NUM_CLASSES)

@@ -21,11 +21,20 @@ from pathlib import Path
 
 from torch import Tensor
 
-from build import Checkpoint
-from cli import UserError
-from config import RESUMABLE, RunConfig, flag_name
-from runlog import (CsvLog, RunError, WorkDirLock, holds_run, remove_stale_temporaries,
-                    save_checkpoint, write_errors, write_json, write_text)
+from densenet_trainer.run.build import Checkpoint
+from densenet_trainer.run.files import (
+    CsvLog,
+    RunError,
+    WorkDirLock,
+    holds_run,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_errors,
+    write_json,
+    write_text,
+)
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
 
 TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from config import RunConfig
-from runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
-from training import TrainStep
+from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
+from densenet_trainer.engine.training import TrainStep
+from densenet_trainer.settings.config import RunConfig
 
 
 class GraphedStep:

@@ -9,9 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 def in_fresh_process(script: Path, config: dict, threads: int) -> dict:
     """Run ``script --one CONFIG_JSON`` in a new interpreter and return the JSON it prints last."""
@@ -19,7 +16,7 @@ def in_fresh_process(script: Path, config: dict, threads: int) -> dict:
     result = subprocess.run([sys.executable, str(script), "--one", json.dumps(config)],
                             capture_output=True, text=True, env={**os.environ, **env_threads})
     if result.returncode:
-        from cli import UserError
+        from densenet_trainer.settings.cli import UserError
         last = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()),
                     f"exit status {result.returncode}")
         raise UserError(f"the measuring process for {json.dumps(config)} failed: {last}")
@@ -46,8 +43,8 @@ def synthetic_run(cfg, device, steps: int, model=None):
     choosing its algorithms as train.py has it (build.build_synthetic_run)."""
     import torch
 
-    from build import build_synthetic_run
-    from runtime import Runtime
+    from densenet_trainer.engine.runtime import Runtime
+    from densenet_trainer.run.build import build_synthetic_run
     torch.backends.cudnn.benchmark = device.type == "cuda"
     return build_synthetic_run(cfg, Runtime.alone(device), steps, model)
 

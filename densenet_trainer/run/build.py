@@ -26,17 +26,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import cuda_graph
-import data
-import fused
-import kernel_check
-import training
-from config import RESUMABLE, RunConfig, flag_name
 from densenet import DenseNet
-from cli import UserError
-from runlog import RunError, load_checkpoint
-from runtime import (Runtime, broadcast, environment, rng_state, seed_everything, set_rng_state,
-                     synchronize)
+from densenet_trainer.engine import cuda_graph, data, training
+from densenet_trainer.engine.runtime import (
+    Runtime,
+    broadcast,
+    environment,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    synchronize,
+)
+from densenet_trainer.kernels import fused, kernel_check
+from densenet_trainer.run.files import RunError, load_checkpoint
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
 
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
 CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",

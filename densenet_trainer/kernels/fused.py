@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import cpu_kernels
+from densenet_trainer.kernels import cpu_kernels
 
 __all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "gather",
            "norm_relu", "norm_relu_conv"]
@@ -55,7 +55,7 @@ def backend(device_type: str) -> ModuleType | None:
             cpu_kernels.library()
             return cpu_kernels
         if device_type == "cuda":
-            import triton_kernels  # imports triton, which only CUDA needs
+            from densenet_trainer.kernels import triton_kernels  # imports triton, which only CUDA needs
             return triton_kernels
     except cpu_kernels.Unavailable as error:
         return _unavailable(f"the fused CPU kernels are unavailable ({error})")

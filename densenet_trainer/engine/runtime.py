@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from densenet_trainer.settings.cli import UserError
 
 
 def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:

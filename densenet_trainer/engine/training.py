@@ -34,10 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import data
-from config import TOP5_FROM
-from runlog import non_finite
-from runtime import Runtime, StopFlag, all_sum
+from densenet_trainer.engine import data
+from densenet_trainer.engine.runtime import Runtime, StopFlag, all_sum
+from densenet_trainer.run.files import non_finite
+from densenet_trainer.settings.config import TOP5_FROM
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Steps between progress updates and non-finite-loss checks. On a GPU each check waits for

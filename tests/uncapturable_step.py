@@ -1,0 +1,14 @@
+"""Run by tests/test_step.py in a process of its own, on CUDA: a step that reads the host
+(``.item()``) inside it cannot be captured, and the graph runner must fall back to eager steps.
+Prints the runner's notices, then "eager" or "graphed"."""
+import torch
+from test_step import make_step, train_steps
+
+from densenet_trainer.engine import cuda_graph, training
+
+step = make_step(torch.device("cuda"))
+call = training.TrainStep.__call__
+training.TrainStep.__call__ = lambda self: (call(self), self.step.item())
+runner = cuda_graph.GraphedStep(step, print)
+train_steps(step, runner, 6)
+print("eager" if runner.eager else "graphed")
