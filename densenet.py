@@ -225,6 +225,9 @@ class Transition(nn.Sequential):
 class DenseNet(nn.Module):
     """The paper's CIFAR/SVHN DenseNet; returns logits of shape (batch, num_classes).
 
+    ``DenseNet(100, 12)`` is DenseNet-BC-100-12; every other argument is a keyword, e.g.
+    ``DenseNet(40, 12, bottleneck=False, compression=1)`` for the plain DenseNet-40-12.
+
     Args:
         depth: L, the number of layers with weights (4 + 3n, or 4 + 6n with bottleneck).
         growth_rate: k, feature maps added by each dense layer.
@@ -238,7 +241,7 @@ class DenseNet(nn.Module):
             operations elsewhere; "aten" always uses ATen's. The results are the same.
     """
 
-    def __init__(self, depth: int = 100, growth_rate: int = 12, bottleneck: bool = True,
+    def __init__(self, depth: int = 100, growth_rate: int = 12, *, bottleneck: bool = True,
                  compression: float = 0.5, dropout: float = 0.0, num_classes: int = 10,
                  memory_efficient: bool = False, kernels: str = "fused") -> None:
         super().__init__()

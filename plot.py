@@ -26,6 +26,8 @@ from pathlib import Path
 import matplotlib
 import matplotlib.text
 
+from densenet_trainer.records.layout import CONFIG_FILE, NUMBER_NEUTRAL
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -131,8 +133,8 @@ def load_run(folder: Path) -> Run:
     for split in ("test", "val"):
         if (folder / f"{split}.csv").is_file():
             run.logs[split] = read_csv(folder / f"{split}.csv", ("epoch", "loss", "error"))
-    if (folder / "config.json").is_file():
-        run.config = read_json(folder / "config.json")
+    if (folder / CONFIG_FILE).is_file():
+        run.config = read_json(folder / CONFIG_FILE)
         parameters = run.config.get("parameters")
         if parameters is not None and (not isinstance(parameters, int) or isinstance(parameters, bool)):
             raise PlotError(f"{folder / 'config.json'} has a parameter count that is not a whole "
@@ -445,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="redraw every SECONDS until Ctrl-C")
     results_group = p.add_argument_group(
         "results across runs", "Runs whose config.json differ only in the seed and in settings "
-        "that cannot change the numbers (" + ", ".join(sorted(results.IGNORED - {"seed"})) + ") are "
+        "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + ") are "
         "one group; an unfinished run is a row of its own, outside the means. The paper's column "
         "is Table 2 of Huang et al. (table2.json) where depth, growth rate, bottleneck, "
         "compression, dataset, augmentation and the paper's epochs all match.")

@@ -43,6 +43,7 @@ from densenet_trainer.engine.runtime import (
     setup_runtime,
 )
 from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.records.layout import BEST_CHECKPOINT, duration
 from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Checkpoint, Run, build_run, load_trained
 from densenet_trainer.run.files import WorkDirLock
@@ -221,7 +222,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         epochs_done += 1
         if epoch + 1 < cfg.epochs:  # at this session's pace, evaluation included
             pace = (time.perf_counter() - started) / epochs_done
-            line += f"  run ends in about {training.duration(pace * (cfg.epochs - epoch - 1))}"
+            line += f"  run ends in about {duration(pace * (cfg.epochs - epoch - 1))}"
         progress = EpochProgress()
         if new_best_val:  # before the checkpoint that records it
             files.save_checkpoint(run.checkpoint(epoch + 1, progress, best, run.batches.state()), best=True)
@@ -235,7 +236,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
                         f"--save {save}")
             return 0
     chosen = (f"; lowest validation error {best['val_error']:.2f}% at epoch {best['val_epoch']}, "
-              f"saved as {save / workdir.BEST_CHECKPOINT}" if "val_epoch" in best else "")
+              f"saved as {save / BEST_CHECKPOINT}" if "val_epoch" in best else "")
     runtime.log(f"done: final test error {test.error:.2f}%, best {best['error']:.2f}% at epoch "
                 f"{best['epoch']}{chosen}; logs and checkpoint in {save}")
     return 0

@@ -32,7 +32,7 @@ def parts(growth_rate: int, bottleneck: bool, memory_efficient: bool) -> dict[st
         "dense block": (DenseBlock(2, channels, k, bottleneck, 0.0, memory_efficient),
                         lambda: torch.randn(3, channels, 6, 6)),
         "transition": (Transition(channels, channels // 2, 0.0), lambda: torch.randn(3, channels, 6, 6)),
-        "densenet": (DenseNet(10 if bottleneck else 7, k, bottleneck, 0.5, num_classes=4,
+        "densenet": (DenseNet(10 if bottleneck else 7, k, bottleneck=bottleneck, compression=0.5, num_classes=4,
                               memory_efficient=memory_efficient), lambda: torch.randn(2, 3, 8, 8)),
     }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from densenet_trainer.records.layout import CONFIG_FILE
 from densenet_trainer.run.build import INFERENCE_KEYS, Checkpoint, load_trained
 from densenet_trainer.settings import cli
 
@@ -49,7 +50,7 @@ def read_image(path: Path) -> torch.Tensor:
 def class_names(checkpoint: Path, count: int) -> list[str]:
     """The run's class names from config.json beside the checkpoint, or the class numbers."""
     try:
-        names = json.loads((checkpoint.parent / "config.json").read_text()).get("classes")
+        names = json.loads((checkpoint.parent / CONFIG_FILE).read_text()).get("classes")
     except (OSError, ValueError, AttributeError):
         names = None
     if isinstance(names, list) and len(names) == count:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image and Path(args.image).suffix.lstrip(".").lower() not in cli.FIGURE_FORMATS:
         p.error(f"--image {args.image}: the name must end in .png, .pdf or .svg")
     try:
-        model = DenseNet(cfg.depth, cfg.growth_rate, cfg.bottleneck, cfg.compression,
+        model = DenseNet(cfg.depth, cfg.growth_rate, bottleneck=cfg.bottleneck, compression=cfg.compression,
                          num_classes=args.num_classes)
     except ValueError as error:
         p.error(str(error))

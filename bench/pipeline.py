@@ -21,9 +21,9 @@ from pathlib import Path
 from densenet_trainer.engine.cuda_graph import GraphedStep
 from densenet_trainer.engine.runtime import keep_freed_memory_mapped, setup_runtime, synchronize
 from densenet_trainer.engine.training import EpochProgress
+from densenet_trainer.records.layout import EVAL_COLUMNS, TRAIN_COLUMNS
 from densenet_trainer.run.build import build_run
 from densenet_trainer.run.files import CsvLog, save_checkpoint
-from densenet_trainer.run.workdir import EVAL_COLUMNS, TRAIN_COLUMNS
 from densenet_trainer.settings import cli, config
 from densenet_trainer.settings.config import RunConfig
 

@@ -105,8 +105,8 @@ def test_summary_totals_equal_the_model(tmp_path, capsys, flags):
     assert summary.main([*flags, "--image", str(image)]) == 0
     out = capsys.readouterr().out
     bottleneck = "--no-bottleneck" not in flags
-    model = DenseNet(int(flags[1]), int(flags[3]) if bottleneck else 12, bottleneck,
-                     0.5 if bottleneck else 1.0)
+    model = DenseNet(int(flags[1]), int(flags[3]) if bottleneck else 12, bottleneck=bottleneck,
+                     compression=0.5 if bottleneck else 1.0)
     total = sum(p.numel() for p in model.parameters())
     assert f"total: {total:,} parameters" in out
     rows = summary.rows_of(model, 10)
@@ -115,7 +115,7 @@ def test_summary_totals_equal_the_model(tmp_path, capsys, flags):
 
 
 def test_summary_flops_of_bc_100_12():
-    rows = summary.rows_of(DenseNet(100, 12, True, 0.5), 10)
+    rows = summary.rows_of(DenseNet(100, 12, bottleneck=True, compression=0.5), 10)
     assert sum(r["flops"] for r in rows) / 1e9 == pytest.approx(0.5759, abs=1e-4)
 
 

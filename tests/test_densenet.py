@@ -29,7 +29,7 @@ TABLE_2 = [  # depth, k, bottleneck, theta, classes, paper's count
 
 @pytest.mark.parametrize("depth,k,bottleneck,theta,classes,paper", TABLE_2)
 def test_table2_parameter_counts(depth, k, bottleneck, theta, classes, paper):
-    model = DenseNet(depth, k, bottleneck, theta, num_classes=classes)
+    model = DenseNet(depth, k, bottleneck=bottleneck, compression=theta, num_classes=classes)
     derived = expected_parameters(depth, k, bottleneck, theta, classes)
     assert count(model) == derived
     if isinstance(paper, int):
@@ -39,7 +39,7 @@ def test_table2_parameter_counts(depth, k, bottleneck, theta, classes, paper):
 
 
 def test_non_bc_counts_are_the_derived_figures():
-    assert [count(DenseNet(d, k, False, 1.0)) for d, k in [(40, 12), (100, 12), (100, 24)]] == \
+    assert [count(DenseNet(d, k, bottleneck=False, compression=1.0)) for d, k in [(40, 12), (100, 12), (100, 24)]] == \
         [1_019_722, 6_979_642, 27_249_082]
 
 
@@ -47,7 +47,7 @@ def test_non_bc_counts_are_the_derived_figures():
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("train", [True, False])
 def test_output_shape(classes, batch, train):
-    model = DenseNet(16, 4, True, 0.5, num_classes=classes).train(train)
+    model = DenseNet(16, 4, bottleneck=True, compression=0.5, num_classes=classes).train(train)
     assert model(torch.randn(batch, 3, 32, 32)).shape == (batch, classes)
 
 
@@ -55,40 +55,40 @@ def test_output_shape(classes, batch, train):
     (41, False, "40 or 43"), (41, True, "40 or 46"), (101, True, "100 or 106"), (5, False, "7")])
 def test_impossible_depth_names_nearest_valid(depth, bottleneck, nearest):
     with pytest.raises(ValueError, match=f"depth {depth} is impossible.*nearest valid depths: {nearest}$"):
-        DenseNet(depth, 12, bottleneck)
+        DenseNet(depth, 12, bottleneck=bottleneck)
 
 
 def test_names():
-    assert DenseNet(100, 12, True, 0.5).name == "densenet-bc-100-12"
-    assert DenseNet(40, 12, False, 1.0).name == "densenet-40-12"
+    assert DenseNet(100, 12, bottleneck=True, compression=0.5).name == "densenet-bc-100-12"
+    assert DenseNet(40, 12, bottleneck=False, compression=1.0).name == "densenet-40-12"
     assert model_name(100, 12, True, 1.0) == "densenet-b-100-12"
     assert model_name(40, 12, False, 0.5) == "densenet-c-40-12"
 
 
 def test_dropout_only_in_training():
     torch.manual_seed(0)
-    model = DenseNet(16, 4, True, 0.5, dropout=0.5)
+    model = DenseNet(16, 4, bottleneck=True, compression=0.5, dropout=0.5)
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), model(x))
     model.train()
     assert not torch.equal(model(x), model(x))
-    still = DenseNet(16, 4, True, 0.5, dropout=0.0).train()
+    still = DenseNet(16, 4, bottleneck=True, compression=0.5, dropout=0.0).train()
     assert torch.equal(still(x), still(x))
 
 
 def test_stem_width_and_no_conv_bias():
-    assert DenseNet(16, 4, True, 0.5).stem.out_channels == 8
-    assert DenseNet(16, 4, False, 1.0).stem.out_channels == 16
-    convs = [m for m in DenseNet(16, 4, True).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert DenseNet(16, 4, bottleneck=True, compression=0.5).stem.out_channels == 8
+    assert DenseNet(16, 4, bottleneck=False, compression=1.0).stem.out_channels == 16
+    convs = [m for m in DenseNet(16, 4, bottleneck=True).modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.bias is None for c in convs)
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 def test_memory_efficient_matches_standard_in_float64(bottleneck):
     torch.manual_seed(0)
-    standard = DenseNet(16, 4, bottleneck, 0.5, num_classes=10).double()
-    efficient = DenseNet(16, 4, bottleneck, 0.5, num_classes=10, memory_efficient=True).double()
+    standard = DenseNet(16, 4, bottleneck=bottleneck, compression=0.5, num_classes=10).double()
+    efficient = DenseNet(16, 4, bottleneck=bottleneck, compression=0.5, num_classes=10, memory_efficient=True).double()
     efficient.load_state_dict(standard.state_dict())
     x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
     outputs = []
@@ -107,7 +107,7 @@ def test_memory_efficient_matches_standard_in_float64(bottleneck):
 
 def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
     """The ATen path: each layer runs once without gradients, and once more in backward."""
-    model = DenseNet(16, 4, True, 0.5, memory_efficient=True, kernels="aten")
+    model = DenseNet(16, 4, bottleneck=True, compression=0.5, memory_efficient=True, kernels="aten")
     layer_type = type(model.features[0].layers[0])
     calls = []
     original = layer_type._layer
@@ -131,7 +131,7 @@ def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
 def test_memory_efficient_fused_path_recomputes_one_normalisation_per_layer(monkeypatch):
     """The fused path recomputes each layer's first BN-ReLU in backward, from the block's
     buffer, and nothing else: no convolution runs twice, no recomputation without gradients."""
-    model = DenseNet(16, 4, True, 0.5, memory_efficient=True).to(memory_format=torch.channels_last)
+    model = DenseNet(16, 4, bottleneck=True, compression=0.5, memory_efficient=True).to(memory_format=torch.channels_last)
     layers = sum(1 for m in model.modules() if type(m).__name__ == "DenseLayer")
     recomputed, convolutions = [], []
     normalise = fused._normalise

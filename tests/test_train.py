@@ -30,6 +30,7 @@ from conftest import (
     write_cifar100,
 )
 from densenet_trainer.engine import training
+from densenet_trainer.records.layout import duration
 from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Checkpoint
 from densenet_trainer.settings.cli import UserError
@@ -300,8 +301,8 @@ def test_the_lines_say_when_the_run_will_end(tmp_path, cifar_dir, capsys):
     progress = [line for line in out.splitlines() if line.startswith("  epoch ")]
     assert all(", the run in about " in line for line in progress if line.startswith("  epoch 1:"))
     assert not any("the run in" in line for line in progress if line.startswith("  epoch 2:"))
-    assert training.duration(45) == "45 s" and training.duration(720) == "12 min"
-    assert training.duration(3.4 * 3600) == "3.4 h"
+    assert duration(45) == "45 s" and duration(720) == "12.0 min"
+    assert duration(3.4 * 3600) == "3.4 h"
 
 
 def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys):

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from densenet_trainer.engine import data
 from densenet_trainer.engine.runtime import Runtime, StopFlag, all_sum
+from densenet_trainer.records.layout import duration
 from densenet_trainer.run.files import non_finite
 from densenet_trainer.settings.config import TOP5_FROM
 
@@ -285,13 +286,6 @@ class ProgressLines:
 
     def close(self) -> None:
         pass
-
-
-def duration(seconds: float) -> str:
-    """A time span as people say it: 45 s, 12 min, 3.4 h."""
-    if seconds < 100:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
 def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime, epoch: int,

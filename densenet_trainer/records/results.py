@@ -1,7 +1,7 @@
 """Runs gathered into results: groups of seeds, their mean and spread, beside the paper's numbers.
 
 A group is the finished runs whose configurations differ only in the seed and in settings
-that cannot change the numbers (IGNORED: where the files go, which device, kernels, graph or
+that cannot change the numbers (layout.NUMBER_NEUTRAL: where the files go, which device, kernels, graph or
 memory layout compute them). Each unfinished run (still training, or stopped early) is a row
 of its own and stays out of the finished runs' means. A row's configuration is matched to
 Table 2 of the DenseNet paper (table2.json) by depth, growth rate, bottleneck, compression,
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from densenet_trainer.records.layout import NUMBER_NEUTRAL, duration
+
 TABLE_2 = Path(__file__).with_name("table2.json")
-# Settings that decide where and how fast a run computes, not what: runs that differ only in
-# these (and the seed) are one group.
-IGNORED = {"seed", "save", "resume", "stop_after", "device", "kernels", "compile", "cuda_graph",
-           "channels_last", "memory_efficient", "eval_batch_size", "data_dir", "download"}
+# Runs whose configurations differ only in these are one group: the seeds, and the settings
+# that cannot change the numbers.
+GROUPED_OVER = NUMBER_NEUTRAL | {"seed"}
 DATASET_COLUMNS = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN"}
 
 
@@ -54,7 +55,7 @@ class Result:
         return name + ("+" if self.config.get("augment") else "")
 
     def key(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in IGNORED))
+        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in GROUPED_OVER))
 
 
 def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Result:
@@ -122,7 +123,7 @@ class Row:
             "test error (%)": _spread(test),
             "best-val test error (%)": _spread(self.mean_std([r.best_val_test_error for r in self.results])),
             "top-5 error (%)": _spread(self.mean_std([r.top5_error for r in self.results])),
-            "training time": _duration(seconds[0]) if seconds else "",
+            "training time": duration(seconds[0]) if seconds else "",
             "paper (%)": f"{paper:.2f}" if paper is not None else "",
             "difference": f"{test[0] - paper:+.2f}" if paper is not None and test else "",
         }
@@ -133,12 +134,6 @@ def _spread(value: tuple[float, float | None] | None) -> str:
         return ""
     mean, std = value
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def rows(results: list[Result]) -> list[Row]:

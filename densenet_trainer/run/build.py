@@ -38,6 +38,7 @@ from densenet_trainer.engine.runtime import (
     synchronize,
 )
 from densenet_trainer.kernels import fused, kernel_check
+from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
 from densenet_trainer.run.files import RunError, load_checkpoint
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
@@ -61,7 +62,7 @@ class Checkpoint:
         runlog.load_checkpoint does, and check that it is the run of its folder
         (``check_folder``); RunError for anything amiss."""
         if path.is_dir():
-            path = path / "checkpoint.pt"
+            path = path / LAST_CHECKPOINT
         state = load_checkpoint(path, keys)
         checkpoint = cls(path, state, RunConfig.from_dict(state["config"], str(path)))
         checkpoint.check_folder()
@@ -72,7 +73,7 @@ class Checkpoint:
         run's identity, or settings that no resume could have changed (a checkpoint copied in
         from elsewhere). A checkpoint with no readable config.json beside it is its own record."""
         try:
-            recorded = json.loads((self.path.parent / "config.json").read_text())
+            recorded = json.loads((self.path.parent / CONFIG_FILE).read_text())
         except (OSError, UnicodeDecodeError, ValueError):
             return
         if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
@@ -88,7 +89,7 @@ class Checkpoint:
                                f"{recorded['config'][name]})" for name in differ[:3])
         else:
             return
-        raise RunError(f"{self.path} is not the run recorded in {self.path.parent / 'config.json'} "
+        raise RunError(f"{self.path} is not the run recorded in {self.path.parent / CONFIG_FILE} "
                        f"({reason}): it was copied in from another run; put this run's own "
                        f"checkpoint back, or use the checkpoint from its own folder")
 
@@ -131,8 +132,9 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
 
 def build_model(cfg: RunConfig, kernels: str) -> DenseNet:
     """The configuration's DenseNet, computing with ``kernels`` ("fused" or "aten")."""
-    return DenseNet(cfg.depth, cfg.growth_rate, cfg.bottleneck, cfg.compression, cfg.dropout,
-                    cfg.num_classes, cfg.memory_efficient, kernels)
+    return DenseNet(depth=cfg.depth, growth_rate=cfg.growth_rate, bottleneck=cfg.bottleneck,
+                    compression=cfg.compression, dropout=cfg.dropout, num_classes=cfg.num_classes,
+                    memory_efficient=cfg.memory_efficient, kernels=kernels)
 
 
 @dataclass

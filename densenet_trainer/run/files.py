@@ -30,10 +30,8 @@ from pathlib import Path
 
 import torch
 
+from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
 from densenet_trainer.settings.cli import UserError
-
-RUN_MARKERS = ("config.json", "train.csv", "test.csv", "checkpoint.pt")
-LOCK_FILE = ".lock"
 
 
 class RunError(UserError):

@@ -21,6 +21,15 @@ from pathlib import Path
 
 from torch import Tensor
 
+from densenet_trainer.records.layout import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    EVAL_COLUMNS,
+    LAST_CHECKPOINT,
+    TOP5_COLUMNS,
+    TRAIN_COLUMNS,
+    csv_name,
+)
 from densenet_trainer.run.build import Checkpoint
 from densenet_trainer.run.files import (
     CsvLog,
@@ -35,12 +44,6 @@ from densenet_trainer.run.files import (
 )
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
-
-TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
-EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
-TOP5_COLUMNS = ["top5_error"]  # added for datasets with many classes (RunConfig.top5)
-LAST_CHECKPOINT = "checkpoint.pt"
-BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
 
 
 @dataclass
@@ -96,7 +99,7 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
         raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
                         f"start a new run without --resume")
     else:
-        saved = RunConfig.from_dict(config_json["config"], str(save / "config.json"))
+        saved = RunConfig.from_dict(config_json["config"], str(save / CONFIG_FILE))
         if max(run_logs(save, saved)["train"].epochs(), default=0) > 1:
             # rows are appended before each checkpoint, so only epoch 1 can be logged without one
             raise UserError(f"{save} has epochs logged in train.csv but no checkpoint.pt to "
@@ -165,7 +168,7 @@ def check_schedule(saved: RunConfig, cfg: RunConfig, start_epoch: int, partial: 
 
 def read_config_json(save: Path, has_checkpoint: bool) -> dict | None:
     """config.json of a run (None when absent); a damaged one is refused."""
-    path = save / "config.json"
+    path = save / CONFIG_FILE
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError:
@@ -185,7 +188,7 @@ def run_logs(save: Path, cfg: RunConfig) -> dict[str, CsvLog]:
     run logged before there was one, which keeps its columns)."""
     logs = {}
     for split in ["train", "test"] + (["val"] if cfg.val_size else []):
-        path, columns = save / f"{split}.csv", TRAIN_COLUMNS if split == "train" else EVAL_COLUMNS
+        path, columns = save / csv_name(split), TRAIN_COLUMNS if split == "train" else EVAL_COLUMNS
         try:
             with open(path) as f:
                 earlier = f.readline().rstrip("\n") == ",".join(columns)
@@ -228,7 +231,7 @@ class RunFiles:
             else:
                 content = {"config": plan.config.to_dict(), "run_id": plan.run_id, "started": stamp,
                            **record}
-            write_json(self.save / "config.json", content)
+            write_json(self.save / CONFIG_FILE, content)
             self.content = content
             for log in self.logs.values():
                 log.keep_epochs_up_to(plan.start_epoch) if plan.resuming else log.create()
@@ -242,7 +245,7 @@ class RunFiles:
         if entry.get(key) != value:
             entry[key] = value
             with self._writing():
-                write_json(self.save / "config.json", self.content)
+                write_json(self.save / CONFIG_FILE, self.content)
 
     def append(self, epoch: int, rows: dict[str, dict]) -> None:
         """One row per split for 1-based ``epoch``, fsynced."""

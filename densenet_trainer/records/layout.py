@@ -1,0 +1,32 @@
+"""A work directory's format, kept once for every reader and writer (train.py, plot.py,
+results, the tools): its file names, its CSV columns, which settings cannot change a run's
+numbers, and how a span of time is written. torch-free."""
+from __future__ import annotations
+
+from densenet_trainer.settings.config import RESUMABLE
+
+CONFIG_FILE = "config.json"  # the configuration, what was built, and an entry per resume
+LAST_CHECKPOINT = "checkpoint.pt"  # after every epoch, or at a stop within one
+BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
+LOCK_FILE = ".lock"  # only while a process works in the folder
+RUN_MARKERS = (CONFIG_FILE, "train.csv", "test.csv", LAST_CHECKPOINT)  # a folder holding any holds a run
+
+TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
+EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
+TOP5_COLUMNS = ["top5_error"]  # added for datasets with many classes (RunConfig.top5)
+
+# Settings that decide where, how fast and for how long a run computes, never what: those a
+# resume may change (RunConfig's own ``resumable``), less --epochs, which sets the schedule.
+NUMBER_NEUTRAL = RESUMABLE - {"epochs"}
+
+
+def csv_name(split: str) -> str:
+    """The CSV file of ``split`` ("train", "test" or "val")."""
+    return f"{split}.csv"
+
+
+def duration(seconds: float) -> str:
+    """A span of time as people say it: 45 s, 12.5 min, 3.4 h."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
