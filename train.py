@@ -18,8 +18,9 @@ Examples:
   ./train.py --evaluate work/cifar10-densenet-bc-100-12/checkpoint.pt --tta
 
 The story of a run is ``train``: plan the start or resume (workdir.py), build the run from
-its configuration (build.py), begin its files, then ``train_epochs``. The step, the loop over
-an epoch's steps and evaluation are the engine's (training.py).
+its configuration (build.py), begin its files, then ``train_epochs``, an epoch at a time in
+named steps. The step (step.py), the loop over an epoch's steps and evaluation (training.py)
+are the engine's; the checkpoint format is checkpoint.py's.
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ from densenet_trainer.engine.runtime import (
 from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
 from densenet_trainer.records.layout import BEST_CHECKPOINT, duration
 from densenet_trainer.run import workdir
-from densenet_trainer.run.build import Checkpoint, Run, build_run, load_trained
+from densenet_trainer.run.build import Run, build_run
+from densenet_trainer.run.checkpoint import Checkpoint, checkpoint_state
 from densenet_trainer.run.files import WorkDirLock
+from densenet_trainer.run.inference import load_trained
 from densenet_trainer.settings import config
 from densenet_trainer.settings.cli import OneLineParser, UserError, path
 from densenet_trainer.settings.config import RunConfig
@@ -176,70 +179,102 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
 
 def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: StopFlag) -> int:
     """Each epoch from the plan's first: train it, check it, evaluate it, log it, save it."""
-    cfg, runtime, save = run.config, run.runtime, plan.save
-    progress, best = EpochProgress(**plan.progress), plan.best
-    display_type = training.ProgressBar if sys.stderr.isatty() else training.ProgressLines
-    started, epochs_done = time.perf_counter(), 0
-    for epoch in range(plan.start_epoch, cfg.epochs):  # 0-based here, 1-based in files and lines
-        lr = cfg.learning_rate(epoch)
-        run.step.set_lr(lr)
+    cfg, runtime = run.config, run.runtime
+    progress, best, pace = EpochProgress(**plan.progress), plan.best, Pace(cfg.epochs)
+    for epoch in range(plan.start_epoch + 1, cfg.epochs + 1):  # 1-based, as in files and lines
+        lr = cfg.learning_rate(epoch - 1)
+        run.lr.set(lr)
         data_rng = run.batches.state()  # plans this epoch: a checkpoint taken within it keeps it
-        display = (display_type(epoch + 1, cfg.epochs, run.batches.steps, progress.step)
-                   if runtime.main else None)
-        try:
-            progress = training.train_epoch(run.step, run.run_step, runtime, epoch + 1, progress,
-                                            stop, display)
-        finally:
-            if display is not None:
-                display.close()
+        progress = train_one_epoch(run, epoch, progress, stop)
         if progress.step < run.batches.steps:  # a stop was requested within the epoch
-            training.ensure_finite(run.model, f"at epoch {epoch + 1}, step {progress.step}")
-            files.save_checkpoint(run.checkpoint(epoch, progress, best, data_rng))
-            raise Interrupted(stop.agreed, save, epoch + 1, progress.step)
-        training.ensure_finite(run.model, f"after epoch {epoch + 1}")
+            training.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
+            files.save_checkpoint(checkpoint_state(run, epoch - 1, progress, best, data_rng))
+            raise Interrupted(stop.agreed, plan.save, epoch, progress.step)
+        training.ensure_finite(run.model, f"after epoch {epoch}")
         files.update_record("step", run.step_status)
-        results = {"test": run.evaluate(run.test)}
-        if run.val is not None:
-            results["val"] = run.evaluate(run.val)
-        for split, result in results.items():
-            if not math.isfinite(result.loss):
-                raise Diverged(f"the {split} loss is not finite after epoch {epoch + 1}")
-        test = results["test"]
-        if test.error < best["error"]:
-            best = {**best, "error": test.error, "epoch": epoch + 1}
-        new_best_val = "val" in results and results["val"].error < best.get("val_error", math.inf)
-        if new_best_val:
-            best = {**best, "val_error": results["val"].error, "val_epoch": epoch + 1}
-        files.append(epoch + 1, {
-            "train": {"lr": lr, "loss": progress.loss, "error": progress.error,
-                      "top5_error": progress.top5_error, "seconds": progress.seconds,
-                      "images_per_s": progress.images_per_s},
-            **{split: result.row() for split, result in results.items()}})
-        line = (f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.3g}  train loss {progress.loss:.4f} "
-                f"error {progress.error:.2f}%  test loss {test.loss:.4f} error {test.error:.2f}%"
-                + (f"  val error {results['val'].error:.2f}%" if "val" in results else "")
-                + f"  {progress.images_per_s:.0f} img/s  {progress.seconds:.1f}s")
-        epochs_done += 1
-        if epoch + 1 < cfg.epochs:  # at this session's pace, evaluation included
-            pace = (time.perf_counter() - started) / epochs_done
-            line += f"  run ends in about {duration(pace * (cfg.epochs - epoch - 1))}"
-        progress = EpochProgress()
+        results = evaluate_splits(run, epoch)
+        new_best_val = best.update(epoch, results["test"].error,
+                                   results["val"].error if "val" in results else None)
+        files.append(epoch, epoch_rows(lr, progress, results))
+        line = epoch_line(cfg, epoch, lr, progress, results) + pace.after(epoch)
         if new_best_val:  # before the checkpoint that records it
-            files.save_checkpoint(run.checkpoint(epoch + 1, progress, best, run.batches.state()), best=True)
-        files.save_checkpoint(run.checkpoint(epoch + 1, progress, best, run.batches.state()))
+            files.save_checkpoint(checkpoint_state(run, epoch, EpochProgress(), best,
+                                                   run.batches.state()), best=True)
+        files.save_checkpoint(checkpoint_state(run, epoch, EpochProgress(), best, run.batches.state()))
         runtime.log(line, flush=True)
-        signum = stop.requested(runtime)
-        if signum:
-            raise Interrupted(signum, save, epoch + 1, run.batches.steps)
-        if epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
-            runtime.log(f"stopped after epoch {epoch + 1} (--stop-after); continue with --resume "
-                        f"--save {save}")
+        progress = EpochProgress()
+        if signum := stop.requested(runtime):
+            raise Interrupted(signum, plan.save, epoch, run.batches.steps)
+        if epoch == cfg.stop_after and epoch < cfg.epochs:
+            runtime.log(f"stopped after epoch {epoch} (--stop-after); continue with --resume "
+                        f"--save {plan.save}")
             return 0
-    chosen = (f"; lowest validation error {best['val_error']:.2f}% at epoch {best['val_epoch']}, "
-              f"saved as {save / BEST_CHECKPOINT}" if "val_epoch" in best else "")
-    runtime.log(f"done: final test error {test.error:.2f}%, best {best['error']:.2f}% at epoch "
-                f"{best['epoch']}{chosen}; logs and checkpoint in {save}")
+    chosen = (f"; lowest validation error {best.val_error:.2f}% at epoch {best.val_epoch}, "
+              f"saved as {plan.save / BEST_CHECKPOINT}" if best.val_epoch is not None else "")
+    runtime.log(f"done: final test error {results['test'].error:.2f}%, best {best.error:.2f}% at "
+                f"epoch {best.epoch}{chosen}; logs and checkpoint in {plan.save}")
     return 0
+
+
+def train_one_epoch(run: Run, epoch: int, progress: EpochProgress, stop: StopFlag) -> EpochProgress:
+    """Train epoch ``epoch`` from ``progress.step`` on, its progress shown by the main process
+    (a bar on a terminal, lines otherwise); it ends early where ``stop`` is requested."""
+    display = None
+    if run.runtime.main:
+        display_type = training.ProgressBar if sys.stderr.isatty() else training.ProgressLines
+        display = display_type(epoch, run.config.epochs, run.batches.steps, progress.step)
+    try:
+        return training.train_epoch(run.step, run.run_step, run.runtime, epoch, progress, stop,
+                                    display)
+    finally:
+        if display is not None:
+            display.close()
+
+
+def evaluate_splits(run: Run, epoch: int) -> dict[str, training.Evaluation]:
+    """The model after ``epoch`` on the test split and, with --val-size, the validation one;
+    a loss that is not finite stops the run (Diverged)."""
+    results = {"test": run.evaluate(run.test)}
+    if run.val is not None:
+        results["val"] = run.evaluate(run.val)
+    for split, result in results.items():
+        if not math.isfinite(result.loss):
+            raise Diverged(f"the {split} loss is not finite after epoch {epoch}")
+    return results
+
+
+def epoch_rows(lr: float, progress: EpochProgress,
+               results: dict[str, training.Evaluation]) -> dict[str, dict]:
+    """The epoch's row of each CSV file, by split."""
+    train_row = {"lr": lr, "loss": progress.loss, "error": progress.error,
+                 "top5_error": progress.top5_error, "seconds": progress.seconds,
+                 "images_per_s": progress.images_per_s}
+    return {"train": train_row, **{split: result.row() for split, result in results.items()}}
+
+
+def epoch_line(cfg: RunConfig, epoch: int, lr: float, progress: EpochProgress,
+               results: dict[str, training.Evaluation]) -> str:
+    """What the epoch's end prints."""
+    test = results["test"]
+    return (f"epoch {epoch}/{cfg.epochs}  lr {lr:.3g}  train loss {progress.loss:.4f} "
+            f"error {progress.error:.2f}%  test loss {test.loss:.4f} error {test.error:.2f}%"
+            + (f"  val error {results['val'].error:.2f}%" if "val" in results else "")
+            + f"  {progress.images_per_s:.0f} img/s  {progress.seconds:.1f}s")
+
+
+class Pace:
+    """When the run will end, at this session's pace so far (evaluation included)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs, self.started, self.epochs_done = epochs, time.perf_counter(), 0
+
+    def after(self, epoch: int) -> str:
+        """The epoch line's ending once ``epoch`` is done (nothing after the last)."""
+        self.epochs_done += 1
+        if epoch >= self.epochs:
+            return ""
+        per_epoch = (time.perf_counter() - self.started) / self.epochs_done
+        return f"  run ends in about {duration(per_epoch * (self.epochs - epoch))}"
 
 
 # ---------------------------------------------------------------- --evaluate

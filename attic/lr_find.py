@@ -81,7 +81,7 @@ def sweep(args, run: Run, save: Path) -> int:
     """Train with the rising learning rate (train.py's own step), then write the sweep and
     the suggestion. Each step's loss is read as it ends, to stop when the loss explodes or
     stops being finite (that step is not written: every row holds numbers)."""
-    step, run_step = run.step, run.run_step
+    step, run_step, learning_rate = run.step, run.run_step, run.lr
     ratio = args.end_lr / args.start_lr
     rows, lrs, smoothed, average, best = ["step,lr,raw_loss,loss"], [], [], 0.0, math.inf
     step.model.train()
@@ -90,7 +90,7 @@ def sweep(args, run: Run, save: Path) -> int:
         step.start_epoch()
         for index in range(step.batches.steps):
             lr = args.start_lr * ratio ** (len(lrs) / (args.steps - 1))
-            step.set_lr(lr)
+            learning_rate.set(lr)
             run_step()
             value = step.losses[index].item()
             if not math.isfinite(value):

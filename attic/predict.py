@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from densenet_trainer.records.layout import CONFIG_FILE
-from densenet_trainer.run.build import INFERENCE_KEYS, Checkpoint, load_trained
+from densenet_trainer.run.checkpoint import INFERENCE_KEYS, Checkpoint
+from densenet_trainer.run.inference import load_trained
 from densenet_trainer.settings import cli
 
 SIZE = 32  # what the networks of this project see

@@ -14,7 +14,7 @@ import pytest
 
 import train
 from conftest import ROOT, TINY, metrics, on_forward
-from densenet_trainer.run.build import Checkpoint
+from densenet_trainer.run.checkpoint import Checkpoint
 
 # CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))

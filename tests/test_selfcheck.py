@@ -1,4 +1,4 @@
-"""The step checks itself (training.py): the CUDA graph's first replay against an eager step,
+"""The step checks itself (step.py, training.py): the CUDA graph's first replay against an eager step,
 each epoch's bookkeeping, the configurations never captured; config.json's record of how the
 run ran. On the CPU the graph is a stand-in capture that replays right or wrong."""
 from __future__ import annotations
@@ -13,7 +13,9 @@ import train
 from conftest import TINY, metrics
 from densenet_trainer.engine import cuda_graph, training
 from densenet_trainer.engine.runtime import Runtime
-from densenet_trainer.run import build
+from densenet_trainer.engine.step import LearningRate
+from densenet_trainer.run import build, kernel_choice
+from densenet_trainer.run.checkpoint import Checkpoint, restore
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
 
@@ -179,12 +181,12 @@ def test_fused_kernels_are_never_used_under_syncbatchnorm():
     """SyncBatchNorm's statistics are synchronised in its forward, which the fused kernels do
     not call: auto takes ATen there, and naming fused is refused."""
     two = Runtime(torch.device("cpu"), 0, 2)
-    assert build.choose_kernels(RunConfig(sync_bn=True), two).kernels == "aten"
-    assert build.choose_kernels(RunConfig(sync_bn=True), Runtime.alone(torch.device("cpu"))).kernels == "fused"
-    assert build.choose_kernels(RunConfig(kernels="fused"), two).kernels == "fused"
+    assert kernel_choice.choose_kernels(RunConfig(sync_bn=True), two).kernels == "aten"
+    assert kernel_choice.choose_kernels(RunConfig(sync_bn=True), Runtime.alone(torch.device("cpu"))).kernels == "fused"
+    assert kernel_choice.choose_kernels(RunConfig(kernels="fused"), two).kernels == "fused"
     with pytest.raises(UserError, match="--kernels fused normalises with each process's own batch "
                                         "statistics, not --sync-bn's"):
-        build.choose_kernels(RunConfig(sync_bn=True, kernels="fused"), two)
+        kernel_choice.choose_kernels(RunConfig(sync_bn=True, kernels="fused"), two)
 
 
 @pytest.mark.parametrize("opt", ["adam", "rmsprop"])
@@ -194,16 +196,16 @@ def test_step_counts_move_to_where_the_resumed_optimiser_reads_them(opt):
     where a capturable optimiser reads them; a resume without the graph keeps them as its
     implementation reads them."""
     cfg = RunConfig(opt=opt)
-    trained = build.build_optimizer(cfg, model := torch.nn.Linear(3, 2))
+    trained = build.build_optimizer(cfg, model := torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
     model(torch.ones(1, 3)).sum().backward()
     trained.step()
     kind = torch.optim.Adam if opt == "adam" else torch.optim.RMSprop
     graphed = kind(torch.nn.Linear(3, 2, device="meta").parameters(), capturable=True)
-    build.restore(graphed, trained.state_dict(), "checkpoint.pt")
+    restore(graphed, trained.state_dict(), "checkpoint.pt")
     assert graphed.param_groups[0]["capturable"]
     assert [s["step"].device.type for s in graphed.state.values()] == ["meta", "meta"]
-    eager = build.build_optimizer(cfg, torch.nn.Linear(3, 2))
-    build.restore(eager, trained.state_dict(), "checkpoint.pt")
+    eager = build.build_optimizer(cfg, torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
+    restore(eager, trained.state_dict(), "checkpoint.pt")
     assert [s["step"].dtype for s in eager.state.values()] == [torch.float32] * 2
 
 
@@ -292,9 +294,9 @@ def gpu_kernels_pass(monkeypatch):
 def test_auto_on_a_gpu_takes_the_faster_kernels_and_records_why(gpu_kernels_pass, aten, fused_ms,
                                                                 chosen, capsys):
     measure, calls = fake_timings(aten=aten, fused=fused_ms)
-    choice = build.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
+    choice = kernel_choice.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
     assert calls == ["aten", "fused"]
-    assert choice == build.KernelChoice(chosen, "auto: the faster over 5 timed steps each",
+    assert choice == kernel_choice.KernelChoice(chosen, "auto: the faster over 5 timed steps each",
                                         {"aten": aten, "fused": fused_ms})
     assert capsys.readouterr().out == (f"--kernels auto: {chosen} (aten {aten:.2f} ms, fused "
                                        f"{fused_ms:.2f} ms per step)\n")
@@ -305,14 +307,14 @@ def test_auto_on_a_gpu_takes_the_faster_kernels_and_records_why(gpu_kernels_pass
 def test_auto_on_a_gpu_keeps_a_resumed_runs_choice_and_times_only_what_can_run(gpu_kernels_pass):
     gpu, never = Runtime(torch.device("cuda")), fake_timings()[0]
     saved = {"device_type": "cuda", "kernels": "fused"}
-    assert build.choose_kernels(RunConfig(), gpu, print, saved, never) == build.KernelChoice(
+    assert kernel_choice.choose_kernels(RunConfig(), gpu, print, saved, never) == kernel_choice.KernelChoice(
         "fused", "auto, kept from the run's first start")
     # a run trained on the CPU and resumed on a GPU chooses afresh
     measure, calls = fake_timings(aten=1.0, fused=2.0)
-    assert build.choose_kernels(RunConfig(), gpu, print, {"device_type": "cpu", "kernels": "fused"},
+    assert kernel_choice.choose_kernels(RunConfig(), gpu, print, {"device_type": "cpu", "kernels": "fused"},
                                 measure).kernels == "aten"
     # the fused kernels do not compute in fp16: nothing to time
-    assert build.choose_kernels(RunConfig(precision="fp16"), gpu, print, None, never) == build.KernelChoice(
+    assert kernel_choice.choose_kernels(RunConfig(precision="fp16"), gpu, print, None, never) == kernel_choice.KernelChoice(
         "aten", "auto: the fused kernels do not compute in fp16")
 
 
@@ -324,7 +326,7 @@ def test_timing_steps_changes_nothing_the_run_draws():
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     state = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     cfg = RunConfig(depth=10, growth_rate=4, batch_size=8)
-    seconds = build.time_steps(cfg, Runtime(torch.device("cpu")), "aten")
+    seconds = kernel_choice.time_steps(cfg, Runtime(torch.device("cpu")), "aten")
     assert seconds > 0
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert (np.random.get_state()[1] == state[2]).all()
@@ -332,7 +334,7 @@ def test_timing_steps_changes_nothing_the_run_draws():
 
 def test_a_checkpoint_keeps_the_kernels_it_trained_with(tmp_path, cifar_dir):
     assert train.train(flags(tmp_path, cifar_dir, "run")) == 0
-    state = build.Checkpoint.load(tmp_path / "run").state
+    state = Checkpoint.load(tmp_path / "run").state
     assert state["kernels"] == {"device_type": "cpu", "kernels": "fused"}
 
 

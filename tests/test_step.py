@@ -1,8 +1,9 @@
-"""The one training step (training.py): no host sync, the CUDA-graph runner and its fallback,
+"""The one training step (step.py): no host sync, the CUDA-graph runner and its fallback,
 low precision equal to autocast, fixed-shape evaluation; CUDA-only checks carry ``cuda``."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,26 +18,31 @@ from conftest import ROOT, TINY, metrics, read_csv, same_weights
 from densenet import DenseNet
 from densenet_trainer.engine import cuda_graph, data, training
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
+from densenet_trainer.engine.step import LearningRate, Precision, TrainStep
 from densenet_trainer.run import build
+from densenet_trainer.run.checkpoint import restore
 from densenet_trainer.settings.config import RunConfig
 
 SGD = RunConfig()  # the paper's: lr 0.1, Nesterov momentum 0.9, weight decay 1e-4
 
 
 def make_step(device: torch.device, precision: str = "fp32", memory_efficient: bool = False,
-              dropout: float = 0.0, images: int = 96, seed: int = 0) -> training.TrainStep:
-    """A tiny model's step on random images: what train.py builds, minus the files."""
+              dropout: float = 0.0, images: int = 96, seed: int = 0, opt: str = "sgd",
+              lr: LearningRate | None = None) -> TrainStep:
+    """A tiny model's step on random images: what train.py builds, minus the files; its
+    optimiser (``opt``, the paper's settings) reads ``lr`` (default: a rate of 0.1)."""
     torch.manual_seed(seed)
     model = DenseNet(10, 4, dropout=dropout, memory_efficient=memory_efficient)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = build.build_optimizer(SGD, model)
+    lr = lr or LearningRate(SGD.lr, device)
+    optimizer = build.build_optimizer(dataclasses.replace(SGD, opt=opt), model, lr)
     generator = torch.Generator().manual_seed(1)
     split = data.Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                        torch.randint(0, 10, (images,), generator=generator))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, device)
     batches = data.TrainBatches(split, 16, normalizer, True, 3, device, channels_last=True)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return training.TrainStep(model, optimizer, batches, precision, scaler)
+    return TrainStep(model, optimizer, batches, precision, scaler)
 
 
 # ---------------------------------------------------------------- no host sync
@@ -51,8 +57,11 @@ def meta_fused_sgd():
     del library
 
 
-def meta_step(**kwargs) -> training.TrainStep:
-    step = make_step(torch.device("meta"), **kwargs)
+def meta_step(**kwargs) -> TrainStep:
+    """make_step on the meta device. Its learning rate stays on the CPU: SGD's constructor
+    reads the rate once to check its sign, which a meta tensor cannot give (on a GPU: one
+    read, before any step); the stand-in kernel ignores the rate."""
+    step = make_step(torch.device("meta"), lr=LearningRate(SGD.lr, torch.device("cpu")), **kwargs)
     step.optimizer._need_device_dtype_check_for_fused = False  # it refuses meta tensors
     return step
 
@@ -64,7 +73,6 @@ def test_the_step_never_waits_for_the_host(meta_fused_sgd, precision, memory_eff
     raise, so a step that completes there cannot have synchronised."""
     step = meta_step(precision=precision, memory_efficient=memory_efficient, dropout=0.1)
     step.start_epoch()
-    step.set_lr(0.05)
     for _ in range(2):
         step()
 
@@ -81,7 +89,7 @@ def test_a_step_that_reads_a_value_fails_on_meta(meta_fused_sgd, monkeypatch):
 
 # ---------------------------------------------------------------- the graph runner
 
-def train_steps(step: training.TrainStep, run_step, count: int) -> list[float]:
+def train_steps(step: TrainStep, run_step, count: int) -> list[float]:
     step.start_epoch()
     step.model.train()
     for _ in range(count):
@@ -147,16 +155,16 @@ def test_train_py_reports_a_failed_capture_and_logs_what_eager_logs(tmp_path, ci
 
 @pytest.mark.parametrize("opt", ["sgd", "adam", "rmsprop"])
 def test_each_optimiser_takes_its_learning_rate_from_the_device_tensor(opt):
-    """Every parameter group reads the step's lr tensor: a rate of 0 leaves the weights as they
-    are, a positive one moves them."""
-    sgd = make_step(torch.device("cpu"))
-    optimizer = build.build_optimizer(RunConfig(opt=opt, lr=0.01), sgd.model)
-    step = training.TrainStep(sgd.model, optimizer, sgd.batches, "fp32")
+    """Every parameter group reads the run's LearningRate: a rate of 0 leaves the weights as
+    they are, a positive one moves them."""
+    lr = LearningRate(0.01, torch.device("cpu"))
+    step = make_step(torch.device("cpu"), opt=opt, lr=lr)
+    assert all(group["lr"] is lr.tensor for group in step.optimizer.param_groups)
     before = copy.deepcopy(step.model.state_dict())
-    step.set_lr(0.0)
+    lr.set(0.0)
     train_steps(step, step, 2)
     assert all(torch.equal(before[n], p) for n, p in step.model.named_parameters())
-    step.set_lr(0.01)
+    lr.set(0.01)
     train_steps(step, step, 2)
     assert not any(torch.equal(before[n], p) for n, p in step.model.named_parameters())
 
@@ -180,16 +188,18 @@ def test_the_graph_is_for_one_gpu_process():
 
 
 def test_a_restored_optimizer_keeps_its_fused_implementation(tmp_path):
-    """A checkpoint of an earlier version (foreach SGD) resumes with the fused kernel and its
-    momentum buffers."""
+    """A checkpoint of an earlier version (foreach SGD) resumes with the fused kernel, its
+    momentum buffers and the run's own learning-rate tensor."""
     step = make_step(torch.device("cpu"))
     earlier = torch.optim.SGD(step.model.parameters(), 0.1, momentum=0.9, nesterov=True,
                               weight_decay=1e-4, foreach=True)
     train_steps(step, step, 1)
     earlier.step()  # momentum buffers from the gradients the step left
-    build.restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
+    lr = step.optimizer.param_groups[0]["lr"]
+    restore(step.optimizer, earlier.state_dict(), tmp_path / "checkpoint.pt")
     group = step.optimizer.param_groups[0]
     assert group["fused"] is True and not group["foreach"]
+    assert group["lr"] is lr  # the run's LearningRate, which the schedule sets
     for p in step.model.parameters():
         assert torch.equal(step.optimizer.state[p]["momentum_buffer"], earlier.state[p]["momentum_buffer"])
 
@@ -206,7 +216,7 @@ def test_bf16_casts_once_and_computes_what_autocast_computes(memory_efficient):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = model(x).float()
     F.cross_entropy(reference, labels).backward()
-    precision = training.Precision(twin, "bf16")
+    precision = Precision(twin, "bf16")
     with precision.computing():
         ours = twin(precision.inputs(x)).float()
         F.cross_entropy(ours, labels).backward()

@@ -32,7 +32,7 @@ from conftest import (
 from densenet_trainer.engine import training
 from densenet_trainer.records.layout import duration
 from densenet_trainer.run import workdir
-from densenet_trainer.run.build import Checkpoint
+from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
 

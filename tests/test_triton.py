@@ -103,7 +103,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
     """bfloat16 features with float32 statistics and gradient sums, against the float64
     reference: no further from it than the ATen path in bfloat16 is (twice that, at most);
     parameters and their gradients stay float32."""
-    from densenet_trainer.engine import training
+    from densenet_trainer.engine.step import Precision
     reference, aten, ours = twins(memory_efficient, "aten", "aten", "fused")
     reference.double().to(DEVICE).train()
     x = torch.randn(16, 3, 8, 8, device=DEVICE)
@@ -113,7 +113,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
     errors = {}
     for name, model in (("aten", aten), ("fused", ours)):
         model.to(DEVICE, memory_format=LAST).train()
-        precision = training.Precision(model, "bf16")
+        precision = Precision(model, "bf16")
         with precision.computing():
             inputs = precision.inputs(x.contiguous(memory_format=LAST))
             assert fused.available(inputs)  # taken by the fused model only

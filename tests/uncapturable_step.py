@@ -4,11 +4,12 @@ Prints the runner's notices, then "eager" or "graphed"."""
 import torch
 from test_step import make_step, train_steps
 
-from densenet_trainer.engine import cuda_graph, training
+from densenet_trainer.engine import cuda_graph
+from densenet_trainer.engine.step import TrainStep
 
 step = make_step(torch.device("cuda"))
-call = training.TrainStep.__call__
-training.TrainStep.__call__ = lambda self: (call(self), self.step.item())
+call = TrainStep.__call__
+TrainStep.__call__ = lambda self: (call(self), self.step.item())
 runner = cuda_graph.GraphedStep(step, print)
 train_steps(step, runner, 6)
 print("eager" if runner.eager else "graphed")

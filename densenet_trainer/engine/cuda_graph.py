@@ -1,6 +1,6 @@
 """The training step as one CUDA graph, and the checks that let a graph be trusted.
 
-On a GPU the whole step (training.TrainStep, about 1,700 kernels for DenseNet-BC-100) is
+On a GPU the whole step (step.TrainStep, about 1,700 kernels for DenseNet-BC-100) is
 captured once and replayed: one launch instead of the CPU launching each kernel. What
 cannot be captured is known from the configuration and never tried (``uncapturable``); a
 capture that fails anyway leaves the run eager. The first replay is compared with an eager
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
-from densenet_trainer.engine.training import TrainStep
+from densenet_trainer.engine.step import TrainStep
 from densenet_trainer.settings.config import RunConfig
 
 

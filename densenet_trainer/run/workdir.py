@@ -30,7 +30,7 @@ from densenet_trainer.records.layout import (
     TRAIN_COLUMNS,
     csv_name,
 )
-from densenet_trainer.run.build import Checkpoint
+from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint
 from densenet_trainer.run.files import (
     CsvLog,
     RunError,
@@ -71,8 +71,8 @@ class Plan:
         return self.checkpoint.state["progress"] if self.checkpoint else {}
 
     @property
-    def best(self) -> dict:
-        return self.checkpoint.state["best"] if self.checkpoint else {"error": float("inf"), "epoch": 0}
+    def best(self) -> BestEpochs:
+        return BestEpochs.from_state(self.checkpoint.state["best"]) if self.checkpoint else BestEpochs()
 
 
 def already_holds_a_run(save: Path) -> UserError:

@@ -175,7 +175,7 @@ class RunConfig:
         """The DenseNet kernels ("fused" or "aten") that --kernels means on a device without
         measuring: auto is fused.py's on the CPU in float32 (measured faster there, see
         README) and ATen's elsewhere (a training run on a GPU times both instead:
-        build.choose_kernels); compile compiles the ATen model."""
+        kernel_choice.choose_kernels); compile compiles the ATen model."""
         if self.kernels == "auto":
             return "fused" if device_type == "cpu" and self.precision == "fp32" else "aten"
         return "aten" if self.kernels == "compile" else self.kernels

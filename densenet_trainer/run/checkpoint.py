@@ -1,0 +1,154 @@
+"""The checkpoint format: what a checkpoint file holds (``checkpoint_state`` writes it,
+``Checkpoint.load`` reads it back and checks it against its folder), the best-epoch record it
+carries, and ``restore``, which puts its states back into a run's model, optimiser and scaler.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from densenet_trainer.engine.runtime import rng_state
+from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
+from densenet_trainer.run.files import RunError, load_checkpoint
+from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
+
+if TYPE_CHECKING:  # build imports this module
+    from densenet_trainer.engine.training import EpochProgress
+    from densenet_trainer.run.build import Run
+
+# What every checkpoint holds; one that lacks any of it was not written by this trainer.
+CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
+                   "data_rng", "rng", "normalization", "num_classes")
+INFERENCE_KEYS = ("config", "epoch", "model", "normalization", "num_classes")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file's content, with the run's configuration read back from it."""
+    path: Path
+    state: dict
+    config: RunConfig
+
+    @classmethod
+    def load(cls, path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> Checkpoint:
+        """Read checkpoint ``path`` (a run's directory: its checkpoint.pt) safely, as
+        files.load_checkpoint does, and check that it is the run of its folder
+        (``check_folder``); RunError for anything amiss."""
+        if path.is_dir():
+            path = path / LAST_CHECKPOINT
+        state = load_checkpoint(path, keys)
+        checkpoint = cls(path, state, RunConfig.from_dict(state["config"], str(path)))
+        checkpoint.check_folder()
+        return checkpoint
+
+    def check_folder(self) -> None:
+        """Refuse a checkpoint that is not the run whose config.json lies beside it: another
+        run's identity, or settings that no resume could have changed (a checkpoint copied in
+        from elsewhere). A checkpoint with no readable config.json beside it is its own record."""
+        try:
+            recorded = json.loads((self.path.parent / CONFIG_FILE).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+            return
+        ours, theirs = self.state.get("run_id"), recorded.get("run_id")
+        differ = [name for name, value in recorded["config"].items()
+                  if name not in RESUMABLE and name in self.state["config"]
+                  and self.state["config"][name] != value]
+        if ours and theirs and ours != theirs:
+            reason = f"it is run {ours}, the folder's config.json is run {theirs}"
+        elif differ:
+            reason = ", ".join(f"{flag_name(name)} {self.state['config'][name]} (config.json: "
+                               f"{recorded['config'][name]})" for name in differ[:3])
+        else:
+            return
+        raise RunError(f"{self.path} is not the run recorded in {self.path.parent / CONFIG_FILE} "
+                       f"({reason}): it was copied in from another run; put this run's own "
+                       f"checkpoint back, or use the checkpoint from its own folder")
+
+    @property
+    def epoch(self) -> int:
+        return self.state["epoch"]
+
+
+@dataclass
+class BestEpochs:
+    """The epochs of the lowest test error so far and, with --val-size, of the lowest
+    validation error (the epoch best.pt holds). A checkpoint keeps it as a dict."""
+    error: float = math.inf
+    epoch: int = 0
+    val_error: float | None = None
+    val_epoch: int | None = None
+
+    @classmethod
+    def from_state(cls, state: dict) -> BestEpochs:
+        return cls(**state)
+
+    def state(self) -> dict:
+        """As a checkpoint keeps it: the validation fields only once there is a best one."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+    def update(self, epoch: int, test_error: float, val_error: float | None) -> bool:
+        """Take ``epoch``'s errors into the record; whether its validation error is a new
+        lowest (best.pt is to be replaced)."""
+        if test_error < self.error:
+            self.error, self.epoch = test_error, epoch
+        lowest = self.val_error if self.val_error is not None else math.inf
+        if val_error is None or not val_error < lowest:
+            return False
+        self.val_error, self.val_epoch = val_error, epoch
+        return True
+
+
+def checkpoint_state(run: Run, epoch: int, progress: EpochProgress, best: BestEpochs,
+                     data_rng: torch.Tensor) -> dict:
+    """What a checkpoint holds after ``epoch`` epochs and ``progress.step`` more steps
+    (CHECKPOINT_KEYS); ``data_rng`` plans the epoch that follows."""
+    return {"config": run.config.to_dict(), "epoch": epoch, "progress": vars(progress),
+            "best": best.state(), "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "data_rng": data_rng, "rng": rng_state(),
+            "normalization": {"mean": run.data.mean, "std": run.data.std},
+            "num_classes": run.config.num_classes,
+            "kernels": {"device_type": run.runtime.device.type,
+                        "kernels": run.kernel_choice.kernels}}
+
+
+def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,
+            path: Path) -> None:
+    """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
+
+    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
+    state is the run's, how the step computes it is this version's. It also keeps its groups'
+    learning rate, the run's LearningRate tensor, which the schedule sets.
+    """
+    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable", "lr") if k in group}
+                      for group in getattr(target, "param_groups", [])]
+    try:
+        target.load_state_dict(state)
+        for group, kept in zip(getattr(target, "param_groups", []), implementation):
+            group.update(kept)
+            _place_step_counts(target, group)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
+        raise RunError(f"{path} does not fit the model its own config describes ({reason}); "
+                       f"use a checkpoint that train.py wrote for this run") from None
+
+
+def _place_step_counts(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """Put the group's step counts where its implementation reads them: on the parameters'
+    device for the fused and capturable ones, on the CPU otherwise. load_state_dict placed
+    them for the implementation that saved them (a run trained on the CPU, or without the
+    graph, and resumed with it would otherwise fail at its first step)."""
+    on_device = group.get("fused") or group.get("capturable")
+    for param in group["params"]:
+        state = optimizer.state.get(param, {})
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
