@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         run_step()
 
     def one_step() -> None:
-        if step.step.item() == batches.steps:
+        if step.batch_index.item() == batches.steps:
             step.start_epoch()
         run_step()
         synchronize(device)

@@ -27,10 +27,10 @@ def right(step):
 
 def stale(step):
     """A capture whose replay trains on the batch it was captured at, over and over."""
-    captured_at = int(step.step)
+    captured_at = int(step.batch_index)
 
     def replay():
-        step.step.fill_(captured_at)
+        step.batch_index.fill_(captured_at)
         step()
     return replay
 
@@ -227,8 +227,8 @@ class Broken:
     def norm_relu_backward(self, *args):
         return self.kernels.norm_relu_backward(*args)
 
-    def stats(self, f, ldf, P, C, dst, ldd, mean, var):
-        self.kernels.stats(f, ldf, P, C, dst, ldd, mean, var)
+    def stats(self, f, f_stride, P, C, dst, dst_stride, mean, var):
+        self.kernels.stats(f, f_stride, P, C, dst, dst_stride, mean, var)
         if self.fault == "tail" and C > 32:
             var[32:] *= 1.01  # a channel tail's variance a little off
 

@@ -147,7 +147,7 @@ def test_block_buffers_pad_their_pixels_to_16_elements(triton_path):
     invisible: the buffer has its channels, and its output still takes the fused path."""
     x = buffer(2, 5, 4)
     shared = fused.SharedFeatures.for_block(x, 21)
-    assert shared.buffer.shape == (2, 21, 4, 4) and shared.ld == 32
+    assert shared.buffer.shape == (2, 21, 4, 4) and shared.pixel_stride == 32
     assert torch.equal(shared.buffer[:, :5], x)
     output = fused.gather(shared, x)
     assert fused.pixel_stride(output) == 32 and fused.available(output)

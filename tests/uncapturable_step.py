@@ -9,7 +9,7 @@ from densenet_trainer.engine.step import TrainStep
 
 step = make_step(torch.device("cuda"))
 call = TrainStep.__call__
-TrainStep.__call__ = lambda self: (call(self), self.step.item())
+TrainStep.__call__ = lambda self: (call(self), self.batch_index.item())
 runner = cuda_graph.GraphedStep(step, print)
 train_steps(step, runner, 6)
 print("eager" if runner.eager else "graphed")

@@ -126,7 +126,7 @@ class TrainStep:
         device = batches.device
         self.model, self.optimizer, self.batches, self.scaler = model, optimizer, batches, scaler
         self.precision = Precision(model, precision)
-        self.step = torch.zeros(1, dtype=torch.int64, device=device)  # the batch to train on
+        self.batch_index = torch.zeros(1, dtype=torch.int64, device=device)  # the batch to train on
         self.losses = torch.zeros(batches.steps, dtype=torch.float32, device=device)
         self.correct = torch.zeros(1, dtype=torch.int64, device=device)
         self.correct5 = torch.zeros(1, dtype=torch.int64, device=device)
@@ -138,7 +138,7 @@ class TrainStep:
     def norm_batches(self) -> Tensor:
         """The BatchNorms' batch counters, summed (on the device)."""
         return sum((m.num_batches_tracked for m in self.norms),
-                   torch.zeros((), dtype=torch.int64, device=self.step.device))
+                   torch.zeros((), dtype=torch.int64, device=self.batch_index.device))
 
     def state(self) -> dict[str, list[Tensor]]:
         """Every tensor a step changes, by kind: what a replay of the step must change alike."""
@@ -147,7 +147,7 @@ class TrainStep:
                      if isinstance(t, Tensor)]
         if self.scaler is not None and self.scaler._scale is not None:
             optimizer += [self.scaler._scale, self.scaler._growth_tracker]
-        return {"counters": [self.step, self.correct, self.correct5,
+        return {"counters": [self.batch_index, self.correct, self.correct5,
                              *(t for t in module_state if not t.is_floating_point())],
                 "losses": [self.losses],
                 "weights and BatchNorm statistics": [t for t in module_state if t.is_floating_point()],
@@ -156,14 +156,14 @@ class TrainStep:
     def start_epoch(self, start_step: int = 0) -> None:
         """Plan the next epoch and begin it at ``start_step`` (a resumed epoch's next step)."""
         self.batches.plan_epoch()
-        self.step.fill_(start_step)
+        self.batch_index.fill_(start_step)
         self.losses[start_step:].fill_(UNWRITTEN)
         self.correct.zero_()
         self.correct5.zero_()
         self.norm_batches_at_start = self.norm_batches()
 
     def __call__(self) -> None:
-        images, labels = self.batches.batch(self.step)
+        images, labels = self.batches.batch(self.batch_index)
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.computing():
             logits = self.model(self.precision.inputs(images)).float()
@@ -174,11 +174,11 @@ class TrainStep:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.losses.index_copy_(0, self.step, loss.detach().view(1))
+        self.losses.index_copy_(0, self.batch_index, loss.detach().view(1))
         self.correct += (logits.argmax(1) == labels).sum()
         if self.top5:
             self.correct5 += top5_hits(logits, labels).sum()
-        self.step += 1
+        self.batch_index += 1
 
 
 def top5_hits(logits: Tensor, labels: Tensor) -> Tensor:

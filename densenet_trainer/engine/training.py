@@ -176,7 +176,7 @@ def check_epoch(step: TrainStep, first: int, done: int, epoch: int) -> None:
     """
     expected = (done - first) * len(step.norms)
     counter, unwritten, counted = torch.stack([
-        step.step[0], (step.losses[first:done] == UNWRITTEN).sum(),
+        step.batch_index[0], (step.losses[first:done] == UNWRITTEN).sum(),
         step.norm_batches() - step.norm_batches_at_start]).tolist()
     problems = []
     if counter != done:

@@ -39,42 +39,42 @@ static void combine(const double* part, int nt, int64_t C, double* u, double* v)
   combine(part, nt, C, u, v);                                                                \
   free(part);
 
-/* x: P pixels of C channels, pixel stride ldx (a channels-last prefix); y: P x C, dense.
+/* x: P pixels of C channels, pixel stride x_stride (a channels-last prefix); y: P x C, dense.
    Every comparison is written so that a NaN passes through as in ATen: relu(NaN) is NaN, its
    gradient passes where y is NaN, and a NaN variance stays NaN. */
 #define KERNELS(T, S)                                                                        \
-void norm_relu_##S(const T* x, int64_t ldx, int64_t P, int64_t C, const T* scale,            \
+void norm_relu_##S(const T* x, int64_t x_stride, int64_t P, int64_t C, const T* scale,            \
                    const T* shift, T* y, int nt) {                                           \
   _Pragma("omp parallel for num_threads(nt) schedule(static)")                               \
   for (int64_t p = 0; p < P; ++p) {                                                          \
-    const T* xp = x + p * ldx; T* yp = y + p * C;                                            \
+    const T* xp = x + p * x_stride; T* yp = y + p * C;                                            \
     _Pragma("omp simd")                                                                      \
     for (int64_t c = 0; c < C; ++c) { T v = xp[c] * scale[c] + shift[c]; yp[c] = v < 0 ? 0 : v; } \
   }                                                                                          \
 }                                                                                            \
-/* With gm = g * [y > 0]: out (pixel stride ldo) += gm * a, and per channel the sums of gm  \
+/* With gm = g * [y > 0]: out (pixel stride out_stride) += gm * a, and per channel the sums of gm  \
    and of gm * (x - mean). */                                                                \
-void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t ldx, int64_t P,      \
-                            int64_t C, const T* mean, const T* a, T* out, int64_t ldo,       \
+void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t x_stride, int64_t P,      \
+                            int64_t C, const T* mean, const T* a, T* out, int64_t out_stride,       \
                             double* sum_g, double* sum_gx, int nt) {                         \
   PIXEL_SUMS(T, sum_g, sum_gx,                                                               \
-    const T* gp = g + p * C; const T* yp = y + p * C; const T* xp = x + p * ldx;             \
-    T* op = out + p * ldo;                                                                   \
+    const T* gp = g + p * C; const T* yp = y + p * C; const T* xp = x + p * x_stride;             \
+    T* op = out + p * out_stride;                                                                   \
     _Pragma("omp simd")                                                                      \
     for (int64_t c = 0; c < C; ++c) {                                                        \
       T gv = gp[c], m = yp[c] <= 0 ? 0 : gv;                                                 \
       op[c] += m * a[c]; su[c] += m; sv[c] += m * (xp[c] - mean[c]);                         \
     })                                                                                       \
 }                                                                                            \
-/* Mean and biased var of each channel of f, P pixels of C channels (pixel stride ldf),   \
-   and unless dst is NULL a copy of f into dst (pixel stride ldd). The sums are taken      \
+/* Mean and biased var of each channel of f, P pixels of C channels (pixel stride f_stride),   \
+   and unless dst is NULL a copy of f into dst (pixel stride dst_stride). The sums are taken      \
    about the first pixel's value, which keeps E[x^2] - E[x]^2 from cancelling. */          \
-void stats_##S(const T* f, int64_t ldf, int64_t P, int64_t C, T* dst, int64_t ldd,          \
+void stats_##S(const T* f, int64_t f_stride, int64_t P, int64_t C, T* dst, int64_t dst_stride,          \
                 double* mean, double* var, int nt) {                                         \
   PIXEL_SUMS(T, mean, var,                                                                   \
-    const T* fp = f + p * ldf;                                                               \
+    const T* fp = f + p * f_stride;                                                               \
     if (dst) {                                                                               \
-      T* dp = dst + p * ldd;                                                                 \
+      T* dp = dst + p * dst_stride;                                                                 \
       _Pragma("omp simd")                                                                    \
       for (int64_t c = 0; c < C; ++c) dp[c] = fp[c];                                         \
     }                                                                                        \

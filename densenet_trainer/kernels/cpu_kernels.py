@@ -79,17 +79,17 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
     getattr(library(), f"{name}_{_SUFFIX[dtype]}")(*converted, torch.get_num_threads())
 
 
-def stats(f: Tensor, ldf: int, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor,
+def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stride: int, mean: Tensor,
           var: Tensor) -> None:
-    """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``ldf``) into
-    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
+    """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``f_stride``) into
+    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None."""
     result = torch.empty(2, C, dtype=torch.float64)
-    _call("stats", f.dtype, f, ldf, P, C, dst, ldd, result[0], result[1])
+    _call("stats", f.dtype, f, f_stride, P, C, dst, dst_stride, result[0], result[1])
     mean.copy_(result[0])
     var.copy_(result[1])
 
 
-def norm_relu(x: Tensor, ldx: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
+def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
               bias: Tensor, eps: float, y: Tensor, running_mean: Tensor | None = None,
               running_var: Tensor | None = None, momentum: float = 0.0) -> None:
     """y = relu(batch_norm(x)) with the given statistics; the running ones move by
@@ -98,11 +98,11 @@ def norm_relu(x: Tensor, ldx: int, P: int, C: int, mean: Tensor, var: Tensor, we
         running_mean.lerp_(mean, momentum)
         running_var.lerp_(var * (P / max(P - 1, 1)), momentum)
     scale = weight * torch.rsqrt(var + eps)
-    _call("norm_relu", x.dtype, x, ldx, P, C, scale, bias - mean * scale, y)
+    _call("norm_relu", x.dtype, x, x_stride, P, C, scale, bias - mean * scale, y)
 
 
-def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int, mean: Tensor,
-                       var: Tensor, weight: Tensor, eps: float, out: Tensor, ldo: int,
+def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C: int, mean: Tensor,
+                       var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
                        accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
@@ -112,7 +112,7 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int
     invstd = torch.rsqrt(var + eps)
     a = weight * invstd
     sums = torch.empty(2, C, dtype=torch.float64)
-    _call("norm_relu_backward", x.dtype, g, y, x, ldx, P, C, mean, a, out, ldo, sums[0], sums[1])
+    _call("norm_relu_backward", x.dtype, g, y, x, x_stride, P, C, mean, a, out, out_stride, sums[0], sums[1])
     sum_g, sum_gx = sums.to(weight.dtype)
     if coefficients is not None:
         b = -a * invstd * invstd * sum_gx / P
@@ -125,11 +125,11 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int
     return sum_gx * invstd, sum_g
 
 
-def finish_grad(grad: Tensor, ldg: int, x: Tensor, ldx: int, coefficients: Tensor | None,
+def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,
                 dtype: torch.dtype) -> Tensor:
     """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
     ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers, pixel
-    strides ``ldg`` and ``ldx``. Computed in place in ``grad``."""
+    strides ``grad_stride`` and ``x_stride``. Computed in place in ``grad``."""
     if coefficients is not None:
         grad.addcmul_(x, coefficients[0].view(1, -1, 1, 1))
         grad.add_(coefficients[1].view(1, -1, 1, 1))

@@ -99,7 +99,7 @@ def pixel_stride(x: Tensor) -> int | None:
 class SharedFeatures:
     """One dense block's features, written once into a channels-last buffer, with their statistics.
 
-    ``buffer[:, :filled]`` holds the block input and every layer output so far, ``ld``
+    ``buffer[:, :filled]`` holds the block input and every layer output so far, ``pixel_stride``
     elements from one pixel to the next (on CUDA the channels are padded up to a multiple of
     16, which lets the kernels vectorise their loads); ``mean`` and ``var`` (biased) their
     per-channel batch statistics, used in training mode. ``grad`` (dense) is
@@ -109,7 +109,7 @@ class SharedFeatures:
     """
 
     def __init__(self, buffer: Tensor, filled: int = 0) -> None:
-        self.buffer, self.filled, self.ld = buffer, filled, pixel_stride(buffer)
+        self.buffer, self.filled, self.pixel_stride = buffer, filled, pixel_stride(buffer)
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
         # low-precision features keep float32 statistics and gradient coefficients; their
@@ -139,7 +139,7 @@ class SharedFeatures:
         shared = cls(features, filled=features.shape[1])
         if batch_stats:
             with torch.no_grad():
-                backend(features.device.type).stats(features, shared.ld, shared.pixels,
+                backend(features.device.type).stats(features, shared.pixel_stride, shared.pixels,
                                                     shared.filled, None, 0, shared.mean, shared.var)
         return shared
 
@@ -150,7 +150,7 @@ class SharedFeatures:
         start = self.filled
         self.filled += feature.shape[1]
         backend(feature.device.type).stats(feature, feature.shape[1], self.pixels, feature.shape[1],
-                                           self.buffer[:, start:], self.ld,
+                                           self.buffer[:, start:], self.pixel_stride,
                                            self.mean[start:self.filled], self.var[start:self.filled])
 
     def prefix(self, channels: int) -> Tensor:
@@ -171,7 +171,7 @@ class SharedFeatures:
         """
         coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
         return backend(self.buffer.device.type).finish_grad(
-            self.grad[:, start:end], self.grad.shape[1], self.buffer[:, start:end], self.ld,
+            self.grad[:, start:end], self.grad.shape[1], self.buffer[:, start:end], self.pixel_stride,
             coefficients, self.buffer.dtype)
 
 
@@ -228,7 +228,7 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
         mean, var = norm.running_mean.clone(), norm.running_var.clone()
     x = shared.prefix(channels)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    backend(x.device.type).norm_relu(x, shared.ld, shared.pixels, channels, mean, var,
+    backend(x.device.type).norm_relu(x, shared.pixel_stride, shared.pixels, channels, mean, var,
                                      weight, bias, norm.eps, out, *running)
     return out, mean, var
 
@@ -247,7 +247,7 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
                           buffer.new_empty(2, buffer.shape[1], dtype=shared.accumulate)
                           if batch_stats else None)
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
-        g, out, shared.prefix(channels), shared.ld, shared.pixels, channels, mean, var, weight,
+        g, out, shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
         eps, shared.grad, shared.grad.shape[1], not alone,
         shared.coefficients if batch_stats else None)
     newest = shared.finish_grad(channels - newest_channels, channels)

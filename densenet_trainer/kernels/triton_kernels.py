@@ -47,7 +47,7 @@ def _scale(mean, var, weight, eps, c, cm):
 
 
 @triton.jit
-def _norm_relu_kernel(x, ldx, y, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
+def _norm_relu_kernel(x, x_stride, y, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
                       P, C, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -61,14 +61,14 @@ def _norm_relu_kernel(x, ldx, y, mean, var, weight, bias, eps, rmean, rvar, mome
         running = tl.load(rvar + c, mask=first, other=0.0)
         tl.store(rvar + c, running + momentum * (v * unbias - running), mask=first)
     inside = (p[:, None] < P) & cm[None, :]
-    value = tl.load(x + p[:, None] * ldx + c[None, :], mask=inside, other=0.0).to(tl.float32)
+    value = tl.load(x + p[:, None] * x_stride + c[None, :], mask=inside, other=0.0).to(tl.float32)
     value = value * scale[None, :] + shift[None, :]
     value = tl.where(value < 0, 0.0, value)  # relu that keeps NaN
     tl.store(y + p[:, None] * C + c[None, :], value.to(y.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _norm_relu_backward_kernel(g, y, x, ldx, out, ldo, mean, var, weight, eps, part_g, part_gx,
+def _norm_relu_backward_kernel(g, y, x, x_stride, out, out_stride, mean, var, weight, eps, part_g, part_gx,
                                P, C, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
                                BLOCK_C: tl.constexpr):
     block = tl.program_id(0)
@@ -79,12 +79,12 @@ def _norm_relu_backward_kernel(g, y, x, ldx, out, ldo, mean, var, weight, eps, p
     inside = (p < P) & (c < C)
     gv = tl.load(g + p * C + c, mask=inside, other=0.0).to(tl.float32)
     yv = tl.load(y + p * C + c, mask=inside, other=0.0).to(tl.float32)
-    xv = tl.load(x + p * ldx + c, mask=inside, other=0.0).to(tl.float32)
+    xv = tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32)
     gm = tl.where(yv <= 0, 0.0, gv)  # a NaN output passes its gradient on
     o = gm * a[None, :]
     if ACCUMULATE:
-        o += tl.load(out + p * ldo + c, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out + p * ldo + c, o.to(out.dtype.element_ty), mask=inside)
+        o += tl.load(out + p * out_stride + c, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out + p * out_stride + c, o.to(out.dtype.element_ty), mask=inside)
     centred = tl.where(inside, xv - m[None, :], 0.0)
     row = c < C
     tl.store(part_g + block * C + c, tl.sum(gm, axis=0)[None, :], mask=row)
@@ -92,15 +92,15 @@ def _norm_relu_backward_kernel(g, y, x, ldx, out, ldo, mean, var, weight, eps, p
 
 
 @triton.jit
-def _stats_kernel(f, ldf, P, C, dst, ldd, part_s, part_ss, COPY: tl.constexpr,
+def _stats_kernel(f, f_stride, P, C, dst, dst_stride, part_s, part_ss, COPY: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     block = tl.program_id(0)
     p = (block * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
     inside = (p < P) & (c < C)
-    v = tl.load(f + p * ldf + c, mask=inside, other=0.0)
+    v = tl.load(f + p * f_stride + c, mask=inside, other=0.0)
     if COPY:
-        tl.store(dst + p * ldd + c, v.to(dst.dtype.element_ty), mask=inside)
+        tl.store(dst + p * dst_stride + c, v.to(dst.dtype.element_ty), mask=inside)
     # sums about the first pixel's value, which keeps E[x^2] - E[x]^2 from cancelling
     first = tl.load(f + c, mask=c < C, other=0.0).to(tl.float32)
     d = tl.where(inside, v.to(tl.float32) - first, 0.0)
@@ -138,7 +138,7 @@ def _stats_finish_kernel(f, part_s, part_ss, blocks, P, C, mean, var,
 
 @triton.jit
 def _backward_finish_kernel(part_g, part_gx, blocks, P, C, mean, var, weight, eps, grad_weight,
-                            grad_bias, coefficients, ldc, COEFFICIENTS: tl.constexpr,
+                            grad_bias, coefficients, coefficients_stride, COEFFICIENTS: tl.constexpr,
                             ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -154,22 +154,22 @@ def _backward_finish_kernel(part_g, part_gx, blocks, P, C, mean, var, weight, ep
         d = -a * sum_g / P - b * m
         if ACCUMULATE:
             b += tl.load(coefficients + c, mask=cm, other=0.0)
-            d += tl.load(coefficients + ldc + c, mask=cm, other=0.0)
+            d += tl.load(coefficients + coefficients_stride + c, mask=cm, other=0.0)
         tl.store(coefficients + c, b, mask=cm)
-        tl.store(coefficients + ldc + c, d, mask=cm)
+        tl.store(coefficients + coefficients_stride + c, d, mask=cm)
 
 
 @triton.jit
-def _finish_grad_kernel(grad, ldg, x, ldx, coefficients, ldc, out, P, C,
+def _finish_grad_kernel(grad, grad_stride, x, x_stride, coefficients, coefficients_stride, out, P, C,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.load(coefficients + c1, mask=c1 < C, other=0.0)[None, :]
-    d = tl.load(coefficients + ldc + c1, mask=c1 < C, other=0.0)[None, :]
+    d = tl.load(coefficients + coefficients_stride + c1, mask=c1 < C, other=0.0)[None, :]
     c = c1[None, :]
     inside = (p < P) & (c < C)
-    value = tl.load(grad + p * ldg + c, mask=inside, other=0.0).to(tl.float32)
-    value += tl.load(x + p * ldx + c, mask=inside, other=0.0).to(tl.float32) * b + d
+    value = tl.load(grad + p * grad_stride + c, mask=inside, other=0.0).to(tl.float32)
+    value += tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32) * b + d
     tl.store(out + p * C + c, value.to(out.dtype.element_ty), mask=inside)
 
 
@@ -182,19 +182,19 @@ def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(P, block_p), triton.cdiv(C, block_c)), block_p, block_c
 
 
-def stats(f: Tensor, ldf: int, P: int, C: int, dst: Tensor | None, ldd: int, mean: Tensor,
+def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stride: int, mean: Tensor,
           var: Tensor) -> None:
-    """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``ldf``) into
-    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``ldd``) unless it is None."""
+    """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``f_stride``) into
+    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None."""
     grid, block_p, block_c = _tiles(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
-    _stats_kernel[grid](f, ldf, P, C, f if dst is None else dst, ldd, parts[0], parts[1],
+    _stats_kernel[grid](f, f_stride, P, C, f if dst is None else dst, dst_stride, parts[0], parts[1],
                         COPY=dst is not None, BLOCK_P=block_p, BLOCK_C=block_c)
     _stats_finish_kernel[(grid[1],)](f, parts[0], parts[1], grid[0], P, C, mean, var,
                                      BLOCK_R=BLOCK_R, BLOCK_C=block_c)
 
 
-def norm_relu(x: Tensor, ldx: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
+def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
               bias: Tensor, eps: float, y: Tensor, running_mean: Tensor | None = None,
               running_var: Tensor | None = None, momentum: float = 0.0) -> None:
     """y = relu(batch_norm(x)) with the given statistics; the running ones move by
@@ -202,20 +202,20 @@ def norm_relu(x: Tensor, ldx: int, P: int, C: int, mean: Tensor, var: Tensor, we
     update = running_mean is not None
     grid, block_p, block_c = _tiles(P, C)
     _norm_relu_kernel[grid](
-        x, ldx, y, mean, var, weight, bias, eps, running_mean if update else mean,
+        x, x_stride, y, mean, var, weight, bias, eps, running_mean if update else mean,
         running_var if update else var, momentum, P / max(P - 1, 1), P, C, UPDATE=update,
         BLOCK_P=block_p, BLOCK_C=block_c)
 
 
-def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int, mean: Tensor,
-                       var: Tensor, weight: Tensor, eps: float, out: Tensor, ldo: int,
+def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C: int, mean: Tensor,
+                       var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
                        accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
     gradients of weight and bias."""
     grid, block_p, block_c = _tiles(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
-    _norm_relu_backward_kernel[grid](g, y, x, ldx, out, ldo, mean, var, weight, eps, parts[0],
+    _norm_relu_backward_kernel[grid](g, y, x, x_stride, out, out_stride, mean, var, weight, eps, parts[0],
                                      parts[1], P, C, ACCUMULATE=accumulate, BLOCK_P=block_p,
                                      BLOCK_C=block_c)
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
@@ -228,17 +228,17 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, ldx: int, P: int, C: int
     return grad_weight, grad_bias
 
 
-def finish_grad(grad: Tensor, ldg: int, x: Tensor, ldx: int, coefficients: Tensor | None,
+def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,
                 dtype: torch.dtype) -> Tensor:
     """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
     ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers, pixel
-    strides ``ldg`` and ``ldx``."""
+    strides ``grad_stride`` and ``x_stride``."""
     if coefficients is None:
         return grad.to(dtype)
     n, channels, h, w = grad.shape
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=torch.channels_last)
     pixels = n * h * w
     grid, block_p, block_c = _tiles(pixels, channels)
-    _finish_grad_kernel[grid](grad, ldg, x, ldx, coefficients, coefficients.stride(0), out, pixels,
+    _finish_grad_kernel[grid](grad, grad_stride, x, x_stride, coefficients, coefficients.stride(0), out, pixels,
                               channels, BLOCK_P=block_p, BLOCK_C=block_c)
     return out
