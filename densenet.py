@@ -35,12 +35,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from densenet_trainer.kernels import fused
-from densenet_trainer.settings.config import (  # the rules flags share
-    KERNELS,
+from densenet_trainer.settings.architecture import (  # the rules flags share
     check_config,
     model_name,
     valid_depths,
 )
+from densenet_trainer.settings.config import KERNELS
 
 __all__ = ["DenseNet", "KERNELS", "check_config", "model_name", "valid_depths"]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from densenet_trainer.engine import data, training
+from densenet_trainer.engine import data, datasets, training
 from densenet_trainer.engine.runtime import (
     Runtime,
     StopFlag,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             return evaluate_checkpoint(Path(args.evaluate), cfg, given, args.tta)
         return train(cfg, given, args.reschedule)
-    except UserError as error:  # data.DataError and runlog.RunError too
+    except UserError as error:  # datasets.DataError and runlog.RunError too
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
@@ -295,7 +295,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
         runtime = setup_runtime(cfg.device)
         trained = load_trained(checkpoint, runtime.device)
         run = trained.config
-        dataset = data.load_dataset(run.dataset, cfg.data_dir if "data_dir" in given else run.data_dir,
+        dataset = datasets.load_dataset(run.dataset, cfg.data_dir if "data_dir" in given else run.data_dir,
                                     cfg.download if "download" in given else run.download,
                                     svhn_extra=False)
         subset = cfg.test_subset if "test_subset" in given else run.test_subset

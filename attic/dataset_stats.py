@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-channel mean and standard deviation of a dataset's training images.
 
-These are the figures train.py normalises with: both call data.channel_stats on the same
+These are the figures train.py normalises with: both call datasets.channel_stats on the same
 images (0-1 scale, population standard deviation over every pixel of the training set). For
 the full CIFAR-10 training set they are mean 0.4914, 0.4822, 0.4465 and std 0.2470, 0.2435,
 0.2616.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from densenet_trainer.engine import data
+from densenet_trainer.engine import datasets
 from densenet_trainer.settings import cli, config
 from densenet_trainer.settings.config import RunConfig
 
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     cfg, _ = RunConfig.from_flags(args)
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    mean, std = data.channel_stats(dataset.train.images)
+    dataset = datasets.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    mean, std = datasets.channel_stats(dataset.train.images)
     if args.json:
         print(json.dumps({"dataset": cfg.dataset, "images": len(dataset.train), "mean": mean, "std": std}))
         return 0

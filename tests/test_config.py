@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 import densenet
-from densenet_trainer.settings import config
+from densenet_trainer.settings import architecture, config
 from densenet_trainer.settings.cli import OneLineParser, UserError
 from densenet_trainer.settings.config import RESUMABLE, RunConfig
 
@@ -97,11 +97,11 @@ def test_impossible_models_are_refused_in_one_line():
 
 
 def test_an_enormous_model_is_refused_before_it_is_built():
-    """config.parameter_count (checked against every Table 2 model in test_densenet.py)."""
+    """architecture.parameter_count (checked against every Table 2 model in test_densenet.py)."""
     with pytest.raises(ValueError, match="this DenseNet would have 63,372,551,010 parameters .* at most "
                                          "1,000,000,000 are built"):
-        config.check_config(190, 2000, True, 0.5)
-    config.check_config(190, 40, True, 0.5)  # the paper's largest
+        architecture.check_config(190, 2000, True, 0.5)
+    architecture.check_config(190, 40, True, 0.5)  # the paper's largest
 
 
 def test_a_schedule_too_short_for_two_drops_says_so():

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_cifar10, write_cifar100
-from densenet_trainer.engine import data
+from densenet_trainer.engine import data, datasets
+from densenet_trainer.settings.config import NUM_CLASSES
 
 
 def test_reads_official_layout_with_fewer_images(cifar_dir):
-    dataset = data.load_dataset("cifar10", cifar_dir, download=False)
+    dataset = datasets.load_dataset("cifar10", cifar_dir, download=False)
     assert dataset.train.images.shape == (160, 3, 32, 32) and dataset.train.images.dtype == torch.uint8
     assert len(dataset.test) == 48 and dataset.classes[0] == "airplane"
     assert int(dataset.train.labels.max()) < 10
@@ -34,15 +35,15 @@ def test_random_crop_flip_matches_per_image_reference():
 
 
 def test_normalizer_uses_training_statistics(cifar_dir):
-    train = data.load_dataset("cifar10", cifar_dir, download=False).train
-    mean, std = data.channel_stats(train.images)
+    train = datasets.load_dataset("cifar10", cifar_dir, download=False).train
+    mean, std = datasets.channel_stats(train.images)
     normalized = data.Normalizer(mean, std, torch.device("cpu"))(train.images)
     assert normalized.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     assert (normalized.std(dim=(0, 2, 3), correction=0) - 1).abs().max() < 1e-4
 
 
 def test_process_shards_together_are_the_single_process_batches(cifar_dir):
-    train = data.load_dataset("cifar10", cifar_dir, download=False).train
+    train = datasets.load_dataset("cifar10", cifar_dir, download=False).train
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
 
     def epoch(rank: int, world: int):
@@ -58,7 +59,7 @@ def test_process_shards_together_are_the_single_process_batches(cifar_dir):
 
 
 def test_resumed_generator_state_replays_the_epoch(cifar_dir):
-    train = data.load_dataset("cifar10", cifar_dir, download=False).train
+    train = datasets.load_dataset("cifar10", cifar_dir, download=False).train
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
     batches = data.TrainBatches(train, 32, normalizer, True, 3, torch.device("cpu"))
     state = batches.state()
@@ -70,24 +71,24 @@ def test_resumed_generator_state_replays_the_epoch(cifar_dir):
 
 
 def test_validation_split_is_disjoint_and_seeded(cifar_dir):
-    train = data.load_dataset("cifar10", cifar_dir, download=False).train
-    rest, val = data.split_validation(train, 40, seed=1)
-    again, val_again = data.split_validation(train, 40, seed=1)
+    train = datasets.load_dataset("cifar10", cifar_dir, download=False).train
+    rest, val = datasets.split_validation(train, 40, seed=1)
+    again, val_again = datasets.split_validation(train, 40, seed=1)
     assert len(rest) == 120 and len(val) == 40 and torch.equal(val.images, val_again.images)
     together = torch.cat([rest.images, val.images]).flatten(1)
     assert len(torch.unique(together, dim=0)) == 160
 
 
 def test_data_dir_may_name_the_dataset_folder_itself(cifar_dir):
-    dataset = data.load_dataset("cifar10", cifar_dir / "cifar-10-batches-py", download=False)
+    dataset = datasets.load_dataset("cifar10", cifar_dir / "cifar-10-batches-py", download=False)
     assert len(dataset.train) == 160
 
 
 def test_reads_cifar100_layout(tmp_path):
     write_cifar100(tmp_path)
-    dataset = data.load_dataset("cifar100", tmp_path, download=False)
+    dataset = datasets.load_dataset("cifar100", tmp_path, download=False)
     assert (len(dataset.train), len(dataset.test), len(dataset.classes)) == (30, 10, 100)
-    assert data.NUM_CLASSES["cifar100"] == 100
+    assert int(dataset.train.labels.max()) < NUM_CLASSES["cifar100"] == 100
 
 
 def test_reads_svhn_mat_files(tmp_path):
@@ -101,11 +102,11 @@ def test_reads_svhn_mat_files(tmp_path):
         pixels[name] = rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8)
         labels = (np.arange(count) + 9) % 10 + 1  # 10, 1, 2, ...: SVHN writes digit 0 as 10
         savemat(folder / f"{name}_32x32.mat", {"X": pixels[name], "y": labels.reshape(-1, 1)})
-    dataset = data.load_dataset("svhn", tmp_path, download=False)
+    dataset = datasets.load_dataset("svhn", tmp_path, download=False)
     assert (len(dataset.train), len(dataset.test)) == (20, 5)
     assert torch.equal(dataset.test.images[2], torch.from_numpy(pixels["test"][..., 2]).permute(2, 0, 1))
     assert dataset.test.labels.tolist() == [0, 1, 2, 3, 4]
-    no_extra = data.load_dataset("svhn", tmp_path, download=False, svhn_extra=False)
+    no_extra = datasets.load_dataset("svhn", tmp_path, download=False, svhn_extra=False)
     assert len(no_extra.train) == 12
 
 
@@ -122,8 +123,8 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch, name):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     monkeypatch.setattr(torchvision.datasets, "SVHN", offline)
     (tmp_path / "mine").mkdir()
-    with pytest.raises(data.DataError, match="could not be downloaded .*network is unreachable"):
-        data.load_dataset(name, tmp_path / "mine" / "data")
+    with pytest.raises(datasets.DataError, match="could not be downloaded .*network is unreachable"):
+        datasets.load_dataset(name, tmp_path / "mine" / "data")
     assert list((tmp_path / "mine").iterdir()) == []
 
 
@@ -171,8 +172,8 @@ def _cifar_cases():
 def test_cifar_files_are_checked_value_by_value(tmp_path, case):
     changes, message = _cifar_cases()[case]
     root, path = _cifar_with(tmp_path, **changes)
-    with pytest.raises(data.DataError) as refused:
-        data.load_dataset("cifar10", root, download=False)
+    with pytest.raises(datasets.DataError) as refused:
+        datasets.load_dataset("cifar10", root, download=False)
     assert str(refused.value) == f"{path} {message}; replace it with a fresh copy"
 
 
@@ -193,6 +194,6 @@ def _svhn_cases():
 def test_svhn_files_get_the_same_checks(tmp_path, case):
     X, y, message = _svhn_cases()[case]
     path = _svhn_with(tmp_path, X, y)
-    with pytest.raises(data.DataError) as refused:
-        data.load_dataset("svhn", tmp_path, download=False)
+    with pytest.raises(datasets.DataError) as refused:
+        datasets.load_dataset("svhn", tmp_path, download=False)
     assert str(refused.value) == f"{path} {message}; replace it with a fresh copy"

@@ -6,7 +6,7 @@ import torch
 
 from densenet import DenseNet, model_name
 from densenet_trainer.kernels import fused
-from densenet_trainer.settings import config
+from densenet_trainer.settings import architecture
 
 
 def count(model: torch.nn.Module) -> int:
@@ -15,8 +15,8 @@ def count(model: torch.nn.Module) -> int:
 
 def expected_parameters(depth: int, k: int, bottleneck: bool, theta: float, classes: int) -> int:
     """The count derived from the paper's description without building the model
-    (config.parameter_count, which also refuses enormous models before they are built)."""
-    return config.parameter_count(depth, k, bottleneck, theta, classes)
+    (architecture.parameter_count, which also refuses enormous models before they are built)."""
+    return architecture.parameter_count(depth, k, bottleneck, theta, classes)
 
 
 TABLE_2 = [  # depth, k, bottleneck, theta, classes, paper's count

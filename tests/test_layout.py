@@ -11,7 +11,9 @@ from conftest import ROOT
 TOP_LEVEL = {"train.py", "plot.py", "densenet.py", "densenet_trainer", "attic", "bench", "tests",
              "docs", ".ci", "pyproject.toml", "requirements.txt", "README.md", ".gitignore"}
 TORCH_FREE = ["densenet_trainer.settings.config", "densenet_trainer.settings.cli",
-              "densenet_trainer.records.results"]
+              "densenet_trainer.settings.architecture", "densenet_trainer.records.results",
+              "densenet_trainer.records.layout"]
+MODULE_LINES = 360  # a module longer than this holds more than one job
 
 
 def tracked() -> list[str]:
@@ -42,3 +44,12 @@ def test_the_torch_free_layers_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_every_module_of_the_package_is_one_room():
+    """Each module of the package does one job: none runs past MODULE_LINES lines, and each
+    says its job in its first docstring."""
+    for path in ROOT.glob("densenet_trainer/**/*.py"):
+        text = path.read_text()
+        assert len(text.splitlines()) <= MODULE_LINES, f"{path} has {len(text.splitlines())} lines"
+        assert ast.get_docstring(ast.parse(text)), f"{path} says nothing of its job"

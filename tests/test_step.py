@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import train
 from conftest import ROOT, TINY, metrics, read_csv, same_weights
 from densenet import DenseNet
-from densenet_trainer.engine import cuda_graph, data, training
+from densenet_trainer.engine import cuda_graph, data, datasets, training
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.engine.step import LearningRate, Precision, TrainStep
 from densenet_trainer.run import build
@@ -37,7 +37,7 @@ def make_step(device: torch.device, precision: str = "fp32", memory_efficient: b
     lr = lr or LearningRate(SGD.lr, device)
     optimizer = build.build_optimizer(dataclasses.replace(SGD, opt=opt), model, lr)
     generator = torch.Generator().manual_seed(1)
-    split = data.Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
+    split = datasets.Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                        torch.randint(0, 10, (images,), generator=generator))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, device)
     batches = data.TrainBatches(split, 16, normalizer, True, 3, device, channels_last=True)
@@ -230,7 +230,7 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
     """Any evaluation batch size gives the same loss, error and confusion matrix."""
     torch.manual_seed(0)
     model = DenseNet(10, 4)
-    split = data.Split(torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8),
+    split = datasets.Split(torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8),
                        torch.randint(0, 10, (37,)))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
     runtime = Runtime(torch.device("cpu"))

@@ -1,1 +1,1 @@
-"""Results across runs, grouped over seeds, beside the paper's Table 2: torch-free, for plot.py."""
+"""A work directory's format (layout.py) and results across runs, grouped over seeds, beside the paper's Table 2 (results.py): torch-free, for plot.py."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from densenet import DenseNet
-from densenet_trainer.engine import cuda_graph, data, training
+from densenet_trainer.engine import cuda_graph, data, datasets, training
 from densenet_trainer.engine.runtime import Runtime, environment, seed_everything, set_rng_state
 from densenet_trainer.engine.step import LearningRate, TrainStep
 from densenet_trainer.run.checkpoint import Checkpoint, restore
@@ -29,9 +29,9 @@ from densenet_trainer.settings.config import RunConfig
 @dataclass
 class RunData:
     """The images a run trains, validates and tests on, and its normalisation."""
-    train: data.Split
-    val: data.Split | None
-    test: data.Split
+    train: datasets.Split
+    val: datasets.Split | None
+    test: datasets.Split
     classes: list[str]
     mean: list[float]
     std: list[float]
@@ -39,19 +39,19 @@ class RunData:
 
 def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
     """Read the dataset, apply the validation split and subsets, print the counts."""
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.svhn_extra)
+    dataset = datasets.load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.svhn_extra)
     log(f"{cfg.dataset}: found {len(dataset.train)} training and {len(dataset.test)} test "
         f"images in {cfg.data_dir}")
     train, val, test = dataset.train, None, dataset.test
     if cfg.val_size:
-        train, val = data.split_validation(train, cfg.val_size, cfg.seed)
+        train, val = datasets.split_validation(train, cfg.val_size, cfg.seed)
     if cfg.train_subset:
         train = train.first(cfg.train_subset)
     if cfg.test_subset:
         test = test.first(cfg.test_subset)
     log(f"using {len(train)} training, {len(val) if val else 0} validation and "
         f"{len(test)} test images")
-    mean, std = data.channel_stats(train.images)
+    mean, std = datasets.channel_stats(train.images)
     classes = dataset.classes or [str(c) for c in range(cfg.num_classes)]
     return RunData(train, val, test, classes, mean, std)
 
@@ -100,14 +100,14 @@ class Run:
     lr: LearningRate  # the optimiser's; the schedule sets it before each epoch
     step: TrainStep
     run_step: Callable[[], None]  # the step itself, or its CUDA graph
-    test: data.Split  # on the device
-    val: data.Split | None
+    test: datasets.Split  # on the device
+    val: datasets.Split | None
 
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def evaluate(self, split: data.Split) -> training.Evaluation:
+    def evaluate(self, split: datasets.Split) -> training.Evaluation:
         """The model on ``split`` (all processes together)."""
         cfg, runtime = self.config, self.runtime
         batches = data.eval_batches(split, cfg.eval_batch_size, self.normalizer, runtime.device,
@@ -194,7 +194,7 @@ def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.
     ``model`` replaces ours (bench/'s torchvision DenseNet)."""
     count = cfg.batch_size * (steps + cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS)
     generator = torch.Generator().manual_seed(0)
-    images = data.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
+    images = datasets.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, cfg.num_classes, (count,), generator=generator))
     dataset = RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
     run = build_run(cfg, runtime, log, dataset=dataset, model=model)
