@@ -4,9 +4,9 @@ The architecture of *Densely Connected Convolutional Networks* (Huang et al., CV
 arXiv 1608.06993), section 3 and Table 2: a 3x3 stem convolution, three dense blocks at
 32x32, 16x16 and 8x8 joined by transitions, then BN-ReLU, global average pooling and a
 linear classifier. With ``bottleneck=True, compression=0.5`` this is DenseNet-BC; the
-parameter counts match Table 2 exactly (see tests/test_densenet.py).
+parameter counts match Table 2 exactly (see tests/unit/test_densenet.py).
 
-Two paths compute a dense block, with the same results (tests/test_fused.py). With
+Two paths compute a dense block, with the same results (tests/unit/test_fused.py). With
 ``kernels="fused"``, for channels-last inputs, a block writes every feature map once into a
 shared buffer and runs BatchNorm-ReLU as fused passes (fused.py: C loops on the CPU, Triton on
 CUDA): memory-bound passes, not convolutions, are what a CPU step spends its time on.

@@ -3,7 +3,7 @@
 A step gathers and augments its batch from the device-resident dataset (data.TrainBatches),
 runs forward, loss, backward and the optimiser, and adds the step's loss and correct count to
 sums kept on the device. It never waits for the host: no ``.item()``, no Python branch on a
-tensor value (tests/test_step.py runs it on the ``meta`` device, where either would fail).
+tensor value (tests/unit/test_step.py runs it on the ``meta`` device, where either would fail).
 Every value that changes between steps lives in a device tensor at a fixed address: the batch
 number, the epoch's plan, the learning rate, the sums. training.train_epoch reads those sums
 only every CHECK_EVERY steps, between steps.
@@ -60,7 +60,7 @@ class Precision:
     (``_CastAll``), for forward and backward alike: the memory-efficient mode recomputes
     layers during backward and must see the same weights. The BatchNorms keep float32 weights
     and normalise low-precision inputs, as under autocast, which gives the same numbers
-    (tests/test_step.py). A torch.compile'd model runs under autocast instead: the compiler
+    (tests/unit/test_step.py). A torch.compile'd model runs under autocast instead: the compiler
     fuses those casts itself, and swapping its weights would make it recompile.
     """
 

@@ -21,7 +21,7 @@ Arithmetic is float32 whatever the tensors hold; per-channel sums are taken per 
 pixels in float32 and the blocks added in float64 by the finishing pass in a fixed order (no
 atomics: the same inputs give the same sums). Comparisons are written so that NaN passes
 through as in ATen. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which
-is how tests/test_triton.py checks them without a GPU.
+is how tests/unit/test_triton.py checks them without a GPU.
 """
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import same_weights
 from densenet import DenseNet
 from densenet_trainer.kernels import cpu_kernels, fused
+from helpers import same_weights
 
 pytestmark = pytest.mark.skipif(fused.backend("cpu") is None,
                                 reason="no C compiler with OpenMP: the fused path is not built")

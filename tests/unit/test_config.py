@@ -111,3 +111,19 @@ def test_a_schedule_too_short_for_two_drops_says_so():
     assert RunConfig(epochs=1, lr=0.05).schedule_notice().endswith("before epoch 1, which trains at 0.0005, not 0.05")
     assert RunConfig(epochs=3).schedule_notice() == RunConfig(epochs=300).schedule_notice() == ""
     assert RunConfig(epochs=2, schedule="cosine").schedule_notice() == ""
+
+
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
+    cfg = RunConfig(epochs=300)
+    assert [cfg.learning_rate(e) for e in (0, 149, 150, 224, 225, 299)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    short = RunConfig(epochs=4, lr=0.5)
+    assert [short.learning_rate(e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
+
+
+def test_cosine_schedule_anneals_from_lr_to_zero():
+    cfg = RunConfig(schedule="cosine", epochs=10, lr=0.2)
+    rates = [cfg.learning_rate(e) for e in range(10)]
+    assert rates[0] == pytest.approx(0.2) and rates[5] == pytest.approx(0.1)
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.1 * (1 - 0.951056), rel=1e-4)
+    assert cfg.learning_rate(10) == pytest.approx(0.0, abs=1e-12)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import same_weights
 from densenet_trainer.kernels import fused
+from helpers import same_weights
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -12,9 +12,9 @@ import torch
 import plot
 import train
 from attic import dataset_stats, gradcheck, lr_find, predict, summary
-from conftest import ROOT, TINY, TINY_MODEL
 from densenet import DenseLayer, DenseNet
 from densenet_trainer.settings.cli import UserError
+from helpers import ROOT, TINY, TINY_MODEL
 
 
 class _ScaledGradient(torch.autograd.Function):

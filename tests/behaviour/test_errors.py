@@ -29,7 +29,10 @@ import train
 from attic import dataset_stats, gradcheck, lr_find, predict, summary
 from bench import kernels as kernel_count
 from bench import memory, pipeline, speed
-from conftest import (
+from densenet import DenseNet
+from densenet_trainer.settings import cli
+from densenet_trainer.settings.config import RunConfig
+from helpers import (
     ROOT,
     TINY,
     TINY_MODEL,
@@ -40,9 +43,6 @@ from conftest import (
     snapshot,
     write_cifar10,
 )
-from densenet import DenseNet
-from densenet_trainer.settings import cli
-from densenet_trainer.settings.config import RunConfig
 
 SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": summary.main,
            "attic/gradcheck.py": gradcheck.main, "attic/dataset_stats.py": dataset_stats.main,

@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 
 import plot
-from conftest import run_cli
+from helpers import run_cli
 
 
 def draw(capsys, *argv) -> tuple[int, str, str]:

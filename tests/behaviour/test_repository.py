@@ -6,7 +6,7 @@ import ast
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 TOP_LEVEL = {"train.py", "plot.py", "densenet.py", "densenet_trainer", "attic", "bench", "tests",
              "docs", ".ci", "pyproject.toml", "requirements.txt", "README.md", ".gitignore"}
@@ -32,7 +32,7 @@ def test_no_script_or_test_edits_sys_path():
     """The package is found through pyproject.toml (installed editable; pytest's pythonpath),
     not by path edits in each script."""
     for path in [*ROOT.glob("*.py"), *ROOT.glob("attic/*.py"), *ROOT.glob("bench/*.py"),
-                 *ROOT.glob("tests/*.py"), *ROOT.glob("densenet_trainer/**/*.py")]:
+                 *ROOT.glob("tests/**/*.py"), *ROOT.glob("densenet_trainer/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr == "path":
                 assert not (isinstance(node.value, ast.Name) and node.value.id == "sys"), path

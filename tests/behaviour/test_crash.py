@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import train
-from conftest import ROOT, TINY, metrics, on_forward
 from densenet_trainer.run.checkpoint import Checkpoint
+from helpers import ROOT, TINY, metrics, on_forward
 
-# CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/test_crash.py -s` is the soak.
+# CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/behaviour/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))
 KILLS_PER_TRIAL = int(os.environ.get("KILLS_PER_TRIAL", "2"))
 

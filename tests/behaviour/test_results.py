@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 import plot
-from conftest import check_refused, run_main
 from densenet_trainer.records import results
+from helpers import check_refused, run_main
 
 BC_100 = {"dataset": "cifar10", "augment": True, "depth": 100, "growth_rate": 12,
           "bottleneck": True, "compression": 0.5, "dropout": 0.0, "epochs": 300, "lr": 0.1,

@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 
 import train
-from conftest import (
+from densenet_trainer.engine import training
+from densenet_trainer.records.layout import duration
+from densenet_trainer.run.checkpoint import Checkpoint
+from densenet_trainer.settings.config import RunConfig
+from helpers import (
     FIXTURES,
     ROOT,
     TINY,
@@ -29,12 +33,6 @@ from conftest import (
     start_run,
     write_cifar100,
 )
-from densenet_trainer.engine import training
-from densenet_trainer.records.layout import duration
-from densenet_trainer.run import workdir
-from densenet_trainer.run.checkpoint import Checkpoint
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RunConfig
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -66,71 +64,6 @@ def test_two_epochs_on_shared_subset(tmp_path, shared_data):
     assert config["train_images"] == 256 and config["environment"]["torch"]
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "config.json", "test.csv",
                                                       "train.csv"]  # the lock file is gone
-
-
-# ---------------------------------------------------------------- pure functions
-
-def config(**changes) -> RunConfig:
-    return RunConfig(**changes)
-
-
-def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
-    cfg = config(epochs=300)
-    assert [cfg.learning_rate(e) for e in (0, 149, 150, 224, 225, 299)] == \
-        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    short = config(epochs=4, lr=0.5)
-    assert [short.learning_rate(e) for e in range(4)] == pytest.approx([0.5, 0.5, 0.05, 0.005])
-
-
-def test_cosine_schedule_anneals_from_lr_to_zero():
-    cfg = config(schedule="cosine", epochs=10, lr=0.2)
-    rates = [cfg.learning_rate(e) for e in range(10)]
-    assert rates[0] == pytest.approx(0.2) and rates[5] == pytest.approx(0.1)
-    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.1 * (1 - 0.951056), rel=1e-4)
-    assert cfg.learning_rate(10) == pytest.approx(0.0, abs=1e-12)
-
-
-@pytest.mark.parametrize("planned,epochs,done,partial,reschedule,outcome", [
-    (300, 300, 120, False, False, ""),  # nothing changes
-    (300, 400, 100, False, False, ""),  # epochs 1-100 had 0.1 under both: exact
-    (300, 400, 300, False, False, "epoch 301 trains at lr 0.001"),  # longer at the last rate
-    (300, 400, 160, False, False, "refused: would raise the learning rate"),  # 0.01 -> 0.1
-    (300, 400, 160, False, True, "epoch 161 trains at lr 0.1"),  # accepted
-    (3, 8, 3, False, False, "refused: would raise the learning rate"),  # the example
-    (300, 200, 100, False, False, ""),  # shorter, epochs 1-100 at 0.1 under both: exact
-    (300, 200, 120, False, False, "epoch 121 trains at lr 0.01"),  # shorter: an earlier drop
-    (3, 2, 3, False, False, "refused: cannot be shortened to 2"),
-    (300, 150, 149, True, False, "refused: cannot be shortened to 150"),  # 150th in progress
-    (300, 150, 149, False, False, "epoch 150 trains at lr 0.001"),
-])
-def test_resume_schedule_rules(planned, epochs, done, partial, reschedule, outcome):
-    saved, cfg = config(epochs=planned), config(epochs=epochs)
-    if outcome.startswith("refused: "):
-        with pytest.raises(UserError, match=outcome.removeprefix("refused: ")):
-            workdir.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
-    else:
-        note = workdir.check_schedule(saved, cfg, done, partial, reschedule, Path("work/x"))
-        assert outcome in note and (note == "") == (outcome == "")
-
-
-def test_cosine_resume_with_more_epochs_needs_reschedule():
-    saved, cfg = config(schedule="cosine", epochs=10), config(schedule="cosine", epochs=20)
-    with pytest.raises(UserError, match="would raise the learning rate"):
-        workdir.check_schedule(saved, cfg, 10, False, False, Path("w"))
-    assert workdir.check_schedule(saved, cfg, 1, False, False, Path("w")) == ""  # epoch 1: lr alike
-
-
-def test_resumed_config_keeps_the_run_and_takes_what_may_change():
-    saved = config(depth=10, epochs=5, save="old/place", data_dir="data")
-    given = flags("--resume", "--save", "new/place", "--epochs", "7", "--data-dir", "elsewhere",
-                  "--lr", "0.1")
-    cfg, changes = workdir.resumed_config(saved, *given, Path("new/place"))
-    assert changes == {"save": "new/place", "epochs": 7, "data_dir": "elsewhere", "resume": True}
-    assert cfg.to_dict() == {**saved.to_dict(), **changes} and cfg.depth == 10  # not the default 100
-    with pytest.raises(UserError, match=r"--seed 3 \(the run has 0\) would change the run "
-                                        r"in new/place; drop these flags"):
-        workdir.resumed_config(saved, *flags("--resume", "--save", "new/place", "--seed", "3"),
-                               Path("new/place"))
 
 
 # ---------------------------------------------------------------- runs

@@ -1,11 +1,11 @@
-"""Run by tests/test_step.py in a process of its own, on CUDA: a step that reads the host
+"""Run by tests/unit/test_cuda_graph.py in a process of its own, on CUDA: a step that reads the host
 (``.item()``) inside it cannot be captured, and the graph runner must fall back to eager steps.
 Prints the runner's notices, then "eager" or "graphed"."""
 import torch
-from test_step import make_step, train_steps
 
 from densenet_trainer.engine import cuda_graph
 from densenet_trainer.engine.step import TrainStep
+from helpers import make_step, train_steps
 
 step = make_step(torch.device("cuda"))
 call = TrainStep.__call__

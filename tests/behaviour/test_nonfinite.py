@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import TINY, on_forward, run_main
 from densenet import DenseNet
 from densenet_trainer.engine import training
 from densenet_trainer.kernels import fused
 from densenet_trainer.run.files import load_checkpoint, non_finite
 from densenet_trainer.settings.config import RunConfig
+from helpers import TINY, on_forward, run_main
 
 CHANNELS_LAST = torch.channels_last
 # (memory format, autocast dtype, memory-efficient): the fused CPU path takes channels-last

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from bench import kernels as kernel_count
-from conftest import on_forward
 from densenet import DenseNet
 from densenet_trainer.settings.config import RunConfig
+from helpers import on_forward
 
 TINY_BC = dict(depth=10, growth_rate=4, batch_size=8)
 

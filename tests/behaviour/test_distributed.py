@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import train
-from conftest import ROOT, TINY, read_csv
+from helpers import ROOT, TINY, read_csv
 
 
 @pytest.mark.slow

@@ -1,0 +1,80 @@
+"""The kernel choice (kernel_choice.py): never fused under SyncBatchNorm, --kernels auto on a GPU takes the faster and records why, keeps a resumed run's choice, and its timing changes nothing the run draws."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densenet_trainer.engine.runtime import Runtime
+from densenet_trainer.run import kernel_choice
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import RunConfig
+
+
+def test_fused_kernels_are_never_used_under_syncbatchnorm():
+    """SyncBatchNorm's statistics are synchronised in its forward, which the fused kernels do
+    not call: auto takes ATen there, and naming fused is refused."""
+    two = Runtime(torch.device("cpu"), 0, 2)
+    assert kernel_choice.choose_kernels(RunConfig(sync_bn=True), two).kernels == "aten"
+    assert kernel_choice.choose_kernels(RunConfig(sync_bn=True), Runtime.alone(torch.device("cpu"))).kernels == "fused"
+    assert kernel_choice.choose_kernels(RunConfig(kernels="fused"), two).kernels == "fused"
+    with pytest.raises(UserError, match="--kernels fused normalises with each process's own batch "
+                                        "statistics, not --sync-bn's"):
+        kernel_choice.choose_kernels(RunConfig(sync_bn=True, kernels="fused"), two)
+
+
+def fake_timings(**ms):
+    calls = []
+
+    def measure(kernels: str) -> float:
+        calls.append(kernels)
+        return ms[kernels] / 1e3
+    return measure, calls
+
+
+@pytest.fixture
+def gpu_kernels_pass(monkeypatch):
+    """The fused CUDA kernels as if they had passed their self-test on a GPU."""
+    from densenet_trainer.kernels import kernel_check
+    monkeypatch.setattr(kernel_check, "failure", lambda device_type: None)
+
+
+@pytest.mark.parametrize("aten, fused_ms, chosen", [(3.0, 2.0, "fused"), (2.5, 2.6, "aten")])
+def test_auto_on_a_gpu_takes_the_faster_kernels_and_records_why(gpu_kernels_pass, aten, fused_ms,
+                                                                chosen, capsys):
+    measure, calls = fake_timings(aten=aten, fused=fused_ms)
+    choice = kernel_choice.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
+    assert calls == ["aten", "fused"]
+    assert choice == kernel_choice.KernelChoice(chosen, "auto: the faster over 5 timed steps each",
+                                        {"aten": aten, "fused": fused_ms})
+    assert capsys.readouterr().out == (f"--kernels auto: {chosen} (aten {aten:.2f} ms, fused "
+                                       f"{fused_ms:.2f} ms per step)\n")
+    assert choice.record() == {"kernels": chosen, "why": "auto: the faster over 5 timed steps each",
+                               "ms_per_step": {"aten": aten, "fused": fused_ms}}
+
+
+def test_auto_on_a_gpu_keeps_a_resumed_runs_choice_and_times_only_what_can_run(gpu_kernels_pass):
+    gpu, never = Runtime(torch.device("cuda")), fake_timings()[0]
+    saved = {"device_type": "cuda", "kernels": "fused"}
+    assert kernel_choice.choose_kernels(RunConfig(), gpu, print, saved, never) == kernel_choice.KernelChoice(
+        "fused", "auto, kept from the run's first start")
+    # a run trained on the CPU and resumed on a GPU chooses afresh
+    measure, calls = fake_timings(aten=1.0, fused=2.0)
+    assert kernel_choice.choose_kernels(RunConfig(), gpu, print, {"device_type": "cpu", "kernels": "fused"},
+                                measure).kernels == "aten"
+    # the fused kernels do not compute in fp16: nothing to time
+    assert kernel_choice.choose_kernels(RunConfig(precision="fp16"), gpu, print, None, never) == kernel_choice.KernelChoice(
+        "aten", "auto: the fused kernels do not compute in fp16")
+
+
+def test_timing_steps_changes_nothing_the_run_draws():
+    """time_steps builds and steps a run of its own: the global generators are as they were."""
+    import random
+
+    import numpy as np
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    cfg = RunConfig(depth=10, growth_rate=4, batch_size=8)
+    seconds = kernel_choice.time_steps(cfg, Runtime(torch.device("cpu")), "aten")
+    assert seconds > 0
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+    assert (np.random.get_state()[1] == state[2]).all()

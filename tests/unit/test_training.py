@@ -1,0 +1,48 @@
+"""The loop over an epoch's steps and evaluation (training.py): the epoch's check of its steps, evaluation's fixed shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densenet import DenseNet
+from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine.runtime import Runtime
+from helpers import make_step
+
+
+def test_the_epoch_check_counts_steps_losses_and_batchnorm_batches():
+    step = make_step(torch.device("cpu"))
+    step.model.train()
+    step.start_epoch()
+    for _ in range(3):
+        step()
+    training.check_epoch(step, 0, 3, 1)  # all as it should be
+    norms = len(step.norms)
+    with pytest.raises(training.StepCheckFailed) as raised:
+        training.check_epoch(step, 0, 4, 1)  # a fourth step that never ran
+    assert str(raised.value) == (
+        f"epoch 1 did not train the steps it ran: the batch counter is at 3, not 4; 1 of its 4 "
+        f"steps wrote no loss; the BatchNorm layers counted {3 * norms} batches, not "
+        f"{4 * norms} ({norms} layers x 4 steps)")
+    step.norms[2].num_batches_tracked -= 1  # a replay that skipped one layer's statistics
+    with pytest.raises(training.StepCheckFailed, match=f"counted {3 * norms - 1} batches, not {3 * norms}"):
+        training.check_epoch(step, 0, 3, 1)
+
+
+def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
+    """Any evaluation batch size gives the same loss, error and confusion matrix."""
+    torch.manual_seed(0)
+    model = DenseNet(10, 4)
+    split = datasets.Split(torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8),
+                       torch.randint(0, 10, (37,)))
+    normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    runtime = Runtime(torch.device("cpu"))
+    shapes = {tuple(images.shape) for images, _, _ in data.eval_batches(split, 16, normalizer, runtime.device)}
+    assert shapes == {(16, 3, 32, 32)}
+    results = [training.evaluate(model, data.eval_batches(split, size, normalizer, runtime.device),
+                                 "fp32", runtime, 10) for size in (1, 16, 37, 500)]
+    first = results[0]
+    for result in results[1:]:
+        assert result.top5_error is None  # ten classes
+        assert result.loss == pytest.approx(first.loss, rel=1e-5) and result.error == first.error
+        assert torch.equal(result.confusion, first.confusion) and result.images == 37
