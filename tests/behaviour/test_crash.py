@@ -25,7 +25,7 @@ KILLS_PER_TRIAL = int(os.environ.get("KILLS_PER_TRIAL", "2"))
 RUN = ["--epochs", "5", "--dropout", "0.1"]
 
 
-def flags(data_dir: Path) -> list[str]:
+def killable_run(data_dir: Path) -> list[str]:
     return [*TINY, *RUN, "--data-dir", str(data_dir)]
 
 
@@ -69,7 +69,7 @@ def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
     kills = 0
     for trial in range(TRIALS):
         work = tmp_path / f"trial{trial}"
-        start = [sys.executable, str(ROOT / "train.py"), "--save", str(work), *flags(cifar_dir)]
+        start = [sys.executable, str(ROOT / "train.py"), "--save", str(work), *killable_run(cifar_dir)]
         resume = [sys.executable, str(ROOT / "train.py"), "--resume", "--save", str(work),
                   "--data-dir", str(cifar_dir)]
         for attempt in range(KILLS_PER_TRIAL):
@@ -123,7 +123,7 @@ def interrupt(command: list[str], after: str, signum: int) -> str:
 def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, reference):
     work = tmp_path / "run"
     train_py = [sys.executable, str(ROOT / "train.py")]
-    stopped = interrupt([*train_py, "--save", str(work), *flags(cifar_dir)], "epoch 2/5", signal.SIGINT)
+    stopped = interrupt([*train_py, "--save", str(work), *killable_run(cifar_dir)], "epoch 2/5", signal.SIGINT)
     assert "stopped by SIGINT in epoch" in stopped, stopped
     assert f"Resume with: {ROOT / 'train.py'} --resume --save {work}" in stopped
     resume = [*train_py, "--resume", "--save", str(work), "--data-dir", str(cifar_dir)]
@@ -144,7 +144,7 @@ def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, ref
 
     work = tmp_path / "run"
     with on_forward(interrupt_in_step_7, training=True):
-        status = train.main(["--save", str(work), *flags(cifar_dir)])
+        status = train.main(["--save", str(work), *killable_run(cifar_dir)])
     assert status == 128 + signal.SIGINT
     assert len(metrics(work)[0]) == 1
     state = Checkpoint.load(work / "checkpoint.pt").state

@@ -103,7 +103,7 @@ def test_fused_relu_and_statistics_keep_nan_and_inf():
 
 # ---------------------------------------------------------------- the trainer stops
 
-def flags(data_dir, work):
+def three_epochs(data_dir, work):
     return ["--data-dir", str(data_dir), "--save", str(work), *TINY, "--epochs", "3"]
 
 
@@ -125,7 +125,7 @@ def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(tmp_path,
     """Epoch 1 trains normally, epoch 2 at lr 1e6 on the default (fused) path: the schedule is
     the configuration's, so the run is given one that diverges."""
     work = tmp_path / "run"
-    cfg, _ = RunConfig.from_flags(train.build_parser().parse_args(flags(cifar_dir, work)))
+    cfg, _ = RunConfig.from_flags(train.build_parser().parse_args(three_epochs(cifar_dir, work)))
     with pytest.raises(training.Diverged, match="the training loss is not finite at epoch 2"):
         train.train(DivergesInEpoch2(**cfg.to_dict()))
     state = load_checkpoint(work / "checkpoint.pt")  # refuses non-finite weights itself
@@ -139,7 +139,7 @@ def test_a_nan_test_loss_is_never_written(tmp_path, cifar_dir, capsys):
     each), its weights and training loss finite."""
     work = tmp_path / "run"
     with on_forward(lambda count, model, out: out * math.nan if count == 2 else None, training=False):
-        status, _, err = run_main(capsys, train.main, *flags(cifar_dir, work))
+        status, _, err = run_main(capsys, train.main, *three_epochs(cifar_dir, work))
     assert_stopped(status, err, "the test loss is not finite after epoch 2")
     assert len((work / "test.csv").read_text().splitlines()) == 2  # header and epoch 1
     assert load_checkpoint(work / "checkpoint.pt")["epoch"] == 1
@@ -156,7 +156,7 @@ def test_weights_gone_non_finite_with_a_finite_loss_are_not_saved(tmp_path, cifa
 
     work = tmp_path / "run"
     with on_forward(nan_bias_after_step_10, training=True):
-        status, _, err = run_main(capsys, train.main, *flags(cifar_dir, work))
+        status, _, err = run_main(capsys, train.main, *three_epochs(cifar_dir, work))
     assert_stopped(status, err, "the weights are not finite after epoch 2 (classifier.bias)")
     assert load_checkpoint(work / "checkpoint.pt")["epoch"] == 1
     assert len((work / "train.csv").read_text().splitlines()) == 2
@@ -164,7 +164,7 @@ def test_weights_gone_non_finite_with_a_finite_loss_are_not_saved(tmp_path, cifa
 
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
-    assert train.main([*flags(cifar_dir, work)[:-1], "1"]) == 0
+    assert train.main([*three_epochs(cifar_dir, work)[:-1], "1"]) == 0
     state = torch.load(work / "checkpoint.pt", weights_only=True)
     state["model"]["norm.weight"][0] = math.nan
     torch.save(state, work / "checkpoint.pt")

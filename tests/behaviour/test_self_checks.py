@@ -13,13 +13,13 @@ from densenet_trainer.engine import training
 from densenet_trainer.engine.runtime import Runtime
 from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.settings.config import RunConfig
-from helpers import TINY, faithful_capture, metrics, stale_capture
+from helpers import TINY, config_of, faithful_capture, metrics, stale_capture
 
 
-def flags(tmp_path, cifar_dir, name: str, *more: str) -> RunConfig:
-    argv = ["--data-dir", str(cifar_dir), *TINY, "--batch-size", "16", "--epochs", "2",
-            "--save", str(tmp_path / name), *more]
-    return RunConfig.from_flags(train.build_parser().parse_args(argv))[0]
+def two_epochs(tmp_path, cifar_dir, name: str, *more: str) -> RunConfig:
+    """Two epochs of the tiny model, batch 16, into ``tmp_path / name``."""
+    return config_of("--data-dir", cifar_dir, *TINY, "--batch-size", "16", "--epochs", "2",
+                     "--save", tmp_path / name, *more)[0]
 
 
 # ---------------------------------------------------------------- each epoch
@@ -37,7 +37,7 @@ def test_a_graph_that_goes_wrong_later_stops_the_run_before_the_epoch_is_saved(t
                 step()
         return replay
 
-    cfg = flags(tmp_path, cifar_dir, "run")
+    cfg = two_epochs(tmp_path, cifar_dir, "run")
     with pytest.raises(training.StepCheckFailed, match="epoch 1 did not train the steps it ran: "
                                                        "the batch counter is at 5, not 10"):
         train.train(cfg, runtime=Runtime(torch.device("cpu"), capture=later_nothing))
@@ -56,14 +56,14 @@ def test_a_kernel_that_fails_its_self_test_is_not_used(broken, fault, reason, tm
     from densenet_trainer.kernels import kernel_check
     broken(fault)
     assert kernel_check.check(torch.device("cpu")).startswith(reason)
-    assert train.train(flags(tmp_path, cifar_dir, "broken")) == 0
+    assert train.train(two_epochs(tmp_path, cifar_dir, "broken")) == 0
     out = capsys.readouterr().out
     assert out.count("warning: the fused kernels failed their self-test on cpu (") == 1
     record = json.loads((tmp_path / "broken" / "config.json").read_text())
     assert record["kernels_used"] == "aten on cpu"
     assert record["kernels_chosen"]["why"].startswith(
         f"--kernels auto on cpu, but the fused kernels failed their self-test ({reason}")
-    assert train.train(flags(tmp_path, cifar_dir, "aten", "--kernels", "aten")) == 0
+    assert train.train(two_epochs(tmp_path, cifar_dir, "aten", "--kernels", "aten")) == 0
     assert metrics(tmp_path / "broken") == metrics(tmp_path / "aten")
 
 
@@ -71,7 +71,7 @@ def test_a_kernel_that_fails_its_self_test_is_not_used(broken, fault, reason, tm
 
 
 def test_a_checkpoint_keeps_the_kernels_it_trained_with(tmp_path, cifar_dir):
-    assert train.train(flags(tmp_path, cifar_dir, "run")) == 0
+    assert train.train(two_epochs(tmp_path, cifar_dir, "run")) == 0
     state = Checkpoint.load(tmp_path / "run").state
     assert state["kernels"] == {"device_type": "cpu", "kernels": "fused"}
 
@@ -86,7 +86,7 @@ def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
              "graphed (its first replay matched an eager step)"),
             ("dropped", Runtime(torch.device("cpu"), capture=stale_capture),
              "eager: the graph's first replay disagreed with an eager step (the counters differ)")]:
-        assert train.train(flags(tmp_path, cifar_dir, name), runtime=runtime) == 0
+        assert train.train(two_epochs(tmp_path, cifar_dir, name), runtime=runtime) == 0
         record = json.loads((tmp_path / name / "config.json").read_text())
         assert record["step"].startswith(status)
         assert record["kernels_used"] == "fused on cpu"

@@ -1,12 +1,18 @@
-"""The checkpoint format (checkpoint.py): what restore puts back and what it keeps (the optimiser's implementation, its step counts where it reads them, the run's learning rate), the best-epoch record, a checkpoint refused where it is not its folder's run."""
+"""The checkpoint format (checkpoint.py): what restore puts back and what it keeps (the
+optimiser's implementation, its step counts where it reads them, the run's learning rate),
+the best-epoch record, a checkpoint refused where it is not its folder's run."""
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from densenet_trainer.engine.step import LearningRate
 from densenet_trainer.run import build
-from densenet_trainer.run.checkpoint import restore
+from densenet_trainer.run.checkpoint import CHECKPOINT_KEYS, BestEpochs, Checkpoint, restore
+from densenet_trainer.run.files import RunError, save_checkpoint, write_json
 from densenet_trainer.settings.config import RunConfig
 from helpers import make_step, train_steps
 
@@ -46,3 +52,40 @@ def test_step_counts_move_to_where_the_resumed_optimiser_reads_them(opt):
     eager = build.build_optimizer(cfg, torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
     restore(eager, trained.state_dict(), "checkpoint.pt")
     assert [s["step"].dtype for s in eager.state.values()] == [torch.float32] * 2
+
+
+def test_the_best_epochs_record_keeps_the_lowest_errors_and_its_checkpoint_form():
+    """The lowest test error's epoch and, once a validation split exists, the lowest
+    validation error's (whether best.pt is to be replaced); a tie keeps the earlier epoch."""
+    best = BestEpochs()
+    assert best.state() == {"error": math.inf, "epoch": 0}  # as earlier versions saved it
+    assert not best.update(1, 40.0, None) and best == BestEpochs(40.0, 1)
+    assert best.update(2, 45.0, 30.0) and best == BestEpochs(40.0, 1, 30.0, 2)
+    assert not best.update(3, 35.0, 30.0) and best == BestEpochs(35.0, 3, 30.0, 2)
+    assert best.update(4, 36.0, 29.0)
+    assert BestEpochs.from_state(best.state()) == best == BestEpochs(35.0, 3, 29.0, 4)
+
+
+def write_checkpoint(folder: Path, run_id: str, **config) -> Path:
+    """A checkpoint of this trainer's format (every CHECKPOINT_KEYS entry) in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    state = {key: {} for key in CHECKPOINT_KEYS}
+    state.update(config=RunConfig(**config).to_dict(), epoch=1, run_id=run_id, model={"w": torch.ones(1)})
+    save_checkpoint(folder / "checkpoint.pt", state)
+    return folder / "checkpoint.pt"
+
+
+def test_a_checkpoint_is_refused_where_it_is_not_its_folders_run(tmp_path):
+    """Beside a config.json of another run (another run_id, or settings no resume changes), a
+    checkpoint was copied in: refused, naming why; a resumable difference is the run's own."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_json(folder / "config.json", {"run_id": "a" * 32, "config": RunConfig(depth=10).to_dict()})
+    write_checkpoint(folder, "a" * 32, depth=10, epochs=7, data_dir="elsewhere")
+    assert Checkpoint.load(folder).epoch == 1
+    write_checkpoint(folder, "b" * 32, depth=10)
+    with pytest.raises(RunError, match=f"it is run {'b' * 32}, the folder's config.json is run {'a' * 32}"):
+        Checkpoint.load(folder)
+    write_checkpoint(folder, "", depth=16)
+    with pytest.raises(RunError, match=r"\(depth 16 \(config.json: 10\)\): it was copied in from another run"):
+        Checkpoint.load(folder / "checkpoint.pt")

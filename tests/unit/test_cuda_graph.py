@@ -1,4 +1,6 @@
-"""The CUDA-graph runner (cuda_graph.py): warm-up, one capture, replays; a failed capture goes on eagerly; the first replay checked against an eager step; what can be captured. CUDA-only checks carry ``cuda``."""
+"""The CUDA-graph runner (cuda_graph.py): warm-up, one capture, replays; a failed capture goes
+on eagerly; the first replay checked against an eager step; what can be captured. CUDA-only
+checks carry ``cuda``."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
-"""Reading the datasets (datasets.py): the official CIFAR and SVHN layouts, every file checked value by value, a failed download leaving nothing, the validation split."""
+"""Reading the datasets (datasets.py): the official CIFAR and SVHN layouts, every file checked
+value by value, a failed download leaving nothing, the validation split."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The fused kernels' self-test (kernel_check.py): the CPU kernels pass it, and a kernel broken in any of its outputs fails it."""
+"""The fused kernels' self-test (kernel_check.py): the CPU kernels pass it, and a kernel broken
+in any of its outputs fails it."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,6 @@
-"""The kernel choice (kernel_choice.py): never fused under SyncBatchNorm, --kernels auto on a GPU takes the faster and records why, keeps a resumed run's choice, and its timing changes nothing the run draws."""
+"""The kernel choice (kernel_choice.py): never fused under SyncBatchNorm, --kernels auto on a
+GPU takes the faster and records why, keeps a resumed run's choice, and its timing changes
+nothing the run draws."""
 from __future__ import annotations
 
 import pytest

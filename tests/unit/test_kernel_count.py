@@ -30,7 +30,11 @@ def test_the_fused_path_counts_its_triton_launches():
     norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in DenseNet(10, 4).modules())
     assert count.names["triton.norm_relu_kernel"] == norms
     assert count.names["triton.norm_relu_backward_kernel"] == norms
-    assert count.triton == sum(n for name, n in count.names.items() if name.startswith("triton."))
+    stats = count.names["triton.stats_kernel"]  # one per slice of a block's buffer
+    assert count.names["triton.backward_finish_kernel"] == norms
+    assert count.names["triton.stats_finish_kernel"] == count.names["triton.finish_grad_kernel"] == stats
+    assert count.triton == 3 * norms + 3 * stats  # nothing else launches Triton
+    assert kernel_count.count_step(RunConfig(**TINY_BC, kernels="aten")).triton == 0
     assert not any(name.split(".")[1] in kernel_count.NO_KERNEL or name == "aten.view"
                    for name in count.names)
     assert 0 < count.tiny < count.total and count.bytes > 0

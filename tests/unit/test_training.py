@@ -1,4 +1,5 @@
-"""The loop over an epoch's steps and evaluation (training.py): the epoch's check of its steps, evaluation's fixed shapes."""
+"""The loop over an epoch's steps and evaluation (training.py): the epoch's check of its steps,
+evaluation's fixed shapes."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
-"""The resume rules (workdir.py): which schedules a resume may change, and the configuration a resume continues with."""
+"""The resume rules (workdir.py): which schedules a resume may change, and the configuration a
+resume continues with."""
 from __future__ import annotations
 
 from pathlib import Path
