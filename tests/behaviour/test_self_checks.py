@@ -53,9 +53,7 @@ def test_a_graph_that_goes_wrong_later_stops_the_run_before_the_epoch_is_saved(t
     ("tail", "the kernels in torch.float32: stats' variance: Tensor-likes are not close!")])
 def test_a_kernel_that_fails_its_self_test_is_not_used(broken, fault, reason, tmp_path, cifar_dir, capsys):
     """One warning, ATen's kernels, and config.json says why; the run's numbers are ATen's."""
-    from densenet_trainer.kernels import kernel_check
     broken(fault)
-    assert kernel_check.check(torch.device("cpu")).startswith(reason)
     assert train.train(two_epochs(tmp_path, cifar_dir, "broken")) == 0
     out = capsys.readouterr().out
     assert out.count("warning: the fused kernels failed their self-test on cpu (") == 1
