@@ -35,6 +35,7 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from densenet_trainer.records import results
+from densenet_trainer.records.whole_files import write_figure, write_text
 from densenet_trainer.settings import cli
 
 # Okabe & Ito's colour-blind-safe palette.
@@ -512,10 +513,7 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
              for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
     for path, text in texts.items():
         try:
-            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp",
-                                             prefix=f".{path.name}.") as f:
-                f.write(text)
-            os.replace(f.name, path)
+            write_text(path, text)
         except OSError as error:
             raise PlotError(f"cannot write {path} ({error.strerror}); make the folder writable "
                             f"or choose another with --out") from None
@@ -582,8 +580,9 @@ def write_groups(opts: argparse.Namespace) -> list[Path]:
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:
+    """Write ``fig`` whole: a failed or killed write keeps the previous figure."""
     try:
-        fig.savefig(path, dpi=dpi)
+        write_figure(fig, path, dpi)
     except OSError as error:
         raise PlotError(f"cannot write {path} ({error.strerror}); free space, make the folder "
                         f"writable or choose another with --out") from None

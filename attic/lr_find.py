@@ -18,8 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from densenet_trainer.engine.runtime import setup_runtime
+from densenet_trainer.records.whole_files import write_text
 from densenet_trainer.run.build import Run, build_run
-from densenet_trainer.run.files import WorkDirLock, holds_run, write_errors, write_json, write_text
+from densenet_trainer.run.files import WorkDirLock, holds_run, write_errors, write_json
 from densenet_trainer.settings import cli, config
 from densenet_trainer.settings.config import RunConfig
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from densenet_trainer.records.whole_files import write_figure
 from densenet_trainer.settings import cli, config
 from densenet_trainer.settings.config import RunConfig
 
@@ -104,7 +105,7 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
     fig.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        write_figure(fig, path, 120)
     except OSError as error:
         raise cli.UserError(f"cannot write {path} ({error.strerror or error}); choose another "
                             f"--image") from None

@@ -10,6 +10,8 @@ LAST_CHECKPOINT = "checkpoint.pt"  # after every epoch, or at a stop within one
 BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
 LOCK_FILE = ".lock"  # only while a process works in the folder
 RUN_MARKERS = (CONFIG_FILE, "train.csv", "test.csv", LAST_CHECKPOINT)  # a folder holding any holds a run
+# every file a run writes in its folder, the lock and the evaluation files aside
+RUN_FILES = (*RUN_MARKERS, "val.csv", BEST_CHECKPOINT)
 
 TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]

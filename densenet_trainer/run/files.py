@@ -22,7 +22,6 @@ import pickle
 import re
 import socket
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
+from densenet_trainer.records.whole_files import append_line, atomic_write, open_in_place, write_text
 from densenet_trainer.settings.cli import UserError
 
 
@@ -66,7 +66,7 @@ class WorkDirLock:
         while self._fd is None:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = open_in_place(path, os.O_RDWR | os.O_CREAT)
             except OSError as error:
                 raise RunError(f"cannot write to {self.folder} ({error.strerror}); "
                                f"{self.advice}") from None
@@ -134,43 +134,8 @@ def remove_stale_temporaries(folder: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def current_umask() -> int:
-    """The process's umask (reading it means setting it; it is put back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; files follow the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # name the file meant, not the temporary one
-            raise OSError(error.errno, error.strerror, str(path)) from None
-        raise
-
-
 def write_json(path: Path, content: dict) -> None:
     write_text(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -288,14 +253,7 @@ class CsvLog:
         return text, "\n".join([",".join(self.columns)] + [line for _, line in kept]) + "\n"
 
     def append(self, row: dict) -> None:
-        cells = [_format(row[column]) for column in self.columns]
-        try:
-            with open(self.path, "a") as f:
-                f.write(",".join(cells) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as error:
-            raise OSError(error.errno, error.strerror, str(self.path)) from None
+        append_line(self.path, ",".join(_format(row[column]) for column in self.columns))
 
 
 def _format(value) -> str:

@@ -26,10 +26,12 @@ from densenet_trainer.records.layout import (
     CONFIG_FILE,
     EVAL_COLUMNS,
     LAST_CHECKPOINT,
+    RUN_FILES,
     TOP5_COLUMNS,
     TRAIN_COLUMNS,
     csv_name,
 )
+from densenet_trainer.records.whole_files import refuse_unless_regular, write_text
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint
 from densenet_trainer.run.files import (
     CsvLog,
@@ -40,7 +42,6 @@ from densenet_trainer.run.files import (
     save_checkpoint,
     write_errors,
     write_json,
-    write_text,
 )
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
@@ -83,9 +84,12 @@ def already_holds_a_run(save: Path) -> UserError:
 def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
     """Decide what to do in ``cfg.save``; ``given``: the flags on the command line.
 
-    Reads only: a refused start or resume leaves every file as it was.
+    Reads only: a refused start or resume leaves every file as it was. A run's file that is a
+    link (into another run, say) or not a regular file is refused before anything is read.
     """
     save = Path(cfg.save)
+    for name in RUN_FILES:
+        refuse_unless_regular(save / name)
     if not cfg.resume:
         if holds_run(save):
             raise already_holds_a_run(save)
