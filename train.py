@@ -37,10 +37,12 @@ import torch.distributed as dist
 
 from densenet_trainer.engine import data, datasets, training
 from densenet_trainer.engine.runtime import (
+    STOP_SIGNALS,
     Runtime,
     StopFlag,
     keep_freed_memory_mapped,
     on_main,
+    output_may_close,
     setup_runtime,
 )
 from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
@@ -56,7 +58,7 @@ from densenet_trainer.settings.config import RunConfig
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run was saved at a safe point."""
+    """One of runtime.STOP_SIGNALS arrived; the run was saved at a safe point."""
 
     def __init__(self, signum: int, save: Path, epoch: int, step: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} in epoch {epoch} after "
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class StoppedBeforeTraining(KeyboardInterrupt):
-    """SIGTERM before the run's own stop handling (StopFlag) is in place: treated as SIGINT is."""
+    """SIGTERM, SIGHUP or SIGUSR1 before the run's own stop handling (StopFlag) is in place:
+    treated as SIGINT is."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -99,12 +102,20 @@ def _stop_before_training(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command: parse, then train or --evaluate; every outcome is an exit status and its
+    line. Output whose reader goes away (``| head``, a closed terminal) never stops the run."""
+    with output_may_close():
+        return _run_command(build_parser().parse_args(argv))
+
+
+def _run_command(args: argparse.Namespace) -> int:
     cfg, given = RunConfig.from_flags(args)
     keep_freed_memory_mapped()
     handles_signals = threading.current_thread() is threading.main_thread()
-    if handles_signals:
-        previous = signal.signal(signal.SIGTERM, _stop_before_training)
+    previous = {}
+    if handles_signals:  # SIGINT already raises KeyboardInterrupt
+        previous = {signum: signal.signal(signum, _stop_before_training)
+                    for signum in STOP_SIGNALS if signum != signal.SIGINT}
     try:
         cfg.check()
         if args.tta and not args.evaluate:
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluate:
             return evaluate_checkpoint(Path(args.evaluate), cfg, given, args.tta)
         return train(cfg, given, args.reschedule)
-    except UserError as error:  # datasets.DataError and runlog.RunError too
+    except UserError as error:  # datasets.DataError and files.RunError too
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
@@ -136,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
               f"was saved", file=sys.stderr)
         return 128 + signum
     finally:
-        if handles_signals:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 

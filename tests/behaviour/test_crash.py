@@ -14,7 +14,7 @@ import pytest
 
 import train
 from densenet_trainer.run.checkpoint import Checkpoint
-from helpers import ROOT, TINY, metrics, on_forward
+from helpers import ROOT, TINY, metrics, on_forward, write_cifar10
 
 # CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/behaviour/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))
@@ -134,18 +134,22 @@ def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, refere
     assert metrics(work) == metrics(reference)
 
 
-def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference):
-    """A SIGINT that arrives during the 7th step (epoch 2, step 2 of 5) saves a mid-epoch
-    checkpoint at the end of that step; the resumed run is the uninterrupted one."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference, capsys, signum):
+    """A stop signal (Ctrl-C, kill, a closed terminal, SLURM's warning before its time limit)
+    that arrives during the 7th step (epoch 2, step 2 of 5) saves a mid-epoch checkpoint at the
+    end of that step and says how to resume; the resumed run is the uninterrupted one."""
 
     def interrupt_in_step_7(count, model, output):
         if count == 7:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
     work = tmp_path / "run"
     with on_forward(interrupt_in_step_7, training=True):
         status = train.main(["--save", str(work), *killable_run(cifar_dir)])
-    assert status == 128 + signal.SIGINT
+    assert status == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name} in epoch 2 after step 2; saved. Resume with:" \
+        in capsys.readouterr().err
     assert len(metrics(work)[0]) == 1
     state = Checkpoint.load(work / "checkpoint.pt").state
     assert (state["epoch"], state["progress"]["step"]) == (1, 2)
@@ -154,14 +158,13 @@ def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, ref
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_start_up_says_so_and_leaves_nothing(tmp_path, signum):
     """train.py stopped while it reads its data (a FIFO stands for a slow disk: the signal
     comes once train.py is waiting on it, never on a timer): one line, exit 128 + N, and no
     work directory."""
     import errno
 
-    from conftest import write_cifar10
     data = write_cifar10(tmp_path / "data")
     batch = data / "cifar-10-batches-py" / "data_batch_1"
     batch.unlink()
@@ -191,3 +194,23 @@ def test_a_signal_during_start_up_says_so_and_leaves_nothing(tmp_path, signum):
     assert err.strip().splitlines()[-1] == (f"interrupted by {signal.Signals(signum).name} before "
                                             f"training started; nothing was saved")
     assert not work.exists()
+
+
+def test_a_closed_output_never_stops_the_run(tmp_path, cifar_dir, reference):
+    """`./train.py ... | head -4`: the reader goes away after the first lines; the run goes on
+    to its end, exit 0, and its CSVs are the uninterrupted run's."""
+    work = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--save", str(work),
+                                *killable_run(cifar_dir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(4):
+            process.stdout.readline()
+        process.stdout.close()  # as head does after its 4 lines
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert metrics(work) == metrics(reference)
