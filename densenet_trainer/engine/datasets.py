@@ -50,15 +50,27 @@ class Dataset:
     classes: list[str]
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What a protocol-2 pickle written by Python 3 calls to make bytes (``_codecs.encode``),
+    allowed only for the one encoding such pickles use."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"unexpected encoding {encoding!r} for bytes")
+    return text.encode("latin1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR files, which hold only dicts, lists and numpy arrays.
+    """Unpickles the CIFAR files, which hold only dicts, lists, bytes, numpy arrays and numpy
+    scalars (labels rewritten as numpy integers, say).
 
     Refusing every other global means a tampered dataset file cannot run code.
     """
-    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    _allowed = {(prefix + suffix, name) for prefix in ("numpy.core", "numpy._core")
+                for suffix, name in ((".multiarray", "_reconstruct"), (".multiarray", "scalar"))}
+    _allowed |= {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) not in self._allowed:
             raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
         return super().find_class(module, name)

@@ -146,3 +146,36 @@ def test_svhn_files_get_the_same_checks(tmp_path, case):
     with pytest.raises(datasets.DataError) as refused:
         datasets.load_dataset("svhn", tmp_path, download=False)
     assert str(refused.value) == f"{path} {message}; replace it with a fresh copy"
+
+
+def test_copies_rewritten_by_python_3_are_read(tmp_path):
+    """CIFAR files pickled again by Python 3 with protocol 2 (bytes as ``_codecs.encode``) and
+    labels stored as numpy integers: harmless, common, read as the originals are."""
+    import pickle
+
+    import numpy as np
+    root = write_cifar10(tmp_path / "data")
+    original = datasets.load_dataset("cifar10", root, download=False)
+    for path in (root / "cifar-10-batches-py").iterdir():
+        with open(path, "rb") as f:
+            content = pickle.load(f)
+        if "labels" in content:
+            content["labels"] = [np.int64(label) for label in content["labels"]]
+            content["batch_label"] = content["batch_label"].encode()
+        with open(path, "wb") as f:
+            pickle.dump(content, f, protocol=2)
+    assert b"_codecs" in (root / "cifar-10-batches-py" / "test_batch").read_bytes()
+    rewritten = datasets.load_dataset("cifar10", root, download=False)
+    assert torch.equal(rewritten.train.images, original.train.images)
+    assert torch.equal(rewritten.test.labels, original.test.labels)
+    assert rewritten.classes == original.classes
+
+
+def test_bytes_in_another_encoding_are_refused(tmp_path):
+    """The one call admitted for bytes takes latin1 only: a pickle that asks for another codec
+    (one that decompresses, say) is refused."""
+    root = write_cifar10(tmp_path / "data")
+    path = root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x04\x00\x00\x00zlibq\x02\x86q\x03Rq\x04.")
+    with pytest.raises(datasets.DataError, match="unexpected encoding 'zlib' for bytes"):
+        datasets.load_dataset("cifar10", root, download=False)
