@@ -316,6 +316,10 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
                                     channels_last=run.channels_last)
         result = training.evaluate(trained.model, batches, run.precision, runtime,
                                    run.num_classes, tta=tta)
+        if not math.isfinite(result.loss):  # finite weights whose outputs overflow
+            raise UserError(f"{checkpoint.path} gives outputs that are not finite on the "
+                            f"{result.images} test images (its loss is {result.loss}): an error "
+                            f"rate of it would mean nothing; use an earlier checkpoint")
         names = dataset.classes or [str(c) for c in range(run.num_classes)]
         selection = "" if subset == run.test_subset else f"-test{subset or 'all'}"
         per_class, matrix = workdir.write_evaluation(checkpoint.path, result.confusion, names,

@@ -63,14 +63,17 @@ def parameter_count(depth: int, growth_rate: int, bottleneck: bool, compression:
     classifier), so that an enormous model is refused before memory is allocated."""
     step, _ = valid_depths(bottleneck)
     k, channels = growth_rate, 2 * growth_rate if bottleneck else 16
+    layers = (depth - 4) // step  # per block
     total = 3 * 9 * channels  # the stem
     for block in range(3):
-        for _ in range((depth - 4) // step):
-            if bottleneck:
-                total += 2 * channels + channels * 4 * k + 2 * 4 * k + 4 * k * k * 9
-            else:
-                total += 2 * channels + channels * k * 9
-            channels += k
+        # the layers' inputs: channels, channels + k, ...; summed in closed form, so that an
+        # absurd depth is counted (and refused) at once
+        inputs = layers * channels + k * layers * (layers - 1) // 2
+        if bottleneck:  # BN(c), 1x1 conv c -> 4k, BN(4k), 3x3 conv 4k -> k
+            total += (2 + 4 * k) * inputs + layers * (2 * 4 * k + 4 * k * k * 9)
+        else:  # BN(c), 3x3 conv c -> k
+            total += (2 + 9 * k) * inputs
+        channels += layers * k
         if block < 2:
             kept = math.floor(compression * channels)
             total += 2 * channels + channels * kept

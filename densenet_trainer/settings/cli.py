@@ -60,6 +60,11 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
+# The training step computes in float32: a rate or a decay beyond its range would be
+# infinite there, and a positive one below its smallest normal number as good as 0.
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+
+
 def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
@@ -68,6 +73,12 @@ def _number(kind: type, text: str) -> int | float:
             f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if kind is float and abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.3g} (the largest "
+                                         f"float32 number), got {value:g}")
+    if kind is float and 0 < abs(value) < FLOAT32_TINY:
+        raise argparse.ArgumentTypeError(f"must be 0 or at least {FLOAT32_TINY:.3g} (the "
+                                         f"smallest float32 number), got {value:g}")
     return value
 
 

@@ -173,3 +173,18 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, cifar_dir, capsys):
         assert train.main([*map(str, command), "--data-dir", str(cifar_dir)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "holds non-finite weights (norm.weight)" in err[0], err
+
+
+def test_a_model_whose_outputs_overflow_is_not_evaluated(tmp_path, cifar_dir, capsys):
+    """Finite weights whose outputs are not (a classifier near float32's largest number):
+    --evaluate refuses in one line instead of reporting an error rate, and writes nothing."""
+    work = tmp_path / "run"
+    assert train.main([*three_epochs(cifar_dir, work)[:-1], "1"]) == 0
+    state = torch.load(work / "checkpoint.pt", weights_only=True)
+    state["model"]["classifier.weight"].fill_(3e38)
+    torch.save(state, work / "checkpoint.pt")
+    capsys.readouterr()
+    assert train.main(["--evaluate", str(work), "--data-dir", str(cifar_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gives outputs that are not finite on the 48 test images" in err[0], err
+    assert not (work / "checkpoint-classes.csv").exists()
