@@ -235,6 +235,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
+def rng_state_problem(state) -> str | None:
+    """Why ``state`` is not what rng_state returns (None: it is), found by setting each part
+    on a generator of its own, so that the process's own generators stay as they are."""
+    try:
+        random.Random().setstate(state["python"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.RandomState().set_state((kind, keys.numpy().astype(np.uint32), position,
+                                           has_gauss, gauss))
+        torch.Generator().set_state(state["torch"])
+        if not isinstance(state["cuda"], list) or not all(isinstance(t, torch.Tensor) for t in state["cuda"]):
+            return "its CUDA generator states are not a list of tensors"
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return None
+
+
 # ---------------------------------------------------------------- memory
 
 def keep_freed_memory_mapped() -> None:

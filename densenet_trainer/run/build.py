@@ -21,6 +21,7 @@ from densenet_trainer.engine import cuda_graph, data, datasets, training
 from densenet_trainer.engine.runtime import Runtime, environment, seed_everything, set_rng_state
 from densenet_trainer.engine.step import LearningRate, TrainStep
 from densenet_trainer.run.checkpoint import Checkpoint, restore
+from densenet_trainer.run.files import RunError
 from densenet_trainer.run.kernel_choice import KernelChoice, choose_kernels
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
@@ -165,6 +166,11 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
                                 device, runtime.rank, runtime.world_size, cfg.channels_last)
     if checkpoint is not None:
         state = checkpoint.state
+        if state["progress"]["step"] >= batches.steps:
+            raise RunError(f"{checkpoint.path} stopped at step {state['progress']['step']} of "
+                           f"epoch {checkpoint.epoch + 1}, but an epoch of the {len(dataset.train)} "
+                           f"training images found has {batches.steps} step(s): these are not the "
+                           f"images the run trained on; point --data-dir at those")
         restore(model, state["model"], checkpoint.path)
         restore(optimizer, state["optimizer"], checkpoint.path)
         if scaler is not None and state["scaler"]:

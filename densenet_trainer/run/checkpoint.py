@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from densenet_trainer.engine.runtime import rng_state
+from densenet_trainer.engine.runtime import rng_state, rng_state_problem
+from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
 from densenet_trainer.run.files import RunError, load_checkpoint
 from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
 
 if TYPE_CHECKING:  # build imports this module
-    from densenet_trainer.engine.training import EpochProgress
     from densenet_trainer.run.build import Run
 
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
@@ -44,8 +44,51 @@ class Checkpoint:
             path = path / LAST_CHECKPOINT
         state = load_checkpoint(path, keys)
         checkpoint = cls(path, state, RunConfig.from_dict(state["config"], str(path)))
+        problem = checkpoint.field_problem(keys)
+        if problem:
+            raise RunError(f"{path} is damaged: {problem}; use another checkpoint, or start a "
+                           f"new run with another --save")
         checkpoint.check_folder()
         return checkpoint
+
+    def field_problem(self, keys: tuple[str, ...]) -> str | None:
+        """What in the checkpoint's fields (``keys`` of them) is not what train.py writes:
+        every field is checked for its type and range here, before anything uses it."""
+        state, cfg = self.state, self.config
+        epoch = state["epoch"]
+        if type(epoch) is not int or not 0 <= epoch <= cfg.epochs:
+            return f"its epoch {epoch!r} is not a whole number from 0 to the run's {cfg.epochs}"
+        if state["num_classes"] != cfg.num_classes:
+            return f"it has {state['num_classes']!r} classes where its configuration has {cfg.num_classes}"
+        normalization = state["normalization"]
+        if not (isinstance(normalization, dict) and all(
+                isinstance(normalization.get(k), list) and len(normalization[k]) == 3
+                and all(_number(v) and math.isfinite(v) for v in normalization[k])
+                for k in ("mean", "std")) and all(v > 0 for v in normalization["std"])):
+            return "its normalisation is not three finite means and positive deviations"
+        if "progress" in keys:
+            progress = state["progress"]
+            if (not isinstance(progress, dict) or set(progress) != set(EpochProgress.__dataclass_fields__)
+                    or type(progress["step"]) is not int or progress["step"] < 0
+                    or not all(_number(v) and math.isfinite(v) and v >= 0 for v in progress.values())):
+                return "its progress within the epoch is not the sums train.py saves"
+        if "best" in keys:
+            try:
+                best = BestEpochs.from_state(state["best"]) if {"error", "epoch"} <= set(state["best"]) else None
+            except TypeError:
+                best = None
+            if best is None or not (_number(best.error) and type(best.epoch) is int
+                                    and 0 <= best.epoch <= epoch):
+                return f"its best-epoch record {state['best']!r} is not one train.py writes"
+        if "rng" in keys:
+            problem = rng_state_problem(state["rng"]) if isinstance(state["rng"], dict) else "not a dict"
+            if problem:
+                return f"its random number generator states are damaged ({problem})"
+            try:
+                torch.Generator().set_state(state["data_rng"])
+            except (TypeError, RuntimeError, ValueError):
+                return "the data order's generator state is damaged"
+        return None
 
     def check_folder(self) -> None:
         """Refuse a checkpoint that is not the run whose config.json lies beside it: another
@@ -104,6 +147,10 @@ class BestEpochs:
             return False
         self.val_error, self.val_epoch = val_error, epoch
         return True
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def checkpoint_state(run: Run, epoch: int, progress: EpochProgress, best: BestEpochs,

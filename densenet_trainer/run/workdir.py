@@ -179,7 +179,9 @@ def read_config_json(save: Path, has_checkpoint: bool) -> dict | None:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         content = None
-    if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
+    if (not isinstance(content, dict) or not isinstance(content.get("config"), dict)
+            or not isinstance(content.get("resumes", []), list)
+            or not isinstance(content.get("run_id", ""), str)):
         fix = ("move it away and resume again (checkpoint.pt holds the run's flags; a new "
                "config.json is written)" if has_checkpoint else
                "there is no checkpoint either: start a new run with another --save")

@@ -15,15 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from densenet_trainer.engine import training
 from densenet_trainer.run.checkpoint import Checkpoint
+from densenet_trainer.run.files import save_checkpoint
 from densenet_trainer.settings.config import RunConfig
 from helpers import (
     FIXTURES,
     ROOT,
     TINY,
+    check_refused,
     config_of,
     metrics,
     read_csv,
@@ -31,6 +34,7 @@ from helpers import (
     run_main,
     snapshot,
     start_run,
+    write_cifar10,
     write_cifar100,
 )
 
@@ -399,3 +403,31 @@ def test_a_run_written_by_an_earlier_version_evaluates_and_resumes(tmp_path, cif
 def test_a_fixed_seed_run_logs_what_the_earlier_version_logged(tmp_path, cifar_dir, capsys):
     start_run(capsys, tmp_path / "new", cifar_dir, *OLD_FLAGS)
     assert_same_numbers(tmp_path / "new", OLD_RUN_FINISHED)
+
+
+def test_a_mid_epoch_checkpoint_resumed_on_other_images_is_refused(tmp_path, finished_run, capsys):
+    """A checkpoint saved at step 4 of epoch 2, resumed on a set of images whose epoch has one
+    step: refused before anything changes, instead of ending the epoch at once as if whole."""
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    state = torch.load(work / "checkpoint.pt", weights_only=True)
+    state.update(epoch=1)
+    state["progress"].update(step=4)
+    save_checkpoint(work / "checkpoint.pt", state)
+    small = write_cifar10(tmp_path / "small", train_per_batch=8)  # 40 images: one batch of 32
+    before = snapshot(work)
+    code, _, err = run(capsys, "--resume", "--save", work, "--data-dir", small)
+    check_refused(code, err, f"{work / 'checkpoint.pt'} stopped at step 4 of epoch 2, but an epoch "
+                             f"of the 40 training images found has 1 step(s)")
+    assert snapshot(work) == before
+
+
+def test_a_config_json_with_a_damaged_record_is_refused(tmp_path, finished_run, cifar_dir, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    record = json.loads((work / "config.json").read_text())
+    (work / "config.json").write_text(json.dumps({**record, "resumes": "yesterday"}))
+    before = snapshot(work)
+    code, _, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", cifar_dir)
+    check_refused(code, err, f"{work / 'config.json'} is damaged; move it away and resume again")
+    assert snapshot(work) == before

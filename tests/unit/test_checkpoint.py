@@ -4,12 +4,16 @@ the best-epoch record, a checkpoint refused where it is not its folder's run."""
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from densenet_trainer.engine.runtime import rng_state
 from densenet_trainer.engine.step import LearningRate
+from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.run import build
 from densenet_trainer.run.checkpoint import CHECKPOINT_KEYS, BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError, save_checkpoint, write_json
@@ -70,7 +74,10 @@ def write_checkpoint(folder: Path, run_id: str, **config) -> Path:
     """A checkpoint of this trainer's format (every CHECKPOINT_KEYS entry) in ``folder``."""
     folder.mkdir(exist_ok=True)
     state = {key: {} for key in CHECKPOINT_KEYS}
-    state.update(config=RunConfig(**config).to_dict(), epoch=1, run_id=run_id, model={"w": torch.ones(1)})
+    state.update(config=RunConfig(**config).to_dict(), epoch=1, run_id=run_id, model={"w": torch.ones(1)},
+                 progress=vars(EpochProgress()), best=BestEpochs().state(), rng=rng_state(),
+                 data_rng=torch.Generator().get_state(), num_classes=10,
+                 normalization={"mean": [0.5] * 3, "std": [0.25] * 3})
     save_checkpoint(folder / "checkpoint.pt", state)
     return folder / "checkpoint.pt"
 
@@ -89,3 +96,37 @@ def test_a_checkpoint_is_refused_where_it_is_not_its_folders_run(tmp_path):
     write_checkpoint(folder, "", depth=16)
     with pytest.raises(RunError, match=r"\(depth 16 \(config.json: 10\)\): it was copied in from another run"):
         Checkpoint.load(folder / "checkpoint.pt")
+
+
+DAMAGED_FIELDS = {
+    "epoch -3": (lambda s: s.update(epoch=-3), "its epoch -3 is not a whole number from 0 to the run's 2"),
+    "epoch '1'": (lambda s: s.update(epoch="1"), "its epoch '1' is not a whole number"),
+    "epoch True": (lambda s: s.update(epoch=True), "its epoch True is not a whole number"),
+    "epoch past the run": (lambda s: s.update(epoch=3), "its epoch 3 is not a whole number from 0 to the run's 2"),
+    "progress empty": (lambda s: s.update(progress={}), "its progress within the epoch is not the sums"),
+    "progress step -1": (lambda s: s["progress"].update(step=-1), "its progress within the epoch is not the sums"),
+    "progress nan": (lambda s: s["progress"].update(loss_sum=math.nan), "its progress within the epoch is not the sums"),
+    "best empty": (lambda s: s.update(best={}), "its best-epoch record {} is not one train.py writes"),
+    "best text": (lambda s: s.update(best={"error": "x", "epoch": 1}), "its best-epoch record"),
+    "best later than the epoch": (lambda s: s.update(best={"error": 1.0, "epoch": 5}), "its best-epoch record"),
+    "rng not a dict": (lambda s: s.update(rng=1), "its random number generator states are damaged"),
+    "torch rng short": (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+                        "its random number generator states are damaged (RuntimeError"),
+    "data order rng": (lambda s: s.update(data_rng=torch.zeros(2)), "the data order's generator state is damaged"),
+    "normalisation": (lambda s: s.update(normalization={"mean": [1]}), "its normalisation is not three finite"),
+    "classes": (lambda s: s.update(num_classes=7), "it has 7 classes where its configuration has 10"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_FIELDS)
+def test_every_field_is_checked_before_use(case, tmp_path, finished_run):
+    """A checkpoint whose fields are not what train.py writes is refused in one line naming
+    the field, before anything uses it (a resume would otherwise delete rows or crash)."""
+    change, message = DAMAGED_FIELDS[case]
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    state = torch.load(work / "checkpoint.pt", weights_only=True)
+    change(state)
+    save_checkpoint(work / "checkpoint.pt", state)
+    with pytest.raises(RunError, match="is damaged: " + re.escape(message)):
+        Checkpoint.load(work)
