@@ -69,7 +69,11 @@ def library() -> ctypes.CDLL:
         shutil.rmtree(folder, ignore_errors=True)
     for name, types in _ARGUMENTS.items():
         for suffix in _SUFFIX.values():
-            getattr(lib, f"{name}_{suffix}").argtypes = types + [ctypes.c_int]  # + threads
+            try:
+                getattr(lib, f"{name}_{suffix}").argtypes = types + [ctypes.c_int]  # + threads
+            except AttributeError:  # a $CC that built something else
+                raise Unavailable(f"{compiler} built a library without the kernel "
+                                  f"{name}_{suffix}") from None
     return lib
 
 

@@ -116,12 +116,23 @@ def test_statistics_kernel_is_accurate_far_from_zero():
     torch.testing.assert_close(shared.var.double(), var, rtol=1e-3, atol=0)
 
 
-def test_a_failing_compiler_warns_and_falls_back(monkeypatch):
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+@pytest.mark.parametrize("compiler, reason", [
+    ("false", "false failed"),  # a "compiler" that always fails
+    ("empty-library", "empty-library built a library without the kernel norm_relu_f32")])
+def test_a_failing_compiler_warns_and_falls_back(monkeypatch, tmp_path, compiler, reason):
+    """A compiler that fails, or one that builds a library without the kernels' symbols: one
+    warning, and the model computes with ATen's operations."""
+    if compiler == "empty-library":  # compiles an empty file to the -o it is given
+        script = tmp_path / compiler
+        script.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n'
+                          'echo "" | exec cc -shared -fPIC -x c - -o "$2"\n')
+        script.chmod(0o755)
+        compiler = str(script)
+    monkeypatch.setenv("CC", compiler)
     fused.backend.cache_clear()
     cpu_kernels.library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="fused CPU kernels are unavailable.*false failed"):
+        with pytest.warns(UserWarning, match=f"fused CPU kernels are unavailable.*{reason}"):
             assert fused.backend("cpu") is None
         assert not fused.available(torch.randn(2, 3, 4, 4).contiguous(memory_format=CHANNELS_LAST))
     finally:
