@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from densenet_trainer.records.layout import CONFIG_FILE
@@ -24,6 +25,17 @@ from densenet_trainer.settings import cli
 
 SIZE = 32  # what the networks of this project see
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes in about 150 MB; more is refused unread
+
+
+def as_seen(image):
+    """The image as a person sees it, in 8-bit RGB: turned as its EXIF orientation says (a
+    phone's photo), and 16-bit greyscale scaled to 8 bits rather than clipped at 255."""
+    from PIL import Image, ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit samples
+        eight_bit = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255)
+        image = Image.fromarray(eight_bit.astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -36,7 +48,7 @@ def read_image(path: Path) -> torch.Tensor:
                 raise cli.UserError(f"{path} is {image.width}x{image.height} pixels, more than "
                                     f"the {MAX_PIXELS // 1_000_000} megapixels this reads; "
                                     f"shrink it first")
-            image = image.convert("RGB")
+            image = as_seen(image)
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side))

@@ -198,3 +198,20 @@ def test_a_failing_measurement_process_ends_in_one_line(tmp_path):
     with pytest.raises(UserError, match='the measuring process for {"mode": "x"} failed: out of '
                                         'memory on the device'):
         measuring.in_fresh_process(script, {"mode": "x"}, 1)
+
+
+def test_predict_reads_images_as_a_person_sees_them(tmp_path):
+    """A 16-bit greyscale PNG's mid-grey is mid-grey (not 255), and a photo whose EXIF says
+    it is upside down is turned the right way up before it is classified."""
+    from PIL import Image
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(np.full((40, 40), 32768, dtype=np.uint16)).save(grey)
+    assert Image.open(grey).mode.startswith("I")  # the file is what the test means it to be
+    assert predict.read_image(grey).unique().tolist() == [128]
+    upright = np.zeros((64, 64, 3), dtype=np.uint8)
+    upright[:32] = 255  # white above, black below, as the camera should show it
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: rotated 180 degrees
+    Image.fromarray(upright[::-1].copy()).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    pixels = predict.read_image(tmp_path / "photo.jpg")
+    assert pixels[:, :12].float().mean() > 240 and pixels[:, 20:].float().mean() < 15
