@@ -321,7 +321,8 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
                             f"{result.images} test images (its loss is {result.loss}): an error "
                             f"rate of it would mean nothing; use an earlier checkpoint")
         names = dataset.classes or [str(c) for c in range(run.num_classes)]
-        selection = "" if subset == run.test_subset else f"-test{subset or 'all'}"
+        selection = (f"-test{subset or 'all'}" if subset != run.test_subset else
+                     f"-data{test.fingerprint()[:8]}" if not runs_own_test(checkpoint, test, cfg, given) else "")
         per_class, matrix = workdir.write_evaluation(checkpoint.path, result.confusion, names,
                                                      tta, selection)
     print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
@@ -329,9 +330,22 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
           + f"(loss {result.loss:.4f}) on {result.images} images"
           + (f" (the test set's first {subset}: --test-subset {subset}"
              f"{'' if 'test_subset' in given else ', as the run was tested'})" if subset else "")
-          + (" with flip test-time augmentation" if tta else ""))
+          + (" with flip test-time augmentation" if tta else "")
+          + (f" (not the images the run was tested on: the files are named {selection})"
+             if selection.startswith("-data") else ""))
     print(f"per-class errors: {per_class}\nconfusion matrix: {matrix}")
     return 0
+
+
+def runs_own_test(checkpoint: Checkpoint, test: datasets.Split, cfg: RunConfig,
+                  given: frozenset[str]) -> bool:
+    """Whether ``test`` is the run's own test set: its fingerprint is the one the checkpoint
+    recorded; for a run of an earlier version, which recorded none, the data is read from the
+    run's own folder."""
+    recorded = checkpoint.state.get("data")
+    if isinstance(recorded, dict) and isinstance(recorded.get("test"), dict):
+        return recorded["test"].get("fingerprint") == test.fingerprint()
+    return "data_dir" not in given or Path(cfg.data_dir).resolve() == Path(checkpoint.config.data_dir).resolve()
 
 
 if __name__ == "__main__":

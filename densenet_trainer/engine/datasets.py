@@ -5,6 +5,7 @@ validation split.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -37,6 +38,13 @@ class Split:
     def first(self, count: int) -> Split:
         """The first ``count`` images (all of them when there are fewer)."""
         return self.subset(torch.arange(min(count, len(self))))
+
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over the images and labels, in order: the same images give
+        the same fingerprint wherever they are stored, other images another."""
+        digest = hashlib.sha256(self.images.cpu().contiguous().numpy().tobytes())
+        digest.update(self.labels.cpu().to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))

@@ -10,6 +10,7 @@ step and what runs it (its CUDA graph on one GPU).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,31 @@ class RunData:
     classes: list[str]
     mean: list[float]
     std: list[float]
+
+    @functools.cached_property
+    def identity(self) -> dict[str, dict]:
+        """Which images, by split: their count and fingerprint. config.json and every
+        checkpoint keep it; a resume on other images is refused."""
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return {name: {"images": len(split), "fingerprint": split.fingerprint()}
+                for name, split in splits.items() if split is not None}
+
+
+def check_same_data(checkpoint: Checkpoint, dataset: RunData, data_dir: str) -> None:
+    """RunError where the images found are not those the checkpoint's run trained on (a run
+    of an earlier version, which recorded none, is taken as it is)."""
+    recorded = checkpoint.state.get("data")
+    if not isinstance(recorded, dict):
+        return
+    for split, found in dataset.identity.items():
+        theirs = recorded.get(split)
+        if theirs == found:
+            continue
+        what = (f"{found['images']:,} images where the run had {theirs['images']:,}"
+                if isinstance(theirs, dict) and theirs.get("images") != found["images"] else
+                f"fingerprint {found['fingerprint']}, the run's {(theirs or {}).get('fingerprint')}")
+        raise RunError(f"the {split} images found in {data_dir} are not those {checkpoint.path} "
+                       f"trained on ({what}); point --data-dir at the run's data")
 
 
 def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
@@ -133,6 +159,7 @@ class Run:
                 "classes": self.data.classes, "train_images": len(self.data.train),
                 "test_images": len(self.data.test),
                 "val_images": len(self.data.val) if self.data.val else 0,
+                "data": self.data.identity,
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
                 "environment": environment(self.runtime)}
 
@@ -166,6 +193,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
                                 device, runtime.rank, runtime.world_size, cfg.channels_last)
     if checkpoint is not None:
         state = checkpoint.state
+        check_same_data(checkpoint, dataset, cfg.data_dir)
         if state["progress"]["step"] >= batches.steps:
             raise RunError(f"{checkpoint.path} stopped at step {state['progress']['step']} of "
                            f"epoch {checkpoint.epoch + 1}, but an epoch of the {len(dataset.train)} "

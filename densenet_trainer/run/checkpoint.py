@@ -66,6 +66,11 @@ class Checkpoint:
                 and all(_number(v) and math.isfinite(v) for v in normalization[k])
                 for k in ("mean", "std")) and all(v > 0 for v in normalization["std"])):
             return "its normalisation is not three finite means and positive deviations"
+        data = state.get("data", {})  # from this version on: which images, by split
+        if not (isinstance(data, dict) and all(
+                isinstance(split, dict) and type(split.get("images")) is int
+                and isinstance(split.get("fingerprint"), str) for split in data.values())):
+            return "its record of the images it trained on is not one train.py writes"
         if "progress" in keys:
             progress = state["progress"]
             if (not isinstance(progress, dict) or set(progress) != set(EpochProgress.__dataclass_fields__)
@@ -163,7 +168,7 @@ def checkpoint_state(run: Run, epoch: int, progress: EpochProgress, best: BestEp
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "data_rng": data_rng, "rng": rng_state(),
             "normalization": {"mean": run.data.mean, "std": run.data.std},
-            "num_classes": run.config.num_classes,
+            "num_classes": run.config.num_classes, "data": run.data.identity,
             "kernels": {"device_type": run.runtime.device.type,
                         "kernels": run.kernel_choice.kernels}}
 

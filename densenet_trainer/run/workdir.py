@@ -13,6 +13,8 @@ of lowest validation error, written before the checkpoint that records it.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 import uuid
@@ -287,13 +289,20 @@ def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str], tta:
     per_class = checkpoint.parent / f"{checkpoint.stem}-classes{suffix}.csv"
     matrix = checkpoint.parent / f"{checkpoint.stem}-confusion{suffix}.csv"
     images = confusion.sum(1)
-    rows = ["class,name,images,errors,error"] + [
-        f"{c},{names[c]},{int(images[c])},{int(images[c] - confusion[c, c])},"
-        f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"
+    per_class_rows = [["class", "name", "images", "errors", "error"]] + [
+        [c, names[c], int(images[c]), int(images[c] - confusion[c, c]),
+         f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"]
         for c in range(len(names))]
+    matrix_rows = [["true\\predicted", *names]] + [
+        [names[c], *(int(v) for v in confusion[c])] for c in range(len(names))]
     with write_errors("free space or copy the checkpoint into a folder you can write to"):
-        write_text(per_class, "\n".join(rows) + "\n")
-        write_text(matrix, "true\\predicted," + ",".join(names) + "\n" + "".join(
-            f"{names[c]}," + ",".join(str(int(v)) for v in confusion[c]) + "\n"
-            for c in range(len(names))))
+        write_text(per_class, csv_text(per_class_rows))
+        write_text(matrix, csv_text(matrix_rows))
     return per_class, matrix
+
+
+def csv_text(rows: list[list]) -> str:
+    """``rows`` as CSV, quoted where a field needs it (a class name with a comma)."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import plot
 import train
 from densenet_trainer.engine import training
 from densenet_trainer.run.checkpoint import Checkpoint
@@ -406,11 +408,13 @@ def test_a_fixed_seed_run_logs_what_the_earlier_version_logged(tmp_path, cifar_d
 
 
 def test_a_mid_epoch_checkpoint_resumed_on_other_images_is_refused(tmp_path, finished_run, capsys):
-    """A checkpoint saved at step 4 of epoch 2, resumed on a set of images whose epoch has one
-    step: refused before anything changes, instead of ending the epoch at once as if whole."""
+    """A checkpoint of an earlier version (no record of its images) saved at step 4 of epoch
+    2, resumed on a set of images whose epoch has one step: refused before anything changes,
+    instead of ending the epoch at once as if whole."""
     work = tmp_path / "run"
     shutil.copytree(finished_run, work)
     state = torch.load(work / "checkpoint.pt", weights_only=True)
+    del state["data"]
     state.update(epoch=1)
     state["progress"].update(step=4)
     save_checkpoint(work / "checkpoint.pt", state)
@@ -431,3 +435,62 @@ def test_a_config_json_with_a_damaged_record_is_refused(tmp_path, finished_run, 
     code, _, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", cifar_dir)
     check_refused(code, err, f"{work / 'config.json'} is damaged; move it away and resume again")
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("change", ["inverted pixels", "fewer images"])
+def test_a_resume_on_other_images_is_refused_and_a_copy_is_not(tmp_path, finished_run, cifar_dir,
+                                                               capsys, change):
+    """The images are part of the run: a resume whose --data-dir holds other images (the same
+    count, inverted; or fewer) is refused naming the split; the same images moved elsewhere
+    resume."""
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    record = json.loads((work / "config.json").read_text())["data"]
+    assert set(record) == {"train", "test"} and record["train"]["images"] == 160
+    other = write_cifar10(tmp_path / "other", train_per_batch=32 if change == "inverted pixels" else 16)
+    if change == "inverted pixels":
+        for path in (other / "cifar-10-batches-py").glob("data_batch_*"):
+            path.unlink()
+        for path in (cifar_dir / "cifar-10-batches-py").glob("data_batch_*"):
+            batch = pickle.loads(path.read_bytes())
+            batch["data"] = 255 - batch["data"]
+            (other / "cifar-10-batches-py" / path.name).write_bytes(pickle.dumps(batch))
+    before = snapshot(work)
+    code, _, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", other)
+    what = "fingerprint " if change == "inverted pixels" else "80 images where the run had 160"
+    check_refused(code, err, f"the train images found in {other} are not those "
+                             f"{work / 'checkpoint.pt'} trained on ({what}")
+    assert snapshot(work) == before
+    moved = shutil.copytree(cifar_dir, tmp_path / "moved")
+    code, out, err = run(capsys, "--resume", "--save", work, "--epochs", "3", "--data-dir", moved)
+    assert code == 0, err
+
+
+def test_an_evaluation_on_other_images_never_replaces_the_runs_own(tmp_path, finished_run, cifar_dir, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    code, out, err = run(capsys, "--evaluate", work, "--data-dir", cifar_dir)
+    assert code == 0, err
+    own = (work / "checkpoint-classes.csv").read_text()
+    other = write_cifar10(tmp_path / "other", seed=5)
+    code, out, err = run(capsys, "--evaluate", work, "--data-dir", other)
+    assert code == 0, err
+    named = [p.name for p in work.glob("checkpoint-classes-data*.csv")]
+    assert len(named) == 1 and f"the files are named {named[0][len('checkpoint-classes'):-4]}" in out
+    assert (work / "checkpoint-classes.csv").read_text() == own
+
+
+def test_class_names_with_commas_are_quoted_in_the_evaluation_files(tmp_path, finished_run, cifar_dir, capsys):
+    data = shutil.copytree(cifar_dir, tmp_path / "data")
+    meta = data / "cifar-10-batches-py" / "batches.meta"
+    names = pickle.loads(meta.read_bytes())
+    names["label_names"][0] = "plane, jet"
+    meta.write_bytes(pickle.dumps(names))
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    code, _, err = run(capsys, "--evaluate", work, "--data-dir", data)
+    assert code == 0, err
+    with open(work / "checkpoint-classes.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[1][:2] == ["0", "plane, jet"] and len(rows[1]) == 5
+    assert run_main(capsys, plot.main, work)[0] == 0
