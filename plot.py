@@ -35,6 +35,7 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from densenet_trainer.records import results
+from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import write_figure, write_text
 from densenet_trainer.settings import cli
 
@@ -72,8 +73,22 @@ class Run:
         return len(self.logs["train"]) if "train" in self.logs else 0
 
 
-def read_csv(path: Path, required: tuple[str, ...] = ("epoch",)) -> pd.DataFrame:
-    """Read a CSV that may still be growing: whole lines only, columns by name.
+def read_log(path: Path, required: tuple[str, ...], key: str = "epoch") -> pd.DataFrame:
+    """A run's numeric CSV (train.csv, test.csv, val.csv, lr_find.csv), read as the trainer
+    reads it (records/numeric_csv.py: whole rows, finite numbers, epochs in order), as a frame
+    with the ``required`` columns."""
+    log = read_numeric_csv(path, "repair it or move it away", key)
+    missing = [c for c in required if c not in log.header]
+    if missing:
+        raise PlotError(f"{path} lacks the column(s) {', '.join(missing)}; is it a train.py log?")
+    frame = pd.DataFrame(log.rows, columns=log.header, dtype=float)
+    frame[key] = frame[key].astype(int)
+    return frame
+
+
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read one of --evaluate's CSV files (class names and numbers): whole lines only,
+    columns by name, never a column taken for the index.
 
     The required columns that are curves must hold at least one number once there are rows.
     """
@@ -85,7 +100,7 @@ def read_csv(path: Path, required: tuple[str, ...] = ("epoch",)) -> pd.DataFrame
     if not whole.strip():
         raise PlotError(f"{path} has no header line; is it a train.py log?")
     try:
-        frame = pd.read_csv(io.StringIO(whole))
+        frame = pd.read_csv(io.StringIO(whole), index_col=False, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, ValueError) as error:
         raise PlotError(f"{path} is not a readable CSV ({str(error).strip()})") from None
     missing = [c for c in required if c not in frame.columns]
@@ -119,7 +134,7 @@ def load_run(folder: Path) -> Run:
         raise PlotError(f"{folder} does not exist or is not a directory")
     run = Run(folder, {})
     if (folder / "lr_find.csv").is_file():
-        run.sweep = read_csv(folder / "lr_find.csv", ("lr", "loss"))
+        run.sweep = read_log(folder / "lr_find.csv", ("lr", "loss"), key="step")
         if (folder / "lr_find.json").is_file():
             lr = read_json(folder / "lr_find.json").get("suggested_lr")
             if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -130,10 +145,10 @@ def load_run(folder: Path) -> Run:
             return run  # a sweep without a training run
     if not (folder / "train.csv").is_file():
         raise PlotError(f"{folder} holds no train.csv: it is not a train.py work directory")
-    run.logs["train"] = read_csv(folder / "train.csv", ("epoch", "loss", "error"))
+    run.logs["train"] = read_log(folder / "train.csv", ("epoch", "loss", "error"))
     for split in ("test", "val"):
         if (folder / f"{split}.csv").is_file():
-            run.logs[split] = read_csv(folder / f"{split}.csv", ("epoch", "loss", "error"))
+            run.logs[split] = read_log(folder / f"{split}.csv", ("epoch", "loss", "error"))
     if (folder / CONFIG_FILE).is_file():
         run.config = read_json(folder / CONFIG_FILE)
         parameters = run.config.get("parameters")

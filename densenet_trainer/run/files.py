@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
+from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import append_line, atomic_write, open_in_place, write_text
 from densenet_trainer.settings.cli import UserError
 
@@ -224,23 +225,14 @@ class CsvLog:
             atomic_write(self.path, new_text.encode())
 
     def _rows(self) -> tuple[str | None, list[tuple[int, str]]]:
-        """The file's text (None when absent) and its whole rows, each with its epoch."""
+        """The file's text (None when absent) and its whole rows, each with its epoch, read
+        strictly (records/numeric_csv.py)."""
         try:
-            text = self.path.read_text()
+            log = read_numeric_csv(self.path, "repair it or start a new run with another --save",
+                                   columns=self.columns)
         except FileNotFoundError:
             return None, []
-        except (OSError, UnicodeDecodeError) as error:
-            raise RunError(f"{self.path} cannot be read ({error}); move it away or start a new "
-                           f"run with another --save") from None
-        complete = text.split("\n")[:-1]  # the piece after the last newline is incomplete or empty
-        if not complete or complete[0].split(",") != self.columns:
-            raise RunError(f"{self.path} does not start with the header "
-                           f"{','.join(self.columns)}; move it away or start a new run with --save")
-        try:
-            return text, [(int(line.split(",", 1)[0]), line) for line in complete[1:] if line]
-        except ValueError:
-            raise RunError(f"{self.path} has a row that does not start with an epoch number; "
-                           f"repair it or start a new run with another --save") from None
+        return log.text, list(zip(log.keys(), log.lines))
 
     def _text_up_to(self, last_epoch: int) -> tuple[str | None, str]:
         """The file's text now, and with the rows after ``last_epoch`` dropped."""

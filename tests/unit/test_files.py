@@ -3,12 +3,14 @@ CSV logs that keep every epoch once, the one-process lock, and strict checkpoint
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
 
 from densenet_trainer.run import files
 from densenet_trainer.run.files import CsvLog, RunError, WorkDirLock
+from densenet_trainer.settings.cli import UserError
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -55,12 +57,19 @@ def test_a_csv_log_keeps_each_epoch_once(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("epoch,loss\n1,2\n", "does not start with the header epoch,loss,error"),
-    ("epoch,loss,error\none,2,3\n", "has a row that does not start with an epoch number"),
+    ("epoch,loss,error\none,2,3\n", "line 2: epoch is 'one', not a finite number"),
+    ("epoch,loss,error\n1,2,3,\n2,2,3,\n", "line 2: 4 fields where the header has 3"),
+    ("epoch,loss,error\n1,2,3\n2,2\n", "line 3: 2 fields where the header has 3"),
+    ("epoch,loss,error\n1,inf,3\n", "line 2: loss is 'inf', not a finite number"),
+    ("epoch,loss,error\n1,2,3\n3,2,3\n", "line 3: epoch 3 where 2 comes next"),
+    ("epoch,loss,error\n1.5,2,3\n", "line 2: epoch 1.5 where 1 comes next"),
     (b"\xff\xfe", "cannot be read")])
 def test_a_csv_log_that_is_not_ours_is_refused(tmp_path, text, message):
+    """Read strictly: the header, every field a finite number, as many as the header names,
+    epochs 1, 2, ... in order; the refusal names the file and the line."""
     path = tmp_path / "test.csv"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    with pytest.raises(RunError, match=message):
+    with pytest.raises(UserError, match=re.escape(str(path)) + ".*" + re.escape(message)):
         CsvLog(path, ["epoch", "loss", "error"]).epochs()
 
 
