@@ -412,7 +412,7 @@ def draw(opts: argparse.Namespace) -> list[Path]:
         figures.append((make_figure(trained, metrics, opts), out))
     for run in trained:
         figures += evaluation_figures(run, opts)
-    paths = [path.with_suffix(f".{opts.format}") for _, path in figures]
+    paths = [with_format(path, opts.format) for _, path in figures]
     try:
         for folder in sorted({path.parent for path in paths}):
             try:
@@ -484,6 +484,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
         p.error(f"unknown --style {opts.style!r}; choose one of: {', '.join(sorted(plt.style.available))}")
+    if Path(opts.style).is_file():
+        try:
+            matplotlib.rc_params_from_file(opts.style, use_default_template=False)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            p.error(f"--style {opts.style} is not a matplotlib style file ({error})")
     if opts.out:
         out = Path(opts.out)
         if out.suffix:
@@ -574,24 +579,33 @@ def group_figure(opts: argparse.Namespace):
 
 def as_written(fig) -> None:
     """Draw every title, label, legend entry and note of ``fig`` as written: a $ in a run's
-    folder name or a --title is text, not math markup (tick labels keep matplotlib's)."""
+    folder name or a --title is text, not math markup (tick labels keep matplotlib's), and a
+    non-ASCII name is drawn under any locale."""
     ticks = {label for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
              for tick in axis.get_major_ticks() + axis.get_minor_ticks()
              for label in (tick.label1, tick.label2)}
     for text in fig.findobj(matplotlib.text.Text):
         if text not in ticks:
             text.set_parse_math(False)
+            # a name from the command line under an ASCII locale holds the bytes it could not
+            # decode as surrogates, which no font can draw: the name as UTF-8 instead
+            text.set_text(text.get_text().encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def write_groups(opts: argparse.Namespace) -> list[Path]:
     fig, runs = group_figure(opts)
-    path = (Path(opts.out) if opts.out else common_folder(runs) / "groups").with_suffix(f".{opts.format}")
+    path = with_format(Path(opts.out) if opts.out else common_folder(runs) / "groups", opts.format)
     try:
         save_figure(fig, path, opts.dpi)
     finally:
         plt.close(fig)
     print(f"wrote {path}")
     return [path]
+
+
+def with_format(path: Path, figure_format: str) -> Path:
+    """``path`` with the figure format's suffix; a suffix the user wrote (--out cmp.PNG) is kept."""
+    return path if path.suffix.lower() == f".{figure_format}" else path.with_suffix(f".{figure_format}")
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:

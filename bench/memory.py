@@ -22,6 +22,7 @@ from densenet_trainer.engine.runtime import synchronize
 from densenet_trainer.measuring import (
     add_device_flag,
     in_fresh_process,
+    one_settings,
     peak_since,
     print_table,
     reset_peak,
@@ -29,6 +30,7 @@ from densenet_trainer.measuring import (
     synthetic_run,
 )
 from densenet_trainer.settings import cli
+from densenet_trainer.settings.config import RunConfig
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
 
@@ -67,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(json.loads(args.one))))
+        like = {"depth": 100, "growth_rate": 12, "batch": 64, "device": "cpu",
+                "memory_efficient": False, "steps": 3}
+        settings = one_settings(args.one, like, {"device": ("cpu", "cuda")})
+        RunConfig(depth=settings["depth"], growth_rate=settings["growth_rate"]).check()
+        print(json.dumps(measure(settings)))
         return 0
     print(f"device {args.device}, {args.threads} threads, {args.repeats} processes x "
           f"{args.steps} steps each; median [min-max]")

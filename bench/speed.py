@@ -27,6 +27,7 @@ from densenet_trainer.engine.runtime import synchronize
 from densenet_trainer.measuring import (
     add_device_flag,
     in_fresh_process,
+    one_settings,
     peak_since,
     print_table,
     reset_peak,
@@ -150,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(json.loads(args.one))))
+        like = {"mode": "ours", "depth": 100, "growth_rate": 12, "batch": 64, "device": "cpu",
+                "steps": 5, "warmup": 0}
+        settings = one_settings(args.one, like, {"mode": tuple(MODES), "device": ("cpu", "cuda")})
+        RunConfig(depth=settings["depth"], growth_rate=settings["growth_rate"]).check()
+        print(json.dumps(measure(settings)))
         return 0
     modes = (args.modes or DEFAULT_MODES[args.device]).split(",")
     unknown = [m for m in modes if m not in MODES]

@@ -23,6 +23,27 @@ def in_fresh_process(script: Path, config: dict, threads: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def one_settings(text: str, like: dict, choices: dict[str, tuple] | None = None) -> dict:
+    """The settings a bench script hands a fresh process of its own (``--one``), checked
+    against the ones it would hand (``like``: the same names, values of the same types,
+    numbers no smaller than 1 where ``like``'s are positive, and for the names in ``choices``
+    one of those), so that a hand-written --one is refused in one line instead of failing
+    somewhere in the measurement."""
+    from densenet_trainer.settings.cli import UserError
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        settings = None
+    fits = (isinstance(settings, dict) and set(settings) == set(like) and all(
+        type(settings[name]) is type(value) for name, value in like.items()) and all(
+        settings[name] in allowed for name, allowed in (choices or {}).items()) and all(
+        settings[name] >= min(value, 1) for name, value in like.items() if type(value) is int))
+    if not fits:
+        raise UserError(f"--one is internal: it takes the JSON settings the script hands its own "
+                        f"processes, such as {json.dumps(like)}; run the script without it")
+    return settings
+
+
 def add_device_flag(parser) -> None:
     """--device, defaulting to a GPU when there is one; cuda without one is refused in one line."""
     import torch

@@ -82,7 +82,7 @@ def write_text(path: Path, text: str) -> None:
 def write_figure(fig, path: Path, dpi: int) -> None:
     """A matplotlib figure, written whole in the format its suffix names."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix[1:])
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix[1:].lower())
     atomic_write(path, buffer.getvalue())
 
 

@@ -8,14 +8,12 @@ import matplotlib.image
 import pytest
 
 import plot
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 
 def draw(capsys, *argv) -> tuple[int, str, str]:
     """plot.py's main in this process: (exit status, stdout, stderr)."""
-    status = plot.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_main(capsys, plot.main, *argv)
 
 TRAIN_HEADER = "epoch,lr,loss,error,seconds,images_per_s\n"
 TEST_HEADER = "epoch,loss,error,seconds\n"
@@ -221,3 +219,20 @@ def test_values_that_cannot_be_drawn_are_named(tmp_path, capsys):
     (run_dir / "train.csv").write_text("\n".join(lines) + "\n")
     status, out, err = draw(capsys, run_dir)
     assert status == 2 and f"{run_dir / 'train.csv'}, line 3: loss is 'inf', not a finite number" in err
+
+
+def test_a_suffix_the_user_wrote_is_kept(tmp_path, capsys):
+    runs = [make_run(tmp_path / name, 3) for name in ("a", "b")]
+    status, out, err = draw(capsys, *runs, "--out", tmp_path / "cmp.PNG")
+    assert status == 0, err
+    assert (tmp_path / "cmp.PNG").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "cmp.png").exists()
+
+
+def test_non_ascii_names_are_drawn_under_an_ascii_locale(tmp_path):
+    """A run folder and a --title with non-ASCII letters, under LC_ALL=C without Python's
+    UTF-8 mode: drawn, not a traceback."""
+    run_dir = make_run(tmp_path / "rün", 3)
+    result = run_cli("plot.py", run_dir, "--title", "Größe ✓",
+                     env={"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"})
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "curves.png").is_file()
