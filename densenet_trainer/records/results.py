@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from densenet_trainer.records.layout import NUMBER_NEUTRAL, duration
+from densenet_trainer.settings.cli import UserError
+from densenet_trainer.settings.config import RunConfig
 
 TABLE_2 = Path(__file__).with_name("table2.json")
 # Runs whose configurations differ only in these are one group: the seeds, and the settings
@@ -64,6 +66,10 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     config = record.get("config")
     if not isinstance(config, dict):
         raise ValueError("its config.json holds no configuration")
+    try:  # checked as a resume checks it; settings added since its version take their defaults
+        config = RunConfig.from_dict(config, "its config.json").to_dict()
+    except UserError as error:
+        raise ValueError(str(error).split("; ")[0]) from None
     if "test" not in logs or not len(logs["test"]) or not len(logs.get("train", [])):
         raise ValueError("no epoch is logged yet")
     test, train = logs["test"], logs["train"]

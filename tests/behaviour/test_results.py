@@ -12,12 +12,10 @@ import pytest
 
 import plot
 from densenet_trainer.records import results
+from densenet_trainer.settings.config import RunConfig
 from helpers import check_refused, run_main
 
-BC_100 = {"dataset": "cifar10", "augment": True, "depth": 100, "growth_rate": 12,
-          "bottleneck": True, "compression": 0.5, "dropout": 0.0, "epochs": 300, "lr": 0.1,
-          "batch_size": 64, "seed": 0, "precision": "fp32", "save": "x", "device": "cuda",
-          "kernels": "auto", "val_size": 0}
+BC_100 = RunConfig(device="cuda").to_dict()  # the defaults: DenseNet-BC-100-12 on C10+, 300 epochs
 
 
 def make_run(folder: Path, errors: list[float], planned: int | None = None,
@@ -44,7 +42,7 @@ def table_of(capsys, *argv) -> tuple[int, str, str]:
 
 def test_seeds_make_one_row_with_mean_and_sample_std(tmp_path, capsys):
     finals = [4.70, 4.55, 4.61]
-    runs = [make_run(tmp_path / f"seed{s}", [30.0, error], seed=s, device=f"cuda:{s}")
+    runs = [make_run(tmp_path / f"seed{s}", [30.0, error], seed=s, device=("cpu", "cuda")[s % 2])
             for s, error in enumerate(finals)]
     status, out, err = table_of(capsys, *runs, "--table-format", "csv")
     assert status == 0, err
@@ -126,3 +124,16 @@ def test_unreadable_folders_are_skipped_or_refused(tmp_path, capsys):
     status, _, err = table_of(capsys, empty)
     assert status == 2 and err.strip().splitlines()[-1].startswith(
         "error: none of the 1 folder(s) holds a run with a logged epoch")
+
+
+@pytest.mark.parametrize("setting, value", [("epochs", None), ("dataset", ["cifar10"]), ("lr", "0.1")])
+def test_a_config_json_with_a_value_of_the_wrong_type_is_skipped_naming_it(tmp_path, capsys, setting, value):
+    """Checked as a resume checks it: never a traceback, never grouped under a guess."""
+    good = make_run(tmp_path / "good", [20.0, 10.0])
+    bad = make_run(tmp_path / "bad", [20.0, 10.0])
+    record = json.loads((bad / "config.json").read_text())
+    record["config"][setting] = value
+    (bad / "config.json").write_text(json.dumps(record))
+    status, out, err = table_of(capsys, good, bad)
+    assert status == 0 and f"warning: skipped {bad}: its config.json records --{setting.replace('_', '-')} as {value!r}" in err
+    assert " 1 " in out.splitlines()[1]  # one run in the row
