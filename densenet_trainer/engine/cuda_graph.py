@@ -44,6 +44,7 @@ class GraphedStep:
         self.cuda = step.batches.device.type == "cuda"
         self.replay: Callable[[], None] | None = None
         self.eager, self.warmed, self.checked = False, 0, False
+        self.side: torch.cuda.Stream | None = None  # one for every warm-up step: one cache
         self.status = "graphed (not captured yet)"
 
     def __call__(self) -> None:
@@ -66,11 +67,12 @@ class GraphedStep:
     def _on_side_stream(self) -> None:
         if not self.cuda:
             return self.step()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             self.step()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
 
     def _checked_replay(self) -> None:
         """One replay and one eager step from the same state; the eager one's result stays."""

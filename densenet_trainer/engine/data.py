@@ -127,11 +127,12 @@ def eval_batches(data: Split, batch_size: int, normalizer: Normalizer, device: t
     of algorithms and any captured graph fit them all: the last batch is padded with copies of
     the dataset's first image, and ``valid`` marks the real rows.
     """
-    indices = torch.tensor_split(torch.arange(len(data)), world_size)[rank]
+    where = data.labels.device  # indices and masks are made there: no copy from the host per batch
+    indices = torch.tensor_split(torch.arange(len(data), device=where), world_size)[rank]
     size = max(1, min(batch_size, -(-len(data) // world_size)))
     layout = memory_format(channels_last)
     for chunk in indices.split(size) if len(indices) else [indices]:
-        valid = torch.arange(size) < len(chunk)
-        chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk))]).to(data.labels.device)
+        valid = torch.arange(size, device=where) < len(chunk)
+        chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk))])
         images = normalizer(data.images[chunk].to(device, non_blocking=True))
         yield images.contiguous(memory_format=layout), data.labels[chunk].to(device), valid.to(device)

@@ -47,3 +47,29 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
         assert result.top5_error is None  # ten classes
         assert result.loss == pytest.approx(first.loss, rel=1e-5) and result.error == first.error
         assert torch.equal(result.confusion, first.confusion) and result.images == 37
+
+
+def test_evaluation_batches_copy_nothing_from_the_host():
+    """Each evaluation batch's indices and mask are made where the data is: no copy from
+    another device per batch (on a GPU, a wait for the host each time). The data on the meta
+    device stands for a GPU's; every copy between devices is counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CrossDeviceCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].device != out.device:
+                self.copies.append((args[0].device, out.device))
+            return out
+
+    meta = torch.device("meta")
+    split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
+                           torch.empty(37, dtype=torch.int64, device=meta))
+    normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, meta)
+    with CrossDeviceCopies() as counted:
+        batches = list(data.eval_batches(split, 16, normalizer, meta))
+    assert len(batches) == 3 and counted.copies == []
