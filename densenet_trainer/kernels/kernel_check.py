@@ -201,11 +201,20 @@ def _check_block(device: torch.device, memory_efficient: bool) -> None:
 
 
 class _tf32_off:
-    """TF32 off for convolutions and matrix products while the block is compared."""
+    """TF32 off for convolutions and matrix products while the block is compared, through
+    torch's precision settings (``fp32_precision``): reading the legacy ``allow_tf32`` raises
+    where a user has set those, and would fail the self-test for a reason not the kernels'."""
 
     def __enter__(self) -> None:
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            self.settings, self.name, off = (torch.backends.cuda.matmul, conv), "fp32_precision", "ieee"
+        else:  # a torch from before the precision settings
+            self.settings, self.name, off = (torch.backends.cuda.matmul, torch.backends.cudnn), "allow_tf32", False
+        self.saved = [getattr(setting, self.name) for setting in self.settings]
+        for setting in self.settings:
+            setattr(setting, self.name, off)
 
     def __exit__(self, *exc) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        for setting, value in zip(self.settings, self.saved):
+            setattr(setting, self.name, value)

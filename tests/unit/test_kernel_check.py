@@ -21,3 +21,18 @@ def test_a_kernel_that_raises_or_is_wrong_fails_naming_why(broken, fault, reason
     broken(fault)
     assert kernel_check.check(torch.device("cpu")).startswith(reason)
     assert kernel_check.failure("cpu").startswith(reason)
+
+
+def test_the_self_test_leaves_a_users_precision_settings_as_they_were():
+    """A user who chose TF32 through torch's precision settings: the self-test turns it off
+    for its comparison (it would raise reading the legacy flag) and puts it back."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        kernel_check.failure.cache_clear()
+        assert kernel_check.check(torch.device("cpu")) is None
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+        kernel_check.failure.cache_clear()
