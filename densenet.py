@@ -237,8 +237,10 @@ class DenseNet(nn.Module):
         num_classes: classifier outputs.
         memory_efficient: keep only conv outputs; recompute concatenation, BN and ReLU in backward.
         kernels: "fused" computes dense blocks and BatchNorm-ReLU with fused.py's kernels
-            wherever they apply (C on the CPU, Triton on CUDA; see ``fused.available``), ATen's
-            operations elsewhere; "aten" always uses ATen's. The results are the same.
+            wherever they apply (C on the CPU, Triton on CUDA; see ``fused.available``) and
+            have passed their self-test on the input's device (kernel_check, before the first
+            forward there), ATen's operations elsewhere; "aten" always uses ATen's. The
+            results are the same.
     """
 
     def __init__(self, depth: int = 100, growth_rate: int = 12, *, bottleneck: bool = True,
@@ -281,7 +283,18 @@ class DenseNet(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
+    def use_kernels(self, kernels: str) -> None:
+        """Compute with ``kernels`` ("fused" or "aten") from now on; the weights stay."""
+        self.kernels = kernels
+        for module in self.modules():
+            if hasattr(module, "fused_kernels"):
+                module.fused_kernels = kernels == "fused"
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernels == "fused":
+            from densenet_trainer.kernels import kernel_check  # which imports this module
+            if kernel_check.failed_self_test(x.device.type):
+                self.use_kernels("aten")  # the kernels failed their self-test on this device
         with fused.batch_counters():  # the fused BatchNorms count their batch all at once
             x = self.features(self.stem(x))
             x = _batch_norm_relu(self.norm, x, self.kernels == "fused")

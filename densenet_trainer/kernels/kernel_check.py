@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -34,6 +35,21 @@ def failure(device_type: str) -> str | None:
     """What went wrong when the fused kernels of ``device_type`` checked themselves there
     (None: they passed, or there are none to check); once per process."""
     return check(torch.device(device_type))
+
+
+def failed_self_test(device_type: str) -> bool:
+    """Whether the kernels failed their self-test on ``device_type`` (kernel_check, once per
+    process; a warning says why), for a DenseNet built directly, not by the trainer, which
+    checks before its first forward on a device. Inside a compilation or a CUDA graph capture
+    nothing is run: the trainer has checked before either."""
+    if torch.compiler.is_compiling() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return False
+    problem = failure(device_type)
+    if problem:
+        warnings.warn(f"the fused kernels failed their self-test on {device_type} ({problem}); "
+                      f"dense blocks use ATen operations instead: the same results, slower",
+                      stacklevel=3)
+    return problem is not None
 
 
 def check(device: torch.device) -> str | None:

@@ -38,3 +38,18 @@ def test_the_self_test_leaves_a_users_precision_settings_as_they_were():
     finally:
         matmul.fp32_precision, conv.fp32_precision = saved
         kernel_check.failure.cache_clear()
+
+
+def test_a_densenet_built_directly_never_computes_with_kernels_that_failed(broken):
+    """torchvision-style use, without the trainer: kernels that fail their self-test are not
+    used (one warning), and the outputs are ATen's."""
+    from densenet import DenseNet
+    torch.manual_seed(0)
+    fused_model = DenseNet(10, 4, kernels="fused")
+    aten_model = DenseNet(10, 4, kernels="aten")
+    aten_model.load_state_dict(fused_model.state_dict())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    broken("tail")
+    with pytest.warns(UserWarning, match="the fused kernels failed their self-test on cpu"):
+        got = fused_model(x)
+    assert torch.equal(got, aten_model(x))
