@@ -36,7 +36,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from densenet_trainer.records import results
 from densenet_trainer.records.numeric_csv import read_numeric_csv
-from densenet_trainer.records.whole_files import write_figure, write_text
+from densenet_trainer.records.whole_files import refuse_unless_regular, write_figure, write_text
 from densenet_trainer.settings import cli
 
 # Okabe & Ito's colour-blind-safe palette.
@@ -420,6 +420,8 @@ def draw(opts: argparse.Namespace) -> list[Path]:
             except OSError as error:
                 raise PlotError(f"cannot write to {folder} ({error.strerror}); make it writable, "
                                 f"or for several runs choose another folder with --out") from None
+        for path in paths:  # every figure refused before any is replaced
+            refuse_unless_regular(path)
         for (fig, _), path in zip(figures, paths):
             save_figure(fig, path, opts.dpi)
     finally:
@@ -531,6 +533,8 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
     folder = Path(opts.out).parent if opts.out else common_folder([run for run, _ in found])
     texts = {folder / f"results.{suffix}": results.table(table_rows, style)
              for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
+    for path in texts:  # every table refused before any is replaced
+        refuse_unless_regular(path)
     for path, text in texts.items():
         try:
             write_text(path, text)

@@ -42,7 +42,6 @@ from densenet_trainer.engine.runtime import (
     StopFlag,
     keep_freed_memory_mapped,
     on_main,
-    output_may_close,
     setup_runtime,
 )
 from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
@@ -53,7 +52,7 @@ from densenet_trainer.run.checkpoint import Checkpoint, checkpoint_state
 from densenet_trainer.run.files import WorkDirLock
 from densenet_trainer.run.inference import load_trained
 from densenet_trainer.settings import config
-from densenet_trainer.settings.cli import OneLineParser, UserError, path
+from densenet_trainer.settings.cli import OneLineParser, UserError, output_may_close, path
 from densenet_trainer.settings.config import RunConfig
 
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from densenet_trainer.engine.runtime import setup_runtime
-from densenet_trainer.records.whole_files import write_text
+from densenet_trainer.records.whole_files import refuse_unless_regular, write_text
 from densenet_trainer.run.build import Run, build_run
 from densenet_trainer.run.files import WorkDirLock, holds_run, write_errors, write_json
 from densenet_trainer.settings import cli, config
@@ -116,6 +116,8 @@ def sweep(args, run: Run, save: Path) -> int:
     suggestion = suggest(lrs, smoothed)
     lowest_lr = min(zip(lrs, smoothed), key=lambda pair: pair[1])[0]
     with write_errors("free space or choose another --save"):
+        for name in ("lr_find.csv", "lr_find.json"):  # both refused before either is written
+            refuse_unless_regular(save / name)
         write_text(save / "lr_find.csv", "\n".join(rows) + "\n")
         write_json(save / "lr_find.json", {"suggested_lr": suggestion, "lowest_loss_lr": lowest_lr,
                                            "steps": len(lrs), "config": run.config.to_dict()})

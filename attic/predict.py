@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from densenet_trainer.records.layout import CONFIG_FILE
+from densenet_trainer.records.whole_files import NotARegularFile, refuse_unless_file
 from densenet_trainer.run.checkpoint import INFERENCE_KEYS, Checkpoint
 from densenet_trainer.run.inference import load_trained
 from densenet_trainer.settings import cli
@@ -42,6 +43,7 @@ def read_image(path: Path) -> torch.Tensor:
     """A uint8 (3, 32, 32) tensor: the central square of the image, resized."""
     from PIL import Image, UnidentifiedImageError
     Image.MAX_IMAGE_PIXELS = None  # MAX_PIXELS below is the limit, checked before decoding
+    refuse_unless_file(path)
     try:
         with Image.open(path) as image:  # reads the header only
             if image.width * image.height > MAX_PIXELS:
@@ -63,8 +65,9 @@ def read_image(path: Path) -> torch.Tensor:
 def class_names(checkpoint: Path, count: int) -> list[str]:
     """The run's class names from config.json beside the checkpoint, or the class numbers."""
     try:
+        refuse_unless_file(checkpoint.parent / CONFIG_FILE)
         names = json.loads((checkpoint.parent / CONFIG_FILE).read_text()).get("classes")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, NotARegularFile):
         names = None
     if isinstance(names, list) and len(names) == count:
         return [str(name) for name in names]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from densenet_trainer.records.whole_files import refuse_unless_file
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import DATASETS, NUM_CLASSES
 
@@ -85,6 +86,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
+    refuse_unless_file(path)
     try:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="latin1").load()

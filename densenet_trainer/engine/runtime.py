@@ -2,16 +2,13 @@
 number generators, the signals that stop it, and the glibc setting that keeps it fast."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
 import importlib.metadata
 import os
 import platform
 import random
 import signal
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,55 +48,6 @@ class Runtime:
         """print, on the main process only (under torchrun every process runs the same code)."""
         if self.main:
             print(*args, **kwargs)
-
-
-class OutputThatMayClose:
-    """A text stream (stdout, stderr) whose reader may go away: ``| head``, a closed terminal
-    or ssh session. The first write that fails so points the stream at /dev/null and the run
-    goes on; its CSVs and checkpoints are its record."""
-
-    CLOSED = (errno.EPIPE, errno.EIO)
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-
-    def _closed(self) -> None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.dup2(devnull, self.stream.fileno())  # what is left to flush at exit goes there too
-        os.close(devnull)
-        self.stream = open(os.devnull, "w")
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except OSError as error:
-            if error.errno not in self.CLOSED:
-                raise
-            self._closed()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError as error:
-            if error.errno not in self.CLOSED:
-                raise
-            self._closed()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-@contextlib.contextmanager
-def output_may_close() -> Iterator[None]:
-    """Within it, stdout and stderr survive their reader's going away (OutputThatMayClose)."""
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = OutputThatMayClose(sys.stdout), OutputThatMayClose(sys.stderr)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = streams
 
 
 def setup_runtime(device_flag: str) -> Runtime:

@@ -44,7 +44,8 @@ def failed_self_test(device_type: str) -> bool:
     nothing is run: the trainer has checked before either."""
     if torch.compiler.is_compiling() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
-    problem = failure(device_type)
+    with torch.inference_mode(False), torch.enable_grad():  # its backward needs gradients
+        problem = failure(device_type)
     if problem:
         warnings.warn(f"the fused kernels failed their self-test on {device_type} ({problem}); "
                       f"dense blocks use ATen operations instead: the same results, slower",

@@ -41,6 +41,17 @@ def refuse_unless_regular(path: Path) -> None:
         raise _refusal(path, mode)
 
 
+def refuse_unless_file(path: Path) -> None:
+    """NotARegularFile where ``path`` exists (through links) as anything but a regular file:
+    a FIFO read would wait forever, a device would never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{path} is not a regular file; move it away, or name a file")
+
+
 def current_umask() -> int:
     """The process's umask (reading it means setting it; it is put back at once)."""
     mask = os.umask(0o022)
@@ -95,10 +106,14 @@ def open_in_place(path: Path, flags: int) -> int:
         if error.errno == errno.ELOOP:
             raise _refusal(path, stat.S_IFLNK) from None
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
         os.close(fd)
-        raise _refusal(path, mode)
+        raise _refusal(path, status.st_mode)
+    if status.st_nlink > 1:  # a hard link: writing here writes to the file's other names too
+        os.close(fd)
+        raise NotARegularFile(f"{path} has other names (hard links) elsewhere; a run's files are "
+                              f"written only as files of their own: remove it or choose another folder")
     return fd
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from densenet_trainer.engine.runtime import rng_state, rng_state_problem
 from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
+from densenet_trainer.records.whole_files import NotARegularFile, refuse_unless_file
 from densenet_trainer.run.files import RunError, load_checkpoint
 from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
 
@@ -100,8 +101,9 @@ class Checkpoint:
         run's identity, or settings that no resume could have changed (a checkpoint copied in
         from elsewhere). A checkpoint with no readable config.json beside it is its own record."""
         try:
+            refuse_unless_file(self.path.parent / CONFIG_FILE)
             recorded = json.loads((self.path.parent / CONFIG_FILE).read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, NotARegularFile):
             return
         if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
             return
@@ -177,11 +179,12 @@ def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, st
             path: Path) -> None:
     """load_state_dict, with a mismatch (another architecture, a damaged file) in one line.
 
-    An optimiser keeps the implementation it was built with (fused, foreach, capturable): the
-    state is the run's, how the step computes it is this version's. It also keeps its groups'
-    learning rate, the run's LearningRate tensor, which the schedule sets.
+    An optimiser keeps every setting of its parameter groups as it was built from the run's
+    configuration (momentum, Nesterov, weight decay; the implementation: fused, foreach,
+    capturable; the learning rate, the run's LearningRate tensor, which the schedule sets):
+    from the checkpoint it takes only its state, the momentum buffers and step counts.
     """
-    implementation = [{k: group[k] for k in ("fused", "foreach", "capturable", "lr") if k in group}
+    implementation = [{k: v for k, v in group.items() if k != "params"}
                       for group in getattr(target, "param_groups", [])]
     try:
         target.load_state_dict(state)

@@ -31,7 +31,13 @@ import torch
 
 from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
 from densenet_trainer.records.numeric_csv import read_numeric_csv
-from densenet_trainer.records.whole_files import append_line, atomic_write, open_in_place, write_text
+from densenet_trainer.records.whole_files import (
+    append_line,
+    atomic_write,
+    open_in_place,
+    refuse_unless_file,
+    write_text,
+)
 from densenet_trainer.settings.cli import UserError
 
 
@@ -90,7 +96,7 @@ class WorkDirLock:
         with contextlib.suppress(OSError):  # naming the holder is a courtesy, not a condition
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                                f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})".encode(), 0)
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})".encode(errors="surrogateescape"), 0)
 
     def acquire_if_present(self) -> None:
         """``acquire`` where the folder exists already; a new one is made (and locked) only
@@ -165,6 +171,7 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config"),
     A checkpoint must hold ``keys`` and finite weights: the trainer never saves a diverged
     model, so NaN weights mean a damaged file or an older version's diverged save.
     """
+    refuse_unless_file(path)
     if not path.is_file():
         raise RunError(f"no checkpoint file at {path}")
     corrupt = RunError(f"{path} is truncated or corrupt; use another checkpoint or start a "

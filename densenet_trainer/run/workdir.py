@@ -33,7 +33,7 @@ from densenet_trainer.records.layout import (
     TRAIN_COLUMNS,
     csv_name,
 )
-from densenet_trainer.records.whole_files import refuse_unless_regular, write_text
+from densenet_trainer.records.whole_files import refuse_unless_file, refuse_unless_regular, write_text
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint
 from densenet_trainer.run.files import (
     CsvLog,
@@ -175,6 +175,7 @@ def check_schedule(saved: RunConfig, cfg: RunConfig, start_epoch: int, partial: 
 def read_config_json(save: Path, has_checkpoint: bool) -> dict | None:
     """config.json of a run (None when absent); a damaged one is refused."""
     path = save / CONFIG_FILE
+    refuse_unless_file(path)
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError:
@@ -288,6 +289,8 @@ def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str], tta:
     suffix = selection + ("-tta" if tta else "")
     per_class = checkpoint.parent / f"{checkpoint.stem}-classes{suffix}.csv"
     matrix = checkpoint.parent / f"{checkpoint.stem}-confusion{suffix}.csv"
+    for path in (per_class, matrix):  # both refused before either is written
+        refuse_unless_regular(path)
     images = confusion.sum(1)
     per_class_rows = [["class", "name", "images", "errors", "error"]] + [
         [c, names[c], int(images[c]), int(images[c] - confusion[c, c]),

@@ -12,11 +12,12 @@ This module imports no torch: plot.py must run where only the CSVs are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 FIGURE_FORMATS = ("png", "pdf", "svg")  # what plot.py and attic/summary.py write
 
@@ -49,15 +50,65 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
-    """Turn a ``UserError`` escaping ``main`` into ``error: ...`` on stderr and exit status 2."""
+    """Turn a ``UserError`` escaping ``main`` into ``error: ...`` on stderr and exit status 2;
+    output that cannot be written never stops the command (output_may_close)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
-        try:
-            return main(*args, **kwargs)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        with output_may_close():
+            try:
+                return main(*args, **kwargs)
+            except UserError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
     return wrapper
+
+
+class OutputThatMayClose:
+    """A text stream (stdout, stderr) whose reader may go away (``| head``, a closed terminal
+    or ssh session) or that cannot take more (a full disk): the first write that fails points
+    the stream at /dev/null and the command goes on; a run's CSVs and checkpoints are its
+    record. Text the stream's encoding cannot hold is written with escapes."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(devnull, self.stream.fileno())  # what is left to flush at exit goes there too
+        os.close(devnull)
+        self.stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            try:
+                return self.stream.write(text)
+            except UnicodeEncodeError:
+                encoding = getattr(self.stream, "encoding", None) or "ascii"
+                return self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except OSError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._closed()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def output_may_close() -> Iterator[None]:
+    """Within it, stdout and stderr survive their reader's going away (OutputThatMayClose)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = OutputThatMayClose(sys.stdout), OutputThatMayClose(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 # The training step computes in float32: a rate or a decay beyond its range would be
@@ -124,6 +175,8 @@ NAME_MAX, PATH_MAX = 255, 4096  # bytes: Linux's limits on a file name and on a 
 def path(text: str) -> str:
     """An argparse type: a path the operating system can take (each name at most NAME_MAX
     bytes, the whole under PATH_MAX), refused before anything is read or written."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names nothing; give a path")
     encoded = os.fsencode(text)
     if len(encoded) >= PATH_MAX:
         raise argparse.ArgumentTypeError(f"the path is {len(encoded):,} bytes long; the system "

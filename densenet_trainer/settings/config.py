@@ -223,7 +223,13 @@ class RunConfig:
             values[name] = float(value) if known[name].type == "float" else value
         if "kernels" not in saved:  # runs from before --kernels: --compile said it
             values["kernels"] = "compile" if saved.get("compile") else "auto"
-        return cls(**values)
+        cfg = cls(**values)
+        try:
+            cfg.check()
+        except UserError as error:
+            raise UserError(f"{source} records a model that cannot be built ({error}); it is "
+                            f"damaged: use another checkpoint") from None
+        return cfg
 
     @classmethod
     def from_flags(cls, namespace: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
@@ -253,7 +259,15 @@ def _fits(spec, value) -> bool:
     else:
         ok = isinstance(value, str)
     choices = spec.metadata["choices"]
-    return ok and (choices is None or value in choices)
+    if not ok or (choices is not None and value not in choices):
+        return False
+    parse = spec.metadata["type"]  # the flag's own range, as the command line checks it
+    if parse is not None and kind in ("int", "float"):
+        try:
+            parse(repr(value))
+        except (argparse.ArgumentTypeError, ValueError):
+            return False
+    return True
 
 
 def flag_name(setting_name: str) -> str:

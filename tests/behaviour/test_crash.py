@@ -160,34 +160,28 @@ def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, ref
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_start_up_says_so_and_leaves_nothing(tmp_path, signum):
-    """train.py stopped while it reads its data (a FIFO stands for a slow disk: the signal
-    comes once train.py is waiting on it, never on a timer): one line, exit 128 + N, and no
-    work directory."""
-    import errno
-
-    data = write_cifar10(tmp_path / "data")
-    batch = data / "cifar-10-batches-py" / "data_batch_1"
-    batch.unlink()
-    os.mkfifo(batch)
+    """train.py stopped while it builds its run (a $CC that waits on a FIFO stands for a slow
+    compiler of the fused kernels: the signal comes once it is waiting, never on a timer): one
+    line, exit 128 + N, and no work directory."""
+    fifo, started = tmp_path / "compiler-waits", tmp_path / "compiler-started"
+    os.mkfifo(fifo)
+    compiler = tmp_path / "slow-cc"
+    compiler.write_text(f'#!/bin/sh\n: > "{started}"\nexec cat "{fifo}" > /dev/null\n')
+    compiler.chmod(0o755)
     work = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data),
-                                "--save", str(work), *TINY], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    writer = None
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir",
+                                str(write_cifar10(tmp_path / "data")), "--save", str(work), *TINY],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "CC": str(compiler)})
     try:
         deadline = time.monotonic() + 120
-        while writer is None:  # opening for writing succeeds once train.py opened it to read
-            try:
-                writer = os.open(batch, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as error:
-                if error.errno != errno.ENXIO or time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        while not started.exists():  # the compiler runs: train.py waits for it
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
         process.send_signal(signum)
         _, err = process.communicate(timeout=120)
     finally:
-        if writer is not None:
-            os.close(writer)
+        os.close(os.open(fifo, os.O_RDWR))  # lets the waiting compiler end
         if process.poll() is None:
             process.kill()
     assert process.returncode == 128 + signum, err

@@ -106,3 +106,53 @@ def test_a_figure_whose_write_fails_keeps_the_previous_one(tmp_path, finished_ru
     code, _, err = run_main(capsys, plot.main, work, "--style", "ggplot")
     check_refused(code, err, f"cannot write {work / 'loss.png'} (No space left on device)")
     assert snapshot(work) == before
+
+
+def test_a_lock_that_is_a_hard_link_is_refused(tmp_path, cifar_dir, capsys, outside):
+    work = tmp_path / "run"
+    work.mkdir()
+    os.link(outside / "precious.txt", work / ".lock")
+    before = snapshot(outside)
+    code, _, err = run_main(capsys, train.main, "--data-dir", cifar_dir, "--save", work, *TINY,
+                            "--epochs", "1")
+    check_refused(code, err, f"{work / '.lock'} has other names (hard links) elsewhere")
+    assert snapshot(outside) == before
+
+
+def test_an_evaluation_refused_writes_neither_file(tmp_path, finished_run, cifar_dir, capsys, outside):
+    """The second of the two evaluation files is a link: the first is not written either."""
+    work = run_copy(finished_run, tmp_path)
+    (work / "checkpoint-confusion.csv").symlink_to(outside / "precious.txt")
+    code, _, err = run_main(capsys, train.main, "--evaluate", work, "--data-dir", cifar_dir)
+    check_refused(code, err, f"{work / 'checkpoint-confusion.csv'} {REFUSED}")
+    assert not (work / "checkpoint-classes.csv").exists()
+
+
+def test_reads_never_wait_on_a_fifo(tmp_path, finished_run, cifar_dir, capsys):
+    """A FIFO where a file is read (config.json beside a checkpoint, an image) is passed over or
+    refused at once, never read (which would wait for a writer forever)."""
+    from attic import predict
+    work = run_copy(finished_run, tmp_path)
+    (work / "config.json").unlink()
+    os.mkfifo(work / "config.json")
+    code, _, err = run_main(capsys, train.main, "--evaluate", work, "--data-dir", cifar_dir)
+    assert code == 0, err
+    os.mkfifo(tmp_path / "image.png")
+    code, _, err = run_main(capsys, predict.main, work, tmp_path / "image.png")
+    check_refused(code, err, f"{tmp_path / 'image.png'} is not a regular file")
+
+
+def test_output_that_cannot_be_written_never_stops_a_run(tmp_path, cifar_dir):
+    """stdout on a full device (/dev/full), and a save path that is not UTF-8: the run ends
+    normally, its files whole."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    save = os.fsencode(str(tmp_path)) + b"/caf\xe9"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", str(cifar_dir),
+                                 "--save", save, *TINY, "--epochs", "1"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (os.fsdecode(save) and (tmp_path / os.fsdecode(b"caf\xe9") / "checkpoint.pt").is_file())

@@ -494,3 +494,11 @@ def test_class_names_with_commas_are_quoted_in_the_evaluation_files(tmp_path, fi
         rows = list(csv.reader(f))
     assert rows[1][:2] == ["0", "plane, jet"] and len(rows[1]) == 5
     assert run_main(capsys, plot.main, work)[0] == 0
+
+
+@pytest.mark.parametrize("flag", ["--save", "--evaluate", "--data-dir"])
+def test_an_empty_path_is_refused_not_taken_for_the_default(tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, flag, "")
+    check_refused(code, err, f"argument {flag}: an empty path names nothing; give a path")
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.run import build
 from densenet_trainer.run.checkpoint import CHECKPOINT_KEYS, BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError, save_checkpoint, write_json
+from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
 from helpers import make_step, train_steps
 
@@ -129,4 +130,34 @@ def test_every_field_is_checked_before_use(case, tmp_path, finished_run):
     change(state)
     save_checkpoint(work / "checkpoint.pt", state)
     with pytest.raises(RunError, match="is damaged: " + re.escape(message)):
+        Checkpoint.load(work)
+
+
+def test_a_restored_optimizer_takes_its_settings_from_the_configuration(tmp_path):
+    """A checkpoint whose parameter groups say momentum 0.5 and no Nesterov (a damaged or
+    edited file): the optimiser keeps the run's own settings and takes only the state."""
+    cfg = RunConfig()
+    model = torch.nn.Linear(3, 2)
+    optimizer = build.build_optimizer(cfg, model, LearningRate(cfg.lr, torch.device("cpu")))
+    state = optimizer.state_dict()
+    state["param_groups"][0].update(momentum=0.5, nesterov=False, weight_decay=0.3)
+    restore(optimizer, state, tmp_path / "checkpoint.pt")
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 1e-4)
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("depth", 11, "records a model that cannot be built (depth 11 is impossible"),
+    ("lr", -1.0, "records --lr as -1.0, which is not a valid value"),
+    ("seed", 10**40, "records --seed as"),
+    ("epochs", -3, "records --epochs as -3, which is not a valid value")])
+def test_a_configuration_out_of_its_ranges_is_refused(tmp_path, finished_run, setting, value, message):
+    """The flags' own ranges hold for a recorded configuration too: checked as the command
+    line checks them, in one line instead of a traceback where the value is used."""
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    state = torch.load(work / "checkpoint.pt", weights_only=True)
+    state["config"][setting] = value
+    save_checkpoint(work / "checkpoint.pt", state)
+    with pytest.raises(UserError, match=re.escape(message)):
         Checkpoint.load(work)
