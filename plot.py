@@ -149,6 +149,10 @@ def load_run(folder: Path) -> Run:
     for split in ("test", "val"):
         if (folder / f"{split}.csv").is_file():
             run.logs[split] = read_log(folder / f"{split}.csv", ("epoch", "loss", "error"))
+            if len(run.logs[split]) > len(run.logs["train"]):  # each epoch logs train first
+                raise PlotError(f"{folder / f'{split}.csv'} logs {len(run.logs[split])} epochs "
+                                f"where train.csv logs {len(run.logs['train'])}: they are not one "
+                                f"run's; repair them or move the folder away")
     if (folder / CONFIG_FILE).is_file():
         run.config = read_json(folder / CONFIG_FILE)
         parameters = run.config.get("parameters")

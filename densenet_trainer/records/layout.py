@@ -16,6 +16,11 @@ RUN_FILES = (*RUN_MARKERS, "val.csv", BEST_CHECKPOINT)
 TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]
 TOP5_COLUMNS = ["top5_error"]  # added for datasets with many classes (RunConfig.top5)
+# What a logged number can be: errors are percentages; losses, rates, times and speeds are
+# never negative (a resume keeps the columns it finds, a reader refuses anything else).
+COLUMN_RANGES = {"error": (0.0, 100.0), "top5_error": (0.0, 100.0), "loss": (0.0, None),
+                 "raw_loss": (0.0, None), "lr": (0.0, None), "seconds": (0.0, None),
+                 "images_per_s": (0.0, None)}
 
 # Settings that decide where, how fast and for how long a run computes, never what: those a
 # resume may change (RunConfig's own ``resumable``), less --epochs, which sets the schedule.

@@ -3,7 +3,7 @@ strictly, one way for every reader: the trainer on resume, plot.py, the tables. 
 
 A file may still be growing: the piece after its last newline is a row being written and is
 left for the next read. Every whole row must have as many fields as the header, every field a
-finite number, and the key column (the epoch, or the sweep's step) whole numbers from 1 in
+finite number within its column's range (layout.COLUMN_RANGES), and the key column (the epoch, or the sweep's step) whole numbers from 1 in
 order; anything else is named by file and line in one line, never read as something it is not
 (a trailing comma shifting every column, say).
 """
@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from densenet_trainer.records.layout import COLUMN_RANGES
 from densenet_trainer.settings.cli import UserError
 
 
@@ -74,6 +75,11 @@ def read_numeric_csv(path: Path, advice: str, key: str = "epoch",
                 value = math.nan
             if not math.isfinite(value):
                 raise BadCsv(f"{path}, line {number}: {name} is {field!r}, not a finite number; "
+                             f"{advice}")
+            low, high = COLUMN_RANGES.get(name, (None, None))
+            if (low is not None and value < low) or (high is not None and value > high):
+                wanted = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+                raise BadCsv(f"{path}, line {number}: {name} is {field}, where it is {wanted}; "
                              f"{advice}")
             values.append(value)
         expected = len(rows) + 1

@@ -73,6 +73,7 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     if "test" not in logs or not len(logs["test"]) or not len(logs.get("train", [])):
         raise ValueError("no epoch is logged yet")
     test, train = logs["test"], logs["train"]
+    train = train[train["epoch"] <= test["epoch"].iloc[-1]]  # an epoch being written counts once whole
     best_val = None
     if "val" in logs and len(logs["val"]):
         epoch = logs["val"].loc[logs["val"]["error"].idxmin(), "epoch"]

@@ -137,3 +137,29 @@ def test_a_config_json_with_a_value_of_the_wrong_type_is_skipped_naming_it(tmp_p
     status, out, err = table_of(capsys, good, bad)
     assert status == 0 and f"warning: skipped {bad}: its config.json records --{setting.replace('_', '-')} as {value!r}" in err
     assert " 1 " in out.splitlines()[1]  # one run in the row
+
+
+@pytest.mark.parametrize("change, message", [
+    ("error -5", "line 3: error is -5, where it is from 0 to 100"),
+    ("seconds -1", "line 2: seconds is -1, where it is at least 0"),
+    ("an extra test row", "logs 3 epochs where train.csv logs 2: they are not one run's")])
+def test_numbers_a_run_cannot_have_are_refused_not_averaged(tmp_path, capsys, change, message):
+    run = make_run(tmp_path / "run", [20.0, 10.0])
+    if change == "error -5":
+        (run / "test.csv").write_text("epoch,loss,error,seconds\n1,2.2,20.0,0.2\n2,1.1,-5,0.2\n")
+    elif change == "seconds -1":
+        (run / "train.csv").write_text("epoch,lr,loss,error,seconds,images_per_s\n1,0.1,2,50,-1,400\n2,0.1,1,25,60,400\n")
+    else:
+        with open(run / "test.csv", "a") as f:
+            f.write("3,0.5,12.5,0.2\n")
+    status, _, err = table_of(capsys, run, "--strict")
+    check_refused(status, err, message)
+
+
+def test_an_epoch_being_written_counts_once_whole(tmp_path, capsys):
+    """train.csv has epoch 2's row, test.csv not yet: the table shows epoch 1 of 2, unfinished."""
+    run = make_run(tmp_path / "run", [20.0, 10.0])
+    (run / "test.csv").write_text("epoch,loss,error,seconds\n1,2.2,20.0,0.2\n")
+    status, out, err = table_of(capsys, run)
+    assert status == 0, err
+    assert "1/2" in out and "20.00" in out and "(unfinished)" in out
