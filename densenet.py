@@ -251,6 +251,7 @@ class DenseNet(nn.Module):
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.kernels = kernels
+        self._self_tested_on: set[str] = set()  # device types whose fused kernels passed
         fused_kernels = kernels == "fused"
         step, _ = valid_depths(bottleneck)
         layers_per_block = (depth - 4) // step
@@ -291,10 +292,12 @@ class DenseNet(nn.Module):
                 module.fused_kernels = kernels == "fused"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernels == "fused":
+        if self.kernels == "fused" and x.device.type not in self._self_tested_on:
             from densenet_trainer.kernels import kernel_check  # which imports this module
             if kernel_check.failed_self_test(x.device.type):
                 self.use_kernels("aten")  # the kernels failed their self-test on this device
+            elif not torch.compiler.is_compiling():  # once per device, not every step
+                self._self_tested_on.add(x.device.type)
         with fused.batch_counters():  # the fused BatchNorms count their batch all at once
             x = self.features(self.stem(x))
             x = _batch_norm_relu(self.norm, x, self.kernels == "fused")

@@ -320,8 +320,10 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
                             f"{result.images} test images (its loss is {result.loss}): an error "
                             f"rate of it would mean nothing; use an earlier checkpoint")
         names = dataset.classes or [str(c) for c in range(run.num_classes)]
+        fingerprint = test.fingerprint()
         selection = (f"-test{subset or 'all'}" if subset != run.test_subset else
-                     f"-data{test.fingerprint()[:8]}" if not runs_own_test(checkpoint, test, cfg, given) else "")
+                     f"-data{fingerprint[:8]}" if not runs_own_test(checkpoint, fingerprint, cfg, given)
+                     else "")
         per_class, matrix = workdir.write_evaluation(checkpoint.path, result.confusion, names,
                                                      tta, selection)
     print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
@@ -336,14 +338,14 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
     return 0
 
 
-def runs_own_test(checkpoint: Checkpoint, test: datasets.Split, cfg: RunConfig,
+def runs_own_test(checkpoint: Checkpoint, fingerprint: str, cfg: RunConfig,
                   given: frozenset[str]) -> bool:
-    """Whether ``test`` is the run's own test set: its fingerprint is the one the checkpoint
+    """Whether the test images of ``fingerprint`` are the run's own: the one the checkpoint
     recorded; for a run of an earlier version, which recorded none, the data is read from the
     run's own folder."""
     recorded = checkpoint.state.get("data")
     if isinstance(recorded, dict) and isinstance(recorded.get("test"), dict):
-        return recorded["test"].get("fingerprint") == test.fingerprint()
+        return recorded["test"].get("fingerprint") == fingerprint
     return "data_dir" not in given or Path(cfg.data_dir).resolve() == Path(checkpoint.config.data_dir).resolve()
 
 
