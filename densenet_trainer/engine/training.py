@@ -66,11 +66,22 @@ class EpochProgress:
         return self.seen / self.seconds
 
 
+def time_left(epoch: int, epochs: int, steps: int, start_step: int, done: int,
+              elapsed: float) -> tuple[float, float | None]:
+    """Seconds until the epoch ends and until the run's training does (None in its last
+    epoch), at the pace of this epoch's steps so far."""
+    per_step = elapsed / max(done - start_step, 1)
+    epoch_left = (steps - done) * per_step
+    return epoch_left, (epoch_left + (epochs - epoch) * steps * per_step if epoch < epochs else None)
+
+
 class ProgressBar:
-    """On a terminal: tqdm's bar for the epoch, updated at every check."""
+    """On a terminal: tqdm's bar for the epoch, updated at every check, with when the whole
+    run ends beside tqdm's own time left in the epoch."""
 
     def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
         from tqdm import tqdm
+        self.epoch, self.epochs, self.steps, self.start_step = epoch, epochs, steps, start_step
         self.bar = tqdm(total=steps, initial=start_step, leave=False, unit="step",
                         desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
 
@@ -79,7 +90,9 @@ class ProgressBar:
 
     def show(self, done: int, loss: float, error: float, images_per_s: float, elapsed: float) -> None:
         self.bar.update(done - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.3f}", err=f"{error:.1f}%", img_s=f"{images_per_s:.0f}")
+        _, run_left = time_left(self.epoch, self.epochs, self.steps, self.start_step, done, elapsed)
+        self.bar.set_postfix(loss=f"{loss:.3f}", err=f"{error:.1f}%", img_s=f"{images_per_s:.0f}",
+                             **({"run_ends_in": duration(run_left)} if run_left is not None else {}))
 
     def close(self) -> None:
         self.bar.close()
@@ -110,14 +123,11 @@ class ProgressLines:
         while self.marks and done >= self.marks[0]:
             self.marks.pop(0)
         self.last = time.perf_counter()
-        per_step = elapsed / max(done - self.start_step, 1)
-        eta = (self.steps - done) * per_step
-        run = eta + (self.epochs - self.epoch) * self.steps * per_step  # training time alone
+        eta, run = time_left(self.epoch, self.epochs, self.steps, self.start_step, done, elapsed)
         print(f"  epoch {self.epoch}: step {done}/{self.steps} ({100 * done // self.steps}%)  "
               f"loss {loss:.4f}  error {error:.2f}%  {images_per_s:,.0f} img/s  "
               f"epoch ends in {duration(eta)}"
-              + (f", the run in about {duration(run)}" if self.epoch < self.epochs else ""),
-              flush=True)
+              + (f", the run in about {duration(run)}" if run is not None else ""), flush=True)
 
     def close(self) -> None:
         pass

@@ -73,3 +73,15 @@ def test_evaluation_batches_copy_nothing_from_the_host():
     with CrossDeviceCopies() as counted:
         batches = list(data.eval_batches(split, 16, normalizer, meta))
     assert len(batches) == 3 and counted.copies == []
+
+
+def test_the_progress_bar_says_when_the_run_ends():
+    """On a terminal, tqdm's bar gives the epoch's time left and, beside it, the run's."""
+    bar = training.ProgressBar(1, 3, 5, 0)
+    bar.show(2, 2.3, 90.0, 100.0, 2.0)  # 1 s a step: 3 s left in the epoch, 13 s in the run
+    assert "run_ends_in=13 s" in bar.bar.postfix
+    last = training.ProgressBar(3, 3, 5, 0)
+    last.show(2, 2.3, 90.0, 100.0, 2.0)
+    assert "run_ends_in" not in last.bar.postfix  # the epoch's own time is the run's
+    bar.close()
+    last.close()
