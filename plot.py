@@ -26,7 +26,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.text
 
-from densenet_trainer.records.layout import CONFIG_FILE, NUMBER_NEUTRAL
+from densenet_trainer.records.layout import CONFIG_FILE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -38,14 +38,19 @@ from densenet_trainer.records import results
 from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import refuse_unless_regular, write_figure, write_text
 from densenet_trainer.settings import cli
+from densenet_trainer.settings.config import NUMBER_NEUTRAL
 
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error", "top5_error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
 OPEN_END = 10**9  # the last epoch of a range like 50:
-MARKERS_UP_TO = 30
-CELL_NUMBERS_UP_TO = 20  # classes in a confusion matrix with the percentages written in  # epochs drawn with a marker on each point
+MARKERS_UP_TO = 30  # epochs drawn with a marker on each point
+CELL_NUMBERS_UP_TO = 20  # classes in a confusion matrix with the percentages written in
+# What plot.py writes beside several runs by default: passed over in silence when a glob
+# over the runs' folder (./plot.py --table work/*) names them again.
+OWN_OUTPUTS = {"comparison": cli.FIGURE_FORMATS, "groups": cli.FIGURE_FORMATS,
+               "results": ("md", "csv", "tex")}
 METRIC_TITLES = {"loss": "loss", "error": "error", "top5_error": "top-5 error"}
 
 
@@ -131,7 +136,8 @@ def read_json(path: Path) -> dict:
 def load_run(folder: Path) -> Run:
     """Read a work directory (or a folder with only a learning-rate sweep), refusing bad files."""
     if not folder.is_dir():
-        raise PlotError(f"{folder} does not exist or is not a directory")
+        raise PlotError(f"{folder} is a file, not a train.py work directory" if folder.exists()
+                        else f"{folder} does not exist")
     run = Run(folder, {})
     if (folder / "lr_find.csv").is_file():
         run.sweep = read_log(folder / "lr_find.csv", ("lr", "loss"), key="step")
@@ -208,8 +214,7 @@ def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> N
     """One panel: ``metric`` per split; one colour per split for a run, per run for several.
 
     Every point is visible at any length: markers where there are few epochs, and the x axis
-    spans whole epochs. Each run's learning-rate drops are dashed lines in its colour (grey
-    for a single run), labelled once per epoch and rate.
+    spans whole epochs. The learning-rate drops are lines (mark_lr_drops).
     """
     single = len(runs) == 1
     epochs = []
@@ -225,18 +230,31 @@ def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> N
                     linewidth=1.6 if split == "test" else 1.2, marker="o" if few else None,
                     markersize=4 if split == "test" else 3)
             epochs += frame["epoch"].tolist()
-    labelled = set()
-    for index, run in enumerate(runs):
-        colour = "0.5" if single else COLOURS[index % len(COLOURS)]
-        for epoch, lr in lr_drops(run):
-            if opts.epochs is None or opts.epochs[0] <= epoch <= opts.epochs[1]:
-                ax.axvline(epoch, color=colour, linewidth=0.8, linestyle="-.", alpha=0.8)
-                if (epoch, lr) not in labelled:
-                    labelled.add((epoch, lr))
-                    ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
-                                xytext=(3, -12 - 10 * ((len(labelled) - 1) % 3)),
-                                textcoords="offset points", fontsize=8,
-                                color="0.35" if single else colour)
+    mark_lr_drops(ax, [(COLOURS[index % len(COLOURS)], lr_drops(run)) for index, run in enumerate(runs)],
+                  opts)
+    finish_panel(ax, metric, epochs, opts)
+
+
+def mark_lr_drops(ax, drops: list[tuple[str, list[tuple[float, float]]]], opts: argparse.Namespace) -> None:
+    """Each learning-rate drop once, as a dash-dot line: in the colour of the one curve that
+    has it, grey where several (or a single run's) share it; labelled once per epoch and rate."""
+    colours: dict[tuple[float, float], set[str]] = {}
+    for colour, pairs in drops:
+        for pair in pairs:
+            colours.setdefault(pair, set()).add(colour)
+    for index, ((epoch, lr), shared) in enumerate(sorted(colours.items())):
+        if opts.epochs is not None and not opts.epochs[0] <= epoch <= opts.epochs[1]:
+            continue
+        colour = next(iter(shared)) if len(shared) == 1 and len(drops) > 1 else "0.5"
+        ax.axvline(epoch, color=colour, linewidth=0.8, linestyle="-.", alpha=0.8)
+        ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12 - 10 * (index % 3)), textcoords="offset points", fontsize=8,
+                    color="0.35" if colour == "0.5" else colour)
+
+
+def finish_panel(ax, metric: str, epochs: list[float], opts: argparse.Namespace) -> None:
+    """A panel's axes, ticks, scale, legend and title, the same in every figure: whole epochs
+    on x, plain numbers on a log y axis, legend lines long enough to show their dashes."""
     if epochs:
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     ax.set_xlabel("epoch")
@@ -249,7 +267,7 @@ def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> N
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if scale == "log":
         readable_log_ticks(ax.yaxis)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, handlelength=3.2)
     ax.set_title(METRIC_TITLES[metric])
 
 
@@ -387,7 +405,7 @@ def draw(opts: argparse.Namespace) -> list[Path]:
     Every input is read and checked, and every output folder tried, before the first figure
     is written: a refusal leaves the figures of the last good drawing in place.
     """
-    runs = [load_run(Path(folder)) for folder in opts.runs]
+    runs = [run for run, _ in readable_runs(opts, as_results=False)]
     for run in runs:
         if "train" in run.logs and run.epochs == 0:
             print(f"{run.folder}: no epochs logged yet")
@@ -453,7 +471,10 @@ def epoch_range(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="WORKDIR", type=cli.path,
-                   help="work directories written by train.py")
+                   help="work directories written by train.py; of several (a glob such as "
+                        "work/*), the figures and tables plot.py wrote there (comparison.*, "
+                        "groups.*, results.*) are passed over in silence, and anything else "
+                        "that holds no run is named in one warning line")
     p.add_argument("--out", type=cli.path, help="figure file for several runs (default: comparison.FORMAT in the "
                                    "folder that holds the runs)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
@@ -469,10 +490,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="redraw every SECONDS until Ctrl-C")
     results_group = p.add_argument_group(
         "results across runs", "Runs whose config.json differ only in the seed and in settings "
-        "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + ") are "
-        "one group; an unfinished run is a row of its own, outside the means. The paper's column "
-        "is Table 2 of Huang et al. (table2.json) where depth, growth rate, bottleneck, "
-        "compression, dataset, augmentation and the paper's epochs all match.")
+        "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + "), trained "
+        "and tested on the same images (count and fingerprint of each split), are one group; "
+        "a run reached twice (the same run_id) counts once; an unfinished run is a row of its "
+        "own, outside the means. The data column gives the image counts where they are not "
+        "the official splits'. The paper's column is Table 2 of Huang et al. (table2.json) "
+        "where depth, growth rate, bottleneck, compression, dataset, augmentation, the "
+        "paper's epochs and its images all match.")
     results_group.add_argument("--table", action="store_true",
                                help="print the results table: mean ± sample std of the final "
                                     "test error per group, beside the paper's")
@@ -507,34 +531,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
-def readable_results(opts: argparse.Namespace) -> list[results.Result]:
-    """The runs of ``opts.runs`` that can be read as results; the others are named in a
-    warning and skipped (refused with --strict). None at all is an error."""
-    found = []
-    for folder in opts.runs:
+def own_output(path: Path) -> bool:
+    """Whether ``path`` is a figure or table plot.py writes beside several runs (OWN_OUTPUTS)."""
+    return (path.stem in OWN_OUTPUTS and path.suffix.lstrip(".").lower() in OWN_OUTPUTS[path.stem]
+            and path.is_file())
+
+
+def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run, results.Result | None]]:
+    """The folders of ``opts.runs`` that hold something to draw (``as_results``: a training
+    run with a logged epoch, each counted once), with their results.
+
+    Of several paths, plot.py's own outputs (OWN_OUTPUTS) are passed over in silence and the
+    others that hold nothing to show are named, each with its reason, in one line (refused
+    with --strict); a single path that holds nothing is an error.
+    """
+    paths = [Path(folder) for folder in opts.runs]
+    if len(paths) > 1:
+        paths = [path for path in paths if not own_output(path)] or paths
+    found, skipped = [], []
+    for folder in paths:
         try:
-            run = load_run(Path(folder))
-            found.append((run, results.read_result(run.folder, run.logs, run.config)))
+            run = load_run(folder)
+            if as_results and run.sweep is not None and "train" not in run.logs:
+                raise PlotError(f"{folder} is a learning-rate sweep (attic/lr_find.py), not a training run")
+            result = results.read_result(run.folder, run.logs, run.config) if as_results else None
+            found.append((run, result))
         except (PlotError, ValueError) as error:
+            if len(paths) == 1:
+                raise PlotError(str(error)) from None
             if opts.strict:
-                raise PlotError(f"{folder}: {error}; leave it out, or drop --strict to skip it") from None
-            print(f"warning: skipped {folder}: {error}", file=sys.stderr)
+                raise PlotError(f"{error}; leave it out, or drop --strict to skip it") from None
+            reason = str(error).removeprefix(f"{folder} ").removeprefix(f"{folder}: ")
+            skipped.append(f"{folder} ({reason})")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(paths)} path(s): {'; '.join(skipped)}",
+              file=sys.stderr)
     if not found:
-        raise PlotError(f"none of the {len(opts.runs)} folder(s) holds a run with a logged epoch; "
+        raise PlotError(f"none of the {len(paths)} path(s) holds a run with a logged epoch; "
                         f"name train.py work directories")
+    if as_results:
+        kept, notes = results.distinct([result for _, result in found])
+        found = [(run, result) for run, result in found if any(result is k for k in kept)]
+        for note in notes:
+            print(note, file=sys.stderr)
     return found
+
+
+def results_rows(opts: argparse.Namespace) -> tuple[list[results.Row], list[Run]]:
+    """The table's rows from the readable runs; a seed that repeats within a row is named."""
+    found = readable_runs(opts, as_results=True)
+    table_rows = results.rows([result for _, result in found])
+    for row, label in zip(table_rows, results.labels(table_rows)):
+        if repeated := row.repeated_seeds():
+            print(f"note: seed {', '.join(map(str, repeated))} appears more than once in "
+                  f"{label}: {', '.join(str(r.folder) for r in row.results if r.seed in repeated)}",
+                  file=sys.stderr)
+    return table_rows, [run for run, _ in found]
 
 
 def write_table(opts: argparse.Namespace) -> list[Path]:
     """--table: print the results table; with --table-format all, also write it as Markdown,
     CSV and LaTeX beside the runs (or into --out's folder). Nothing is replaced on failure."""
-    found = readable_results(opts)
-    table_rows = results.rows([result for _, result in found])
+    table_rows, runs = results_rows(opts)
     style = "text" if opts.table_format == "all" else opts.table_format
     print(results.table(table_rows, style), end="")
     if opts.table_format != "all":
         return []
-    folder = Path(opts.out).parent if opts.out else common_folder([run for run, _ in found])
+    folder = Path(opts.out).parent if opts.out else common_folder(runs)
     texts = {folder / f"results.{suffix}": results.table(table_rows, style)
              for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
     for path in texts:  # every table refused before any is replaced
@@ -550,39 +613,47 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
 
 
 def group_figure(opts: argparse.Namespace):
-    """--group: per group of runs, the mean test error and training loss by epoch with a band
-    (min to max, or mean ± one standard deviation: --band), one colour per group."""
-    found = readable_results(opts)
-    by_folder = {result.folder: run for run, result in found}
+    """--group: the panels of curves.png (loss, error, top-5 error), each group's mean curve
+    per split in one colour per group, with a band (min to max, or mean ± one standard
+    deviation: --band) where the group has two runs or more; legend entries say what sets
+    the groups apart."""
+    table_rows, runs = results_rows(opts)
+    by_folder = {run.folder: run for run in runs}
+    metrics = ["loss", "error"] + (["top5_error"] if any(
+        "top5_error" in run.logs["test"] for run in runs) else [])
     with plt.style.context(opts.style):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for index, row in enumerate(results.rows([result for _, result in found])):
-            colour = COLOURS[index % len(COLOURS)]
-            first = row.first
-            label = (f"{first.model} {first.data} (n={len(row.results)})"
-                     + ("" if first.finished else f", {first.epochs}/{first.planned} epochs"))
-            for ax, (split, metric) in zip(axes, (("test", "error"), ("train", "loss"))):
-                curves = pd.concat([epoch_window(by_folder[r.folder].logs[split], opts.epochs)
-                                    .set_index("epoch")[metric] for r in row.results], axis=1)
-                mean = curves.mean(axis=1)
-                if opts.band == "std":
-                    spread = curves.std(axis=1).fillna(0)
-                    low, high = mean - spread, mean + spread
-                else:
-                    low, high = curves.min(axis=1), curves.max(axis=1)
-                ax.plot(mean.index, mean, color=colour, label=label, linewidth=1.6)
-                ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, linewidth=0)
-        for ax, title in zip(axes, ("test error (%)", "training loss")):
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(title)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.legend(fontsize=8)
-        axes[1].set_yscale(opts.loss_scale)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            epochs, drops = [], []
+            for index, (row, label) in enumerate(zip(table_rows, results.labels(table_rows))):
+                colour = COLOURS[index % len(COLOURS)]
+                logs = [by_folder[r.folder].logs for r in row.results]
+                drops.append((colour, lr_drops(by_folder[row.first.folder])))
+                for split, (style, _) in SPLITS.items():
+                    if not all(split in log and metric in log[split] for log in logs):
+                        continue
+                    curves = pd.concat([epoch_window(log[split], opts.epochs).set_index("epoch")[metric]
+                                        for log in logs], axis=1)
+                    mean = curves.mean(axis=1)
+                    ax.plot(mean.index, mean, style, color=colour, linewidth=1.6 if split == "test" else 1.2,
+                            label=label if split == "test" else None)
+                    if len(logs) > 1:
+                        spread = curves.std(axis=1)
+                        low, high = ((mean - spread, mean + spread) if opts.band == "std"
+                                     else (curves.min(axis=1), curves.max(axis=1)))
+                        ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, linewidth=0)
+                    epochs += mean.index.tolist()
+            for split, (style, _) in SPLITS.items():  # the line styles' key
+                if any(line.get_linestyle() == style for line in ax.get_lines()):
+                    ax.plot([], [], style, color="0.3", label=split)
+            mark_lr_drops(ax, drops, opts)
+            finish_panel(ax, metric, epochs, opts)
         band = "min to max" if opts.band == "minmax" else "mean ± one standard deviation"
-        fig.suptitle(opts.title or f"mean over each group's runs; bands: {band}")
+        fig.suptitle(opts.title or f"mean over each group's runs; bands ({band}) where a group "
+                                   f"has two or more")
         as_written(fig)
         fig.tight_layout()
-    return fig, [run for run, _ in found]
+    return fig, runs
 
 
 def as_written(fig) -> None:

@@ -5,7 +5,8 @@ From a fresh model (train.py's flags), the learning rate rises from --start-lr t
 over --steps steps while the smoothed training loss is recorded; the sweep stops early when
 the loss explodes. The suggestion is the learning rate where the smoothed loss falls fastest
 (per log step of lr) before its minimum. Writes lr_find.csv and lr_find.json into a folder
-of its own (--save, default work/<dataset>-<model>-lr-find; never a training run's), where
+of its own (--save; default: train.py's folder for the same flags, with -lr-find; never a training
+run's), where
 ./plot.py draws the sweep. Fewer than 100 steps give a rough suggestion, and it says so.
 
   attic/lr_find.py --depth 40 --data-dir ../shared/data --steps 200
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                                                leave_out=LEFT_OUT))
     group = parser.add_argument_group("learning-rate finder")
     group.add_argument("--save", dest="folder", metavar="SAVE", default=None, type=cli.path,
-                       help="folder for the sweep's files (default work/<dataset>-<model>-lr-find; "
-                            "never a training run's)")
+                       help="folder for the sweep's files (default: the folder train.py would "
+                            "use for these flags, with -lr-find; never a training run's)")
     group.add_argument("--steps", type=cli.int_range(3), default=200,
                        help="training steps of the sweep (100 or more for a steady suggestion)")
     group.add_argument("--start-lr", type=cli.positive_float, default=1e-5,
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.check()
     if not args.start_lr < args.end_lr:
         raise cli.UserError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}")
-    save = Path(args.folder or f"work/{cfg.dataset}-{cfg.model_name}-lr-find")
+    save = Path(args.folder or f"{cfg.default_save()}-lr-find")
     if holds_run(save):
         raise cli.UserError(f"{save} holds a training run; the sweep goes into a folder of its "
-                            f"own: choose another --save (the default is work/<dataset>-<model>-lr-find)")
+                            f"own: choose another --save (the default is train.py's folder for these flags, with -lr-find)")
     cfg = replace(cfg, save=str(save))
     run = build_run(cfg, setup_runtime(cfg.device))
     with WorkDirLock(save, "choose another with --save") as lock:

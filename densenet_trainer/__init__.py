@@ -9,3 +9,5 @@
 - ``run``: a run built from its configuration, its work directory and checkpoint files;
 - ``measuring``: what the bench/ scripts share.
 """
+
+__version__ = "0.2.0"  # the project's version (pyproject.toml reads it); config.json records it

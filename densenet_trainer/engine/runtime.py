@@ -8,13 +8,16 @@ import os
 import platform
 import random
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import densenet_trainer
 from densenet_trainer.settings.cli import UserError
 
 
@@ -84,6 +87,28 @@ def environment(runtime: Runtime) -> dict:
             info["triton"] = importlib.metadata.version("triton")
         except importlib.metadata.PackageNotFoundError:
             info["triton"] = None
+    return info
+
+
+PROJECT_ROOT = Path(densenet_trainer.__file__).resolve().parent.parent
+
+
+def code_version(root: Path = PROJECT_ROOT) -> dict:
+    """Which code trains the run, for config.json: the project's version and, run from a git
+    checkout at ``root``, its commit and whether tracked files had changes (``modified``), so
+    that a result can be traced to the code that produced it."""
+    info = {"version": densenet_trainer.__version__}
+    if not (root / ".git").exists():
+        return info
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=20, check=True).stdout.strip()
+    try:
+        info.update(commit=git("rev-parse", "HEAD"),
+                    modified=bool(git("status", "--porcelain", "--untracked-files=no")))
+    except (OSError, subprocess.SubprocessError):  # no git, or not a repository after all
+        pass
     return info
 
 

@@ -1,9 +1,7 @@
 """A work directory's format, kept once for every reader and writer (train.py, plot.py,
-results, the tools): its file names, its CSV columns, which settings cannot change a run's
-numbers, and how a span of time is written. torch-free."""
+results, the tools): its file names, its CSV columns and their ranges, and how a span of time
+is written. torch-free."""
 from __future__ import annotations
-
-from densenet_trainer.settings.config import RESUMABLE
 
 CONFIG_FILE = "config.json"  # the configuration, what was built, and an entry per resume
 LAST_CHECKPOINT = "checkpoint.pt"  # after every epoch, or at a stop within one
@@ -21,10 +19,6 @@ TOP5_COLUMNS = ["top5_error"]  # added for datasets with many classes (RunConfig
 COLUMN_RANGES = {"error": (0.0, 100.0), "top5_error": (0.0, 100.0), "loss": (0.0, None),
                  "raw_loss": (0.0, None), "lr": (0.0, None), "seconds": (0.0, None),
                  "images_per_s": (0.0, None)}
-
-# Settings that decide where, how fast and for how long a run computes, never what: those a
-# resume may change (RunConfig's own ``resumable``), less --epochs, which sets the schedule.
-NUMBER_NEUTRAL = RESUMABLE - {"epochs"}
 
 
 def csv_name(split: str) -> str:

@@ -1,15 +1,20 @@
 """Runs gathered into results: groups of seeds, their mean and spread, beside the paper's numbers.
 
-A group is the finished runs whose configurations differ only in the seed and in settings
-that cannot change the numbers (layout.NUMBER_NEUTRAL: where the files go, which device, kernels, graph or
-memory layout compute them). Each unfinished run (still training, or stopped early) is a row
-of its own and stays out of the finished runs' means. A row's configuration is matched to
-Table 2 of the DenseNet paper (table2.json) by depth, growth rate, bottleneck, compression,
-dataset, augmentation and the paper's epoch count; anything else gets no paper number, never
-a wrong one. torch-free, like plot.py, which prints and writes these tables (--table).
+A group is the finished runs of one configuration on one set of images: their configurations
+differ only in the seed and in settings that cannot change the numbers (config.NUMBER_NEUTRAL:
+where the files go, which device, kernels, graph or memory layout compute them), and their
+images (count and fingerprint of each split, from config.json) are the same. Each run counts
+once, however many paths reach it (``distinct``, by run_id). Each unfinished run (still
+training, or stopped early) is a row of its own and stays out of the finished runs' means.
+
+A row gets the paper's number (Table 2 of the DenseNet paper, table2.json) only where depth,
+growth rate, bottleneck, compression, dataset, augmentation, the paper's epochs and the
+paper's images (the official splits' counts) all match: never a wrong one, and never beside
+a subset. torch-free, like plot.py, which prints, writes and draws these tables.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -18,15 +23,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from densenet_trainer.records.layout import NUMBER_NEUTRAL, duration
+from densenet_trainer.records.layout import duration
 from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.settings.config import IN_MODEL_NAME, NUMBER_NEUTRAL, RunConfig, flag_name
 
-TABLE_2 = Path(__file__).with_name("table2.json")
+TABLE_2 = json.loads(Path(__file__).with_name("table2.json").read_text())
 # Runs whose configurations differ only in these are one group: the seeds, and the settings
 # that cannot change the numbers.
 GROUPED_OVER = NUMBER_NEUTRAL | {"seed"}
 DATASET_COLUMNS = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN"}
+SPLITS = ("train", "val", "test")
+# settings that the data column says (its name, its "+", its image counts), not a legend
+SAID_BY_DATA = frozenset({"augment", "train_subset", "test_subset", "val_size", "svhn_extra"})
+# the table's columns: header and alignment ("r": numbers, "pm": mean ± std)
+COLUMNS = {"model": "l", "parameters": "r", "data": "l", "settings": "l", "epochs": "r", "n": "r", "seeds": "l",
+           "test error (%)": "pm", "best-val test error (%)": "pm", "top-5 error (%)": "pm",
+           "training time": "r", "paper (%)": "r", "difference": "r", "code": "l"}
 
 
 @dataclass
@@ -41,6 +53,9 @@ class Result:
     best_val_test_error: float | None  # the test error at the epoch of lowest validation error
     top5_error: float | None
     seconds: float  # training, all epochs
+    images: dict[str, dict]  # by split: {"images": count, "fingerprint": str or None}; {}: unknown
+    run_id: str | None
+    code: str  # the code that ran it (commit, or version), '' where not recorded
 
     @property
     def planned(self) -> int:
@@ -51,13 +66,34 @@ class Result:
         return self.epochs >= self.planned
 
     @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def counts(self) -> dict[str, int]:
+        return {split: self.images[split]["images"] for split in SPLITS if split in self.images}
+
+    @property
+    def on_papers_images(self) -> bool:
+        """Whether the run trained, validated and tested on the official splits' counts."""
+        expected = TABLE_2["images"].get(self.config.get("dataset"), {})
+        return bool(self.images) and all(self.counts().get(split, 0) == expected.get(split, 0)
+                                         for split in SPLITS)
+
+    @property
     def data(self) -> str:
-        """The paper's name for the dataset and augmentation: C10+, C100, SVHN, ..."""
+        """The paper's name for the dataset and augmentation (C10+, C100, SVHN, ...), and the
+        image counts where they are not the paper's: C10+ (4,660 train / 846 test)."""
         name = DATASET_COLUMNS.get(self.config.get("dataset"), str(self.config.get("dataset")))
-        return name + ("+" if self.config.get("augment") else "")
+        name += "+" if self.config.get("augment") else ""
+        if self.on_papers_images:
+            return name
+        if not self.images:
+            return f"{name} (images not recorded)"
+        return f"{name} ({' / '.join(f'{n:,} {split}' for split, n in self.counts().items())})"
 
     def key(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in GROUPED_OVER))
+        settings = sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in GROUPED_OVER)
+        return tuple(settings) + (json.dumps(self.images, sort_keys=True),)
 
 
 def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Result:
@@ -82,19 +118,66 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     top5 = float(test["top5_error"].iloc[-1]) if "top5_error" in test else None
     seconds = float(train["seconds"].sum()) if "seconds" in train else math.nan
     parameters = record.get("parameters")
+    run_id = record.get("run_id")
     return Result(folder, config, parameters if isinstance(parameters, int) else None,
                   str(record.get("model", folder.name)), int(train["epoch"].iloc[-1]),
-                  float(test["error"].iloc[-1]), best_val, top5, seconds)
+                  float(test["error"].iloc[-1]), best_val, top5, seconds, recorded_images(record),
+                  run_id if isinstance(run_id, str) and run_id else None, code_label(record))
 
 
-def paper_error(config: dict) -> float | None:
-    """Table 2's test error for this configuration, or None where the paper has none."""
-    table = json.loads(TABLE_2.read_text())
+def recorded_images(record: dict) -> dict[str, dict]:
+    """config.json's images by split (``data``: count and fingerprint; a run from before
+    fingerprints: ``train_images`` and the like); ValueError where they are not numbers."""
+    data = record.get("data")
+    if data is None:
+        data = {split: {"images": record.get(f"{split}_images"), "fingerprint": None}
+                for split in SPLITS if record.get(f"{split}_images")}
+    if not isinstance(data, dict) or not all(
+            split in SPLITS and isinstance(item, dict) and isinstance(item.get("images"), int)
+            and not isinstance(item["images"], bool) and item["images"] >= 0
+            and isinstance(item.get("fingerprint"), (str, type(None)))
+            for split, item in data.items()):
+        raise ValueError("its config.json records its images wrongly (data); it is damaged")
+    return {split: {"images": item["images"], "fingerprint": item.get("fingerprint")}
+            for split, item in data.items()}
+
+
+def code_label(record: dict) -> str:
+    """The code a run was trained with, as config.json's ``code`` says it: the commit (and
+    +modified where the checkout had changes), or the version outside a checkout."""
+    code = record.get("code")
+    if not isinstance(code, dict):
+        return ""
+    if isinstance(code.get("commit"), str):
+        return code["commit"][:10] + ("+modified" if code.get("modified") else "")
+    return str(code.get("version", ""))
+
+
+def distinct(found: list[Result]) -> tuple[list[Result], list[str]]:
+    """Each run once: a run reached again (the same folder twice, a copy of it: the same
+    run_id) is left out, with a note naming both."""
+    seen: dict[str, Result] = {}
+    kept, notes = [], []
+    for result in found:
+        identity = result.run_id or str(result.folder.resolve())
+        if identity in seen:
+            notes.append(f"note: {result.folder} is the run of {seen[identity].folder} (the same "
+                         f"run_id): counted once")
+            continue
+        seen[identity] = result
+        kept.append(result)
+    return kept, notes
+
+
+def paper_error(result: Result) -> float | None:
+    """Table 2's test error for this run's configuration, or None where the paper has none:
+    another model, augmentation or epoch count, or other images than the official splits."""
+    config = result.config
     dataset = config.get("dataset")
-    if int(config.get("epochs", 0)) != table["epochs"].get(dataset):
+    if int(config.get("epochs", 0)) != TABLE_2["epochs"].get(dataset) or not result.on_papers_images:
         return None
     column = DATASET_COLUMNS.get(dataset, "") + ("+" if config.get("augment") else "")
-    for row in table["rows"]:
+    for row in TABLE_2["rows"]:
         if all(config.get(name) == row[name] for name in ("depth", "growth_rate", "bottleneck",
                                                            "compression")):
             return row.get(column)
@@ -110,41 +193,78 @@ class Row:
     def first(self) -> Result:
         return self.results[0]
 
-    def mean_std(self, values: list[float | None]) -> tuple[float, float | None] | None:
-        known = [v for v in values if v is not None and math.isfinite(v)]
-        if not known:
-            return None
-        return statistics.mean(known), statistics.stdev(known) if len(known) > 1 else None
+    def repeated_seeds(self) -> list[int]:
+        seeds = [r.seed for r in self.results]
+        return sorted({seed for seed in seeds if seeds.count(seed) > 1})
 
-    def cells(self) -> dict[str, str]:
-        first, n = self.first, len(self.results)
-        test = self.mean_std([r.test_error for r in self.results])
-        paper = paper_error(first.config)
-        seconds = self.mean_std([r.seconds for r in self.results])
+    def statistics(self, values: list[float | None]) -> dict[str, float | int | None]:
+        """mean, sample std (None for one run), min, max and n of the finite ``values``."""
+        known = [v for v in values if v is not None and math.isfinite(v)]
+        return {"mean": statistics.mean(known) if known else None,
+                "std": statistics.stdev(known) if len(known) > 1 else None,
+                "min": min(known, default=None), "max": max(known, default=None), "n": len(known)}
+
+    def numbers(self, apart: str = "") -> dict:
+        """The row as numbers, one per CSV column (None: unknown or not applicable); ``apart``:
+        what sets it apart from the other rows (settings_apart)."""
+        first = self.first
+        test = self.statistics([r.test_error for r in self.results])
+        best_val = self.statistics([r.best_val_test_error for r in self.results])
+        paper = paper_error(first) if first.finished else None
+        chosen = best_val if first.config["dataset"] in TABLE_2["chosen_by_validation"] else test
+        counts = first.counts()
         return {
-            "model": first.model,
-            "parameters": f"{first.parameters:,}" if first.parameters is not None else "",
-            "data": first.data,
-            "epochs": f"{first.epochs}/{first.planned}" + ("" if first.finished else " (unfinished)"),
-            "n": str(n),
-            "test error (%)": _spread(test),
-            "best-val test error (%)": _spread(self.mean_std([r.best_val_test_error for r in self.results])),
-            "top-5 error (%)": _spread(self.mean_std([r.top5_error for r in self.results])),
-            "training time": duration(seconds[0]) if seconds else "",
-            "paper (%)": f"{paper:.2f}" if paper is not None else "",
-            "difference": f"{test[0] - paper:+.2f}" if paper is not None and test else "",
+            "model": first.model, "parameters": first.parameters, "data": first.data,
+            "settings": apart or None, "dataset": first.config["dataset"], "augment": first.config["augment"],
+            **{f"{split}_images": counts.get(split) for split in SPLITS},
+            "epochs": first.epochs, "planned_epochs": first.planned, "finished": first.finished,
+            "n": len(self.results), "seeds": " ".join(str(r.seed) for r in self.results),
+            **{f"test_error_{k}": v for k, v in test.items() if k != "n"},
+            **{f"best_val_test_error_{k}": best_val[k] for k in ("mean", "std")},
+            **{f"top5_error_{k}": v for k, v in self.statistics(
+                [r.top5_error for r in self.results]).items() if k in ("mean", "std")},
+            "training_seconds": self.statistics([r.seconds for r in self.results])["mean"],
+            "paper_error": paper,
+            "difference": chosen["mean"] - paper if paper is not None and chosen["mean"] is not None else None,
+            "code": " ".join(sorted({r.code for r in self.results if r.code})),
         }
 
+    def cells(self, apart: str = "") -> dict[str, str]:
+        """The row as the printed table shows it, one text per COLUMNS header."""
+        number = self.numbers(apart)
+        unfinished = "" if number["finished"] else " (unfinished)"
 
-def _spread(value: tuple[float, float | None] | None) -> str:
-    if value is None:
-        return ""
-    mean, std = value
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+        def spread(name: str) -> str:
+            mean, std = number[f"{name}_mean"], number[f"{name}_std"]
+            return "" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+        def optional(value, form: str) -> str:
+            return "" if value is None else format(value, form)
+
+        return {
+            "model": number["model"], "parameters": optional(number["parameters"], ","),
+            "data": number["data"], "settings": apart,
+            "epochs": f"{number['epochs']}/{number['planned_epochs']}{unfinished}",
+            "n": str(number["n"]), "seeds": ", ".join(number["seeds"].split()),
+            "test error (%)": spread("test_error"),
+            "best-val test error (%)": spread("best_val_test_error"),
+            "top-5 error (%)": spread("top5_error"),
+            "training time": duration(number["training_seconds"])
+            if number["training_seconds"] is not None else "",
+            "paper (%)": optional(number["paper_error"], ".2f"),
+            "difference": optional(number["difference"], "+.2f"), "code": number["code"],
+        }
+
+    def label(self, apart: str) -> str:
+        """A legend entry: the model, the data, what sets the row ``apart``, and n."""
+        first = self.first
+        unfinished = "" if first.finished else f", {first.epochs}/{first.planned} epochs"
+        words = " ".join(word for word in (first.model, first.data, apart) if word)
+        return f"{words} (n={len(self.results)}{unfinished})"
 
 
 def rows(results: list[Result]) -> list[Row]:
-    """Finished runs grouped by configuration (seeds together), then each unfinished run."""
+    """Finished runs grouped by configuration and images (seeds together), then each unfinished run."""
     groups: dict[tuple, list[Result]] = {}
     for result in results:
         if result.finished:
@@ -153,29 +273,99 @@ def rows(results: list[Result]) -> list[Row]:
     return [Row(group) for group in groups.values()] + unfinished
 
 
+def setting_text(name: str, value) -> str:
+    """A setting as a reader would write its flag: lr 0.05, no-augment, seed 3."""
+    if isinstance(value, bool):
+        return ("" if value else "no-") + flag_name(name)
+    return f"{flag_name(name)} {value}"
+
+
+def settings_apart(table_rows: list[Row], shown: frozenset[str]) -> list[str]:
+    """Per row, what tells it from the other rows beyond the ``shown`` settings (those its
+    model, data or epochs already say): each setting on which the rows differ (lr 0.05);
+    to rows that would still read like another, the shown settings that differ
+    (train-subset 5000), then their images (a fingerprint's first characters), then the
+    folder. '' for a row where nothing needs saying."""
+    configs = [row.first.config for row in table_rows]
+
+    def differing(names) -> list[str]:
+        return [name for name in names if len({json.dumps(c.get(name)) for c in configs}) > 1]
+
+    words = [[setting_text(name, c[name]) for name in differing([n for n in c if n not in GROUPED_OVER | shown])]
+             for c in configs]
+
+    def alike() -> list[int]:
+        said = [(row.first.model, row.first.data, row.first.epochs, row.first.planned, *row_words)
+                for row, row_words in zip(table_rows, words)]
+        return [index for index, text in enumerate(said) if said.count(text) > 1]
+
+    fallbacks = (
+        lambda row: [setting_text(name, row.first.config[name])
+                     for name in differing(sorted(shown - IN_MODEL_NAME))],
+        lambda row: [f"images {hashlib.sha256(json.dumps(row.first.images, sort_keys=True).encode()).hexdigest()[:8]}"],
+        lambda row: [row.first.folder.name])
+    for more in fallbacks:
+        for index in alike():  # only the rows that still read like another get more words
+            words[index] += more(table_rows[index])
+    return [" ".join(row_words) for row_words in words]
+
+
+def labels(table_rows: list[Row]) -> list[str]:
+    """A legend entry per row that tells it from the others (settings_apart), with n."""
+    apart = settings_apart(table_rows, IN_MODEL_NAME | SAID_BY_DATA)
+    return [row.label(text) for row, text in zip(table_rows, apart)]
+
+
 def table(table_rows: list[Row], style: str) -> str:
-    """The rows as ``style``: text (aligned columns), markdown, csv or latex. Columns that are
-    empty in every row are left out."""
-    cells = [row.cells() for row in table_rows]
-    columns = [c for c in cells[0] if any(row[c] for row in cells)]
+    """The rows as ``style``: text (aligned columns), markdown, csv (one number per column)
+    or latex (booktabs; mean and std aligned at the ±). Columns empty in every row are left
+    out, and the code column unless the rows differ in it. The settings column says what
+    sets a row apart from the others beyond its model, data and epochs (settings_apart)."""
+    apart = settings_apart(table_rows, IN_MODEL_NAME | SAID_BY_DATA | {"epochs"})
     if style == "csv":
-        frame = pd.DataFrame([{c: row[c] for c in columns} for row in cells])
-        return frame.to_csv(index=False)
+        frame = pd.DataFrame([row.numbers(text) for row, text in zip(table_rows, apart)])
+        return frame.dropna(axis=1, how="all").to_csv(index=False)
+    cells = [row.cells(text) for row, text in zip(table_rows, apart)]
+    columns = [c for c in COLUMNS if any(row[c] for row in cells)
+               and (c != "code" or len({row[c] for row in cells}) > 1)]
     if style == "markdown":
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        return "\n".join(lines + ["| " + " | ".join(row[c] for c in columns) + " |"
+        rule = "|" + "|".join("---" if COLUMNS[c] == "l" else "---:" for c in columns) + "|"
+        lines = ["| " + " | ".join(columns) + " |", rule]
+        return "\n".join(lines + ["| " + " | ".join(row[c].replace("|", "\\|") for c in columns) + " |"
                                   for row in cells]) + "\n"
     if style == "latex":
-        def tex(text: str) -> str:
-            for plain, escaped in (("\\", r"\textbackslash{}"), ("%", r"\%"), ("&", r"\&"),
-                                   ("_", r"\_"), ("#", r"\#"), ("$", r"\$"), ("±", r"$\pm$")):
-                text = text.replace(plain, escaped)
-            return text
-        lines = [r"\begin{tabular}{" + "l" * len(columns) + "}", r"\hline",
-                 " & ".join(tex(c) for c in columns) + r" \\", r"\hline"]
-        lines += [" & ".join(tex(row[c]) for c in columns) + r" \\" for row in cells]
-        return "\n".join(lines + [r"\hline", r"\end{tabular}"]) + "\n"
+        return latex(columns, cells)
     widths = [max(len(c), *(len(row[c]) for row in cells)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(row[c].ljust(w) for c, w in zip(columns, widths)).rstrip() for row in cells]
-    return "\n".join(lines) + "\n"
+
+    def line(texts: list[str]) -> str:
+        return "  ".join(text.ljust(w) if COLUMNS[c] == "l" else text.rjust(w)
+                         for text, w, c in zip(texts, widths, columns)).rstrip()
+
+    return "\n".join([line(columns)] + [line([row[c] for c in columns]) for row in cells]) + "\n"
+
+
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "_": r"\_", "#": r"\#",
+                 "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}", "±": r"$\pm$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(LATEX_ESCAPES.get(character, character) for character in text)
+
+
+def latex(columns: list[str], cells: list[dict[str, str]]) -> str:
+    """A booktabs tabular: text left, numbers right, each mean ± std as two cells joined at
+    the ± so that the means and the deviations line up."""
+    spec = "".join({"l": "l", "r": "r", "pm": "r@{}l"}[COLUMNS[c]] for c in columns)
+    header = [rf"\multicolumn{{2}}{{c}}{{{_tex(c)}}}" if COLUMNS[c] == "pm" else _tex(c) for c in columns]
+    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
+    for row in cells:
+        parts = []
+        for c in columns:
+            if COLUMNS[c] == "pm":
+                mean, _, std = row[c].partition(" ± ")
+                parts += [mean, rf"${{}}\pm{{}}${std}" if std else ""]
+            else:
+                parts.append(_tex(row[c]))
+        lines.append(" & ".join(parts) + r" \\")
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"

@@ -46,7 +46,7 @@ from densenet_trainer.run.files import (
     write_json,
 )
 from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
+from densenet_trainer.settings.config import NUMBER_NEUTRAL, RESUMABLE, RunConfig, flag_name
 
 
 @dataclass
@@ -103,7 +103,8 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
         saved = checkpoint.config
     elif config_json is None:
         raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
-                        f"start a new run without --resume")
+                        + (elsewhere if (elsewhere := runs_like(cfg, given)) else
+                           "start a new run without --resume"))
     else:
         saved = RunConfig.from_dict(config_json["config"], str(save / CONFIG_FILE))
         if max(run_logs(save, saved)["train"].epochs(), default=0) > 1:
@@ -124,6 +125,29 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
     for log in run_logs(save, resumed).values():
         log.check_resumable(plan.start_epoch)
     return plan
+
+
+def runs_like(cfg: RunConfig, given: frozenset[str]) -> str:
+    """Advice for a --resume without --save that finds no run in the default folder: the
+    folders beside it holding a run of the same settings but --epochs (one extended with
+    another --epochs, or kept under the older default name work/<dataset>-<model>), as
+    commands to resume them ('' when none is). Folders that cannot be read are passed over."""
+    default = Path(cfg.save)
+    if "save" in given or not default.parent.is_dir():
+        return ""
+    same = [name for name in RunConfig.__dataclass_fields__ if name not in NUMBER_NEUTRAL | {"epochs"}]
+    found = []
+    for folder in sorted(default.parent.iterdir()):
+        if folder == default or not folder.is_dir() or not holds_run(folder):
+            continue
+        try:
+            record = read_config_json(folder, has_checkpoint=True)
+            saved = RunConfig.from_dict(record["config"], str(folder / CONFIG_FILE)) if record else None
+        except UserError:
+            continue
+        if saved and all(getattr(saved, name) == getattr(cfg, name) for name in same):
+            found.append(f"--resume --save {folder}")
+    return f"a run of these settings is elsewhere: {'; or '.join(found)}" if found else ""
 
 
 def resumed_config(saved: RunConfig, cfg: RunConfig, given: frozenset[str],

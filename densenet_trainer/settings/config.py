@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from densenet_trainer.settings import cli
 from densenet_trainer.settings.architecture import check_config, model_name
@@ -30,6 +30,9 @@ DATASETS = tuple(NUM_CLASSES)
 KERNELS = ("fused", "aten")  # how densenet.py computes dense blocks and BatchNorm-ReLU
 TOP5_FROM = 10  # datasets with more classes than this (CIFAR-100) also log the top-5 error
 GROUPS = ("data", "model", "optimisation", "speed", "run")  # in the order --help lists them
+IN_MODEL_NAME = frozenset({"dataset", "depth", "growth_rate", "bottleneck", "compression"})  # a folder's first words
+SHORT_NAMES = {"train_subset": "train", "test_subset": "test", "val_size": "val",
+               "weight_decay": "wd", "batch_size": "batch"}  # words of a default folder's name
 
 
 def setting(default, group: str, help: str, *, type=None, choices=None, metavar: str | None = None,
@@ -115,7 +118,9 @@ class RunConfig:
     eval_batch_size: int = setting(500, "speed", "batch size for evaluation",
                                    type=cli.positive_int, resumable=True)
 
-    save: str = setting(None, "run", "work directory (default work/<dataset>-<model name>)",
+    save: str = setting(None, "run", "work directory (default work/<dataset>-<model name>, "
+                        "then each setting that changes the numbers and differs from its "
+                        "default: work/cifar10-densenet-bc-16-8-epochs4-seed1)",
                         type=cli.path, resumable=True)
     resume: bool = setting(False, "run", "continue the run in --save from its checkpoint",
                            resumable=True)
@@ -132,10 +137,31 @@ class RunConfig:
             "lr": (0.1 if self.opt == "sgd" else 0.001) if self.lr is None else self.lr,
             "dropout": (0.0 if augment else 0.2) if self.dropout is None else self.dropout,
             "compile": self.kernels == "compile",  # --compile is read as --kernels compile
-            "save": self.save or f"work/{self.dataset}-{self.model_name}",
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "save", self.save or self.default_save())
+
+    def default_save(self) -> str:
+        """The work directory of a run not given --save: the dataset and the model's name, then
+        a word for each setting that changes the numbers (not resumable, or --epochs) and differs
+        from what it would be if not given (train5000, no-augment, lr0.05, epochs4, seed1): runs
+        that differ in any such setting, the seed above all, never meet in one default folder,
+        and the paper's recipe keeps its plain name (work/cifar10-densenet-bc-100-12)."""
+        words = [self.dataset, self.model_name]
+        for spec in fields(self):
+            if spec.name in IN_MODEL_NAME | NUMBER_NEUTRAL:
+                continue
+            value = getattr(self, spec.name)
+            if value == getattr(replace(self, save="unused", **{spec.name: spec.default}), spec.name):
+                continue
+            if isinstance(value, bool):
+                words.append(("" if value else "no-") + flag_name(spec.name))
+            elif isinstance(value, str):
+                words.append(value)
+            else:
+                words.append(f"{SHORT_NAMES.get(spec.name, flag_name(spec.name))}{value:.12g}")
+        return "work/" + "-".join(words)
 
     # ------------------------------------------------------------ what follows from it
 
@@ -243,6 +269,9 @@ class RunConfig:
 
 
 RESUMABLE = frozenset(f.name for f in fields(RunConfig) if f.metadata["resumable"])
+# Settings that decide where, how fast and for how long a run computes, never what: those a
+# resume may change (``resumable``), less --epochs, which sets the schedule.
+NUMBER_NEUTRAL = RESUMABLE - {"epochs"}
 
 
 def _fits(spec, value) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import statistics
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -16,18 +18,25 @@ from densenet_trainer.settings.config import RunConfig
 from helpers import check_refused, run_main
 
 BC_100 = RunConfig(device="cuda").to_dict()  # the defaults: DenseNet-BC-100-12 on C10+, 300 epochs
+PAPER_IMAGES = {"train": 50_000, "test": 10_000}  # CIFAR's official splits
 
 
 def make_run(folder: Path, errors: list[float], planned: int | None = None,
-             val: list[float] | None = None, **config) -> Path:
-    """A work directory of a run that logged ``errors`` (test error per epoch) of ``planned``."""
+             val: list[float] | None = None, images: dict | None = None,
+             fingerprint: str = "f0", **config) -> Path:
+    """A work directory of a run that logged ``errors`` (test error per epoch) of ``planned``,
+    on ``images`` (count by split; default: CIFAR's official splits) of ``fingerprint``."""
     folder.mkdir(parents=True)
     epochs = len(errors)
     cfg = {**BC_100, **config, "epochs": planned or epochs, "save": str(folder)}
-    (folder / "config.json").write_text(json.dumps({"config": cfg, "parameters": 769162,
-                                                    "model": "densenet-bc-100-12"}))
+    counts = images or {**PAPER_IMAGES, **({"val": cfg["val_size"]} if cfg["val_size"] else {})}
+    data = {split: {"images": n, "fingerprint": f"{fingerprint}-{split}"} for split, n in counts.items()}
+    (folder / "config.json").write_text(json.dumps({
+        "config": cfg, "parameters": 769162, "model": "densenet-bc-100-12", "data": data,
+        "run_id": uuid.uuid4().hex, "code": {"version": "0.2.0", "commit": "a" * 40, "modified": False}}))
     (folder / "train.csv").write_text("epoch,lr,loss,error,seconds,images_per_s\n" + "".join(
-        f"{e},0.1,{2.0 / e:.4f},{50 / e:.3f},60,400\n" for e in range(1, epochs + 1)))
+        f"{e},{0.1 if e <= epochs // 2 or epochs < 2 else 0.01},{2.0 / e:.4f},{50 / e:.3f},60,400\n"
+        for e in range(1, epochs + 1)))
     (folder / "test.csv").write_text("epoch,loss,error,seconds\n" + "".join(
         f"{e},{2.2 / e:.4f},{error},0.2\n" for e, error in enumerate(errors, 1)))
     if val:
@@ -40,21 +49,48 @@ def table_of(capsys, *argv) -> tuple[int, str, str]:
     return run_main(capsys, plot.main, "--table", *argv)
 
 
+def csv_of(capsys, *runs) -> pd.DataFrame:
+    status, out, err = table_of(capsys, *runs, "--table-format", "csv")
+    assert status == 0, err
+    return pd.read_csv(io.StringIO(out))
+
+
 def test_seeds_make_one_row_with_mean_and_sample_std(tmp_path, capsys):
     finals = [4.70, 4.55, 4.61]
     runs = [make_run(tmp_path / f"seed{s}", [30.0, error], seed=s, device=("cpu", "cuda")[s % 2])
             for s, error in enumerate(finals)]
-    status, out, err = table_of(capsys, *runs, "--table-format", "csv")
-    assert status == 0, err
-    frame = pd.read_csv(io.StringIO(out), dtype=str)
+    frame = csv_of(capsys, *runs)
     assert len(frame) == 1  # the seed and the device do not split a group
     row = frame.iloc[0]
-    assert row["test error (%)"] == f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f}"
-    assert (row["n"], row["model"], row["epochs"], row["training time"]) == (
-        "3", "densenet-bc-100-12", "2/2", "2.0 min")
+    assert row["test_error_mean"] == pytest.approx(statistics.mean(finals))
+    assert row["test_error_std"] == pytest.approx(statistics.stdev(finals))
+    assert (row["test_error_min"], row["test_error_max"], row["n"]) == (4.55, 4.70, 3)
+    assert (row["model"], row["parameters"], row["seeds"], row["epochs"], row["planned_epochs"],
+            row["training_seconds"], row["data"]) == (
+        "densenet-bc-100-12", 769162, "0 1 2", 2, 2, 120, "C10+")
+    for column in ("test_error_mean", "test_error_std", "n", "parameters", "train_images"):
+        assert pd.api.types.is_numeric_dtype(frame[column]), column
+    status, out, _ = table_of(capsys, *runs)
+    assert f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f}" in out
+    assert "0, 1, 2" in out  # the seeds of the row
     other = make_run(tmp_path / "lr", [30.0, 5.0], lr=0.05)  # another lr: another group
-    status, out, _ = table_of(capsys, *runs, other, "--table-format", "csv")
-    assert pd.read_csv(io.StringIO(out), dtype=str)["n"].tolist() == ["3", "1"]
+    assert csv_of(capsys, *runs, other)["n"].tolist() == [3, 1]
+
+
+def test_runs_on_other_images_never_share_a_row_nor_the_papers_number(tmp_path, capsys):
+    paper = make_run(tmp_path / "paper", [10.0] * 300)  # BC-100-12, C10+, 300 epochs, 50,000 images
+    subsets = [make_run(tmp_path / f"subset{s}", [12.0 + s] * 300, seed=s,
+                        images={"train": 2000, "test": 500}) for s in range(2)]
+    smaller = make_run(tmp_path / "smaller", [14.0] * 300, images={"train": 1000, "test": 200})
+    other_copy = make_run(tmp_path / "other-copy", [13.0] * 300, images={"train": 2000, "test": 500},
+                          fingerprint="f1")  # the same counts, other images
+    frame = csv_of(capsys, paper, *subsets, smaller, other_copy)
+    assert frame["n"].tolist() == [1, 2, 1, 1]
+    assert frame["data"].tolist() == ["C10+", "C10+ (2,000 train / 500 test)",
+                                      "C10+ (1,000 train / 200 test)", "C10+ (2,000 train / 500 test)"]
+    assert frame["paper_error"].tolist()[0] == 4.51 and frame["paper_error"][1:].isna().all()
+    assert frame["difference"].tolist()[0] == pytest.approx(5.49)
+    assert frame["train_images"].tolist() == [50_000, 2000, 1000, 2000]
 
 
 def test_the_paper_column_matches_only_the_papers_configuration(tmp_path, capsys):
@@ -62,53 +98,135 @@ def test_the_paper_column_matches_only_the_papers_configuration(tmp_path, capsys
     shorter = make_run(tmp_path / "short", [10.0] * 30)  # the same model, 30 epochs
     other = make_run(tmp_path / "other", [9.0] * 300, depth=40, growth_rate=12, bottleneck=False,
                      compression=1.0)  # DenseNet-40-12 C10+: 5.24
-    svhn = make_run(tmp_path / "svhn", [3.0] * 300, dataset="svhn", augment=False)  # 300, not 40
+    svhn = make_run(tmp_path / "svhn", [3.0] * 300, dataset="svhn", augment=False,
+                    images={"train": 598_388, "val": 6000, "test": 26_032})  # 300 epochs, not 40
+    held_out = make_run(tmp_path / "val", [10.0] * 300, val=[11.0] * 300, val_size=5000,
+                        images={"train": 45_000, "val": 5000, "test": 10_000})  # trained on 45,000
+    svhn_paper = make_run(tmp_path / "svhn-paper", [3.0, 2.0], planned=2, val=[2.0, 2.5],
+                          dataset="svhn", augment=False, val_size=6000,
+                          images={"train": 598_388, "val": 6000, "test": 26_032})
+    record = json.loads((svhn_paper / "config.json").read_text())
+    record["config"]["epochs"] = 40  # as if it had trained the paper's 40 epochs
     found = [results.read_result(folder, plot.load_run(folder).logs,
                                  json.loads((folder / "config.json").read_text()))
-             for folder in (paper_run, shorter, other, svhn)]
+             for folder in (paper_run, shorter, other, svhn, held_out)]
+    found.append(results.read_result(svhn_paper, plot.load_run(svhn_paper).logs, record))
+    found[-1].epochs = 40
     cells = [row.cells() for row in results.rows(found)]
-    assert [c["paper (%)"] for c in cells] == ["4.51", "", "5.24", ""]
+    assert [c["paper (%)"] for c in cells] == ["4.51", "", "5.24", "", "", "1.76"]
     assert cells[0]["difference"] == "+5.49" and cells[1]["difference"] == ""
-    assert [c["data"] for c in cells] == ["C10+", "C10+", "C10+", "SVHN"]
+    assert cells[5]["difference"] == "+1.24"  # SVHN: the paper reports the epoch validation chose
+    assert [c["data"] for c in cells] == ["C10+", "C10+", "C10+", "SVHN", "C10+ (45,000 train / "
+                                          "5,000 val / 10,000 test)", "SVHN"]
 
 
 def test_an_unfinished_run_is_a_row_of_its_own(tmp_path, capsys):
     done = [make_run(tmp_path / f"done{s}", [20.0, 10.0 + s], seed=s) for s in range(2)]
     running = make_run(tmp_path / "running", [25.0], planned=2, seed=5)
-    status, out, err = table_of(capsys, *done, running, "--table-format", "csv")
+    status, out, err = table_of(capsys, *done, running)
     assert status == 0, err
-    frame = pd.read_csv(io.StringIO(out), dtype=str)
-    assert frame["epochs"].tolist() == ["2/2", "1/2 (unfinished)"]
-    assert frame["n"].tolist() == ["2", "1"]
-    assert frame["test error (%)"].tolist() == ["10.50 ± 0.71", "25.00"]
+    assert "1/2 (unfinished)" in out.splitlines()[2] and "25.00" in out.splitlines()[2]
+    frame = csv_of(capsys, *done, running)
+    assert frame["finished"].tolist() == [True, False] and frame["n"].tolist() == [2, 1]
+    assert frame["test_error_mean"].tolist() == [10.5, 25.0]
 
 
-def test_the_validation_choice_and_the_formats(tmp_path, capsys):
-    run = make_run(tmp_path / "val", [30.0, 20.0, 25.0], val=[40.0, 15.0, 18.0], val_size=5000)
-    status, out, _ = table_of(capsys, run, "--table-format", "markdown")
+def test_each_run_counts_once_and_a_repeated_seed_is_named(tmp_path, capsys):
+    first = make_run(tmp_path / "a", [20.0, 10.0])
+    copy = tmp_path / "copy-of-a"
+    shutil.copytree(first, copy)
+    status, out, err = table_of(capsys, first, first, copy, "--table-format", "csv")
+    assert status == 0, err
+    assert pd.read_csv(io.StringIO(out))["n"].tolist() == [1]
+    assert f"note: {first} is the run of {first} (the same run_id): counted once" in err
+    assert f"note: {copy} is the run of {first}" in err
+    again = make_run(tmp_path / "again", [20.0, 12.0])  # seed 0 once more: another run
+    status, out, err = table_of(capsys, first, again, "--table-format", "csv")
+    frame = pd.read_csv(io.StringIO(out))
+    assert frame["n"].tolist() == [2] and frame["seeds"].tolist() == ["0 0"]
+    assert f"note: seed 0 appears more than once in densenet-bc-100-12 C10+ (n=2): {first}, {again}" in err
+
+
+def test_the_formats(tmp_path, capsys):
+    run = make_run(tmp_path / "val", [30.0, 20.0, 25.0], val=[40.0, 15.0, 18.0], val_size=5000,
+                   images={"train": 45_000, "val": 5000, "test": 10_000})
+    runs = [run] + [make_run(tmp_path / f"s{s}", [30.0, 20.0 + s / 3], seed=s) for s in (1, 2)]
+    status, out, _ = table_of(capsys, *runs, "--table-format", "markdown")
     assert status == 0
-    header, rule, row = out.splitlines()
-    assert header.startswith("| model | parameters | data | epochs | n | test error (%) | "
-                             "best-val test error (%) |") and rule.startswith("|---|")
+    header, rule, row, _ = out.splitlines()
+    assert header.startswith("| model | parameters | data | epochs | n | seeds | test error (%) | "
+                             "best-val test error (%) |")
+    assert rule.startswith("|---|---:|---|---:|---:|---|---:|")  # numbers right-aligned
     assert "| 25.00 | 20.00 |" in row  # final 25.00; the epoch of lowest validation error had 20.00
-    status, out, _ = table_of(capsys, run, "--table-format", "latex")
-    assert out.startswith("\\begin{tabular}") and "test error (\\%)" in out and out.rstrip().endswith("\\end{tabular}")
-    status, out, _ = table_of(capsys, run, "--table-format", "all")
+    status, out, _ = table_of(capsys, *runs, "--table-format", "latex")
+    lines = out.splitlines()
+    assert lines[0] == r"\begin{tabular}{lrlrrlr@{}lr@{}lr}" and lines[-1] == r"\end{tabular}"
+    assert [lines[1], lines[3], lines[-2]] == [r"\toprule", r"\midrule", r"\bottomrule"]
+    assert r"\multicolumn{2}{c}{test error (\%)}" in lines[2]
+    columns = len(lines[0].removeprefix(r"\begin{tabular}{").removesuffix("}").replace("@{}", ""))
+    for line in lines[4:-2]:  # every body row fills every column, ± in the deviation's cell
+        assert line.count(" & ") == columns - 1, line
+    assert r" & ${}\pm{}$0.24 & " in lines[5]
+    status, out, _ = table_of(capsys, *runs, "--table-format", "all")
     for suffix in ("md", "csv", "tex"):
         assert (tmp_path / f"results.{suffix}").is_file() and f"wrote {tmp_path / f'results.{suffix}'}" in out
 
 
-def test_group_curves_name_each_group_and_its_size(tmp_path, capsys):
+def test_the_code_column_appears_where_rows_differ_in_it(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"s{s}", [30.0, 20.0], seed=s) for s in range(2)]
+    other = make_run(tmp_path / "lr", [30.0, 20.0], lr=0.05)
+    status, out, _ = table_of(capsys, *runs, other)
+    assert "code" not in out.splitlines()[0]
+    record = json.loads((other / "config.json").read_text())
+    record["code"] = {"version": "0.2.0", "commit": "b" * 40, "modified": True}
+    (other / "config.json").write_text(json.dumps(record))
+    status, out, _ = table_of(capsys, *runs, other)
+    assert out.splitlines()[0].endswith("code") and out.splitlines()[2].endswith("bbbbbbbbbb+modified")
+
+
+def test_group_curves_say_what_sets_each_group_apart(tmp_path, capsys):
     runs = [make_run(tmp_path / f"s{s}", [30.0, 20.0 + s], seed=s) for s in range(3)]
-    alone = make_run(tmp_path / "deeper", [28.0, 18.0], depth=190, growth_rate=40)
+    alone = make_run(tmp_path / "lr", [28.0, 18.0], lr=0.05)
     opts = plot.parse_args([*map(str, runs), str(alone), "--group"])
     fig, _ = plot.group_figure(opts)
-    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["densenet-bc-100-12 C10+ (n=3)", "densenet-bc-100-12 C10+ (n=1)"]
-    mean_line = fig.axes[0].get_lines()[0]
-    assert list(mean_line.get_ydata()) == pytest.approx([30.0, 21.0])
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "error"]  # as in curves.png
+    loss, error = fig.axes
+    labels = [text.get_text() for text in error.get_legend().get_texts()]
+    assert labels == ["densenet-bc-100-12 C10+ lr 0.1 (n=3)", "densenet-bc-100-12 C10+ lr 0.05 (n=1)",
+                      "train", "test"]
+    test_mean = [line for line in error.get_lines() if line.get_label() == labels[0]][0]
+    assert list(test_mean.get_ydata()) == pytest.approx([30.0, 21.0])
+    assert len(error.collections) == 2  # the group of three's train and test bands; none for one run
+    drops = [line for line in error.get_lines() if line.get_linestyle() == "-."]
+    assert len(drops) == 1  # both groups drop at 1.5: one line
+    assert all("10^" not in label.get_text() and "times" not in label.get_text()
+               for label in loss.get_yticklabels())  # plain numbers on the log axis
     status, out, err = run_main(capsys, plot.main, *runs, alone, "--group")
     assert status == 0 and (tmp_path / "groups.png").stat().st_size > 10_000, err
+
+
+def test_a_glob_over_the_runs_folder_passes_over_what_plot_wrote_there(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"s{s}", [30.0, 20.0 + s], seed=s) for s in range(2)]
+    for argv in (["--table", "--table-format", "all"], ["--group"], []):
+        status, _, err = run_main(capsys, plot.main, *runs, *argv)
+        assert status == 0, err
+    written = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert written == ["comparison.png", "groups.png", "results.csv", "results.md", "results.tex"]
+    everything = sorted(tmp_path.iterdir())
+    for argv in (["--table"], ["--group"], []):
+        status, out, err = run_main(capsys, plot.main, *everything, *argv)
+        assert status == 0 and err == "", err
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "lr_find.csv").write_text("step,lr,loss\n1,0.001,2.3\n2,0.01,2.2\n")
+    status, out, err = table_of(capsys, *sorted(tmp_path.iterdir()))
+    assert status == 0 and len(err.splitlines()) == 1, err
+    assert err.startswith("warning: skipped 3 of 5 path(s): ")
+    assert f"{tmp_path / 'notes.txt'} (is a file, not a train.py work directory)" in err
+    assert f"{sweep} (is a learning-rate sweep (attic/lr_find.py), not a training run)" in err
+    assert f"{tmp_path / 'empty'} (holds no train.csv: it is not a train.py work directory)" in err
 
 
 def test_unreadable_folders_are_skipped_or_refused(tmp_path, capsys):
@@ -116,14 +234,14 @@ def test_unreadable_folders_are_skipped_or_refused(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     status, out, err = table_of(capsys, good, empty)
-    assert status == 0 and f"warning: skipped {empty}: " in err and "10.00" in out
+    assert status == 0 and f"warning: skipped 1 of 2 path(s): {empty} (" in err and "10.00" in out
     before = sorted(p.name for p in tmp_path.iterdir())
     status, _, err = table_of(capsys, good, empty, "--strict", "--table-format", "all")
-    check_refused(status, err, f"{empty}: ")
+    check_refused(status, err, f"{empty} holds no train.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     status, _, err = table_of(capsys, empty)
-    assert status == 2 and err.strip().splitlines()[-1].startswith(
-        "error: none of the 1 folder(s) holds a run with a logged epoch")
+    assert status == 2 and err.strip().splitlines()[-1] == (  # one path: its own reason
+        f"error: {empty} holds no train.csv: it is not a train.py work directory")
 
 
 @pytest.mark.parametrize("setting, value", [("epochs", None), ("dataset", ["cifar10"]), ("lr", "0.1")])
@@ -135,7 +253,7 @@ def test_a_config_json_with_a_value_of_the_wrong_type_is_skipped_naming_it(tmp_p
     record["config"][setting] = value
     (bad / "config.json").write_text(json.dumps(record))
     status, out, err = table_of(capsys, good, bad)
-    assert status == 0 and f"warning: skipped {bad}: its config.json records --{setting.replace('_', '-')} as {value!r}" in err
+    assert status == 0 and f"{bad} (its config.json records --{setting.replace('_', '-')} as {value!r}" in err
     assert " 1 " in out.splitlines()[1]  # one run in the row
 
 
@@ -163,3 +281,24 @@ def test_an_epoch_being_written_counts_once_whole(tmp_path, capsys):
     status, out, err = table_of(capsys, run)
     assert status == 0, err
     assert "1/2" in out and "20.00" in out and "(unfinished)" in out
+
+
+def test_rows_that_would_read_alike_say_what_sets_them_apart(tmp_path, capsys):
+    subset = {"train": 4660, "test": 846}
+    base = make_run(tmp_path / "base", [20.0, 10.0], images=subset)
+    lower = make_run(tmp_path / "lower", [20.0, 11.0], images=subset, lr=0.05)
+    capped = make_run(tmp_path / "capped", [20.0, 12.0], images=subset, train_subset=5000)  # cap above the count
+    other = make_run(tmp_path / "other", [20.0, 13.0], images=subset, fingerprint="f9")  # other images
+    frame = csv_of(capsys, base, lower, capped, other)
+    assert frame["data"].nunique() == 1  # C10+ (4,660 train / 846 test): the data column cannot tell
+    settings = frame["settings"].tolist()  # words only where a row would read like another
+    assert settings[1:3] == ["lr 0.05", "lr 0.1 train-subset 5000"]
+    assert settings[0].startswith("lr 0.1 train-subset 0 images ")  # base and other: their images
+    assert settings[3].startswith("lr 0.1 train-subset 0 images ") and settings[0] != settings[3]
+    status, out, _ = table_of(capsys, base, lower)
+    assert out.splitlines()[0].split()[:5] == ["model", "parameters", "data", "settings", "epochs"]
+    assert "lr 0.05" in out.splitlines()[2] and "train-subset" not in out  # lr alone tells them apart
+    fig, _ = plot.group_figure(plot.parse_args([str(base), str(capped), "--group"]))
+    legend = [text.get_text() for text in fig.axes[1].get_legend().get_texts()]
+    assert legend[:2] == ["densenet-bc-100-12 C10+ (4,660 train / 846 test) train-subset 0 (n=1)",
+                          "densenet-bc-100-12 C10+ (4,660 train / 846 test) train-subset 5000 (n=1)"]

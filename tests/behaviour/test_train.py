@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import densenet_trainer
 import plot
 import train
 from densenet_trainer.engine import training
@@ -63,6 +64,10 @@ def test_two_epochs_on_shared_subset(tmp_path, shared_data):
     config = json.loads((work / "config.json").read_text())
     assert config["parameters"] == 2666 and config["config"]["depth"] == 10
     assert config["train_images"] == 256 and config["environment"]["torch"]
+    code = config["code"]  # the code that trained it: this checkout's commit
+    assert code["version"] == densenet_trainer.__version__
+    if (ROOT / ".git").exists():
+        assert len(code["commit"]) == 40 and isinstance(code["modified"], bool)
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "config.json", "test.csv",
                                                       "train.csv"]  # the lock file is gone
 
@@ -83,6 +88,24 @@ def test_schedule_validation_and_refusal_to_overwrite(tmp_path, cifar_dir, capsy
         f"error: {work} already holds a run; continue it with --resume --save {work} "
         f"or start a new one with another --save DIR"]
     assert snapshot(work) == before
+
+
+def test_seeds_get_folders_of_their_own_and_a_resume_finds_its_run(tmp_path, cifar_dir, capsys,
+                                                                    monkeypatch):
+    """Without --save, runs that differ in a setting that changes the numbers never meet in
+    one folder; a --resume whose --epochs renames the default folder is told where its run is."""
+    monkeypatch.chdir(tmp_path)
+    for seed in ("0", "1"):
+        status, out, err = run(capsys, "--data-dir", cifar_dir, *TINY, "--epochs", "1", "--seed", seed)
+        assert status == 0, err
+    first = Path("work/cifar10-densenet-bc-10-4-epochs1-batch32")
+    assert sorted(Path("work").iterdir()) == [first, Path(f"{first}-seed1")]
+    status, _, err = run(capsys, "--data-dir", cifar_dir, *TINY, "--epochs", "2", "--resume")
+    check_refused(status, err, f"work/cifar10-densenet-bc-10-4-epochs2-batch32 holds no run to resume "
+                               f"(no checkpoint.pt or config.json); a run of these settings is "
+                               f"elsewhere: --resume --save {first}")
+    status, _, err = run(capsys, "--data-dir", cifar_dir, *TINY, "--epochs", "2", "--resume", "--lr", "0.2")
+    check_refused(status, err, "start a new run without --resume")  # another lr: none is
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir, capsys):

@@ -36,6 +36,28 @@ def test_defaults_that_depend_on_other_settings():
     assert RunConfig(kernels="compile").compile and not RunConfig(kernels="aten").compile
 
 
+def test_default_folders_name_every_setting_that_changes_the_numbers():
+    assert RunConfig(depth=16, growth_rate=8, epochs=4, seed=1).save == "work/cifar10-densenet-bc-16-8-epochs4-seed1"
+    assert RunConfig(dataset="svhn").save == "work/svhn-densenet-bc-100-12"  # its derived defaults
+    assert RunConfig(augment=False, lr=0.05, weight_decay=5e-4, train_subset=5000).save == (
+        "work/cifar10-densenet-bc-100-12-train5000-no-augment-lr0.05-wd0.0005")
+    # one setting changed at a time, each to a value other than its own: every folder differs
+    changed = {"dataset": "cifar100", "svhn_extra": False, "val_size": 10, "train_subset": 10,
+               "test_subset": 10, "augment": False, "depth": 40, "growth_rate": 6,
+               "bottleneck": False, "compression": 1.0, "dropout": 0.1, "epochs": 4,
+               "batch_size": 32, "lr": 0.05, "momentum": 0.8, "weight_decay": 5e-4,
+               "opt": "rmsprop", "schedule": "cosine", "seed": 1,
+               "precision": "bf16", "sync_bn": True}
+    assert set(changed) == {f.name for f in fields(RunConfig)} - config.NUMBER_NEUTRAL
+    folders = [RunConfig(**{name: value}).save for name, value in changed.items()]
+    assert len(set(folders) | {RunConfig().save}) == len(changed) + 1, folders
+    # what cannot change the numbers never changes the folder
+    neutral = {"device": "cpu", "kernels": "aten", "cuda_graph": False, "channels_last": False,
+               "memory_efficient": True, "data_dir": "elsewhere", "eval_batch_size": 7, "stop_after": 2}
+    assert {RunConfig(**{name: value}).save for name, value in neutral.items()} == {RunConfig().save}
+    assert RunConfig(seed=1, save="mine").save == "mine"  # --save always wins
+
+
 def test_the_kernels_are_a_function_of_the_configuration_and_the_device():
     assert RunConfig().kernels_on("cpu") == "fused" and RunConfig().kernels_on("cuda") == "aten"
     assert RunConfig(precision="bf16").kernels_on("cpu") == "aten"

@@ -3,7 +3,8 @@ numbers, and how a span of time is written, the same in every line and table."""
 from __future__ import annotations
 
 from densenet_trainer.records import results
-from densenet_trainer.records.layout import NUMBER_NEUTRAL, csv_name, duration
+from densenet_trainer.records.layout import csv_name, duration
+from densenet_trainer.settings.config import NUMBER_NEUTRAL
 
 
 def test_the_number_neutral_settings_are_where_how_fast_and_how_long_to_look():
