@@ -52,6 +52,7 @@ CELL_NUMBERS_UP_TO = 20  # classes in a confusion matrix with the percentages wr
 OWN_OUTPUTS = {"comparison": cli.FIGURE_FORMATS, "groups": cli.FIGURE_FORMATS,
                "results": ("md", "csv", "tex")}
 METRIC_TITLES = {"loss": "loss", "error": "error", "top5_error": "top-5 error"}
+LEGEND_FONT, LEGEND_HANDLE = 8, 3.2  # points; the line's length in font sizes (long enough to show a dash)
 
 
 class PlotError(cli.UserError):
@@ -188,13 +189,15 @@ def epoch_window(frame: pd.DataFrame, epochs: tuple[int, int] | None) -> pd.Data
     return frame[(frame["epoch"] >= epochs[0]) & (frame["epoch"] <= epochs[1])]
 
 
-def lr_drops(run: Run) -> list[tuple[float, float]]:
-    """(epoch, new lr) where the learning rate fell at least twofold: the step schedule's drops."""
+def lr_drops(run: Run) -> list[tuple[float, float, float]]:
+    """(epoch, new lr, factor) where the learning rate fell at least twofold: the step
+    schedule's drops."""
     train = run.logs["train"]
     if "lr" not in train.columns:
         return []
     lr = train["lr"].astype(float).tolist()
-    return [(train["epoch"].iloc[i] - 0.5, lr[i]) for i in range(1, len(lr)) if lr[i] <= lr[i - 1] / 2]
+    return [(train["epoch"].iloc[i] - 0.5, lr[i], lr[i - 1] / lr[i] if lr[i] else math.inf)
+            for i in range(1, len(lr)) if lr[i] <= lr[i - 1] / 2]
 
 
 def readable_log_ticks(axis) -> None:
@@ -211,7 +214,8 @@ def readable_log_ticks(axis) -> None:
 
 
 def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> None:
-    """One panel: ``metric`` per split; one colour per split for a run, per run for several.
+    """One panel: ``metric`` per split; one colour per split for a run, per run for several
+    (then each run is named once, and the line styles are keyed: split_key).
 
     Every point is visible at any length: markers where there are few epochs, and the x axis
     spans whole epochs. The learning-rate drops are lines (mark_lr_drops).
@@ -219,35 +223,53 @@ def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> N
     single = len(runs) == 1
     epochs = []
     for index, run in enumerate(runs):
+        named = single
         for split, (style, colour_index) in SPLITS.items():
             if split not in run.logs or metric not in run.logs[split]:
                 continue
             frame = epoch_window(run.logs[split], opts.epochs)
             colour = COLOURS[colour_index if single else index % len(COLOURS)]
-            label = split if single else f"{run.name} {split}"
+            label = split if single else (None if named else run.name)
+            named = True
             few = len(frame) <= MARKERS_UP_TO
             ax.plot(frame["epoch"], frame[metric], style, color=colour, label=label,
                     linewidth=1.6 if split == "test" else 1.2, marker="o" if few else None,
                     markersize=4 if split == "test" else 3)
             epochs += frame["epoch"].tolist()
+    if not single:
+        split_key(ax)
     mark_lr_drops(ax, [(COLOURS[index % len(COLOURS)], lr_drops(run)) for index, run in enumerate(runs)],
                   opts)
     finish_panel(ax, metric, epochs, opts)
 
 
-def mark_lr_drops(ax, drops: list[tuple[str, list[tuple[float, float]]]], opts: argparse.Namespace) -> None:
-    """Each learning-rate drop once, as a dash-dot line: in the colour of the one curve that
-    has it, grey where several (or a single run's) share it; labelled once per epoch and rate."""
-    colours: dict[tuple[float, float], set[str]] = {}
-    for colour, pairs in drops:
-        for pair in pairs:
-            colours.setdefault(pair, set()).add(colour)
-    for index, ((epoch, lr), shared) in enumerate(sorted(colours.items())):
+def split_key(ax) -> None:
+    """Legend entries for the line styles of the splits drawn in ``ax`` (train solid, test
+    dashed, val dotted), in grey: where colours tell runs or groups apart."""
+    for split, (style, _) in SPLITS.items():
+        if any(line.get_linestyle() == style for line in ax.get_lines()):
+            ax.plot([], [], style, color="0.3", label=split)
+
+
+def mark_lr_drops(ax, drops: list[tuple[str, list[tuple[float, float, float]]]],
+                  opts: argparse.Namespace) -> None:
+    """Each epoch where a learning rate drops, once, as a dash-dot line: in the colour of the
+    one curve whose rate drops there, grey where several share it (or for a single run);
+    labelled with the new rate where all share it, else with the factor (lr ÷10)."""
+    at: dict[float, list[tuple[str, float, float]]] = {}
+    for colour, triples in drops:
+        for epoch, lr, factor in triples:
+            at.setdefault(epoch, []).append((colour, lr, factor))
+    for index, (epoch, found) in enumerate(sorted(at.items())):
         if opts.epochs is not None and not opts.epochs[0] <= epoch <= opts.epochs[1]:
             continue
-        colour = next(iter(shared)) if len(shared) == 1 and len(drops) > 1 else "0.5"
+        colours = {colour for colour, _, _ in found}
+        colour = next(iter(colours)) if len(colours) == 1 and len(drops) > 1 else "0.5"
+        rates, factors = {lr for _, lr, _ in found}, {f"{factor:.3g}" for _, _, factor in found}
+        text = (f"lr {next(iter(rates)):g}" if len(rates) == 1 else
+                f"lr ÷{next(iter(factors))}" if len(factors) == 1 else "lr drops")
         ax.axvline(epoch, color=colour, linewidth=0.8, linestyle="-.", alpha=0.8)
-        ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
+        ax.annotate(text, (epoch, 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -12 - 10 * (index % 3)), textcoords="offset points", fontsize=8,
                     color="0.35" if colour == "0.5" else colour)
 
@@ -267,8 +289,29 @@ def finish_panel(ax, metric: str, epochs: list[float], opts: argparse.Namespace)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if scale == "log":
         readable_log_ticks(ax.yaxis)
-    ax.legend(fontsize=8, handlelength=3.2)
+    ax.legend(fontsize=LEGEND_FONT, handlelength=LEGEND_HANDLE)
     ax.set_title(METRIC_TITLES[metric])
+
+
+def figure_legend(fig) -> tuple[float, float, float, float]:
+    """One legend beneath the panels in place of each panel's own, for figures where colours
+    tell several runs or groups apart: each entry once, over no curve, in as many columns as
+    the figure's width holds. The figure grows to make room; returns the rectangle left for
+    the panels (tight_layout's rect)."""
+    entries: dict[str, object] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    points = LEGEND_FONT * 0.55 * max(map(len, entries), default=1) + LEGEND_FONT * (LEGEND_HANDLE + 2)
+    columns = max(1, min(len(entries), int(fig.get_figwidth() * 72 // points)))
+    height = (-(-len(entries) // columns) * LEGEND_FONT * 1.45 + 10) / 72  # inches
+    fig.set_figheight(fig.get_figheight() + height)
+    fig.legend(entries.values(), entries.keys(), loc="lower center", ncol=columns,
+               fontsize=LEGEND_FONT, handlelength=LEGEND_HANDLE, frameon=False,
+               bbox_to_anchor=(0.5, 0))
+    return 0, height / fig.get_figheight(), 1, 1
 
 
 def run_names(runs: list[Run], width: int = 90) -> str:
@@ -311,8 +354,9 @@ def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
             draw_metric(ax, runs, metric, opts)
         title = opts.title or run_names(runs)
         fig.suptitle(title)
+        panels = figure_legend(fig) if len(runs) > 1 else (0, 0, 1, 1)
         as_written(fig)
-        fig.tight_layout()
+        fig.tight_layout(rect=panels)
     return fig
 
 
@@ -581,7 +625,7 @@ def results_rows(opts: argparse.Namespace) -> tuple[list[results.Row], list[Run]
     """The table's rows from the readable runs; a seed that repeats within a row is named."""
     found = readable_runs(opts, as_results=True)
     table_rows = results.rows([result for _, result in found])
-    for row, label in zip(table_rows, results.labels(table_rows)):
+    for row, label in zip(table_rows, results.labels(table_rows)[1]):
         if repeated := row.repeated_seeds():
             print(f"note: seed {', '.join(map(str, repeated))} appears more than once in "
                   f"{label}: {', '.join(str(r.folder) for r in row.results if r.seed in repeated)}",
@@ -622,10 +666,11 @@ def group_figure(opts: argparse.Namespace):
     metrics = ["loss", "error"] + (["top5_error"] if any(
         "top5_error" in run.logs["test"] for run in runs) else [])
     with plt.style.context(opts.style):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+        shared, labels = results.labels(table_rows, leave_out_shared=True)
         for ax, metric in zip(axes[0], metrics):
             epochs, drops = [], []
-            for index, (row, label) in enumerate(zip(table_rows, results.labels(table_rows))):
+            for index, (row, label) in enumerate(zip(table_rows, labels)):
                 colour = COLOURS[index % len(COLOURS)]
                 logs = [by_folder[r.folder].logs for r in row.results]
                 drops.append((colour, lr_drops(by_folder[row.first.folder])))
@@ -636,23 +681,22 @@ def group_figure(opts: argparse.Namespace):
                                         for log in logs], axis=1)
                     mean = curves.mean(axis=1)
                     ax.plot(mean.index, mean, style, color=colour, linewidth=1.6 if split == "test" else 1.2,
-                            label=label if split == "test" else None)
+                            label=label)
                     if len(logs) > 1:
                         spread = curves.std(axis=1)
                         low, high = ((mean - spread, mean + spread) if opts.band == "std"
                                      else (curves.min(axis=1), curves.max(axis=1)))
                         ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, linewidth=0)
                     epochs += mean.index.tolist()
-            for split, (style, _) in SPLITS.items():  # the line styles' key
-                if any(line.get_linestyle() == style for line in ax.get_lines()):
-                    ax.plot([], [], style, color="0.3", label=split)
+            split_key(ax)
             mark_lr_drops(ax, drops, opts)
             finish_panel(ax, metric, epochs, opts)
         band = "min to max" if opts.band == "minmax" else "mean ± one standard deviation"
-        fig.suptitle(opts.title or f"mean over each group's runs; bands ({band}) where a group "
-                                   f"has two or more")
+        fig.suptitle(opts.title or f"{shared + chr(10) if shared else ''}mean over each group's runs; "
+                                   f"bands ({band}) where a group has two or more")
+        panels = figure_legend(fig)
         as_written(fig)
-        fig.tight_layout()
+        fig.tight_layout(rect=panels)
     return fig, runs
 
 

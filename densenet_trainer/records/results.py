@@ -255,12 +255,14 @@ class Row:
             "difference": optional(number["difference"], "+.2f"), "code": number["code"],
         }
 
-    def label(self, apart: str) -> str:
-        """A legend entry: the model, the data, what sets the row ``apart``, and n."""
+    def label(self, apart: str, shared: tuple[str, ...] = ()) -> str:
+        """A legend entry: the model and the data (those not ``shared`` by every row), what
+        sets the row ``apart``, and n."""
         first = self.first
         unfinished = "" if first.finished else f", {first.epochs}/{first.planned} epochs"
-        words = " ".join(word for word in (first.model, first.data, apart) if word)
-        return f"{words} (n={len(self.results)}{unfinished})"
+        words = " ".join(word for word in (first.model, first.data, apart) if word and word not in shared)
+        size = f"n={len(self.results)}{unfinished}"
+        return f"{words} ({size})" if words else size
 
 
 def rows(results: list[Result]) -> list[Row]:
@@ -310,10 +312,14 @@ def settings_apart(table_rows: list[Row], shown: frozenset[str]) -> list[str]:
     return [" ".join(row_words) for row_words in words]
 
 
-def labels(table_rows: list[Row]) -> list[str]:
-    """A legend entry per row that tells it from the others (settings_apart), with n."""
+def labels(table_rows: list[Row], leave_out_shared: bool = False) -> tuple[str, list[str]]:
+    """A label per row that tells it from the others (settings_apart), with n; with
+    ``leave_out_shared``, the model and the data where every row has the same, which come
+    first, for a title (a legend then says only what differs)."""
     apart = settings_apart(table_rows, IN_MODEL_NAME | SAID_BY_DATA)
-    return [row.label(text) for row, text in zip(table_rows, apart)]
+    shared = tuple(text for text in (table_rows[0].first.model, table_rows[0].first.data)
+                   if leave_out_shared and all(text in (row.first.model, row.first.data) for row in table_rows))
+    return " ".join(shared), [row.label(text, shared) for row, text in zip(table_rows, apart)]
 
 
 def table(table_rows: list[Row], style: str) -> str:

@@ -75,10 +75,13 @@ def test_three_runs_overlaid_with_summary(tmp_path, capsys):
                                 "parameters"]
     assert table[3].split()[:4] == ["run2", "6", f"{65 / 6 + 2:.2f}%", f"{65 / 6 + 2:.2f}%"]
     fig = plot.make_figure([plot.load_run(r) for r in runs], ["loss", "error"], options())
-    data = line_data(fig.axes[1])
-    assert data["run1 test"] == pytest.approx([65 / e + 1 for e in range(1, 6)], abs=1e-3)
-    colours = {line.get_color() for line in fig.axes[1].get_lines() if "test" in line.get_label()}
-    assert len(colours) == 3
+    test_lines = {line.get_color(): line for line in fig.axes[1].get_lines()
+                  if line.get_linestyle() == "--" and len(line.get_xdata())}
+    assert len(test_lines) == 3  # a colour per run
+    assert list(test_lines[plot.COLOURS[1]].get_ydata()) == pytest.approx([65 / e + 1 for e in range(1, 6)], abs=1e-3)
+    # one legend beneath the panels: each run once by its colour, the splits by their style
+    assert [fig.axes[0].get_legend(), fig.axes[1].get_legend()] == [None, None]
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["run0", "run1", "run2", "train", "test"]
 
 
 def test_half_written_last_line_is_ignored(tmp_path, capsys):
@@ -161,7 +164,7 @@ def test_a_comparison_names_its_runs_and_shows_each_runs_drops(tmp_path):
     fig = plot.make_figure(runs, ["loss", "error"], options())
     assert fig._suptitle.get_text() == "short vs long"
     drops = {(line.get_xdata()[0], line.get_color()) for line in fig.axes[1].get_lines()
-             if line.get_label().startswith("_")}
+             if line.get_linestyle() == "-."}
     assert drops == {(2.5, plot.COLOURS[0]), (3.5, plot.COLOURS[0]),
                      (4.5, plot.COLOURS[1]), (6.5, plot.COLOURS[1])}
 

@@ -35,7 +35,7 @@ def make_run(folder: Path, errors: list[float], planned: int | None = None,
         "config": cfg, "parameters": 769162, "model": "densenet-bc-100-12", "data": data,
         "run_id": uuid.uuid4().hex, "code": {"version": "0.2.0", "commit": "a" * 40, "modified": False}}))
     (folder / "train.csv").write_text("epoch,lr,loss,error,seconds,images_per_s\n" + "".join(
-        f"{e},{0.1 if e <= epochs // 2 or epochs < 2 else 0.01},{2.0 / e:.4f},{50 / e:.3f},60,400\n"
+        f"{e},{cfg['lr'] if e <= epochs // 2 or epochs < 2 else cfg['lr'] / 10:g},{2.0 / e:.4f},{50 / e:.3f},60,400\n"
         for e in range(1, epochs + 1)))
     (folder / "test.csv").write_text("epoch,loss,error,seconds\n" + "".join(
         f"{e},{2.2 / e:.4f},{error},0.2\n" for e, error in enumerate(errors, 1)))
@@ -191,14 +191,16 @@ def test_group_curves_say_what_sets_each_group_apart(tmp_path, capsys):
     fig, _ = plot.group_figure(opts)
     assert [ax.get_title() for ax in fig.axes] == ["loss", "error"]  # as in curves.png
     loss, error = fig.axes
-    labels = [text.get_text() for text in error.get_legend().get_texts()]
-    assert labels == ["densenet-bc-100-12 C10+ lr 0.1 (n=3)", "densenet-bc-100-12 C10+ lr 0.05 (n=1)",
-                      "train", "test"]
-    test_mean = [line for line in error.get_lines() if line.get_label() == labels[0]][0]
+    assert fig._suptitle.get_text().startswith("densenet-bc-100-12 C10+\n")  # what every group shares
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]  # one legend, beneath
+    assert labels == ["lr 0.1 (n=3)", "lr 0.05 (n=1)", "train", "test"]  # what sets groups apart
+    test_mean = [line for line in error.get_lines() if line.get_label() == labels[0]
+                 and line.get_linestyle() == "--"][0]
     assert list(test_mean.get_ydata()) == pytest.approx([30.0, 21.0])
     assert len(error.collections) == 2  # the group of three's train and test bands; none for one run
     drops = [line for line in error.get_lines() if line.get_linestyle() == "-."]
-    assert len(drops) == 1  # both groups drop at 1.5: one line
+    assert len(drops) == 1  # both groups drop at 1.5, to 0.01 and 0.005: one line, labelled with the factor
+    assert [text.get_text() for text in error.texts] == ["lr ÷10"]
     assert all("10^" not in label.get_text() and "times" not in label.get_text()
                for label in loss.get_yticklabels())  # plain numbers on the log axis
     status, out, err = run_main(capsys, plot.main, *runs, alone, "--group")
@@ -299,6 +301,5 @@ def test_rows_that_would_read_alike_say_what_sets_them_apart(tmp_path, capsys):
     assert out.splitlines()[0].split()[:5] == ["model", "parameters", "data", "settings", "epochs"]
     assert "lr 0.05" in out.splitlines()[2] and "train-subset" not in out  # lr alone tells them apart
     fig, _ = plot.group_figure(plot.parse_args([str(base), str(capped), "--group"]))
-    legend = [text.get_text() for text in fig.axes[1].get_legend().get_texts()]
-    assert legend[:2] == ["densenet-bc-100-12 C10+ (4,660 train / 846 test) train-subset 0 (n=1)",
-                          "densenet-bc-100-12 C10+ (4,660 train / 846 test) train-subset 5000 (n=1)"]
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend[:2] == ["train-subset 0 (n=1)", "train-subset 5000 (n=1)"]
