@@ -33,8 +33,12 @@ TABLE_2 = json.loads(Path(__file__).with_name("table2.json").read_text())
 GROUPED_OVER = NUMBER_NEUTRAL | {"seed"}
 DATASET_COLUMNS = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN"}
 SPLITS = ("train", "val", "test")
+# settings whose whole effect is which images each split holds: where every split's images are
+# fingerprinted, the images decide the group and these do not (--train-subset 5000 of 4,660
+# images trains on the images of --train-subset 0)
+CHOOSE_IMAGES = frozenset({"train_subset", "test_subset", "val_size", "svhn_extra"})
 # settings that the data column says (its name, its "+", its image counts), not a legend
-SAID_BY_DATA = frozenset({"augment", "train_subset", "test_subset", "val_size", "svhn_extra"})
+SAID_BY_DATA = CHOOSE_IMAGES | {"augment"}
 # the table's columns: header and alignment ("r": numbers, "pm": mean ± std)
 COLUMNS = {"model": "l", "parameters": "r", "data": "l", "settings": "l", "epochs": "r", "n": "r", "seeds": "l",
            "test error (%)": "pm", "best-val test error (%)": "pm", "top-5 error (%)": "pm",
@@ -92,7 +96,10 @@ class Result:
         return f"{name} ({' / '.join(f'{n:,} {split}' for split, n in self.counts().items())})"
 
     def key(self) -> tuple:
-        settings = sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in GROUPED_OVER)
+        """What a group shares: the settings that change the numbers and the images."""
+        fingerprinted = bool(self.images) and all(item["fingerprint"] for item in self.images.values())
+        over = GROUPED_OVER | (CHOOSE_IMAGES if fingerprinted else frozenset())
+        settings = sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in over)
         return tuple(settings) + (json.dumps(self.images, sort_keys=True),)
 
 
@@ -303,7 +310,7 @@ def settings_apart(table_rows: list[Row], shown: frozenset[str]) -> list[str]:
 
     fallbacks = (
         lambda row: [setting_text(name, row.first.config[name])
-                     for name in differing(sorted(shown - IN_MODEL_NAME))],
+                     for name in differing([n for n in configs[0] if n in shown - IN_MODEL_NAME])],
         lambda row: [f"images {hashlib.sha256(json.dumps(row.first.images, sort_keys=True).encode()).hexdigest()[:8]}"],
         lambda row: [row.first.folder.name])
     for more in fallbacks:

@@ -289,17 +289,23 @@ def test_rows_that_would_read_alike_say_what_sets_them_apart(tmp_path, capsys):
     subset = {"train": 4660, "test": 846}
     base = make_run(tmp_path / "base", [20.0, 10.0], images=subset)
     lower = make_run(tmp_path / "lower", [20.0, 11.0], images=subset, lr=0.05)
-    capped = make_run(tmp_path / "capped", [20.0, 12.0], images=subset, train_subset=5000)  # cap above the count
+    capped = make_run(tmp_path / "capped", [20.0, 12.0], images=subset, train_subset=5000, seed=1)
     other = make_run(tmp_path / "other", [20.0, 13.0], images=subset, fingerprint="f9")  # other images
     frame = csv_of(capsys, base, lower, capped, other)
+    # --train-subset 5000 of 4,660 images trained on base's images: one group
+    assert frame["n"].tolist() == [2, 1, 1] and frame["seeds"][0] == "0 1"
     assert frame["data"].nunique() == 1  # C10+ (4,660 train / 846 test): the data column cannot tell
     settings = frame["settings"].tolist()  # words only where a row would read like another
-    assert settings[1:3] == ["lr 0.05", "lr 0.1 train-subset 5000"]
-    assert settings[0].startswith("lr 0.1 train-subset 0 images ")  # base and other: their images
-    assert settings[3].startswith("lr 0.1 train-subset 0 images ") and settings[0] != settings[3]
+    assert settings[1] == "lr 0.05"
+    assert settings[0].startswith("lr 0.1 images ") and settings[2].startswith("lr 0.1 images ")
+    assert settings[0] != settings[2]  # their images' fingerprints
     status, out, _ = table_of(capsys, base, lower)
     assert out.splitlines()[0].split()[:5] == ["model", "parameters", "data", "settings", "epochs"]
-    assert "lr 0.05" in out.splitlines()[2] and "train-subset" not in out  # lr alone tells them apart
+    assert "lr 0.05" in out.splitlines()[2] and "images" not in out  # lr alone tells them apart
+    unrecorded = {"train": {"images": 4660, "fingerprint": None}, "test": {"images": 846, "fingerprint": None}}
+    for run in (base, capped):  # runs from before fingerprints: their settings must tell
+        record = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**record, "data": unrecorded}))
     fig, _ = plot.group_figure(plot.parse_args([str(base), str(capped), "--group"]))
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
     assert legend[:2] == ["train-subset 0 (n=1)", "train-subset 5000 (n=1)"]
