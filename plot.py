@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from densenet_trainer.records import results
+from densenet_trainer.records import results, table_formats
 from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import refuse_unless_regular, write_figure, write_text
 from densenet_trainer.settings import cli
@@ -638,11 +638,11 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
     CSV and LaTeX beside the runs (or into --out's folder). Nothing is replaced on failure."""
     table_rows, runs = results_rows(opts)
     style = "text" if opts.table_format == "all" else opts.table_format
-    print(results.table(table_rows, style), end="")
+    print(table_formats.table(table_rows, style), end="")
     if opts.table_format != "all":
         return []
     folder = Path(opts.out).parent if opts.out else common_folder(runs)
-    texts = {folder / f"results.{suffix}": results.table(table_rows, style)
+    texts = {folder / f"results.{suffix}": table_formats.table(table_rows, style)
              for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
     for path in texts:  # every table refused before any is replaced
         refuse_unless_regular(path)

@@ -10,7 +10,8 @@ training, or stopped early) is a row of its own and stays out of the finished ru
 A row gets the paper's number (Table 2 of the DenseNet paper, table2.json) only where depth,
 growth rate, bottleneck, compression, dataset, augmentation, the paper's epochs and the
 paper's images (the official splits' counts) all match: never a wrong one, and never beside
-a subset. torch-free, like plot.py, which prints, writes and draws these tables.
+a subset. torch-free, like plot.py, which draws these groups; table_formats.py writes them
+as tables.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from densenet_trainer.records.layout import duration
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import IN_MODEL_NAME, NUMBER_NEUTRAL, RunConfig, flag_name
 
@@ -39,10 +39,6 @@ SPLITS = ("train", "val", "test")
 CHOOSE_IMAGES = frozenset({"train_subset", "test_subset", "val_size", "svhn_extra"})
 # settings that the data column says (its name, its "+", its image counts), not a legend
 SAID_BY_DATA = CHOOSE_IMAGES | {"augment"}
-# the table's columns: header and alignment ("r": numbers, "pm": mean ± std)
-COLUMNS = {"model": "l", "parameters": "r", "data": "l", "settings": "l", "epochs": "r", "n": "r", "seeds": "l",
-           "test error (%)": "pm", "best-val test error (%)": "pm", "top-5 error (%)": "pm",
-           "training time": "r", "paper (%)": "r", "difference": "r", "code": "l"}
 
 
 @dataclass
@@ -236,32 +232,6 @@ class Row:
             "code": " ".join(sorted({r.code for r in self.results if r.code})),
         }
 
-    def cells(self, apart: str = "") -> dict[str, str]:
-        """The row as the printed table shows it, one text per COLUMNS header."""
-        number = self.numbers(apart)
-        unfinished = "" if number["finished"] else " (unfinished)"
-
-        def spread(name: str) -> str:
-            mean, std = number[f"{name}_mean"], number[f"{name}_std"]
-            return "" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
-
-        def optional(value, form: str) -> str:
-            return "" if value is None else format(value, form)
-
-        return {
-            "model": number["model"], "parameters": optional(number["parameters"], ","),
-            "data": number["data"], "settings": apart,
-            "epochs": f"{number['epochs']}/{number['planned_epochs']}{unfinished}",
-            "n": str(number["n"]), "seeds": ", ".join(number["seeds"].split()),
-            "test error (%)": spread("test_error"),
-            "best-val test error (%)": spread("best_val_test_error"),
-            "top-5 error (%)": spread("top5_error"),
-            "training time": duration(number["training_seconds"])
-            if number["training_seconds"] is not None else "",
-            "paper (%)": optional(number["paper_error"], ".2f"),
-            "difference": optional(number["difference"], "+.2f"), "code": number["code"],
-        }
-
     def label(self, apart: str, shared: tuple[str, ...] = ()) -> str:
         """A legend entry: the model and the data (those not ``shared`` by every row), what
         sets the row ``apart``, and n."""
@@ -327,58 +297,3 @@ def labels(table_rows: list[Row], leave_out_shared: bool = False) -> tuple[str, 
     shared = tuple(text for text in (table_rows[0].first.model, table_rows[0].first.data)
                    if leave_out_shared and all(text in (row.first.model, row.first.data) for row in table_rows))
     return " ".join(shared), [row.label(text, shared) for row, text in zip(table_rows, apart)]
-
-
-def table(table_rows: list[Row], style: str) -> str:
-    """The rows as ``style``: text (aligned columns), markdown, csv (one number per column)
-    or latex (booktabs; mean and std aligned at the ±). Columns empty in every row are left
-    out, and the code column unless the rows differ in it. The settings column says what
-    sets a row apart from the others beyond its model, data and epochs (settings_apart)."""
-    apart = settings_apart(table_rows, IN_MODEL_NAME | SAID_BY_DATA | {"epochs"})
-    if style == "csv":
-        frame = pd.DataFrame([row.numbers(text) for row, text in zip(table_rows, apart)])
-        return frame.dropna(axis=1, how="all").to_csv(index=False)
-    cells = [row.cells(text) for row, text in zip(table_rows, apart)]
-    columns = [c for c in COLUMNS if any(row[c] for row in cells)
-               and (c != "code" or len({row[c] for row in cells}) > 1)]
-    if style == "markdown":
-        rule = "|" + "|".join("---" if COLUMNS[c] == "l" else "---:" for c in columns) + "|"
-        lines = ["| " + " | ".join(columns) + " |", rule]
-        return "\n".join(lines + ["| " + " | ".join(row[c].replace("|", "\\|") for c in columns) + " |"
-                                  for row in cells]) + "\n"
-    if style == "latex":
-        return latex(columns, cells)
-    widths = [max(len(c), *(len(row[c]) for row in cells)) for c in columns]
-
-    def line(texts: list[str]) -> str:
-        return "  ".join(text.ljust(w) if COLUMNS[c] == "l" else text.rjust(w)
-                         for text, w, c in zip(texts, widths, columns)).rstrip()
-
-    return "\n".join([line(columns)] + [line([row[c] for c in columns]) for row in cells]) + "\n"
-
-
-LATEX_ESCAPES = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "_": r"\_", "#": r"\#",
-                 "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                 "^": r"\textasciicircum{}", "±": r"$\pm$"}
-
-
-def _tex(text: str) -> str:
-    return "".join(LATEX_ESCAPES.get(character, character) for character in text)
-
-
-def latex(columns: list[str], cells: list[dict[str, str]]) -> str:
-    """A booktabs tabular: text left, numbers right, each mean ± std as two cells joined at
-    the ± so that the means and the deviations line up."""
-    spec = "".join({"l": "l", "r": "r", "pm": "r@{}l"}[COLUMNS[c]] for c in columns)
-    header = [rf"\multicolumn{{2}}{{c}}{{{_tex(c)}}}" if COLUMNS[c] == "pm" else _tex(c) for c in columns]
-    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
-    for row in cells:
-        parts = []
-        for c in columns:
-            if COLUMNS[c] == "pm":
-                mean, _, std = row[c].partition(" ± ")
-                parts += [mean, rf"${{}}\pm{{}}${std}" if std else ""]
-            else:
-                parts.append(_tex(row[c]))
-        lines.append(" & ".join(parts) + r" \\")
-    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"

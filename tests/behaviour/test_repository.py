@@ -12,6 +12,7 @@ TOP_LEVEL = {"train.py", "plot.py", "densenet.py", "densenet_trainer", "attic", 
              "docs", ".ci", "pyproject.toml", "requirements.txt", "README.md", ".gitignore"}
 TORCH_FREE = ["densenet_trainer.settings.config", "densenet_trainer.settings.cli",
               "densenet_trainer.settings.architecture", "densenet_trainer.records.results",
+              "densenet_trainer.records.table_formats",
               "densenet_trainer.records.layout"]
 MODULE_LINES = 360  # a module longer than this holds more than one job
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import plot
-from densenet_trainer.records import results
+from densenet_trainer.records import results, table_formats
 from densenet_trainer.settings.config import RunConfig
 from helpers import check_refused, run_main
 
@@ -112,7 +112,7 @@ def test_the_paper_column_matches_only_the_papers_configuration(tmp_path, capsys
              for folder in (paper_run, shorter, other, svhn, held_out)]
     found.append(results.read_result(svhn_paper, plot.load_run(svhn_paper).logs, record))
     found[-1].epochs = 40
-    cells = [row.cells() for row in results.rows(found)]
+    cells = [table_formats.row_texts(row) for row in results.rows(found)]
     assert [c["paper (%)"] for c in cells] == ["4.51", "", "5.24", "", "", "1.76"]
     assert cells[0]["difference"] == "+5.49" and cells[1]["difference"] == ""
     assert cells[5]["difference"] == "+1.24"  # SVHN: the paper reports the epoch validation chose
