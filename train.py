@@ -50,7 +50,7 @@ from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Run, build_run
 from densenet_trainer.run.checkpoint import Checkpoint, checkpoint_state
 from densenet_trainer.run.files import WorkDirLock
-from densenet_trainer.run.inference import load_trained
+from densenet_trainer.run.inference import load_trained, write_evaluation
 from densenet_trainer.settings import config
 from densenet_trainer.settings.cli import OneLineParser, UserError, output_may_close, path
 from densenet_trainer.settings.config import RunConfig
@@ -177,7 +177,15 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
         if plan.checkpoint is not None:
             step = plan.progress["step"]
             runtime.log(f"resuming {save} after epoch {plan.start_epoch}"
-                        + (f", step {step}" if step else ""))
+                        + (f", step {step}" if step else "")
+                        + (f" ({plan.continued_by})" if plan.continued_by != "--resume" else ""))
+        if plan.trained_on not in (None, runtime.world_size):
+            plan.changes["processes"] = {"from": plan.trained_on, "to": runtime.world_size}
+            runtime.log(f"notice: the run trained on {plan.trained_on} process(es) and goes on with "
+                        f"{runtime.world_size}: the global batch ({plan.config.batch_size}) and the "
+                        f"order of the images stay; each process's BatchNorm normalises its own "
+                        f"share of a batch{' (not with --sync-bn)' if plan.config.sync_bn else ''}, "
+                        f"so the numbers can differ slightly from going on with {plan.trained_on}")
         if plan.note:
             runtime.log(f"--epochs {plan.config.epochs}: {plan.note}")
         if notice := plan.config.schedule_notice():
@@ -324,7 +332,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
         selection = (f"-test{subset or 'all'}" if subset != run.test_subset else
                      f"-data{fingerprint[:8]}" if not runs_own_test(checkpoint, fingerprint, cfg, given)
                      else "")
-        per_class, matrix = workdir.write_evaluation(checkpoint.path, result.confusion, names,
+        per_class, matrix = write_evaluation(checkpoint.path, result.confusion, names,
                                                      tta, selection)
     print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
           + (f"(top-5 {result.top5_error:.2f}%) " if result.top5_error is not None else "")

@@ -68,10 +68,46 @@ def setup_runtime(device_flag: str) -> Runtime:
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     # several processes step eagerly: DistributedDataParallel's all-reduce is not captured
     return Runtime(device, dist.get_rank(), dist.get_world_size())
+
+
+def init_process_group(backend: str) -> None:
+    """torchrun's process group. Where the workers share the agent's store
+    (TORCHELASTIC_USE_AGENT_STORE), the group keeps its keys under a prefix of this attempt
+    (TORCHELASTIC_RESTART_COUNT): the store outlives a restart, and a restarted group that
+    read the previous attempt's addresses there connected to processes that were gone
+    (measured with gloo: refused connections, or a wait for the store's 30-minute timeout)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        dist.init_process_group(backend)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"densenet-attempt-{attempt}", store),
+                            rank=rank, world_size=world_size)
+
+
+# The launchers that rerun a job after a failure, and where each says which job and which
+# restart this is: torchrun's elastic agent (--max-restarts; the rendezvous's run id) and
+# SLURM (a requeued job keeps its id; its restart count goes up).
+LAUNCHERS = {"torchrun": ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
+             "slurm": ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")}
+
+
+def launcher_jobs() -> dict[str, dict]:
+    """The launchers' jobs this process runs in, by launcher: ``{"id": ..., "restart": n}``
+    (n above zero: the launcher reran the job), for config.json and to know a restart."""
+    jobs = {}
+    for launcher, (job_variable, restart_variable) in LAUNCHERS.items():
+        job = os.environ.get(job_variable, "")
+        if job and job != "none":  # torchrun's static rendezvous has no run id of its own
+            restart = os.environ.get(restart_variable, "0")
+            jobs[launcher] = {"id": job, "restart": int(restart) if restart.isdigit() else 0}
+    return jobs
 
 
 def environment(runtime: Runtime) -> dict:

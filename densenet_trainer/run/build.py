@@ -19,7 +19,14 @@ from torch import nn
 
 from densenet import DenseNet
 from densenet_trainer.engine import cuda_graph, data, datasets, training
-from densenet_trainer.engine.runtime import Runtime, code_version, environment, seed_everything, set_rng_state
+from densenet_trainer.engine.runtime import (
+    Runtime,
+    code_version,
+    environment,
+    launcher_jobs,
+    seed_everything,
+    set_rng_state,
+)
 from densenet_trainer.engine.step import LearningRate, TrainStep
 from densenet_trainer.run.checkpoint import Checkpoint, restore
 from densenet_trainer.run.files import RunError
@@ -161,7 +168,8 @@ class Run:
                 "val_images": len(self.data.val) if self.data.val else 0,
                 "data": self.data.identity,
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
-                "environment": environment(self.runtime), "code": code_version()}
+                "environment": environment(self.runtime), "code": code_version(),
+                "jobs": launcher_jobs()}
 
 
 def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,

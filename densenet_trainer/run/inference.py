@@ -1,15 +1,21 @@
 """A trained model for inference, from its checkpoint: train.py --evaluate and
-attic/predict.py classify with it."""
+attic/predict.py classify with it; and the files an evaluation writes beside it."""
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from densenet import DenseNet
 from densenet_trainer.engine import data
+from densenet_trainer.records.whole_files import refuse_unless_regular, write_text
 from densenet_trainer.run.build import build_model
 from densenet_trainer.run.checkpoint import Checkpoint, restore
+from densenet_trainer.run.files import write_errors
 from densenet_trainer.settings.config import RunConfig
 
 
@@ -40,3 +46,35 @@ def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
     normalization = checkpoint.state["normalization"]
     normalizer = data.Normalizer(normalization["mean"], normalization["std"], device)
     return Trained(checkpoint, model, normalizer, device)
+
+
+# ---------------------------------------------------------------- evaluation files
+
+def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str], tta: bool,
+                     selection: str = "") -> tuple[Path, Path]:
+    """Per-class errors and the confusion matrix (counts, true class by row) of an evaluation,
+    beside the checkpoint and named after it (-tta with test-time augmentation; ``selection``
+    names test images other than the run's own)."""
+    suffix = selection + ("-tta" if tta else "")
+    per_class = checkpoint.parent / f"{checkpoint.stem}-classes{suffix}.csv"
+    matrix = checkpoint.parent / f"{checkpoint.stem}-confusion{suffix}.csv"
+    for path in (per_class, matrix):  # both refused before either is written
+        refuse_unless_regular(path)
+    images = confusion.sum(1)
+    per_class_rows = [["class", "name", "images", "errors", "error"]] + [
+        [c, names[c], int(images[c]), int(images[c] - confusion[c, c]),
+         f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"]
+        for c in range(len(names))]
+    matrix_rows = [["true\\predicted", *names]] + [
+        [names[c], *(int(v) for v in confusion[c])] for c in range(len(names))]
+    with write_errors("free space or copy the checkpoint into a folder you can write to"):
+        write_text(per_class, csv_text(per_class_rows))
+        write_text(matrix, csv_text(matrix_rows))
+    return per_class, matrix
+
+
+def csv_text(rows: list[list]) -> str:
+    """``rows`` as CSV, quoted where a field needs it (a class name with a comma)."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()

@@ -13,16 +13,13 @@ of lowest validation error, written before the checkpoint that records it.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from torch import Tensor
-
+from densenet_trainer.engine.runtime import launcher_jobs
 from densenet_trainer.records.layout import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
@@ -33,7 +30,7 @@ from densenet_trainer.records.layout import (
     TRAIN_COLUMNS,
     csv_name,
 )
-from densenet_trainer.records.whole_files import refuse_unless_file, refuse_unless_regular, write_text
+from densenet_trainer.records.whole_files import refuse_unless_file, refuse_unless_regular
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint
 from densenet_trainer.run.files import (
     CsvLog,
@@ -59,6 +56,7 @@ class Plan:
     config_json: dict | None = None  # config.json as found, to append this resume to
     note: str = ""  # a line to print about the schedule
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept in every file of the run
+    continued_by: str = ""  # what made this a resume: --resume, --auto-resume, a job's restart
 
     @property
     def resuming(self) -> bool:
@@ -72,6 +70,14 @@ class Plan:
     def progress(self) -> dict:
         """The sums of the epoch a checkpoint was saved in the middle of (empty: none)."""
         return self.checkpoint.state["progress"] if self.checkpoint else {}
+
+    @property
+    def trained_on(self) -> int | None:
+        """The processes the run's last session trained on (None: not recorded)."""
+        sessions = [self.config_json or {}, *(self.config_json or {}).get("resumes", [])]
+        recorded = [session.get("environment", {}).get("world_size") for session in sessions
+                    if isinstance(session, dict) and isinstance(session.get("environment"), dict)]
+        return recorded[-1] if recorded and isinstance(recorded[-1], int) else None
 
     @property
     def best(self) -> BestEpochs:
@@ -92,10 +98,14 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
     save = Path(cfg.save)
     for name in RUN_FILES:
         refuse_unless_regular(save / name)
+    continued_by = "--resume"
     if not cfg.resume:
-        if holds_run(save):
+        if not holds_run(save):
+            return Plan(save, cfg)
+        continued_by = "--auto-resume" if cfg.auto_resume else restarted_job(save)
+        if not continued_by:
             raise already_holds_a_run(save)
-        return Plan(save, cfg)
+        cfg = replace(cfg, resume=True)
     path = save / LAST_CHECKPOINT
     checkpoint = Checkpoint.load(path) if path.exists() else None
     config_json = read_config_json(save, checkpoint is not None)
@@ -114,7 +124,7 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
                             f"another --save")
         # else: stopped before its first checkpoint: start over with its flags (epoch 1 again)
     resumed, changes = resumed_config(saved, cfg, given, save)
-    plan = Plan(save, resumed, checkpoint, changes, config_json)
+    plan = Plan(save, resumed, checkpoint, changes, config_json, continued_by=continued_by)
     known = (config_json or {}).get("run_id") or (checkpoint.state.get("run_id") if checkpoint else None)
     if known:  # a run from before run identities gets one now
         plan.run_id = known
@@ -125,6 +135,22 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
     for log in run_logs(save, resumed).values():
         log.check_resumable(plan.start_epoch)
     return plan
+
+
+def restarted_job(save: Path) -> str:
+    """Why this process continues the run in ``save`` without --resume, where it is a restart
+    of a job that worked on that run: a launcher's restart count above zero under a job id
+    that config.json recorded (at the run's start or at a resume); '' where it is not."""
+    restarted = {launcher: job for launcher, job in launcher_jobs().items() if job["restart"] > 0}
+    record = read_config_json(save, (save / LAST_CHECKPOINT).exists()) if restarted else None
+    if not record:
+        return ""
+    sessions = [session for session in [record, *record.get("resumes", [])] if isinstance(session, dict)]
+    for launcher, job in restarted.items():
+        if any(isinstance(session.get("jobs"), dict) and isinstance(session["jobs"].get(launcher), dict)
+               and session["jobs"][launcher].get("id") == job["id"] for session in sessions):
+            return f"restart {job['restart']} of {launcher} job {job['id']}, which worked on this run"
+    return ""
 
 
 def runs_like(cfg: RunConfig, given: frozenset[str]) -> str:
@@ -258,7 +284,7 @@ class RunFiles:
                 content = plan.config_json
                 content.setdefault("resumes", []).append(
                     {"time": stamp, "from_epoch": plan.start_epoch, "changes": plan.changes,
-                     **record})
+                     "continued_by": plan.continued_by, **record})
                 content["config"] = plan.config.to_dict()
                 content.setdefault("run_id", plan.run_id)
             else:
@@ -301,35 +327,3 @@ class RunFiles:
             return write_errors(f"free space (or fix permissions), then continue from the last "
                                 f"checkpoint with --resume --save {self.save}")
         return write_errors("nothing was saved yet: free space (or fix permissions) and start again")
-
-
-# ---------------------------------------------------------------- evaluation files
-
-def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str], tta: bool,
-                     selection: str = "") -> tuple[Path, Path]:
-    """Per-class errors and the confusion matrix (counts, true class by row) of an evaluation,
-    beside the checkpoint and named after it (-tta with test-time augmentation; ``selection``
-    names test images other than the run's own)."""
-    suffix = selection + ("-tta" if tta else "")
-    per_class = checkpoint.parent / f"{checkpoint.stem}-classes{suffix}.csv"
-    matrix = checkpoint.parent / f"{checkpoint.stem}-confusion{suffix}.csv"
-    for path in (per_class, matrix):  # both refused before either is written
-        refuse_unless_regular(path)
-    images = confusion.sum(1)
-    per_class_rows = [["class", "name", "images", "errors", "error"]] + [
-        [c, names[c], int(images[c]), int(images[c] - confusion[c, c]),
-         f"{100 * (1 - confusion[c, c] / images[c]).item() if images[c] else 0:.4g}"]
-        for c in range(len(names))]
-    matrix_rows = [["true\\predicted", *names]] + [
-        [names[c], *(int(v) for v in confusion[c])] for c in range(len(names))]
-    with write_errors("free space or copy the checkpoint into a folder you can write to"):
-        write_text(per_class, csv_text(per_class_rows))
-        write_text(matrix, csv_text(matrix_rows))
-    return per_class, matrix
-
-
-def csv_text(rows: list[list]) -> str:
-    """``rows`` as CSV, quoted where a field needs it (a class name with a comma)."""
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    return out.getvalue()

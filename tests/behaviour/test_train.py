@@ -108,6 +108,54 @@ def test_seeds_get_folders_of_their_own_and_a_resume_finds_its_run(tmp_path, cif
     check_refused(status, err, "start a new run without --resume")  # another lr: none is
 
 
+def test_a_restart_of_the_same_job_continues_its_run(tmp_path, cifar_dir, capsys, monkeypatch):
+    """A launcher's rerun of the job that worked on a run (torchrun's restart count above zero
+    under the same rendezvous id; SLURM's requeue) continues it with no flag; any other job
+    finding the run is refused as before; --auto-resume says so for other launchers."""
+    work = tmp_path / "run"
+    flags = ["--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "3"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert run(capsys, *flags, "--stop-after", "1")[0] == 0
+    before = snapshot(work)
+    for job, restart in (("job-a", "0"), ("job-b", "1")):  # not a restart; another job's restart
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        status, _, err = run(capsys, *flags, "--stop-after", "2")
+        check_refused(status, err, f"{work} already holds a run; continue it with --resume")
+    assert snapshot(work) == before
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the job that goes on is recorded too
+    status, out, err = run(capsys, *flags, "--stop-after", "2")
+    assert status == 0, err
+    assert f"resuming {work} after epoch 1 (restart 1 of torchrun job job-a, which worked on this run)" in out
+    resumes = json.loads((work / "config.json").read_text())["resumes"]
+    assert resumes[-1]["continued_by"] == "restart 1 of torchrun job job-a, which worked on this run"
+    assert resumes[-1]["jobs"] == {"torchrun": {"id": "job-a", "restart": 1}, "slurm": {"id": "4242", "restart": 0}}
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # SLURM requeued the job that resumed it
+    status, out, err = run(capsys, *flags)
+    assert status == 0 and "(restart 2 of slurm job 4242, which worked on this run)" in out, err
+    assert [r["epoch"] for r in read_csv(work / "train.csv")] == ["1", "2", "3"]
+
+
+def test_auto_resume_starts_or_continues_but_never_changes_a_run(tmp_path, cifar_dir, capsys):
+    work = tmp_path / "run"
+    flags = ["--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "2", "--auto-resume"]
+    whole = tmp_path / "whole"
+    start_run(capsys, whole, cifar_dir, "--epochs", "2")
+    out = start_run(capsys, work, cifar_dir, "--epochs", "2", "--auto-resume", "--stop-after", "1")
+    assert "resuming" not in out  # nothing there: it starts
+    status, _, err = run(capsys, *flags, "--lr", "0.05")
+    check_refused(status, err, "--lr 0.05 (the run has 0.1) would change the run")
+    status, out, err = run(capsys, *flags)
+    assert status == 0 and f"resuming {work} after epoch 1 (--auto-resume)" in out, err
+    assert metrics(work) == metrics(whole)
+    status, out, _ = run(capsys, *flags)  # finished: nothing to do, said so
+    assert status == 0 and "has finished its 2 epochs" in out
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, cifar_dir, capsys):
     flags = ["--epochs", "2", "--dropout", "0.1"]  # dropout: the torch RNG must be restored too
     whole, parts = tmp_path / "whole", tmp_path / "parts"

@@ -19,7 +19,7 @@ def test_every_setting_declares_its_flag_and_whether_a_resume_may_change_it():
     # where the data is, how fast, how long, where the files go: never what the numbers are
     assert RESUMABLE == {"epochs", "device", "channels_last", "compile", "kernels", "cuda_graph",
                          "memory_efficient", "data_dir", "download", "eval_batch_size", "save",
-                         "resume", "stop_after"}
+                         "resume", "auto_resume", "stop_after"}
     kernels = next(f for f in fields(RunConfig) if f.name == "kernels")
     assert set(densenet.KERNELS) <= set(kernels.metadata["choices"])
 
@@ -53,7 +53,8 @@ def test_default_folders_name_every_setting_that_changes_the_numbers():
     assert len(set(folders) | {RunConfig().save}) == len(changed) + 1, folders
     # what cannot change the numbers never changes the folder
     neutral = {"device": "cpu", "kernels": "aten", "cuda_graph": False, "channels_last": False,
-               "memory_efficient": True, "data_dir": "elsewhere", "eval_batch_size": 7, "stop_after": 2}
+               "memory_efficient": True, "data_dir": "elsewhere", "eval_batch_size": 7, "stop_after": 2,
+               "auto_resume": True}
     assert {RunConfig(**{name: value}).save for name, value in neutral.items()} == {RunConfig().save}
     assert RunConfig(seed=1, save="mine").save == "mine"  # --save always wins
 
@@ -69,7 +70,7 @@ def test_a_configuration_is_its_flat_form_and_back():
     cfg = RunConfig(dataset="cifar100", depth=40, growth_rate=6, compression=1, opt="rmsprop",
                     val_size=10, precision="bf16", save="work/x")
     flat = json.loads(json.dumps(cfg.to_dict()))  # as config.json keeps it
-    assert len(flat) == 33 and flat["compile"] is False and flat["kernels"] == "auto"
+    assert len(flat) == 34 and flat["compile"] is False and flat["kernels"] == "auto"
     assert RunConfig.from_dict(flat, "config.json") == cfg
 
 
