@@ -52,6 +52,7 @@ CELL_NUMBERS_UP_TO = 20  # classes in a confusion matrix with the percentages wr
 OWN_OUTPUTS = {"comparison": cli.FIGURE_FORMATS, "groups": cli.FIGURE_FORMATS,
                "results": ("md", "csv", "tex")}
 METRIC_TITLES = {"loss": "loss", "error": "error", "top5_error": "top-5 error"}
+RUN_MARKERS = "osD^vP*X"  # with the colours, past eight runs
 LEGEND_FONT, LEGEND_HANDLE = 8, 3.2  # points; the line's length in font sizes (long enough to show a dash)
 
 
@@ -213,9 +214,11 @@ def readable_log_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> None:
+def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace,
+                names: list[str] | None = None) -> None:
     """One panel: ``metric`` per split; one colour per split for a run, per run for several
-    (then each run is named once, and the line styles are keyed: split_key).
+    (then each run is named once, by ``names``, and the line styles are keyed: split_key;
+    past the palette's eight colours, runs differ in their markers too).
 
     Every point is visible at any length: markers where there are few epochs, and the x axis
     spans whole epochs. The learning-rate drops are lines (mark_lr_drops).
@@ -229,11 +232,14 @@ def draw_metric(ax, runs: list[Run], metric: str, opts: argparse.Namespace) -> N
                 continue
             frame = epoch_window(run.logs[split], opts.epochs)
             colour = COLOURS[colour_index if single else index % len(COLOURS)]
-            label = split if single else (None if named else run.name)
+            label = split if single else (None if named else (names or [r.name for r in runs])[index])
             named = True
             few = len(frame) <= MARKERS_UP_TO
+            marker = RUN_MARKERS[index // len(COLOURS) % len(RUN_MARKERS)]
             ax.plot(frame["epoch"], frame[metric], style, color=colour, label=label,
-                    linewidth=1.6 if split == "test" else 1.2, marker="o" if few else None,
+                    linewidth=1.6 if split == "test" else 1.2,
+                    marker=marker if few or index >= len(COLOURS) else None,
+                    markevery=1 if few else max(1, len(frame) // 12),
                     markersize=4 if split == "test" else 3)
             epochs += frame["epoch"].tolist()
     if not single:
@@ -255,18 +261,20 @@ def mark_lr_drops(ax, drops: list[tuple[str, list[tuple[float, float, float]]]],
                   opts: argparse.Namespace) -> None:
     """Each epoch where a learning rate drops, once, as a dash-dot line: in the colour of the
     one curve whose rate drops there, grey where several share it (or for a single run);
-    labelled with the new rate where all share it, else with the factor (lr ÷10)."""
+    labelled with the new rate for a single run, and for several with the factor where every
+    drop has the same one (lr ÷10)."""
     at: dict[float, list[tuple[str, float, float]]] = {}
     for colour, triples in drops:
         for epoch, lr, factor in triples:
             at.setdefault(epoch, []).append((colour, lr, factor))
+    factors = {f"{factor:.3g}" for found in at.values() for _, _, factor in found}
     for index, (epoch, found) in enumerate(sorted(at.items())):
         if opts.epochs is not None and not opts.epochs[0] <= epoch <= opts.epochs[1]:
             continue
         colours = {colour for colour, _, _ in found}
         colour = next(iter(colours)) if len(colours) == 1 and len(drops) > 1 else "0.5"
-        rates, factors = {lr for _, lr, _ in found}, {f"{factor:.3g}" for _, _, factor in found}
-        text = (f"lr {next(iter(rates)):g}" if len(rates) == 1 else
+        rates = {lr for _, lr, _ in found}
+        text = (f"lr {next(iter(rates)):g}" if len(drops) == 1 and len(rates) == 1 else
                 f"lr ÷{next(iter(factors))}" if len(factors) == 1 else "lr drops")
         ax.axvline(epoch, color=colour, linewidth=0.8, linestyle="-.", alpha=0.8)
         ax.annotate(text, (epoch, 1), xycoords=("data", "axes fraction"),
@@ -314,6 +322,17 @@ def figure_legend(fig) -> tuple[float, float, float, float]:
     return 0, height / fig.get_figheight(), 1, 1
 
 
+def legend_names(runs: list[Run]) -> tuple[str, list[str]]:
+    """For several runs, the start of a name that all share, up to a '-' (for the title), and
+    what each name adds to it (for the legend); ('', the names) where that would leave a
+    name empty."""
+    names = [run.name for run in runs]
+    shared = os.path.commonprefix(names) if len(names) > 1 else ""
+    shared = shared[:shared.rfind("-") + 1]
+    rest = [name[len(shared):] for name in names]
+    return (shared, rest) if shared and all(rest) else ("", names)
+
+
 def run_names(runs: list[Run], width: int = 90) -> str:
     """The runs' names for a title: all of them, or as many as fit and a count of the rest."""
     names = [run.name for run in runs]
@@ -350,10 +369,10 @@ def undrawable(runs: list[Run], metrics: list[str], opts: argparse.Namespace) ->
 def make_figure(runs: list[Run], metrics: list[str], opts: argparse.Namespace):
     with plt.style.context(opts.style):
         fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+        shared, names = legend_names(runs)
         for ax, metric in zip(axes[0], metrics):
-            draw_metric(ax, runs, metric, opts)
-        title = opts.title or run_names(runs)
-        fig.suptitle(title)
+            draw_metric(ax, runs, metric, opts, names)
+        fig.suptitle(opts.title or (f"{shared}… ({len(runs)} runs)" if shared else run_names(runs)))
         panels = figure_legend(fig) if len(runs) > 1 else (0, 0, 1, 1)
         as_written(fig)
         fig.tight_layout(rect=panels)
@@ -535,12 +554,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     results_group = p.add_argument_group(
         "results across runs", "Runs whose config.json differ only in the seed and in settings "
         "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + "), trained "
-        "and tested on the same images (count and fingerprint of each split), are one group; "
-        "a run reached twice (the same run_id) counts once; an unfinished run is a row of its "
+        "and tested on the same images (count and fingerprint of each split), on the same "
+        "number of processes and with the same learning rate each epoch, are one group; a "
+        "run reached twice (the same run_id) counts once; an unfinished run is a row of its "
         "own, outside the means. The data column gives the image counts where they are not "
-        "the official splits'. The paper's column is Table 2 of Huang et al. (table2.json) "
-        "where depth, growth rate, bottleneck, compression, dataset, augmentation, the "
-        "paper's epochs and its images all match.")
+        "the official splits', the settings column what sets a row apart. The paper's column "
+        "is Table 2 of Huang et al. (table2.json) where the model, dataset, augmentation, "
+        "the paper's recipe (optimiser, learning rate and schedule, momentum, weight decay, "
+        "batch, dropout), its epochs and its images all match.")
     results_group.add_argument("--table", action="store_true",
                                help="print the results table: mean ± sample std of the final "
                                     "test error per group, beside the paper's")
@@ -583,7 +604,7 @@ def own_output(path: Path) -> bool:
 
 def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run, results.Result | None]]:
     """The folders of ``opts.runs`` that hold something to draw (``as_results``: a training
-    run with a logged epoch, each counted once), with their results.
+    run with a logged epoch), each run once (results.distinct), with their results.
 
     Of several paths, plot.py's own outputs (OWN_OUTPUTS) are passed over in silence and the
     others that hold nothing to show are named, each with its reason, in one line (refused
@@ -600,7 +621,7 @@ def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run,
                 raise PlotError(f"{folder} is a learning-rate sweep (attic/lr_find.py), not a training run")
             result = results.read_result(run.folder, run.logs, run.config) if as_results else None
             found.append((run, result))
-        except (PlotError, ValueError) as error:
+        except (cli.UserError, ValueError) as error:  # a bad CSV line (BadCsv) too
             if len(paths) == 1:
                 raise PlotError(str(error)) from None
             if opts.strict:
@@ -613,12 +634,12 @@ def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run,
     if not found:
         raise PlotError(f"none of the {len(paths)} path(s) holds a run with a logged epoch; "
                         f"name train.py work directories")
-    if as_results:
-        kept, notes = results.distinct([result for _, result in found])
-        found = [(run, result) for run, result in found if any(result is k for k in kept)]
-        for note in notes:
-            print(note, file=sys.stderr)
-    return found
+    run_ids = [run.config.get("run_id") if isinstance(run.config.get("run_id"), str) else None
+               for run, _ in found]
+    kept, notes = results.distinct([(run_id, run.folder) for run_id, (run, _) in zip(run_ids, found)])
+    for note in notes:
+        print(note, file=sys.stderr)
+    return [found[index] for index in kept]
 
 
 def results_rows(opts: argparse.Namespace) -> tuple[list[results.Row], list[Run]]:

@@ -137,14 +137,15 @@ def code_version(root: Path = PROJECT_ROOT) -> dict:
     if not (root / ".git").exists():
         return info
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=20, check=True).stdout.strip()
+    def git(*args: str) -> str:  # a checkout of another owner (a shared cluster, a container's mount) too
+        return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(root), *args],
+                              capture_output=True, text=True, timeout=20, check=True).stdout.strip()
     try:
         info.update(commit=git("rev-parse", "HEAD"),
                     modified=bool(git("status", "--porcelain", "--untracked-files=no")))
-    except (OSError, subprocess.SubprocessError):  # no git, or not a repository after all
-        pass
+    except (OSError, subprocess.SubprocessError) as error:  # no git, or not a repository after all
+        stderr = getattr(error, "stderr", None) or str(error)
+        info["commit_unknown"] = stderr.strip().splitlines()[0] if stderr.strip() else type(error).__name__
     return info
 
 

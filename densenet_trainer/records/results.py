@@ -15,7 +15,6 @@ as tables.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -55,7 +54,9 @@ class Result:
     seconds: float  # training, all epochs
     images: dict[str, dict]  # by split: {"images": count, "fingerprint": str or None}; {}: unknown
     run_id: str | None
-    code: str  # the code that ran it (commit, or version), '' where not recorded
+    code: str  # the code that ran it (commit and +modified, or version), '' where not recorded
+    processes: tuple[int, ...] = ()  # each session's processes, where they changed; (): not recorded
+    lrs: tuple[float, ...] = ()  # the learning rate of each epoch trained (train.csv)
 
     @property
     def planned(self) -> int:
@@ -91,12 +92,27 @@ class Result:
             return f"{name} (images not recorded)"
         return f"{name} ({' / '.join(f'{n:,} {split}' for split, n in self.counts().items())})"
 
+    @property
+    def rescheduled(self) -> bool:
+        """Whether its learning rates are not those of its --epochs from the start (a resume
+        with another --epochs changed the schedule on the way)."""
+        cfg = RunConfig.from_dict(self.config, str(self.folder))  # train.csv keeps 6 digits
+        return not all(math.isclose(lr, cfg.learning_rate(epoch), rel_tol=1e-5)
+                       for epoch, lr in enumerate(self.lrs))
+
+    def facts(self) -> dict[str, str]:
+        """What changes its numbers beside its settings, as words: the processes it trained on
+        (each normalises its own share of a batch) and a schedule changed at a resume."""
+        return {"processes": f"{' then '.join(map(str, self.processes)) or '?'} process(es)",
+                "rescheduled": "rescheduled at a resume" if self.rescheduled else ""}
+
     def key(self) -> tuple:
-        """What a group shares: the settings that change the numbers and the images."""
+        """What a group shares: the settings that change the numbers, the images, the
+        processes and the learning rate of every epoch."""
         fingerprinted = bool(self.images) and all(item["fingerprint"] for item in self.images.values())
         over = GROUPED_OVER | (CHOOSE_IMAGES if fingerprinted else frozenset())
         settings = sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in over)
-        return tuple(settings) + (json.dumps(self.images, sort_keys=True),)
+        return (*settings, json.dumps(self.images, sort_keys=True), self.processes, self.lrs)
 
 
 def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Result:
@@ -125,7 +141,19 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     return Result(folder, config, parameters if isinstance(parameters, int) else None,
                   str(record.get("model", folder.name)), int(train["epoch"].iloc[-1]),
                   float(test["error"].iloc[-1]), best_val, top5, seconds, recorded_images(record),
-                  run_id if isinstance(run_id, str) and run_id else None, code_label(record))
+                  run_id if isinstance(run_id, str) and run_id else None, code_label(record),
+                  recorded_processes(record),
+                  tuple(float(lr) for lr in train["lr"]) if "lr" in train else ())
+
+
+def recorded_processes(record: dict) -> tuple[int, ...]:
+    """The processes of each session (the start, each resume) that config.json recorded, where
+    the count changed: (2,), (2, 1), or () where none is recorded."""
+    sessions = [record, *(record.get("resumes") if isinstance(record.get("resumes"), list) else [])]
+    counts = [session["environment"].get("world_size") for session in sessions if isinstance(session, dict)
+              and isinstance(session.get("environment"), dict)]
+    counts = [count for count in counts if isinstance(count, int) and not isinstance(count, bool)]
+    return tuple(count for index, count in enumerate(counts) if index == 0 or count != counts[index - 1])
 
 
 def recorded_images(record: dict) -> dict[str, dict]:
@@ -152,32 +180,50 @@ def code_label(record: dict) -> str:
     if not isinstance(code, dict):
         return ""
     if isinstance(code.get("commit"), str):
-        return code["commit"][:10] + ("+modified" if code.get("modified") else "")
+        return code["commit"] + ("+modified" if code.get("modified") else "")
     return str(code.get("version", ""))
 
 
-def distinct(found: list[Result]) -> tuple[list[Result], list[str]]:
-    """Each run once: a run reached again (the same folder twice, a copy of it: the same
-    run_id) is left out, with a note naming both."""
-    seen: dict[str, Result] = {}
+def distinct(runs: list[tuple[str | None, Path]]) -> tuple[list[int], list[str]]:
+    """Each run once, of ``runs`` as (run_id, folder): the indices of those kept, and a note
+    for each left out (a folder named twice; a copy of a run: the same run_id)."""
+    seen: dict[str, Path] = {}
     kept, notes = [], []
-    for result in found:
-        identity = result.run_id or str(result.folder.resolve())
+    for index, (run_id, folder) in enumerate(runs):
+        identity = run_id or str(folder.resolve())
         if identity in seen:
-            notes.append(f"note: {result.folder} is the run of {seen[identity].folder} (the same "
-                         f"run_id): counted once")
+            notes.append(f"note: {folder} was named twice: counted once"
+                         if folder.resolve() == seen[identity].resolve() else
+                         f"note: {folder} is the run of {seen[identity]} (the same run_id): counted once")
             continue
-        seen[identity] = result
-        kept.append(result)
+        seen[identity] = folder
+        kept.append(index)
     return kept, notes
+
+
+# settings a run may choose and still be the paper's experiment: the row's model, dataset and
+# augmentation (matched to the row), the seed, the epochs and the images (checked apart), and
+# how the arithmetic runs (precision, SyncBatchNorm)
+PAPER_CHOOSES = IN_MODEL_NAME | CHOOSE_IMAGES | {"augment", "seed", "epochs", "precision", "sync_bn"}
+
+
+def follows_papers_recipe(config: dict) -> bool:
+    """Whether every other setting that changes the numbers is the paper's for this dataset
+    and augmentation (SGD, Nesterov momentum 0.9, lr 0.1 divided by 10 at 50% and 75%,
+    weight decay 1e-4, batch 64, dropout 0 with augmentation and 0.2 without)."""
+    paper = RunConfig(dataset=config["dataset"], augment=config["augment"]).to_dict()
+    return all(config.get(name) == value for name, value in paper.items()
+               if name not in NUMBER_NEUTRAL | PAPER_CHOOSES)
 
 
 def paper_error(result: Result) -> float | None:
     """Table 2's test error for this run's configuration, or None where the paper has none:
-    another model, augmentation or epoch count, or other images than the official splits."""
+    another model, augmentation, recipe (follows_papers_recipe) or epoch count, a changed
+    schedule, other images than the official splits."""
     config = result.config
     dataset = config.get("dataset")
-    if int(config.get("epochs", 0)) != TABLE_2["epochs"].get(dataset) or not result.on_papers_images:
+    if (int(config.get("epochs", 0)) != TABLE_2["epochs"].get(dataset) or not result.on_papers_images
+            or not follows_papers_recipe(config) or result.rescheduled):
         return None
     column = DATASET_COLUMNS.get(dataset, "") + ("+" if config.get("augment") else "")
     for row in TABLE_2["rows"]:
@@ -249,7 +295,7 @@ def rows(results: list[Result]) -> list[Row]:
         if result.finished:
             groups.setdefault(result.key(), []).append(result)
     unfinished = [Row([r]) for r in results if not r.finished]
-    return [Row(group) for group in groups.values()] + unfinished
+    return [Row(sorted(group, key=lambda r: r.seed)) for group in groups.values()] + unfinished
 
 
 def setting_text(name: str, value) -> str:
@@ -261,31 +307,39 @@ def setting_text(name: str, value) -> str:
 
 def settings_apart(table_rows: list[Row], shown: frozenset[str]) -> list[str]:
     """Per row, what tells it from the other rows beyond the ``shown`` settings (those its
-    model, data or epochs already say): each setting on which the rows differ (lr 0.05);
-    to rows that would still read like another, the shown settings that differ
-    (train-subset 5000), then their images (a fingerprint's first characters), then the
+    model, data or epochs already say): each setting on which the rows differ (lr 0.05) and
+    each fact (Result.facts: 2 process(es)); then, among rows that would still read alike,
+    what differs between them alone: the shown settings (train-subset 5000), the images
+    (train images 1a2b3c4d: the fingerprint's first characters in config.json), the
     folder. '' for a row where nothing needs saying."""
-    configs = [row.first.config for row in table_rows]
+    words: list[list[str]] = [[] for _ in table_rows]
 
-    def differing(names) -> list[str]:
-        return [name for name in names if len({json.dumps(c.get(name)) for c in configs}) > 1]
+    def add_differing(indices: list[int], described) -> None:
+        """To the rows of ``indices``, the words of ``described(result)`` (by name) that
+        differ between them."""
+        values = [described(table_rows[index].first) for index in indices]
+        names = [name for name in values[0] if len({value.get(name) for value in values}) > 1]
+        for index, value in zip(indices, values):
+            words[index] += [value[name] for name in names if value.get(name)]
 
-    words = [[setting_text(name, c[name]) for name in differing([n for n in c if n not in GROUPED_OVER | shown])]
-             for c in configs]
+    def alike() -> list[list[int]]:
+        said: dict[tuple, list[int]] = {}
+        for index, (row, row_words) in enumerate(zip(table_rows, words)):
+            first = row.first
+            said.setdefault((first.model, first.data, first.epochs, first.planned, *row_words), []).append(index)
+        return [indices for indices in said.values() if len(indices) > 1]
 
-    def alike() -> list[int]:
-        said = [(row.first.model, row.first.data, row.first.epochs, row.first.planned, *row_words)
-                for row, row_words in zip(table_rows, words)]
-        return [index for index, text in enumerate(said) if said.count(text) > 1]
-
-    fallbacks = (
-        lambda row: [setting_text(name, row.first.config[name])
-                     for name in differing([n for n in configs[0] if n in shown - IN_MODEL_NAME])],
-        lambda row: [f"images {hashlib.sha256(json.dumps(row.first.images, sort_keys=True).encode()).hexdigest()[:8]}"],
-        lambda row: [row.first.folder.name])
-    for more in fallbacks:
-        for index in alike():  # only the rows that still read like another get more words
-            words[index] += more(table_rows[index])
+    add_differing(list(range(len(table_rows))), lambda result: {
+        **{name: setting_text(name, value) for name, value in result.config.items()
+           if name not in GROUPED_OVER | shown}, **result.facts()})
+    for described in (
+            lambda result: {name: setting_text(name, value) for name, value in result.config.items()
+                            if name in shown - IN_MODEL_NAME},
+            lambda result: {split: f"{split} images {item['fingerprint'][:8]}"
+                            for split, item in result.images.items() if item.get("fingerprint")},
+            lambda result: {"folder": result.folder.name}):
+        for indices in alike():
+            add_differing(indices, described)
     return [" ".join(row_words) for row_words in words]
 
 

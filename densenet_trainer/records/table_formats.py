@@ -39,7 +39,8 @@ def row_texts(row: Row, apart: str = "") -> dict[str, str]:
         "training time": duration(number["training_seconds"])
         if number["training_seconds"] is not None else "",
         "paper (%)": optional(number["paper_error"], ".2f"),
-        "difference": optional(number["difference"], "+.2f"), "code": number["code"],
+        "difference": optional(number["difference"], "+.2f"),
+        "code": " ".join(code[:10] + code[40:] for code in number["code"].split()),  # commits shortened
     }
 
 
@@ -49,9 +50,8 @@ def table(table_rows: list[Row], style: str) -> str:
     out, and the code column unless the rows differ in it. The settings column says what
     sets a row apart from the others beyond its model, data and epochs (settings_apart)."""
     apart = settings_apart(table_rows, IN_MODEL_NAME | SAID_BY_DATA | {"epochs"})
-    if style == "csv":
-        frame = pd.DataFrame([row.numbers(text) for row, text in zip(table_rows, apart)])
-        return frame.dropna(axis=1, how="all").to_csv(index=False)
+    if style == "csv":  # the same columns whatever the rows hold: empty where unknown
+        return pd.DataFrame([row.numbers(text) for row, text in zip(table_rows, apart)]).to_csv(index=False)
     cells = [row_texts(row, text) for row, text in zip(table_rows, apart)]
     columns = [c for c in COLUMNS if any(row[c] for row in cells)
                and (c != "code" or len({row[c] for row in cells}) > 1)]

@@ -20,6 +20,7 @@ import argparse
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
+from decimal import Decimal
 
 from densenet_trainer.settings import cli
 from densenet_trainer.settings.architecture import check_config, model_name
@@ -144,6 +145,9 @@ class RunConfig:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+        for spec in fields(self):  # -0.0 is 0.0: one folder, one group, one resume check
+            if isinstance(getattr(self, spec.name), float) and getattr(self, spec.name) == 0:
+                object.__setattr__(self, spec.name, 0.0)
         object.__setattr__(self, "save", self.save or self.default_save())
 
     def default_save(self) -> str:
@@ -154,7 +158,7 @@ class RunConfig:
         and the paper's recipe keeps its plain name (work/cifar10-densenet-bc-100-12)."""
         words = [self.dataset, self.model_name]
         for spec in fields(self):
-            if spec.name in IN_MODEL_NAME | NUMBER_NEUTRAL:
+            if spec.name in IN_MODEL_NAME | NUMBER_NEUTRAL or (spec.name == "svhn_extra" and self.dataset != "svhn"):
                 continue
             value = getattr(self, spec.name)
             if value == getattr(replace(self, save="unused", **{spec.name: spec.default}), spec.name):
@@ -163,8 +167,9 @@ class RunConfig:
                 words.append(("" if value else "no-") + flag_name(spec.name))
             elif isinstance(value, str):
                 words.append(value)
-            else:
-                words.append(f"{SHORT_NAMES.get(spec.name, flag_name(spec.name))}{value:.12g}")
+            else:  # plain decimals: lr0.00001, never an exponent's minus inside a name of -words
+                number = format(Decimal(repr(value)).normalize(), "f")
+                words.append(f"{SHORT_NAMES.get(spec.name, flag_name(spec.name))}{number}")
         return "work/" + "-".join(words)
 
     # ------------------------------------------------------------ what follows from it

@@ -239,3 +239,18 @@ def test_non_ascii_names_are_drawn_under_an_ascii_locale(tmp_path):
                      env={"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"})
     assert result.returncode == 0, result.stderr
     assert (run_dir / "curves.png").is_file()
+
+
+def test_many_runs_are_told_apart_and_each_drawn_once(tmp_path, capsys):
+    """Past the palette's eight colours runs differ in their markers; a folder named twice is
+    drawn once; the legend gives what each name adds to the part all share (in the title)."""
+    runs = [make_run(tmp_path / f"cifar10-bc-seed{i}", 4, offset=i) for i in range(10)]
+    status, _, err = draw(capsys, *runs, runs[0])
+    assert status == 0 and f"note: {runs[0]} was named twice: counted once" in err
+    fig = plot.make_figure([plot.load_run(r) for r in runs], ["error"], options())
+    assert fig._suptitle.get_text() == "cifar10-bc-… (10 runs)"
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend[:10] == [f"seed{i}" for i in range(10)]
+    styles = {(line.get_color(), line.get_marker()) for line in fig.axes[0].get_lines()
+              if line.get_linestyle() == "--" and len(line.get_xdata())}
+    assert len(styles) == 10  # the 9th and 10th share colours with the 1st and 2nd, not markers

@@ -17,7 +17,6 @@ from densenet_trainer.records import results, table_formats
 from densenet_trainer.settings.config import RunConfig
 from helpers import check_refused, run_main
 
-BC_100 = RunConfig(device="cuda").to_dict()  # the defaults: DenseNet-BC-100-12 on C10+, 300 epochs
 PAPER_IMAGES = {"train": 50_000, "test": 10_000}  # CIFAR's official splits
 
 
@@ -28,14 +27,15 @@ def make_run(folder: Path, errors: list[float], planned: int | None = None,
     on ``images`` (count by split; default: CIFAR's official splits) of ``fingerprint``."""
     folder.mkdir(parents=True)
     epochs = len(errors)
-    cfg = {**BC_100, **config, "epochs": planned or epochs, "save": str(folder)}
+    cfg = RunConfig(**{"device": "cuda", **config, "epochs": planned or epochs, "save": str(folder)}).to_dict()
+    schedule = RunConfig.from_dict(cfg, "test")  # train.csv's learning rates are the run's
     counts = images or {**PAPER_IMAGES, **({"val": cfg["val_size"]} if cfg["val_size"] else {})}
     data = {split: {"images": n, "fingerprint": f"{fingerprint}-{split}"} for split, n in counts.items()}
     (folder / "config.json").write_text(json.dumps({
         "config": cfg, "parameters": 769162, "model": "densenet-bc-100-12", "data": data,
         "run_id": uuid.uuid4().hex, "code": {"version": "0.2.0", "commit": "a" * 40, "modified": False}}))
     (folder / "train.csv").write_text("epoch,lr,loss,error,seconds,images_per_s\n" + "".join(
-        f"{e},{cfg['lr'] if e <= epochs // 2 or epochs < 2 else cfg['lr'] / 10:g},{2.0 / e:.4f},{50 / e:.3f},60,400\n"
+        f"{e},{schedule.learning_rate(e - 1):g},{2.0 / e:.4f},{50 / e:.3f},60,400\n"
         for e in range(1, epochs + 1)))
     (folder / "test.csv").write_text("epoch,loss,error,seconds\n" + "".join(
         f"{e},{2.2 / e:.4f},{error},0.2\n" for e, error in enumerate(errors, 1)))
@@ -102,22 +102,30 @@ def test_the_paper_column_matches_only_the_papers_configuration(tmp_path, capsys
                     images={"train": 598_388, "val": 6000, "test": 26_032})  # 300 epochs, not 40
     held_out = make_run(tmp_path / "val", [10.0] * 300, val=[11.0] * 300, val_size=5000,
                         images={"train": 45_000, "val": 5000, "test": 10_000})  # trained on 45,000
-    svhn_paper = make_run(tmp_path / "svhn-paper", [3.0, 2.0], planned=2, val=[2.0, 2.5],
+    svhn_paper = make_run(tmp_path / "svhn-paper", [3.0] + [2.0] * 39, val=[2.0] + [2.5] * 39,
                           dataset="svhn", augment=False, val_size=6000,
-                          images={"train": 598_388, "val": 6000, "test": 26_032})
-    record = json.loads((svhn_paper / "config.json").read_text())
-    record["config"]["epochs"] = 40  # as if it had trained the paper's 40 epochs
+                          images={"train": 598_388, "val": 6000, "test": 26_032})  # 40 epochs
+    # the paper's model, data and epochs, not its recipe: another optimiser, batch, dropout
+    recipes = [make_run(tmp_path / f"recipe{index}", [10.0] * 300, **change) for index, change in
+               enumerate([{"opt": "adam"}, {"batch_size": 128}, {"augment": False, "dropout": 0.0},
+                          {"schedule": "cosine"}, {"weight_decay": 5e-4}])]
+    extended = make_run(tmp_path / "extended", [10.0] * 300)  # 150 epochs, then --epochs 300
+    lines = (extended / "train.csv").read_text().splitlines()
+    (extended / "train.csv").write_text("\n".join(lines[:1] + [
+        f"{e},{RunConfig(epochs=150).learning_rate(min(e, 150) - 1):g},{line.split(',', 2)[2]}"
+        for e, line in enumerate(lines[1:], 1)]) + "\n")
     found = [results.read_result(folder, plot.load_run(folder).logs,
                                  json.loads((folder / "config.json").read_text()))
-             for folder in (paper_run, shorter, other, svhn, held_out)]
-    found.append(results.read_result(svhn_paper, plot.load_run(svhn_paper).logs, record))
-    found[-1].epochs = 40
+             for folder in (paper_run, shorter, other, svhn, held_out, svhn_paper, *recipes, extended)]
     cells = [table_formats.row_texts(row) for row in results.rows(found)]
-    assert [c["paper (%)"] for c in cells] == ["4.51", "", "5.24", "", "", "1.76"]
+    assert [c["paper (%)"] for c in cells] == ["4.51", "", "5.24", "", "", "1.76"] + [""] * 6
     assert cells[0]["difference"] == "+5.49" and cells[1]["difference"] == ""
     assert cells[5]["difference"] == "+1.24"  # SVHN: the paper reports the epoch validation chose
-    assert [c["data"] for c in cells] == ["C10+", "C10+", "C10+", "SVHN", "C10+ (45,000 train / "
-                                          "5,000 val / 10,000 test)", "SVHN"]
+    assert [c["data"] for c in cells][:6] == ["C10+", "C10+", "C10+", "SVHN", "C10+ (45,000 train / "
+                                              "5,000 val / 10,000 test)", "SVHN"]
+    settings = pd.read_csv(io.StringIO(table_formats.table(results.rows(found), "csv")))["settings"]
+    assert settings.iloc[-1].endswith(" rescheduled at a resume")  # its own row, apart from paper_run
+    assert "rescheduled" not in settings.iloc[0] and "schedule cosine" in settings.iloc[9]
 
 
 def test_an_unfinished_run_is_a_row_of_its_own(tmp_path, capsys):
@@ -138,7 +146,7 @@ def test_each_run_counts_once_and_a_repeated_seed_is_named(tmp_path, capsys):
     status, out, err = table_of(capsys, first, first, copy, "--table-format", "csv")
     assert status == 0, err
     assert pd.read_csv(io.StringIO(out))["n"].tolist() == [1]
-    assert f"note: {first} is the run of {first} (the same run_id): counted once" in err
+    assert f"note: {first} was named twice: counted once" in err
     assert f"note: {copy} is the run of {first}" in err
     again = make_run(tmp_path / "again", [20.0, 12.0])  # seed 0 once more: another run
     status, out, err = table_of(capsys, first, again, "--table-format", "csv")
@@ -199,8 +207,8 @@ def test_group_curves_say_what_sets_each_group_apart(tmp_path, capsys):
     assert list(test_mean.get_ydata()) == pytest.approx([30.0, 21.0])
     assert len(error.collections) == 2  # the group of three's train and test bands; none for one run
     drops = [line for line in error.get_lines() if line.get_linestyle() == "-."]
-    assert len(drops) == 1  # both groups drop at 1.5, to 0.01 and 0.005: one line, labelled with the factor
-    assert [text.get_text() for text in error.texts] == ["lr ÷10"]
+    assert len(drops) == 1  # both groups drop at 1.5, to 0.001 and 0.0005: one line, with the factor
+    assert [text.get_text() for text in error.texts] == ["lr ÷100"]  # two drops at once
     assert all("10^" not in label.get_text() and "times" not in label.get_text()
                for label in loss.get_yticklabels())  # plain numbers on the log axis
     status, out, err = run_main(capsys, plot.main, *runs, alone, "--group")
@@ -297,8 +305,8 @@ def test_rows_that_would_read_alike_say_what_sets_them_apart(tmp_path, capsys):
     assert frame["data"].nunique() == 1  # C10+ (4,660 train / 846 test): the data column cannot tell
     settings = frame["settings"].tolist()  # words only where a row would read like another
     assert settings[1] == "lr 0.05"
-    assert settings[0].startswith("lr 0.1 images ") and settings[2].startswith("lr 0.1 images ")
-    assert settings[0] != settings[2]  # their images' fingerprints
+    assert settings[0] == "lr 0.1 train images f0-train test images f0-test"  # their images'
+    assert settings[2] == "lr 0.1 train images f9-train test images f9-test"  # fingerprints
     status, out, _ = table_of(capsys, base, lower)
     assert out.splitlines()[0].split()[:5] == ["model", "parameters", "data", "settings", "epochs"]
     assert "lr 0.05" in out.splitlines()[2] and "images" not in out  # lr alone tells them apart
@@ -309,3 +317,33 @@ def test_rows_that_would_read_alike_say_what_sets_them_apart(tmp_path, capsys):
     fig, _ = plot.group_figure(plot.parse_args([str(base), str(capped), "--group"]))
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
     assert legend[:2] == ["train-subset 0 (n=1)", "train-subset 5000 (n=1)"]
+
+
+def test_other_process_counts_are_other_groups_and_the_csv_keeps_its_columns(tmp_path, capsys):
+    """The number of processes changes the numbers (each normalises its own share of a
+    batch): runs on 1 and on 2 are separate rows that say so. The CSV has the same columns
+    whatever its rows hold, and the commit stays text."""
+    runs = []
+    for name, processes in (("one", [1]), ("two", [2]), ("two-then-one", [2, 1])):
+        run = make_run(tmp_path / name, [20.0, 10.0])
+        record = json.loads((run / "config.json").read_text())
+        record["environment"] = {"world_size": processes[0]}
+        record["resumes"] = [{"environment": {"world_size": count}} for count in processes[1:]]
+        record["code"]["commit"] = "0012345e89" + "a" * 30  # its first ten would read as a number
+        (run / "config.json").write_text(json.dumps(record))
+        runs.append(run)
+    frame = csv_of(capsys, *runs)
+    assert frame["n"].tolist() == [1, 1, 1]
+    assert frame["settings"].tolist() == ["1 process(es)", "2 process(es)", "2 then 1 process(es)"]
+    assert frame["code"].tolist() == ["0012345e89" + "a" * 30] * 3  # the whole commit, as text
+    assert {"test_error_std", "best_val_test_error_mean", "top5_error_mean", "paper_error"} <= set(frame.columns)
+    assert frame["test_error_std"].isna().all()  # one run a row: no spread, the column kept
+
+
+def test_a_run_with_a_damaged_csv_line_is_skipped_naming_the_line(tmp_path, capsys):
+    good = make_run(tmp_path / "good", [20.0, 10.0])
+    bad = make_run(tmp_path / "bad", [20.0, 12.0])
+    lines = (bad / "train.csv").read_text().splitlines()
+    (bad / "train.csv").write_text("\n".join(lines[:2] + ["2,abc,1.0,25.0,60,400"]) + "\n")
+    status, out, err = table_of(capsys, good, bad)
+    assert status == 0 and f"{bad}/train.csv, line 3: lr is 'abc'" in err and "10.00" in out

@@ -42,15 +42,21 @@ def test_default_folders_name_every_setting_that_changes_the_numbers():
     assert RunConfig(augment=False, lr=0.05, weight_decay=5e-4, train_subset=5000).save == (
         "work/cifar10-densenet-bc-100-12-train5000-no-augment-lr0.05-wd0.0005")
     # one setting changed at a time, each to a value other than its own: every folder differs
-    changed = {"dataset": "cifar100", "svhn_extra": False, "val_size": 10, "train_subset": 10,
+    changed = {"dataset": "cifar100", "val_size": 10, "train_subset": 10,
                "test_subset": 10, "augment": False, "depth": 40, "growth_rate": 6,
                "bottleneck": False, "compression": 1.0, "dropout": 0.1, "epochs": 4,
                "batch_size": 32, "lr": 0.05, "momentum": 0.8, "weight_decay": 5e-4,
                "opt": "rmsprop", "schedule": "cosine", "seed": 1,
                "precision": "bf16", "sync_bn": True}
-    assert set(changed) == {f.name for f in fields(RunConfig)} - config.NUMBER_NEUTRAL
+    assert set(changed) == {f.name for f in fields(RunConfig)} - config.NUMBER_NEUTRAL - {"svhn_extra"}
     folders = [RunConfig(**{name: value}).save for name, value in changed.items()]
     assert len(set(folders) | {RunConfig().save}) == len(changed) + 1, folders
+    # --no-svhn-extra names SVHN's folders only; -0.0 is 0; decimals without an exponent's minus
+    assert RunConfig(svhn_extra=False).save == RunConfig().save
+    assert RunConfig(dataset="svhn", svhn_extra=False).save == "work/svhn-densenet-bc-100-12-no-svhn-extra"
+    assert RunConfig(weight_decay=-0.0) == RunConfig(weight_decay=0.0)
+    assert RunConfig(weight_decay=-0.0).save == "work/cifar10-densenet-bc-100-12-wd0"
+    assert RunConfig(lr=1e-5).save == "work/cifar10-densenet-bc-100-12-lr0.00001"
     # what cannot change the numbers never changes the folder
     neutral = {"device": "cpu", "kernels": "aten", "cuda_graph": False, "channels_last": False,
                "memory_efficient": True, "data_dir": "elsewhere", "eval_batch_size": 7, "stop_after": 2,
