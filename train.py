@@ -36,6 +36,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine.cuda_graph import GraphedStep
 from densenet_trainer.engine.runtime import (
     STOP_SIGNALS,
     Runtime,
@@ -173,7 +174,10 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
             return 0
         run = build_run(plan.config, runtime, runtime.log, plan.checkpoint)
         runtime.log(f"model {run.model.name}: {run.parameters:,} parameters; "
-                    f"{runtime.world_size} process(es) on {runtime.device}")
+                    f"{runtime.world_size} process(es) on {runtime.device}; start-up "
+                    + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in run.startup.items())
+                    + ("; the step's CUDA graph is captured in epoch 1's first steps"
+                       if isinstance(run.run_step, GraphedStep) else ""))
         if plan.checkpoint is not None:
             step = plan.progress["step"]
             runtime.log(f"resuming {save} after epoch {plan.start_epoch}"

@@ -11,7 +11,7 @@ equal size, same parameter count) in the same step, measured in the same run, so
 hold even on a noisy machine.
 
   python bench/speed.py                         # BC-100-12, batch 64; modes for the device
-  python bench/speed.py --device cuda --modes torchvision,ours,graph,graph_bf16
+  python bench/speed.py --device cuda --modes torchvision,ours,graph,graph_auto,graph_bf16
   python bench/speed.py --modes ours,compile    # compile takes minutes on a CPU
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ MODES = {
     "bf16": ("ours + bf16, eager", {"precision": "bf16"}),
     "memory_efficient": ("ours + --memory-efficient, eager", {"memory_efficient": True}),
     "compile": ("ours + torch.compile, eager", {"compile": True}),
-    "graph": ("ours as train.py runs it on a GPU: the step as one CUDA graph", {"graph": True}),
+    "graph": ("ours, the step as one CUDA graph, ATen's kernels pinned (the GPU baseline)", {"graph": True}),
+    "graph_auto": ("graph as train.py runs it: --kernels auto times both sets first (once)",
+                   {"graph": True, "autotune": True}),
     "graph_bf16": ("graph + bf16", {"graph": True, "precision": "bf16"}),
     "graph_memory_efficient": ("graph + --memory-efficient", {"graph": True, "memory_efficient": True}),
     "graph_compile": ("graph + torch.compile inside it (--kernels compile)",
@@ -58,13 +60,17 @@ MODES = {
                     {"graph": True, "kernels": "fused"}),
     "graph_fused_bf16": ("graph_fused + bf16", {"graph": True, "kernels": "fused", "precision": "bf16"}),
 }
+# "auto" kernels are pinned to what RunConfig.kernels_on gives the device (fused on a CPU in
+# float32, ATen on a GPU) unless "autotune": no mode but graph_auto times candidates
 OURS = {"model": "ours", "channels_last": True, "allocator": True, "kernels": "auto",
-        "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False}
+        "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False,
+        "autotune": False}
 DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
                  "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,graph_compile,"
                          "memory_efficient,graph_memory_efficient"}
 # ratios printed under the table: (mode, against)
-RATIOS = [("graph", "ours"), ("graph_bf16", "graph"), ("bf16", "ours"), ("graph_fused", "graph"),
+RATIOS = [("graph", "ours"), ("graph_auto", "graph"), ("graph_bf16", "graph"), ("bf16", "ours"),
+          ("graph_fused", "graph"),
           ("graph_fused_bf16", "graph_bf16"),
           ("graph_compile", "graph"), ("memory_efficient", "ours"),
           ("graph_memory_efficient", "graph")]
@@ -95,11 +101,13 @@ def measure(settings: dict) -> dict:
     if mode["allocator"]:
         keep_freed_memory_mapped()
     device = torch.device(settings["device"])
+    kernels = "compile" if mode["compile"] else mode["kernels"]
+    if kernels == "auto" and not mode["autotune"]:
+        kernels = RunConfig(precision=mode["precision"]).kernels_on(device.type)
     cfg = RunConfig(depth=settings["depth"], growth_rate=settings["growth_rate"],
                     batch_size=settings["batch"], channels_last=mode["channels_last"],
-                    kernels="compile" if mode["compile"] else mode["kernels"],
-                    precision=mode["precision"], memory_efficient=mode["memory_efficient"],
-                    cuda_graph=mode["graph"])
+                    kernels=kernels, precision=mode["precision"],
+                    memory_efficient=mode["memory_efficient"], cuda_graph=mode["graph"])
     torch.manual_seed(0)
     model = (torchvision_cifar_densenet(cfg.depth, cfg.growth_rate)
              if mode["model"] == "torchvision" else None)
@@ -118,20 +126,29 @@ def measure(settings: dict) -> dict:
         times.append(time.perf_counter() - start)
         system.append(os.times().system - kernel)
         peaks.append(peak_since(base, device))
-    kernels = None
+    launches = None
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as profiled:
             run_step()
             synchronize(device)
-        kernels = sum(1 for event in profiled.events()
-                      if event.device_type == torch.autograd.DeviceType.CUDA)
+        launches = sum(1 for event in profiled.events()
+                       if event.device_type == torch.autograd.DeviceType.CUDA)
     step_s = statistics.median(times)
     return {"images_per_s": settings["batch"] / step_s, "step_s": step_s, "system_s": statistics.median(system),
             # a graph keeps its memory in its own pool between replays: no peak to see
             "peak_mb": None if mode["graph"] else statistics.median(peaks) / 2**20,
             "parameters": parameters,
-            "kernels": kernels}
+            "kernels": launches,
+            # what really ran: the kernel set (and why) and the step (graphed, or eager and why)
+            "kernels_used": run.kernel_choice.record(), "step": run.step_status}
+
+
+def ran_as(runs: list[dict]) -> str:
+    """How a mode's processes really stepped: kernel set and graph or eager ('mixed' where
+    its processes differed); the reasons are in each process's JSON."""
+    seen = {f"{r['kernels_used']['kernels']}, {r['step'].split(' ')[0].rstrip(':')}" for r in runs}
+    return seen.pop() if len(seen) == 1 else "mixed: " + "; ".join(sorted(seen))
 
 
 @cli.one_line_errors
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         "warmup": args.warmup}
             results[mode].append(in_fresh_process(__file__, settings, args.threads))
     rows = [("mode", "images/s", "kernels/step", "300 epochs", "kernel s/step", "step peak MB",
-             "parameters", "what")]
+             "parameters", "ran as", "what")]
     median = {mode: statistics.median(r["images_per_s"] for r in runs) for mode, runs in results.items()}
     for mode in modes:
         runs = results[mode]
@@ -187,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{300 * 50_000 / median[mode] / 3600:.2f} h",
                      spread([r["system_s"] for r in runs]),
                      "-" if runs[0]["peak_mb"] is None else spread([r["peak_mb"] for r in runs]),
-                     f"{runs[0]['parameters']:,}", MODES[mode][0]))
+                     f"{runs[0]['parameters']:,}", ran_as(runs), MODES[mode][0]))
     print_table(rows)
     pairs = [(mode, "torchvision") for mode in modes if mode != "torchvision"] + RATIOS
     for mode, against in pairs:

@@ -10,6 +10,7 @@ The CPU runs the step eagerly; tests give ``GraphedStep`` stand-in captures.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,7 @@ class GraphedStep:
         self.eager, self.warmed, self.checked = False, 0, False
         self.side: torch.cuda.Stream | None = None  # one for every warm-up step: one cache
         self.status = "graphed (not captured yet)"
+        self.capture_seconds = 0.0
 
     def __call__(self) -> None:
         if self.checked:
@@ -56,10 +58,12 @@ class GraphedStep:
             self.warmed += 1
             self._on_side_stream()
         elif self.replay is None:
+            began = time.perf_counter()
             try:
                 self.replay = self.capture(self.step)
             except Exception as error:  # any failure: CUDA, an uncapturable op, memory
                 self._fall_back(error)
+            self.capture_seconds = time.perf_counter() - began
             self.step()
         else:
             self._checked_replay()
@@ -96,7 +100,8 @@ class GraphedStep:
                         f"step's result, slower")
         else:
             self.checked = True
-            self.status = "graphed (its first replay matched an eager step)"
+            self.status = (f"graphed (captured in {self.capture_seconds:.2f} s; its first replay "
+                           f"matched an eager step)")
 
     def _fall_back(self, error: Exception) -> None:
         """Undo what the failed capture left on the Python side; nothing ran on the device."""

@@ -11,8 +11,9 @@ step and what runs it (its CUDA graph on one GPU).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -136,6 +137,7 @@ class Run:
     run_step: Callable[[], None]  # the step itself, or its CUDA graph
     test: datasets.Split  # on the device
     val: datasets.Split | None
+    startup: dict[str, float] = field(default_factory=dict)  # seconds by phase
 
     @property
     def parameters(self) -> int:
@@ -169,7 +171,7 @@ class Run:
                 "data": self.data.identity,
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
                 "environment": environment(self.runtime), "code": code_version(),
-                "jobs": launcher_jobs()}
+                "jobs": launcher_jobs(), "startup_seconds": self.startup}
 
 
 def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,
@@ -184,12 +186,15 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
                         f"divisible by the {runtime.world_size} processes")
     if cfg.sync_bn and runtime.world_size > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
+    began = time.perf_counter()
     dataset = dataset or load_data(cfg, log)
     normalizer = data.Normalizer(dataset.mean, dataset.std, device)
-    if model is None:
+    loaded = time.perf_counter()
+    if model is None:  # the fused kernels' self-test, and on a GPU the timing of each set
         kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"))
     else:
         kernel_choice = KernelChoice(getattr(model, "kernels", "aten"), "a model given to build_run")
+    chosen = time.perf_counter()
     seed_everything(cfg.seed)  # after choose_kernels, whose timing draws random numbers
     model = model or build_model(cfg, kernel_choice.kernels)
     model.to(device, memory_format=data.memory_format(cfg.channels_last))
@@ -224,8 +229,10 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     step = TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5)
     run_step = cuda_graph.step_runner(step, cfg, kernel_choice.kernels, runtime, log)
     val = dataset.val.to(device) if dataset.val is not None else None
+    startup = {"data": loaded - began, "kernels": chosen - loaded, "model": time.perf_counter() - chosen}
     return Run(cfg, runtime, dataset, normalizer, model, kernel_choice, optimizer, scaler, batches,
-               lr, step, run_step, dataset.test.to(device), val)
+               lr, step, run_step, dataset.test.to(device), val,
+               {phase: round(seconds, 3) for phase, seconds in startup.items()})
 
 
 def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.Module | None = None,

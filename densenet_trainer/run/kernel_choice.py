@@ -1,18 +1,22 @@
 """Which DenseNet kernels a run computes with ("fused" or "aten"), and why: --kernels auto on
 a GPU times a few steps of each (``time_steps``) and takes the faster, as cudnn.benchmark
-chooses convolutions; everywhere the fused kernels are used only once they have passed their
-self-test (kernels/kernel_check.py). config.json records the choice and its timings.
+chooses convolutions; a candidate that fails (an exception, a graph that would not capture or
+replayed wrong) loses, saying why; everywhere the fused kernels are used only once they have
+passed their self-test (kernels/kernel_check.py). config.json records the choice, its
+timings, the candidates' problems and what the choice cost.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from densenet_trainer.engine import cuda_graph
 from densenet_trainer.engine.runtime import Runtime, broadcast, rng_state, set_rng_state, synchronize
 from densenet_trainer.engine.step import COMPUTE_DTYPES
 from densenet_trainer.kernels import fused, kernel_check
@@ -26,14 +30,24 @@ class KernelChoice:
     kernels: str  # "fused" or "aten"
     why: str
     ms_per_step: dict[str, float] | None = None
+    problems: dict[str, str] | None = None  # the candidates that could not run, and why
+    seconds: float | None = None  # what timing the candidates cost, start-up included
 
     def record(self) -> dict:
         """What config.json says of it."""
         return {"kernels": self.kernels, "why": self.why,
-                **({"ms_per_step": self.ms_per_step} if self.ms_per_step else {})}
+                **({"ms_per_step": self.ms_per_step} if self.ms_per_step else {}),
+                **({"problems": self.problems} if self.problems else {}),
+                **({"seconds": self.seconds} if self.seconds is not None else {})}
 
 
-AUTOTUNE_STEPS = 5  # timed steps per kernel set, after the warm-up and the graph's capture
+AUTOTUNE_WARMUP = 3  # untimed steps first, in every mode: cuDNN's benchmarking, Triton's compiles
+AUTOTUNE_STEPS = 5  # timed steps a repeat
+AUTOTUNE_REPEATS = 3  # the fastest repeat stands: the others met more of the machine's noise
+
+
+class CandidateFailed(Exception):
+    """A kernel set's steps ran, but not as the run would run them (its graph fell back)."""
 
 
 def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,
@@ -60,15 +74,30 @@ def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = 
         problem = _fused_problem(cfg, device, log)
         if problem:
             return KernelChoice("aten", f"auto: {problem}")
-        seconds = {kernels: (measure or functools.partial(time_steps, cfg, runtime))(kernels)
-                   for kernels in ("aten", "fused")}
-        fastest = min(seconds, key=seconds.get)
+        started = time.perf_counter()
+        seconds, problems = {}, {}
+        for kernels in ("aten", "fused"):
+            try:
+                seconds[kernels] = (measure or functools.partial(time_steps, cfg, runtime))(kernels)
+            except Exception as error:  # Triton, out of memory, a graph that fell back: it loses
+                problems[kernels] = first_line(error)
+            finally:  # each candidate's memory back before the next and before the run
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        fastest = min(seconds, key=seconds.get) if seconds else "aten"  # the run meets aten's failure itself
         if runtime.world_size > 1:  # every process computes alike: rank 0's timings decide
             fastest = broadcast(fastest, runtime)
         ms = {kernels: round(1e3 * s, 3) for kernels, s in seconds.items()}
-        runtime.log(f"--kernels auto: {fastest} ({', '.join(f'{k} {v:.2f} ms' for k, v in ms.items())} "
-                    f"per step{', on rank 0' if runtime.world_size > 1 else ''})")
-        return KernelChoice(fastest, f"auto: the faster over {AUTOTUNE_STEPS} timed steps each", ms)
+        spent = round(time.perf_counter() - started, 3)
+        runtime.log(f"--kernels auto: {fastest} ("
+                    + ", ".join([f"{k} {v:.2f} ms" for k, v in ms.items()] +
+                                [f"{k} failed: {why}" for k, why in problems.items()])
+                    + f" per step{', on rank 0' if runtime.world_size > 1 else ''}); choosing took "
+                      f"{spent:.1f} s")
+        why = (f"auto: the faster of the best of {AUTOTUNE_REPEATS} repeats of {AUTOTUNE_STEPS} "
+               f"timed steps each, after {AUTOTUNE_WARMUP} untimed")
+        return KernelChoice(fastest, why, ms or None, problems or None, spent)
     kernels = cfg.kernels_on(device.type)
     why = f"--kernels {cfg.kernels} on {device.type}"
     if kernels == "fused":
@@ -95,22 +124,47 @@ def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None
     return None
 
 
+def first_line(error: Exception) -> str:
+    """An exception as one line: its message's first, or its type's name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def time_steps(cfg: RunConfig, runtime: Runtime, kernels: str) -> float:
     """Seconds per step of ``cfg``'s training computing with ``kernels``, stepped as the run
-    will be (its graph included) on random images, by one process alone. The global random
-    generators are left as they were: the run seeds them after this."""
+    will be (its graph captured and checked) on random images, by one process alone: after
+    AUTOTUNE_WARMUP untimed steps, the fastest of AUTOTUNE_REPEATS repeats of AUTOTUNE_STEPS
+    (CUDA events on a GPU). CandidateFailed where the graph the run would use fell back. The
+    global random generators are left as they were: the run seeds them after this."""
     from densenet_trainer.run.build import build_synthetic_run  # build chooses the kernels first
 
     alone = Runtime(runtime.device, capture=runtime.capture)
     state = rng_state()
     try:
         run = build_synthetic_run(dataclasses.replace(cfg, kernels=kernels), alone,
-                                  AUTOTUNE_STEPS, log=lambda *args, **kwargs: None)
-        synchronize(runtime.device)
-        start = time.perf_counter()
-        for _ in range(AUTOTUNE_STEPS):
+                                  AUTOTUNE_WARMUP + AUTOTUNE_REPEATS * AUTOTUNE_STEPS,
+                                  log=lambda *args, **kwargs: None)
+        if isinstance(run.run_step, cuda_graph.GraphedStep) and not run.run_step.checked:
+            raise CandidateFailed(run.run_step.status)
+        for _ in range(AUTOTUNE_WARMUP):
             run.run_step()
-        synchronize(runtime.device)
-        return (time.perf_counter() - start) / AUTOTUNE_STEPS
+        return min(seconds_per_step(run.run_step, runtime.device) for _ in range(AUTOTUNE_REPEATS))
     finally:
         set_rng_state(state)
+
+
+def seconds_per_step(run_step: Callable[[], None], device: torch.device) -> float:
+    """The time of AUTOTUNE_STEPS calls of ``run_step``, a step's share: between CUDA events
+    on a GPU (the device's time, no host sync inside), by the clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(AUTOTUNE_STEPS):
+            run_step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / AUTOTUNE_STEPS
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(AUTOTUNE_STEPS):
+        run_step()
+    return (time.perf_counter() - began) / AUTOTUNE_STEPS

@@ -12,6 +12,7 @@ import torch
 import plot
 import train
 from attic import dataset_stats, gradcheck, lr_find, predict, summary
+from bench import speed
 from densenet import DenseLayer, DenseNet
 from densenet_trainer.settings.cli import UserError
 from helpers import ROOT, TINY, TINY_MODEL
@@ -215,3 +216,15 @@ def test_predict_reads_images_as_a_person_sees_them(tmp_path):
     Image.fromarray(upright[::-1].copy()).save(tmp_path / "photo.jpg", exif=exif, quality=95)
     pixels = predict.read_image(tmp_path / "photo.jpg")
     assert pixels[:, :12].float().mean() > 240 and pixels[:, 20:].float().mean() < 15
+
+
+def test_bench_speed_says_how_each_mode_really_ran():
+    """Each mode's JSON names the kernel set and how the step ran (a graph, or eager and why),
+    and auto kernels are pinned to the device's without timing candidates in the process."""
+    result = speed.measure({"mode": "plain", "depth": 10, "growth_rate": 4, "batch": 8,
+                            "device": "cpu", "steps": 1, "warmup": 0})
+    assert result["kernels_used"] == {"kernels": "fused", "why": "--kernels fused on cpu"}
+    assert result["step"] == "eager (--no-cuda-graph)"  # the mode asks for none
+    assert speed.ran_as([result, result]) == "fused, eager"
+    assert speed.ran_as([result, {**result, "step": "graphed (captured in 1 s; ...)"}]) == (
+        "mixed: fused, eager; fused, graphed")

@@ -4,6 +4,7 @@ run ran. On the CPU the graph is a stand-in capture that replays right or wrong.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -80,14 +81,15 @@ def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
     cpu = Runtime(torch.device("cpu"))
     for name, runtime, status in [
             ("eager", cpu, "eager (CUDA graphs are for GPUs; this runs on cpu)"),
-            ("graphed", Runtime(torch.device("cpu"), capture=faithful_capture),
-             "graphed (its first replay matched an eager step)"),
+            ("graphed", Runtime(torch.device("cpu"), capture=faithful_capture), "graphed (captured in "),
             ("dropped", Runtime(torch.device("cpu"), capture=stale_capture),
              "eager: the graph's first replay disagreed with an eager step (the counters differ)")]:
         assert train.train(two_epochs(tmp_path, cifar_dir, name), runtime=runtime) == 0
         record = json.loads((tmp_path / name / "config.json").read_text())
         assert record["step"].startswith(status)
+        assert name != "graphed" or record["step"].endswith(" s; its first replay matched an eager step)")
         assert record["kernels_used"] == "fused on cpu"
+        assert set(record["startup_seconds"]) == {"data", "kernels", "model"}
         assert record["environment"]["device"] == "cpu" and "gpu" not in record["environment"]
     assert metrics(tmp_path / "graphed") == metrics(tmp_path / "eager") == metrics(tmp_path / "dropped")
     # a resume records how its own steps ran
@@ -104,6 +106,7 @@ def test_on_a_gpu_the_run_checks_itself_and_says_what_ran(tmp_path, cifar_dir):
     assert train.main(["--data-dir", str(cifar_dir), *TINY, "--device", "cuda", "--epochs", "1",
                        "--save", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert record["step"] == "graphed (its first replay matched an eager step)"
+    assert re.fullmatch(r"graphed \(captured in [0-9.]+ s; its first replay matched an eager step\)", record["step"])
     assert set(record["kernels_chosen"]["ms_per_step"]) == {"aten", "fused"}
+    assert "problems" not in record["kernels_chosen"] and record["kernels_chosen"]["seconds"] > 0
     assert {"gpu", "gpu_memory_gib", "cuda", "cudnn", "triton"} <= set(record["environment"])

@@ -10,6 +10,7 @@ from densenet_trainer.engine.runtime import Runtime
 from densenet_trainer.run import kernel_choice
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
+from helpers import faithful_capture, stale_capture
 
 
 def test_fused_kernels_are_never_used_under_syncbatchnorm():
@@ -46,12 +47,31 @@ def test_auto_on_a_gpu_takes_the_faster_kernels_and_records_why(gpu_kernels_pass
     measure, calls = fake_timings(aten=aten, fused=fused_ms)
     choice = kernel_choice.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
     assert calls == ["aten", "fused"]
-    assert choice == kernel_choice.KernelChoice(chosen, "auto: the faster over 5 timed steps each",
-                                        {"aten": aten, "fused": fused_ms})
+    why = "auto: the faster of the best of 3 repeats of 5 timed steps each, after 3 untimed"
+    assert (choice.kernels, choice.why, choice.ms_per_step, choice.problems) == (
+        chosen, why, {"aten": aten, "fused": fused_ms}, None)
     assert capsys.readouterr().out == (f"--kernels auto: {chosen} (aten {aten:.2f} ms, fused "
-                                       f"{fused_ms:.2f} ms per step)\n")
-    assert choice.record() == {"kernels": chosen, "why": "auto: the faster over 5 timed steps each",
-                               "ms_per_step": {"aten": aten, "fused": fused_ms}}
+                                       f"{fused_ms:.2f} ms per step); choosing took "
+                                       f"{choice.seconds:.1f} s\n")
+    assert choice.record() == {"kernels": chosen, "why": why, "ms_per_step": {"aten": aten, "fused": fused_ms},
+                               "seconds": choice.seconds}
+
+
+@pytest.mark.parametrize("failing", [["fused"], ["aten", "fused"]])
+def test_a_candidate_that_fails_loses_saying_why(gpu_kernels_pass, failing, capsys):
+    """An exception in a candidate (Triton, out of memory, a graph that fell back) makes it
+    lose, with its reason printed and recorded; the run never stops for it."""
+    def measure(kernels: str) -> float:
+        if kernels in failing:
+            raise (kernel_choice.CandidateFailed("eager: the capture failed (operation not permitted)")
+                   if kernels == "fused" else torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried ..."))
+        return 0.002
+    choice = kernel_choice.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
+    assert choice.kernels == "aten"
+    problems = {"aten": "CUDA out of memory.", "fused": "eager: the capture failed (operation not permitted)"}
+    assert choice.problems == {k: problems[k] for k in failing}
+    assert choice.record()["problems"] == choice.problems
+    assert "fused failed: eager: the capture failed (operation not permitted)" in capsys.readouterr().out
 
 
 def test_auto_on_a_gpu_keeps_a_resumed_runs_choice_and_times_only_what_can_run(gpu_kernels_pass):
@@ -80,3 +100,28 @@ def test_timing_steps_changes_nothing_the_run_draws():
     assert seconds > 0
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert (np.random.get_state()[1] == state[2]).all()
+
+
+@pytest.mark.parametrize("capture, failure", [
+    ("failing", "eager: the capture failed (no graphs here)"),
+    ("stale", "eager: the graph's first replay disagreed with an eager step"),
+    ("faithful", None)])
+def test_timing_a_candidate_whose_graph_falls_back_fails_it(capture, failure):
+    """A candidate is timed as the run would step it: where its graph would not capture or
+    replays wrong, the run would not step that way, and its timing says so."""
+    def failing(step):
+        raise RuntimeError("no graphs here")
+    captures = {"failing": failing, "stale": stale_capture, "faithful": faithful_capture}
+    runtime = Runtime(torch.device("cpu"), capture=captures[capture])
+    cfg = RunConfig(depth=10, growth_rate=4, batch_size=8)
+    if failure is None:
+        assert kernel_choice.time_steps(cfg, runtime, "aten") > 0
+    else:
+        with pytest.raises(kernel_choice.CandidateFailed, match=failure.replace("(", r"\(").replace(")", r"\)")):
+            kernel_choice.time_steps(cfg, runtime, "aten")
+
+
+def test_each_repeat_times_its_steps_and_nothing_else():
+    calls = []
+    seconds = kernel_choice.seconds_per_step(lambda: calls.append(1), torch.device("cpu"))
+    assert len(calls) == kernel_choice.AUTOTUNE_STEPS and seconds >= 0
