@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import plot
 import train
 from attic import dataset_stats, gradcheck, lr_find, predict, summary
-from bench import speed
+from bench import profile, speed
 from densenet import DenseLayer, DenseNet
 from densenet_trainer.settings.cli import UserError
 from helpers import ROOT, TINY, TINY_MODEL
@@ -228,3 +229,35 @@ def test_bench_speed_says_how_each_mode_really_ran():
     assert speed.ran_as([result, result]) == "fused, eager"
     assert speed.ran_as([result, {**result, "step": "graphed (captured in 1 s; ...)"}]) == (
         "mixed: fused, eager; fused, graphed")
+
+
+@pytest.mark.parametrize("name, group", [
+    ("sm90_xmma_fprop_implicit_gemm_tf32f32_tf32f32_f32_nhwckrsc_nhwc", "convolution forward"),
+    ("sm90_xmma_dgrad_implicit_gemm_indexed_tf32f32", "convolution data-gradient"),
+    ("sm80_xmma_wgrad_implicit_gemm_indexed_tf32f32", "convolution weight-gradient"),
+    ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512>", "BatchNorm and elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, ...>", "BatchNorm and elementwise"),
+    ("_stats_finish_kernel", "Triton finish"), ("_norm_relu_backward_kernel", "Triton main passes"),
+    ("_finish_grad_kernel", "Triton main passes"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "optimiser"),
+    ("aten::convolution_backward", "convolution backward (data and weight)"),
+    ("aten::mkldnn_convolution", "convolution forward"), ("_NormReLUConv", "fused C kernels"),
+    ("aten::native_batch_norm", "BatchNorm and elementwise"), ("aten::empty", "others")])
+def test_bench_profile_groups_kernels_by_what_they_compute(name, group):
+    assert profile.group_of(name) == group
+
+
+def test_bench_profile_tables_a_step_of_each_path_on_the_cpu(capsys):
+    assert profile.main(["--paths", "aten,fused", "--depth", "10", "--growth-rate", "4", "--batch", "8",
+                         "--warmup", "1", "--threads", "1", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert table[0].split() == ["group", "aten", "fused"]
+    cell = r"-(?=\s|$)|[0-9.]+(?: \([0-9]+%\))?(?: x[0-9]+)?"
+    rows = {line[:40].strip(): re.findall(cell, line[40:]) for line in table[1:]}
+    assert {"convolution forward", "BatchNorm and elementwise", "step"} <= set(rows)
+    assert all(len(cells) == 2 for cells in rows.values()), rows
+    assert rows["fused C kernels"][0] == "-" and float(rows["fused C kernels"][1].split()[0]) > 0  # fused only
+    steps = [float(ms) for ms in rows["step"]]
+    for group, cells in rows.items():  # every group's time within its step's
+        for text, step in zip(cells, steps):
+            assert text == "-" or float(text.split()[0]) <= step * 1.05, (group, cells)

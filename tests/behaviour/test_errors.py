@@ -28,7 +28,7 @@ import plot
 import train
 from attic import dataset_stats, gradcheck, lr_find, predict, summary
 from bench import kernels as kernel_count
-from bench import memory, pipeline, speed
+from bench import memory, pipeline, profile, speed
 from densenet import DenseNet
 from densenet_trainer.settings import cli
 from densenet_trainer.settings.config import RunConfig
@@ -48,7 +48,8 @@ SCRIPTS = {"train.py": train.main, "plot.py": plot.main, "attic/summary.py": sum
            "attic/gradcheck.py": gradcheck.main, "attic/dataset_stats.py": dataset_stats.main,
            "attic/lr_find.py": lr_find.main, "bench/speed.py": speed.main,
            "bench/memory.py": memory.main, "bench/pipeline.py": pipeline.main,
-           "attic/predict.py": predict.main, "bench/kernels.py": kernel_count.main}
+           "attic/predict.py": predict.main, "bench/kernels.py": kernel_count.main,
+           "bench/profile.py": profile.main}
 
 
 # ---------------------------------------------------------------- what the cases start from
@@ -210,7 +211,8 @@ CASES = {
     "plot dpi 0": ("plot.py", "{plotted} --dpi 0", "argument --dpi: must be between 10 and 1200, got 0", "plotted", None),
     "plot out into a missing folder": ("plot.py", "{plotted} {plotted} --out {tmp}/nowhere/c.png", "--out {tmp}/nowhere/c.png: the folder {tmp}/nowhere does not exist", "plotted", None),
     "plot out unknown suffix": ("plot.py", "{plotted} {plotted} --out {tmp}/c.xyz", "unknown figure format '.xyz'", "plotted", None),
-    "plot out unwritable": ("plot.py", "{plotted} {plotted} --out /proc/c.png", "cannot write", "plotted", None),
+    "plot out unwritable": ("plot.py", "{plotted} {tmp}/plotted2 --out /proc/c.png", "cannot write", "plotted",
+                            lambda tmp, run: shutil.copytree(run, tmp / "plotted2")),
     "plot corrupt lr_find.json": ("plot.py", "{plotted}", "{plotted}/lr_find.json is not readable JSON", "plotted", lambda tmp, run: [(run / "lr_find.csv").write_text("step,lr,raw_loss,loss\n1,0.001,2.3,2.3\n"), (run / "lr_find.json").write_text("{oops")]),
     "plot corrupt lr_find.csv": ("plot.py", "{plotted}", "{plotted}/lr_find.csv lacks the column(s) loss", "plotted", write("lr_find.csv", "step,lr\n1,0.1\n")),
     "plot path too long": ("plot.py", TOO_LONG_PATH, "argument WORKDIR: the path is 5,024 bytes long", None, None),
@@ -241,6 +243,9 @@ CASES = {
     "speed steps 0": ("bench/speed.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
     "speed batch 0": ("bench/speed.py", "--batch 0", "argument --batch: must be a positive integer, got 0", None, None),
     "speed unknown mode": ("bench/speed.py", "--modes ours,fastest", "unknown mode(s) fastest", None, None),
+    "profile unknown path": ("bench/profile.py", "--paths aten,fastest", "unknown path(s) fastest", None, None),
+    "profile depth 11": ("bench/profile.py", "--depth 11", "depth 11 is impossible", None, None),
+    "profile one not json": ("bench/profile.py", "--one {{oops", "--one is internal", None, None),
     "speed graph on a cpu": ("bench/speed.py", "--device cpu --modes ours,graph_bf16", "mode(s) graph_bf16 capture a CUDA graph and need --device cuda", None, None),
     "memory repeats 0": ("bench/memory.py", "--repeats 0", "argument --repeats: must be a positive integer, got 0", None, None),
     "memory threads 0": ("bench/memory.py", "--threads 0", "argument --threads: must be a positive integer, got 0", None, None),
