@@ -10,7 +10,13 @@ before any real work. This script runs one training step of train.py (the same
 - every Triton launch of the fused path: triton_kernels.py's wrappers run as on a GPU,
   their jitted kernels replaced by counters;
 - how many of those touch at most TINY elements (the launch-bound ones), and an estimate of
-  the bytes they move (every tensor each reads or writes, once).
+  the bytes they move (every tensor each reads or writes, once);
+- the floor a GPU cannot beat for that step: its bytes at the GPU's memory bandwidth, and its
+  launches one after another at LAUNCH_US each (a floor, not a prediction: convolutions'
+  arithmetic, caches and overlap are left out);
+- per Triton kernel, its grid (programs per launch, fewest to most) and the loop each
+  program runs: pixel tiles per program for the partial-sum passes, partial-sum rows added
+  by the finishing passes.
 
 The counts depend on the model, the batch and the code, never on the machine: the table is
 the same everywhere.
@@ -30,6 +36,9 @@ from densenet_trainer.measuring import print_table
 from densenet_trainer.settings import cli, config
 
 TINY = 1024  # elements: a kernel this small costs its launch, not its work
+LAUNCH_US = 2.0  # a kernel's cost inside a CUDA graph when it does almost nothing
+BANDWIDTH_TB_S = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth (SXM), terabytes a second
+SMS = 132  # streaming multiprocessors of an H100 or H200: a pass wants at least this many programs
 # Operations that allocate without writing, or only describe memory: no kernel on a GPU.
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
              "lift_fresh", "set_", "resize_", "is_same_size", "_local_scalar_dense",
@@ -46,6 +55,24 @@ PATHS = [  # (name, settings)
 
 
 @dataclasses.dataclass
+class Grid:
+    """The launches of one Triton kernel in a step: how many, their programs and loops."""
+    launches: int = 0
+    programs: tuple[int, int] = (0, 0)  # fewest, most
+    loop: int = 0  # the most a program loops: pixel tiles (main passes) or partial-sum rows (finish)
+    elements: tuple[int, int] = (0, 0)  # pixels x channels per launch: fewest, most
+
+    def add(self, programs: int, loop: int, elements: int) -> None:
+        first = not self.launches
+        self.launches += 1
+        self.programs = (programs, programs) if first else (min(self.programs[0], programs),
+                                                            max(self.programs[1], programs))
+        self.elements = (elements, elements) if first else (min(self.elements[0], elements),
+                                                            max(self.elements[1], elements))
+        self.loop = max(self.loop, loop)
+
+
+@dataclasses.dataclass
 class Count:
     """What one step launched."""
     aten: int = 0
@@ -53,6 +80,12 @@ class Count:
     tiny: int = 0
     bytes: int = 0
     names: Counter = dataclasses.field(default_factory=Counter)
+    grids: dict[str, Grid] = dataclasses.field(default_factory=dict)
+
+    def floor_ms(self, gpu: str) -> float:
+        """The step's floor on ``gpu``: its bytes at the bandwidth or its launches one after
+        another, whichever takes longer."""
+        return max(self.bytes / (BANDWIDTH_TB_S[gpu] * 1e12), self.total * LAUNCH_US * 1e-6) * 1e3
 
     @property
     def total(self) -> int:
@@ -93,14 +126,27 @@ def counting(count: Count) -> Iterator[None]:
 
 
 class _CountedLaunch:
-    """Stands for a jitted Triton kernel: ``kernel[grid](*args)`` counts one launch."""
+    """Stands for a jitted Triton kernel: ``kernel[grid](*args)`` counts one launch, with its
+    grid and its loop (read from the arguments named as the kernel names them)."""
 
-    def __init__(self, name: str, count_of) -> None:
-        self.name, self.count_of = name, count_of
+    def __init__(self, name: str, arg_names: list[str], count_of) -> None:
+        self.name, self.arg_names, self.count_of = name, arg_names, count_of
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.count_of().add(f"triton.{self.name}", _tensors((args, kwargs)), triton=True)
+            count = self.count_of()
+            count.add(f"triton.{self.name}", _tensors((args, kwargs)), triton=True)
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            programs = 1
+            for size in grid:
+                programs *= size
+            if "blocks" in named:  # a finishing pass adds every row of partial sums
+                loop = named["blocks"]
+            elif "tiles" in named:  # a partial-sum pass: each row of programs takes every rows-th tile
+                loop = -(-named["tiles"] // grid[0])
+            else:
+                loop = 1
+            count.grids.setdefault(self.name, Grid()).add(programs, loop, named["P"] * named["C"])
         return launch
 
 
@@ -113,8 +159,8 @@ def triton_counted(count_of) -> Iterator[None]:
                if name.startswith("_") and name.endswith("_kernel")}
     saved = fused.backend, kernel_check.failure
     try:
-        for name in kernels:
-            setattr(triton_kernels, name, _CountedLaunch(name.strip("_"), count_of))
+        for name, kernel in kernels.items():
+            setattr(triton_kernels, name, _CountedLaunch(name.strip("_"), kernel.arg_names, count_of))
         fused.backend = lambda device_type: triton_kernels
         kernel_check.failure = lambda device_type: None  # nothing to check: nothing computes
         yield
@@ -147,6 +193,12 @@ def count_step(cfg: config.RunConfig) -> Count:
     return count
 
 
+def _loop_kind(kernel: str) -> str:
+    """'tiles' for the kernels whose programs loop over pixel tiles (an argument named so)."""
+    from densenet_trainer.kernels import triton_kernels
+    return "tiles" if "tiles" in getattr(triton_kernels, f"_{kernel}").arg_names else ""
+
+
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
@@ -169,13 +221,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(f"one training step of {cfg.model_name}, batch {args.batch}: kernels a GPU would "
           f"launch (ATen operations + Triton launches); tiny: at most {TINY:,} elements")
-    rows = [("path", "ATen ops", "Triton", "total", "tiny", "MB moved (estimate)")]
+    rows = [("path", "ATen ops", "Triton", "total", "tiny", "MB moved (estimate)",
+             *(f"floor ms, {gpu}" for gpu in BANDWIDTH_TB_S))]
     counts = {}
     for name in chosen:
         counts[name] = count = count_step(dataclasses.replace(cfg, **dict(PATHS)[name]))
         rows.append((name, f"{count.aten:,}", f"{count.triton:,}", f"{count.total:,}",
-                     f"{count.tiny:,}", f"{count.bytes / 1e6:,.0f}"))
+                     f"{count.tiny:,}", f"{count.bytes / 1e6:,.0f}",
+                     *(f"{count.floor_ms(gpu):.2f}" for gpu in BANDWIDTH_TB_S)))
     print_table(rows)
+    print(f"floor: the step's bytes at the GPU's bandwidth ({', '.join(f'{g} {b} TB/s' for g, b in BANDWIDTH_TB_S.items())}) "
+          f"or its launches one after another at {LAUNCH_US:g} µs, whichever is longer; no GPU beats it")
+    grids = [(name, kernel, grid) for name, count in counts.items() for kernel, grid in count.grids.items()]
+    if grids:
+        print()
+        table = [("path", "Triton kernel", "launches", "programs per launch", "loop per program",
+                  "elements per launch")]
+        for name, kernel, grid in grids:
+            finish = "finish" in kernel and "grad" not in kernel
+            loop = f"{grid.loop} partial-sum rows" if finish else (
+                f"{grid.loop} pixel tile(s)" if "tiles" in _loop_kind(kernel) else "1 tile")
+            table.append((name, kernel, f"{grid.launches:,}", f"{grid.programs[0]:,}-{grid.programs[1]:,}",
+                          loop, f"{grid.elements[0]:,}-{grid.elements[1]:,}"))
+        print_table(table)
+        print(f"programs: a pass on fewer than a GPU's {SMS} multiprocessors leaves some idle; "
+              f"loop: what each program works through one after another")
     for name, count in counts.items() if args.top else ():
         print(f"\n{name}: " + ", ".join(f"{op} {n}" for op, n in count.names.most_common(args.top)))
     return 0

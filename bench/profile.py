@@ -29,6 +29,18 @@ from densenet_trainer.measuring import (
 from densenet_trainer.settings import cli, config
 from densenet_trainer.settings.config import RunConfig
 
+if __name__ == "profile":
+    # Any script run from bench/ has this folder first on the import path, where this file's
+    # name hides the standard library's profile module, which cProfile imports (and through it
+    # torch.compile's machinery, imported when an optimiser is built): imported under that
+    # name, this module makes the standard one take its place.
+    import importlib.util
+    import sysconfig
+    _spec = importlib.util.spec_from_file_location("profile", f"{sysconfig.get_paths()['stdlib']}/profile.py")
+    _standard = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_standard)
+    sys.modules["profile"] = _standard
+
 # path: the settings of train.py's step it profiles
 PATHS = {"aten": {"kernels": "aten"}, "fused": {"kernels": "fused"},
          "aten_bf16": {"kernels": "aten", "precision": "bf16"},
@@ -156,19 +168,5 @@ def cell(profile: dict[str, list], group: str) -> str:
     return f"{ms:.2f} ({100 * ms / profile['step'][0]:.0f}%)" + (f" x{count}" if count else "")
 
 
-def standard_profile_module() -> None:
-    """Run as a script, this file's folder comes first on the import path, where its name hides
-    the standard library's profile module, which cProfile (imported by torch.compile's
-    machinery when an optimiser is built) needs: load the standard one under its name."""
-    import importlib.util
-    import sysconfig
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("profile", Path(sysconfig.get_paths()["stdlib"]) / "profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["profile"] = module
-
-
 if __name__ == "__main__":
-    standard_profile_module()
     sys.exit(main())

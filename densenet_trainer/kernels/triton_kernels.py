@@ -7,7 +7,8 @@ handful of launches instead of dozens of tiny operations around one kernel (insi
 graph every launch costs about 2 µs however little it does; bench/kernels.py counts them):
 
 - ``stats``: per channel mean and biased variance into the given vectors, and optionally a
-  copy into the buffer (a partial-sum pass and a finishing pass);
+  copy into the buffer (a partial-sum pass over at most PARTIAL_ROWS rows of programs, each
+  looping over its pixel tiles, and a finishing pass);
 - ``norm_relu``: y = relu((x - mean) * rsqrt(var + eps) * weight + bias), the scale and shift
   made per channel in the kernel, and the running statistics updated by the first row of
   programs (one pass);
@@ -32,10 +33,13 @@ from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16)  # what the tensors may hold; arithmetic is float32
 TILE = 2048  # pixels x channels per program
+MIN_TILE = 512  # ... or fewer, down to this, where a map would otherwise leave multiprocessors idle
+MIN_PROGRAMS = 256  # about twice the multiprocessors of an H100 or H200 (132): PARTIAL_ROWS rows
 # A block buffer's pixels start on 16-element boundaries (its channels padded up to a multiple
 # of 16), so that loads of a pixel's channels can be vectorised; the padding is never read.
 PIXEL_STRIDE_MULTIPLE = 16
 BLOCK_R = 64  # partial-sum rows a finishing program adds per iteration
+PARTIAL_ROWS = 256  # at most this many rows of partial sums per pass (partial_grid)
 
 
 @triton.jit
@@ -69,44 +73,53 @@ def _norm_relu_kernel(x, x_stride, y, mean, var, weight, bias, eps, rmean, rvar,
 
 @triton.jit
 def _norm_relu_backward_kernel(g, y, x, x_stride, out, out_stride, mean, var, weight, eps, part_g, part_gx,
-                               P, C, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                               P, C, tiles, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
                                BLOCK_C: tl.constexpr):
-    block = tl.program_id(0)
-    p = (block * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+    row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m, _, a = _scale(mean, var, weight, eps, c1, c1 < C)
     c = c1[None, :]
-    inside = (p < P) & (c < C)
-    gv = tl.load(g + p * C + c, mask=inside, other=0.0).to(tl.float32)
-    yv = tl.load(y + p * C + c, mask=inside, other=0.0).to(tl.float32)
-    xv = tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32)
-    gm = tl.where(yv <= 0, 0.0, gv)  # a NaN output passes its gradient on
-    o = gm * a[None, :]
-    if ACCUMULATE:
-        o += tl.load(out + p * out_stride + c, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out + p * out_stride + c, o.to(out.dtype.element_ty), mask=inside)
-    centred = tl.where(inside, xv - m[None, :], 0.0)
-    row = c < C
-    tl.store(part_g + block * C + c, tl.sum(gm, axis=0)[None, :], mask=row)
-    tl.store(part_gx + block * C + c, tl.sum(gm * centred, axis=0)[None, :], mask=row)
+    sum_g = tl.zeros([BLOCK_C], tl.float32)
+    sum_gx = tl.zeros([BLOCK_C], tl.float32)
+    for tile in range(row, tiles, rows):
+        p = (tile * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+        inside = (p < P) & (c < C)
+        gv = tl.load(g + p * C + c, mask=inside, other=0.0).to(tl.float32)
+        yv = tl.load(y + p * C + c, mask=inside, other=0.0).to(tl.float32)
+        xv = tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32)
+        gm = tl.where(yv <= 0, 0.0, gv)  # a NaN output passes its gradient on
+        o = gm * a[None, :]
+        if ACCUMULATE:
+            o += tl.load(out + p * out_stride + c, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out + p * out_stride + c, o.to(out.dtype.element_ty), mask=inside)
+        centred = tl.where(inside, xv - m[None, :], 0.0)
+        sum_g += tl.sum(gm, axis=0)
+        sum_gx += tl.sum(gm * centred, axis=0)
+    tl.store(part_g + row * C + c1, sum_g, mask=c1 < C)
+    tl.store(part_gx + row * C + c1, sum_gx, mask=c1 < C)
 
 
 @triton.jit
-def _stats_kernel(f, f_stride, P, C, dst, dst_stride, part_s, part_ss, COPY: tl.constexpr,
+def _stats_kernel(f, f_stride, P, C, dst, dst_stride, part_s, part_ss, tiles, COPY: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    block = tl.program_id(0)
-    p = (block * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-    inside = (p < P) & (c < C)
-    v = tl.load(f + p * f_stride + c, mask=inside, other=0.0)
-    if COPY:
-        tl.store(dst + p * dst_stride + c, v.to(dst.dtype.element_ty), mask=inside)
+    row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[None, :]
     # sums about the first pixel's value, which keeps E[x^2] - E[x]^2 from cancelling
     first = tl.load(f + c, mask=c < C, other=0.0).to(tl.float32)
-    d = tl.where(inside, v.to(tl.float32) - first, 0.0)
-    row = c < C
-    tl.store(part_s + block * C + c, tl.sum(d, axis=0)[None, :], mask=row)
-    tl.store(part_ss + block * C + c, tl.sum(d * d, axis=0)[None, :], mask=row)
+    s = tl.zeros([BLOCK_C], tl.float32)
+    ss = tl.zeros([BLOCK_C], tl.float32)
+    for tile in range(row, tiles, rows):
+        p = (tile * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+        inside = (p < P) & (c < C)
+        v = tl.load(f + p * f_stride + c, mask=inside, other=0.0)
+        if COPY:
+            tl.store(dst + p * dst_stride + c, v.to(dst.dtype.element_ty), mask=inside)
+        d = tl.where(inside, v.to(tl.float32) - first, 0.0)
+        s += tl.sum(d, axis=0)
+        ss += tl.sum(d * d, axis=0)
+    tl.store(part_s + row * C + c1, s, mask=c1 < C)
+    tl.store(part_ss + row * C + c1, ss, mask=c1 < C)
 
 
 @triton.jit
@@ -176,20 +189,35 @@ def _finish_grad_kernel(grad, grad_stride, x, x_stride, coefficients, coefficien
 def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
     """The grid and tile (pixels, channels) for a P x C map: a channel width of 16, 32 or 64
     that leaves the fewest lanes idle on C (growth rates of 12 to 48 fill a 32-wide tile a
-    third to three quarters), the widest among equals, and TILE elements in all."""
+    third to three quarters), the widest among equals, and TILE elements in all; halved down
+    to MIN_TILE while that leaves fewer than MIN_PROGRAMS programs, so that a small map still
+    spreads over the GPU where its work allows."""
     block_c = min((16, 32, 64), key=lambda width: (-(-C // width) * width - C, -width))
     block_p = TILE // block_c
+    while block_p * block_c > MIN_TILE and triton.cdiv(P, block_p) * triton.cdiv(C, block_c) < MIN_PROGRAMS:
+        block_p //= 2
     return (triton.cdiv(P, block_p), triton.cdiv(C, block_c)), block_p, block_c
+
+
+def partial_grid(P: int, C: int) -> tuple[tuple[int, int], int, int, int]:
+    """For the passes that leave per-channel partial sums (stats, norm_relu_backward): at
+    most PARTIAL_ROWS rows of programs, each looping over every rows-th pixel tile, so that
+    the finishing pass adds few rows however large the map (a few iterations on a handful
+    of programs) while the main pass keeps rows x channel tiles programs (256 rows: about
+    twice a 132-SM GPU's multiprocessors for a single channel tile). Returns the grid, the
+    tile and the number of pixel tiles."""
+    (tiles, channel_tiles), block_p, block_c = _tiles(P, C)
+    return (min(tiles, PARTIAL_ROWS), channel_tiles), block_p, block_c, tiles
 
 
 def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stride: int, mean: Tensor,
           var: Tensor) -> None:
     """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``f_stride``) into
     ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None."""
-    grid, block_p, block_c = _tiles(P, C)
+    grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
     _stats_kernel[grid](f, f_stride, P, C, f if dst is None else dst, dst_stride, parts[0], parts[1],
-                        COPY=dst is not None, BLOCK_P=block_p, BLOCK_C=block_c)
+                        tiles, COPY=dst is not None, BLOCK_P=block_p, BLOCK_C=block_c)
     _stats_finish_kernel[(grid[1],)](f, parts[0], parts[1], grid[0], P, C, mean, var,
                                      BLOCK_R=BLOCK_R, BLOCK_C=block_c)
 
@@ -213,10 +241,10 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
     gradients of weight and bias."""
-    grid, block_p, block_c = _tiles(P, C)
+    grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
     _norm_relu_backward_kernel[grid](g, y, x, x_stride, out, out_stride, mean, var, weight, eps, parts[0],
-                                     parts[1], P, C, ACCUMULATE=accumulate, BLOCK_P=block_p,
+                                     parts[1], P, C, tiles, ACCUMULATE=accumulate, BLOCK_P=block_p,
                                      BLOCK_C=block_c)
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)

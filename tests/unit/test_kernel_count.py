@@ -1,6 +1,7 @@
 """bench/kernels.py: what one training step would launch on a GPU, counted on the CPU."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench import kernels as kernel_count
@@ -45,6 +46,29 @@ def test_the_table(capsys):
                               "--paths", "aten,fused", "--top", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("one training step of densenet-bc-10-4, batch 8: kernels a GPU")
-    assert out[1].split() == ["path", "ATen", "ops", "Triton", "total", "tiny", "MB", "moved", "(estimate)"]
+    assert out[1].split() == ["path", "ATen", "ops", "Triton", "total", "tiny", "MB", "moved", "(estimate)",
+                              "floor", "ms,", "H100", "floor", "ms,", "H200"]
     assert out[2].split()[0] == "aten" and out[3].split()[0] == "fused"
     assert any(line.startswith("fused: ") for line in out)
+    # the floor: launches at 2 µs one after another, or bytes at the bandwidth, whichever is longer
+    fused = out[3].split()
+    total, megabytes, floor = int(fused[3].replace(",", "")), float(fused[5].replace(",", "")), float(fused[6])
+    assert floor == pytest.approx(max(total * 2e-3, megabytes / 3.35e3), abs=0.006)
+    grids = {line.split()[1]: line for line in out if line.startswith("fused ") and "_kernel" in line}
+    assert set(grids) == {"stats_kernel", "stats_finish_kernel", "norm_relu_kernel",
+                          "norm_relu_backward_kernel", "backward_finish_kernel", "finish_grad_kernel"}
+    assert "partial-sum rows" in grids["stats_finish_kernel"] and "pixel tile(s)" in grids["stats_kernel"]
+
+
+def test_no_finish_loops_over_more_than_256_rows_and_passes_spread_where_they_can():
+    """On the paper's model at batch 64 (counted, not run): every finishing pass adds at most
+    PARTIAL_ROWS rows of partial sums, and every main pass with work enough for MIN_PROGRAMS
+    tiles of MIN_TILE elements has at least MIN_PROGRAMS programs (the GPU's 132 twice)."""
+    from densenet_trainer.kernels import triton_kernels
+    count = kernel_count.count_step(RunConfig(batch_size=64))
+    for name, grid in count.grids.items():
+        if "finish" in name and "grad" not in name:
+            assert grid.loop <= triton_kernels.PARTIAL_ROWS == 256, name
+        else:
+            enough = grid.elements[0] >= triton_kernels.MIN_PROGRAMS * triton_kernels.MIN_TILE
+            assert grid.programs[0] >= triton_kernels.MIN_PROGRAMS or not enough, (name, grid)

@@ -56,6 +56,18 @@ def test_kernels_match_float64(kernels, dtype, shape):
     kernel_check.check_kernels(kernels, DEVICE, dtype, shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_programs_that_loop_over_several_pixel_tiles_sum_as_one(kernels, dtype, monkeypatch):
+    """The partial-sum passes keep at most PARTIAL_ROWS rows of programs, each looping over
+    every rows-th pixel tile: with 2 rows and 3 or 5 tiles, programs hold one, two or three
+    tiles, and every result still matches float64."""
+    from densenet_trainer.kernels import kernel_check
+    monkeypatch.setattr(kernels, "PARTIAL_ROWS", 2)
+    for shape in [(3, 10, 10, 13, 21), (5, 8, 8, 40, 48)]:  # 300 pixels in 128s, 320 in 64s
+        assert kernels.partial_grid(shape[0] * shape[1] * shape[2], shape[3])[0][0] == 2
+        kernel_check.check_kernels(kernels, DEVICE, dtype, shape)
+
+
 def test_kernels_propagate_nan_and_store_bf16(kernels):
     x = buffer(2, 6, 3)
     x[1, 2, 0, 1] = float("nan")
