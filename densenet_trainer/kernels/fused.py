@@ -135,9 +135,13 @@ class SharedFeatures:
 
     @classmethod
     def holding(cls, features: Tensor, batch_stats: bool) -> SharedFeatures:
-        """``features`` alone, as the buffer itself (no copy); statistics only if asked for."""
+        """``features`` alone, as the buffer itself (no copy); statistics only if asked for:
+        those its block noted as it wrote them where ``features`` is a block's output
+        (``gather``), else a pass over it."""
         shared = cls(features, filled=features.shape[1])
-        if batch_stats:
+        if batch_stats and getattr(features, "block_statistics", None) is not None:
+            shared.mean, shared.var = features.block_statistics
+        elif batch_stats:
             with torch.no_grad():
                 backend(features.device.type).stats(features, shared.pixel_stride, shared.pixels,
                                                     shared.filled, None, 0, shared.mean, shared.var)
@@ -347,5 +351,10 @@ def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
 
 
 def gather(shared: SharedFeatures, newest: Tensor) -> Tensor:
-    """The block's full concatenation, ``newest`` being the last feature appended."""
-    return _Gather.apply(newest, shared)
+    """The block's full concatenation, ``newest`` being the last feature appended; it carries
+    the batch statistics the block noted of every channel (``block_statistics``), which the
+    BatchNorm after the block (a transition's, the final one) reads instead of a pass of its
+    own."""
+    out = _Gather.apply(newest, shared)
+    out.block_statistics = (shared.mean, shared.var)
+    return out

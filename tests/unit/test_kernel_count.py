@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench import kernels as kernel_count
-from densenet import DenseNet
+from densenet import DenseLayer, DenseNet
 from densenet_trainer.settings.config import RunConfig
 from helpers import on_forward
 
@@ -31,10 +31,15 @@ def test_the_fused_path_counts_its_triton_launches():
     norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in DenseNet(10, 4).modules())
     assert count.names["triton.norm_relu_kernel"] == norms
     assert count.names["triton.norm_relu_backward_kernel"] == norms
-    stats = count.names["triton.stats_kernel"]  # one per slice of a block's buffer
+    stats = count.names["triton.stats_kernel"]
+    layers = sum(isinstance(m, DenseLayer) for m in DenseNet(10, 4).modules())
+    # a slice per block input and per layer, and each bottleneck's BatchNorm; none for the
+    # BatchNorms after each block, which read the statistics the block noted as it was written
+    assert stats == 3 + 2 * layers
     assert count.names["triton.backward_finish_kernel"] == norms
-    assert count.names["triton.stats_finish_kernel"] == count.names["triton.finish_grad_kernel"] == stats
-    assert count.triton == 3 * norms + 3 * stats  # nothing else launches Triton
+    assert count.names["triton.stats_finish_kernel"] == stats
+    assert count.names["triton.finish_grad_kernel"] == stats + 3  # the slices, the 3 BNs' inputs
+    assert count.triton == 3 * norms + 3 * stats + 3  # nothing else launches Triton
     assert kernel_count.count_step(RunConfig(**TINY_BC, kernels="aten")).triton == 0
     assert not any(name.split(".")[1] in kernel_count.NO_KERNEL or name == "aten.view"
                    for name in count.names)
