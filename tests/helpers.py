@@ -217,6 +217,22 @@ def faithful_capture(step):
     return step
 
 
+def static_grads_capture(step):
+    """A capture whose replay, like a CUDA graph's, leaves the gradients in the same tensors
+    every time (``replay.kept``, by parameter), whatever ``p.grad`` pointed to before."""
+    parameters = [p for group in step.optimizer.param_groups for p in group["params"]]
+    kept: dict = {}
+
+    def replay():
+        step()
+        for p in parameters:
+            if p.grad is not None:
+                kept.setdefault(p, torch.empty_like(p.grad)).copy_(p.grad)
+                p.grad = kept[p]
+    replay.kept = kept
+    return replay
+
+
 def stale_capture(step):
     """A capture whose replay trains on the batch it was captured at, over and over."""
     captured_at = int(step.batch_index)

@@ -86,12 +86,20 @@ class GraphedStep:
         rng = rng_state()
         self.replay()
         replayed = [t.detach().clone() for t in tensors]
+        parameters = [p for group in self.step.optimizer.param_groups for p in group["params"]]
+        graph_grads = [p.grad for p in parameters]  # where every replay leaves the gradients
         with torch.no_grad():
             for tensor, value in zip(tensors, before):
                 tensor.copy_(value)
         set_rng_state(rng)
         self.step()
         mismatch = replay_mismatch(state, before, replayed)
+        if not mismatch:  # p.grad is the graph's again, holding this (eager) step's gradients
+            with torch.no_grad():
+                for parameter, graph_grad in zip(parameters, graph_grads):
+                    if graph_grad is not None and parameter.grad is not None:
+                        graph_grad.copy_(parameter.grad)
+                    parameter.grad = graph_grad
         if mismatch:
             self.replay, self.eager = None, True
             self.status = f"eager: the graph's first replay disagreed with an eager step ({mismatch})"

@@ -146,27 +146,30 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     _close(running[1], before[1] + momentum * (unbiased - before[1]), TOLERANCES[stats_dtype],
            "norm_relu's running variance")
 
-    # norm_relu_backward, adding into a buffer's gradient and coefficients
+    # norm_relu_backward, adding into a buffer's gradient and coefficients: a float32 buffer,
+    # and one of the features' own dtype, which training accumulates into (bfloat16's too)
     g = buffer(channels)
-    accumulate = _random((n, total, height, width), device, stats_dtype, generator).contiguous(memory_format=last)
-    out = accumulate.clone()
-    coefficients = _random((2, total), device, stats_dtype, generator)
-    start = coefficients.clone()
-    grad_weight, grad_bias = kernels.norm_relu_backward(g, y, x, total, pixels, channels, mean, var,
-                                                        weight, eps, out, total, True, coefficients)
     gm = torch.where(y.cpu() > 0, g.cpu(), 0).double()
     a = per_channel(scale)
-    _close(out[:, :channels], accumulate[:, :channels].double().cpu() + gm * a, tolerance,
-           "norm_relu_backward's gradient")
-    _close(out[:, channels:], accumulate[:, channels:], (0, 0), "norm_relu_backward beyond its channels")
     sum_g, sum_gx = gm.sum((0, 2, 3)), (gm * centred).sum((0, 2, 3))
-    _close(grad_bias, sum_g, sums, "norm_relu_backward's bias gradient")
-    _close(grad_weight, sum_gx * invstd, sums, "norm_relu_backward's weight gradient")
     b = -scale * invstd * invstd * sum_gx / pixels
     d = -scale * sum_g / pixels - b * mean.double().cpu()
-    _close(coefficients[0, :channels], start[0, :channels].double().cpu() + b, sums, "the coefficients b")
-    _close(coefficients[1, :channels], start[1, :channels].double().cpu() + d, sums, "the coefficients d")
-    _close(coefficients[:, channels:], start[:, channels:], (0, 0), "the coefficients beyond its channels")
+    for grad_dtype in dict.fromkeys((stats_dtype, dtype)):
+        accumulate = _random((n, total, height, width), device, grad_dtype, generator).contiguous(memory_format=last)
+        out = accumulate.clone()
+        coefficients = _random((2, total), device, stats_dtype, generator)
+        start = coefficients.clone()
+        grad_weight, grad_bias = kernels.norm_relu_backward(g, y, x, total, pixels, channels, mean, var,
+                                                            weight, eps, out, total, True, coefficients)
+        into = f" into {str(grad_dtype).removeprefix('torch.')}"
+        _close(out[:, :channels], accumulate[:, :channels].double().cpu() + gm * a, TOLERANCES[grad_dtype]
+               if grad_dtype != stats_dtype else tolerance, "norm_relu_backward's gradient" + into)
+        _close(out[:, channels:], accumulate[:, channels:], (0, 0), "norm_relu_backward beyond its channels" + into)
+        _close(grad_bias, sum_g, sums, "norm_relu_backward's bias gradient" + into)
+        _close(grad_weight, sum_gx * invstd, sums, "norm_relu_backward's weight gradient" + into)
+        _close(coefficients[0, :channels], start[0, :channels].double().cpu() + b, sums, "the coefficients b" + into)
+        _close(coefficients[1, :channels], start[1, :channels].double().cpu() + d, sums, "the coefficients d" + into)
+        _close(coefficients[:, channels:], start[:, channels:], (0, 0), "the coefficients beyond its channels" + into)
     # and writing them, for a tensor of its own
     alone = torch.empty_like(g, dtype=stats_dtype)
     written = torch.empty(2, channels, dtype=stats_dtype, device=device)

@@ -14,7 +14,15 @@ import torch
 from densenet_trainer.engine import cuda_graph
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.settings.config import RunConfig
-from helpers import ROOT, capture_without_update, faithful_capture, make_step, stale_capture, train_steps
+from helpers import (
+    ROOT,
+    capture_without_update,
+    faithful_capture,
+    make_step,
+    stale_capture,
+    static_grads_capture,
+    train_steps,
+)
 
 
 def test_graphed_step_warms_up_captures_once_and_replays(capsys):
@@ -215,3 +223,24 @@ def test_what_can_be_captured_is():
                          (RunConfig(memory_efficient=True), "aten")]:
         assert isinstance(cuda_graph.step_runner(step, cfg, kernels, runtime, pytest.fail),
                           cuda_graph.GraphedStep)
+
+
+def test_after_the_check_the_gradients_are_the_graphs():
+    """The checked replay's eager step leaves its gradients in fresh tensors; once the graph
+    is trusted, each p.grad is again the tensor the replays write, holding that step's values."""
+    captured = []
+
+    def capture(step):
+        captured.append(static_grads_capture(step))
+        return captured[0]
+    graphed, eager = make_step(torch.device("cpu")), make_step(torch.device("cpu"))
+    runner = cuda_graph.GraphedStep(graphed, print, capture=capture)
+    train_steps(graphed, runner, cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS)
+    train_steps(eager, eager, cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS)
+    assert runner.checked, runner.status
+    parameters = [p for group in graphed.optimizer.param_groups for p in group["params"]]
+    kept = captured[0].kept
+    assert all(p.grad is kept[p] for p in parameters)
+    eager_parameters = [p for group in eager.optimizer.param_groups for p in group["params"]]
+    for p, q in zip(parameters, eager_parameters):  # the last (eager) step's gradients
+        assert torch.equal(p.grad, q.grad)
