@@ -139,12 +139,14 @@ def _run_command(args: argparse.Namespace) -> int:
               f"and please report this", file=sys.stderr)
         return 1
     except Interrupted as interrupted:
-        print(interrupted, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # each process stopped alike: one line
+            print(interrupted, file=sys.stderr)
         return 128 + interrupted.signum
     except KeyboardInterrupt as interrupted:
         signum = getattr(interrupted, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name} before training started; nothing "
-              f"was saved", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted by {signal.Signals(signum).name} before training started; nothing "
+                  f"was saved", file=sys.stderr)
         return 128 + signum
     finally:
         for signum, handler in previous.items():
@@ -167,7 +169,7 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
     with WorkDirLock(save, "choose another with --save") as lock:
         # an existing directory is locked at once, so that a busy one is refused before any work
         on_main(runtime, lock.acquire_if_present)
-        plan = workdir.plan_run(cfg, given, reschedule)
+        plan = workdir.plan_run(cfg, given, reschedule, runtime.jobs)
         if plan.start_epoch >= plan.config.epochs:
             runtime.log(f"{save} has finished its {plan.config.epochs} epochs; pass --epochs N "
                         f"to train longer")
@@ -178,6 +180,9 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
                     + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in run.startup.items())
                     + ("; the step's CUDA graph is captured in epoch 1's first steps"
                        if isinstance(run.run_step, GraphedStep) else ""))
+        if plan.resuming and plan.checkpoint is None:
+            runtime.log(f"starting {save} over from epoch 1 with its settings: its last session "
+                        f"stopped before its first checkpoint ({plan.continued_by})")
         if plan.checkpoint is not None:
             step = plan.progress["step"]
             runtime.log(f"resuming {save} after epoch {plan.start_epoch}"
@@ -226,7 +231,10 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         runtime.log(line, flush=True)
         progress = EpochProgress()
         if signum := stop.requested(runtime):
-            raise Interrupted(signum, plan.save, epoch, run.batches.steps)
+            if epoch < cfg.epochs:
+                raise Interrupted(signum, plan.save, epoch, run.batches.steps)
+            runtime.log(f"({signal.Signals(signum).name} arrived as the last epoch ended: the run "
+                        f"is finished and saved)")
         if epoch == cfg.stop_after and epoch < cfg.epochs:
             runtime.log(f"stopped after epoch {epoch} (--stop-after); continue with --resume "
                         f"--save {plan.save}")
@@ -361,5 +369,20 @@ def runs_own_test(checkpoint: Checkpoint, fingerprint: str, cfg: RunConfig,
     return "data_dir" not in given or Path(cfg.data_dir).resolve() == Path(checkpoint.config.data_dir).resolve()
 
 
+def exit_worker(status: int) -> None:
+    """Under torchrun, leave without the interpreter's teardown: gloo's threads can abort a
+    worker that has finished (SIGABRT, "terminate called without an active exception"),
+    which torchrun takes for a failure of the whole job. Every file is written whole by then."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed terminal or pipe: nothing left to say there
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "LOCAL_RANK" in os.environ:
+        exit_worker(status)
+    sys.exit(status)

@@ -8,9 +8,13 @@ import os
 import platform
 import random
 import signal
+import socket
 import subprocess
+import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +41,13 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
+    jobs: dict = field(default_factory=dict)  # the launchers' jobs, agreed by every process (launcher_jobs)
 
     @classmethod
     def alone(cls, device: torch.device) -> Runtime:
         """One process on ``device``; on CUDA it captures steps as CUDA graphs."""
-        return cls(device, capture=capture_cuda_graph if device.type == "cuda" else None)
+        return cls(device, capture=capture_cuda_graph if device.type == "cuda" else None,
+                   jobs=launcher_jobs([local_jobs()]))
 
     @property
     def main(self) -> bool:
@@ -70,25 +76,57 @@ def setup_runtime(device_flag: str) -> Runtime:
         torch.cuda.set_device(local_rank)
     init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local_jobs())
     # several processes step eagerly: DistributedDataParallel's all-reduce is not captured
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), jobs=launcher_jobs(gathered))
+
+
+ATTEMPT_STORE = "densenet/attempt-store"  # the agent's store key naming this attempt's own store
 
 
 def init_process_group(backend: str) -> None:
     """torchrun's process group. Where the workers share the agent's store
-    (TORCHELASTIC_USE_AGENT_STORE), the group keeps its keys under a prefix of this attempt
-    (TORCHELASTIC_RESTART_COUNT): the store outlives a restart, and a restarted group that
-    read the previous attempt's addresses there connected to processes that were gone
-    (measured with gloo: refused connections, or a wait for the store's 30-minute timeout)."""
+    (TORCHELASTIC_USE_AGENT_STORE), that store outlives a restart, and a restarted group
+    that read the previous attempt's addresses there connected to processes that were gone
+    (measured with gloo: refused connections, or a wait for the store's 30-minute timeout);
+    nor can a prefix per restart count tell attempts apart: on several nodes each agent
+    counts its own restarts. So the group meets in a store of this attempt's own, hosted by
+    rank 0 on a free port, which the others find through the agent's store (attempt_store)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
         dist.init_process_group(backend)
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"densenet-attempt-{attempt}", store),
-                            rank=rank, world_size=world_size)
+    dist.init_process_group(backend, store=attempt_store(agent, rank, world_size), rank=rank,
+                            world_size=world_size)
+
+
+def attempt_store(agent: dist.Store, rank: int, world_size: int, wait_s: float = 600) -> dist.Store:
+    """A store of this attempt's own. Rank 0 hosts it on a free port and names it, with a
+    fresh token, under ATTEMPT_STORE in the ``agent``'s store; the others read that name,
+    which may still be the previous attempt's, and take the store only once it answers with
+    the token named beside it (a previous attempt's store is gone, its port refuses or
+    answers another token), trying again until ``wait_s`` has passed."""
+    if rank == 0:
+        own = dist.TCPStore(socket.getfqdn(), 0, world_size, is_master=True, wait_for_workers=False)
+        token = uuid.uuid4().hex
+        own.set("token", token)
+        agent.set(ATTEMPT_STORE, f"{socket.getfqdn()} {own.port} {token}")
+        return own
+    deadline = time.monotonic() + wait_s
+    while True:
+        host, port, token = agent.get(ATTEMPT_STORE).decode().split(" ")
+        try:
+            own = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=5))
+            if own.get("token").decode() == token:
+                return own
+        except (RuntimeError, ValueError, OSError):  # gone, or not a store any more
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank} found no store of this attempt's rank 0 in {wait_s:.0f} s")
+        time.sleep(0.2)
 
 
 # The launchers that rerun a job after a failure, and where each says which job and which
@@ -98,15 +136,44 @@ LAUNCHERS = {"torchrun": ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
              "slurm": ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")}
 
 
-def launcher_jobs() -> dict[str, dict]:
-    """The launchers' jobs this process runs in, by launcher: ``{"id": ..., "restart": n}``
-    (n above zero: the launcher reran the job), for config.json and to know a restart."""
+def local_jobs() -> dict[str, dict]:
+    """The launchers' jobs this process runs in, as its environment says, by launcher:
+    ``{"id": ..., "restart": n}`` (n above zero: the launcher reran the job); torchrun's with
+    its ``agent`` on this machine (agent_identity)."""
     jobs = {}
     for launcher, (job_variable, restart_variable) in LAUNCHERS.items():
         job = os.environ.get(job_variable, "")
         if job and job != "none":  # torchrun's static rendezvous has no run id of its own
             restart = os.environ.get(restart_variable, "0")
             jobs[launcher] = {"id": job, "restart": int(restart) if restart.isdigit() else 0}
+    if "torchrun" in jobs:
+        jobs["torchrun"]["agents"] = [agent_identity()]
+    return jobs
+
+
+def agent_identity() -> str:
+    """The process that started this one (torchrun's agent): its machine, pid and start time,
+    the same through every restart it makes and different for another launch, though that
+    reuse the rendezvous id."""
+    parent = os.getppid()
+    try:
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{platform.node()}:{parent}:{started}"
+
+
+def launcher_jobs(each: list[dict[str, dict]]) -> dict[str, dict]:
+    """The jobs of a group of processes from ``each`` one's local_jobs: one id per launcher,
+    the highest restart count (on several nodes each torchrun agent counts its own
+    restarts) and every agent; for config.json and to know a restart."""
+    jobs: dict[str, dict] = {}
+    for local in each:
+        for launcher, job in local.items():
+            merged = jobs.setdefault(launcher, {**job, "restart": 0})
+            merged["restart"] = max(merged["restart"], job["restart"])
+            if "agents" in job:
+                merged["agents"] = sorted(set(merged.get("agents", [])) | set(job["agents"]))
     return jobs
 
 
@@ -197,18 +264,24 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 class StopFlag:
     """Turns each of STOP_SIGNALS into a request to stop at the next safe point; a second
-    signal kills."""
+    signal REPEAT_S or more after the first kills. Signals within REPEAT_S of the first are
+    the same request: a scheduler's SIGTERM (or a terminal's Ctrl-C) reaches torchrun and its
+    workers at once, and torchrun hands its own on to them."""
+
+    REPEAT_S = 2.0
 
     def __init__(self) -> None:
         self.signum = self.agreed = 0
+        self.first = 0.0
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._request)
 
     def _request(self, signum, frame) -> None:
-        if self.signum:
+        if self.signum and time.monotonic() - self.first >= self.REPEAT_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.signum = signum
+        if not self.signum:
+            self.signum, self.first = signum, time.monotonic()
 
     def requested(self, runtime: Runtime) -> int:
         """The signal to stop for, agreed by every process (0: go on); kept in ``agreed``."""

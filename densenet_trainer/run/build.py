@@ -24,7 +24,6 @@ from densenet_trainer.engine.runtime import (
     Runtime,
     code_version,
     environment,
-    launcher_jobs,
     seed_everything,
     set_rng_state,
 )
@@ -171,7 +170,7 @@ class Run:
                 "data": self.data.identity,
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
                 "environment": environment(self.runtime), "code": code_version(),
-                "jobs": launcher_jobs(), "startup_seconds": self.startup}
+                "jobs": self.runtime.jobs, "startup_seconds": self.startup}
 
 
 def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,

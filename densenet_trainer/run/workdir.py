@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from densenet_trainer.engine.runtime import launcher_jobs
 from densenet_trainer.records.layout import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
@@ -89,8 +88,10 @@ def already_holds_a_run(save: Path) -> UserError:
                      f"or start a new one with another --save DIR")
 
 
-def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
-    """Decide what to do in ``cfg.save``; ``given``: the flags on the command line.
+def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool, jobs: dict | None = None) -> Plan:
+    """Decide what to do in ``cfg.save``; ``given``: the flags on the command line; ``jobs``:
+    the launchers' jobs the processes run in (Runtime.jobs), to know a restart of one that
+    worked on the run there.
 
     Reads only: a refused start or resume leaves every file as it was. A run's file that is a
     link (into another run, say) or not a regular file is refused before anything is read.
@@ -102,7 +103,7 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
     if not cfg.resume:
         if not holds_run(save):
             return Plan(save, cfg)
-        continued_by = "--auto-resume" if cfg.auto_resume else restarted_job(save)
+        continued_by = "--auto-resume" if cfg.auto_resume else restarted_job(save, jobs or {})
         if not continued_by:
             raise already_holds_a_run(save)
         cfg = replace(cfg, resume=True)
@@ -123,7 +124,7 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
                             f"continue from; put the checkpoint back, or start a new run with "
                             f"another --save")
         # else: stopped before its first checkpoint: start over with its flags (epoch 1 again)
-    resumed, changes = resumed_config(saved, cfg, given, save)
+    resumed, changes = resumed_config(saved, cfg, given, save, continued_by)
     plan = Plan(save, resumed, checkpoint, changes, config_json, continued_by=continued_by)
     known = (config_json or {}).get("run_id") or (checkpoint.state.get("run_id") if checkpoint else None)
     if known:  # a run from before run identities gets one now
@@ -137,19 +138,23 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool) -> Plan:
     return plan
 
 
-def restarted_job(save: Path) -> str:
-    """Why this process continues the run in ``save`` without --resume, where it is a restart
-    of a job that worked on that run: a launcher's restart count above zero under a job id
-    that config.json recorded (at the run's start or at a resume); '' where it is not."""
-    restarted = {launcher: job for launcher, job in launcher_jobs().items() if job["restart"] > 0}
+def restarted_job(save: Path, jobs: dict) -> str:
+    """Why the processes continue the run in ``save`` without --resume, where they are a
+    restart of a job that worked on that run: a launcher's restart count above zero under a
+    job that config.json recorded at the run's start or a resume (SLURM: its job id;
+    torchrun: its rendezvous id and one of its agents, since a later launch may reuse the
+    id); '' where they are not."""
+    restarted = {launcher: job for launcher, job in jobs.items() if job["restart"] > 0}
     record = read_config_json(save, (save / LAST_CHECKPOINT).exists()) if restarted else None
     if not record:
         return ""
     sessions = [session for session in [record, *record.get("resumes", [])] if isinstance(session, dict)]
     for launcher, job in restarted.items():
-        if any(isinstance(session.get("jobs"), dict) and isinstance(session["jobs"].get(launcher), dict)
-               and session["jobs"][launcher].get("id") == job["id"] for session in sessions):
-            return f"restart {job['restart']} of {launcher} job {job['id']}, which worked on this run"
+        for session in sessions:
+            recorded = session.get("jobs", {}).get(launcher) if isinstance(session.get("jobs"), dict) else None
+            if (isinstance(recorded, dict) and recorded.get("id") == job["id"]
+                    and (launcher != "torchrun" or set(recorded.get("agents") or []) & set(job["agents"]))):
+                return f"restart {job['restart']} of {launcher} job {job['id']}, which worked on this run"
     return ""
 
 
@@ -177,17 +182,17 @@ def runs_like(cfg: RunConfig, given: frozenset[str]) -> str:
 
 
 def resumed_config(saved: RunConfig, cfg: RunConfig, given: frozenset[str],
-                   save: Path) -> tuple[RunConfig, dict]:
+                   save: Path, continued_by: str = "--resume") -> tuple[RunConfig, dict]:
     """The saved run's configuration, with the ``given`` flags of ``cfg`` that differ from it
     and that a resume may change (RESUMABLE); returns it and those changes. A given flag
-    that would change the run's numbers is refused."""
+    that would change the run's numbers is refused, naming what continued the run."""
     changes = {name: getattr(cfg, name) for name in sorted(given)
                if getattr(cfg, name) != getattr(saved, name)}
     fixed = {name: value for name, value in changes.items() if name not in RESUMABLE}
     if fixed:
         described = ", ".join(f"--{flag_name(name)} {value} (the run has {getattr(saved, name)})"
                               for name, value in fixed.items())
-        raise UserError(f"--resume: {described} would change the run in {save}; "
+        raise UserError(f"{continued_by}: {described} would change the run in {save}; "
                         f"drop these flags or start a new run with --save")
     return replace(saved, **changes), changes
 

@@ -127,9 +127,10 @@ class RunConfig:
                         type=cli.path, resumable=True)
     resume: bool = setting(False, "run", "continue the run in --save from its checkpoint",
                            resumable=True)
-    auto_resume: bool = setting(False, "run", "continue the run in --save if there is one "
-                                "(refused, as --resume is, where its settings differ), else start "
-                                "it: for a job script that may run again. A restart of the same "
+    auto_resume: bool = setting(False, "run", "continue the run in --save if there is one, as "
+                                "--resume does (flags not given keep the run's values; a given "
+                                "one that would change its numbers is refused), else start it: "
+                                "for a job script that may run again. A restart of the same "
                                 "torchrun or SLURM job continues without it", resumable=True)
     stop_after: int = setting(0, "run", "end this session after EPOCH (0: run all epochs); "
                               "continue later with --resume", type=cli.count, metavar="EPOCH",

@@ -157,6 +157,22 @@ def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, ref
     assert metrics(work) == metrics(reference)
 
 
+def test_a_signal_as_the_last_epoch_ends_leaves_a_finished_run(tmp_path, cifar_dir, capsys):
+    """A stop signal during the last epoch's evaluation: the run is whole and saved, so it
+    ends as a finished run (exit 0, its "done" line) and says the signal came, rather than
+    asking to resume a run with nothing left to train."""
+    def stop_in_the_last_evaluation(count, model, output):
+        signal.raise_signal(signal.SIGTERM)
+
+    work = tmp_path / "run"
+    flags = ["--save", str(work), "--data-dir", str(cifar_dir), *TINY, "--epochs", "1"]
+    with on_forward(stop_in_the_last_evaluation, training=False):
+        status = train.main(flags)
+    out = capsys.readouterr().out
+    assert status == 0 and "(SIGTERM arrived as the last epoch ended: the run is finished and saved)" in out
+    assert "done: final test error" in out and len(metrics(work)[0]) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_start_up_says_so_and_leaves_nothing(tmp_path, signum):

@@ -4,10 +4,12 @@ and a resume with another number of processes."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,46 @@ def test_two_agents_as_two_nodes_train_as_one_agent_with_two_processes(tmp_path,
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "config.json", "test.csv", "train.csv"]
 
 
-def worker_of(agent: subprocess.Popen, rank: int) -> int:
-    """The pid of the agent's worker of global ``rank`` (from /proc: its parent and RANK)."""
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_two_nodes_restart_together_after_a_worker_dies(tmp_path, longer_data, two_processes):
+    """Two agents as two nodes under --max-restarts 1, rank 1's worker SIGKILLed mid-epoch:
+    both agents restart their workers (each counting its own restarts: 1 where the worker
+    died, 0 on the other), which meet again and continue from the last checkpoint; the CSVs
+    are the uninterrupted run's."""
+    work, port = tmp_path / "nodes", free_port()
+    agents = [subprocess.Popen(torchrun_command(
+        "--nnodes=2", "--nproc-per-node=1", "--max-restarts=1", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes-restart", ROOT / "train.py",
+        "--save", work, "--data-dir", longer_data, *THREE_EPOCHS),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TORCHRUN_ENV) for _ in (0, 1)]
+    lines: queue.Queue = queue.Queue()
+    outputs: list[list[str]] = [[], []]
+
+    def read(agent: subprocess.Popen, kept: list[str]) -> None:
+        for line in agent.stdout:
+            kept.append(line)
+            lines.put(line)
+    readers = [threading.Thread(target=read, args=(agent, kept), daemon=True) for agent, kept in zip(agents, outputs)]
+    for reader in readers:
+        reader.start()
+    while not lines.get(timeout=300).startswith("  epoch 2: step"):
+        pass
+    victims = [pid for agent in agents for pid in workers_of(agent, 1)]
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+    errors = [agent.stderr.read() for agent in agents]
+    assert [agent.wait(timeout=300) for agent in agents] == [0, 0], [err[-2000:] for err in errors]
+    for reader in readers:
+        reader.join(timeout=60)
+    out = "".join(outputs[0] + outputs[1])
+    assert f"resuming {work} after epoch 1 (restart 1 of torchrun job two-nodes-restart" in out
+    assert metrics(work) == metrics(two_processes)
+
+
+def workers_of(agent: subprocess.Popen, rank: int) -> list[int]:
+    """The pids of the agent's workers of global ``rank`` (from /proc: their parent and RANK)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
@@ -74,8 +114,15 @@ def worker_of(agent: subprocess.Popen, rank: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
         if parent == agent.pid and f"RANK={rank}".encode() in environ:
-            return int(stat.parent.name)
-    raise AssertionError(f"no worker of rank {rank} under torchrun's agent {agent.pid}")
+            found.append(int(stat.parent.name))
+    return found
+
+
+def worker_of(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of the agent's worker of global ``rank``."""
+    found = workers_of(agent, rank)
+    assert found, f"no worker of rank {rank} under torchrun's agent {agent.pid}"
+    return found[0]
 
 
 @pytest.mark.slow

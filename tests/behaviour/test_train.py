@@ -22,7 +22,7 @@ import torch
 import densenet_trainer
 import plot
 import train
-from densenet_trainer.engine import training
+from densenet_trainer.engine import runtime, training
 from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.run.files import save_checkpoint
 from densenet_trainer.settings.config import RunConfig
@@ -134,7 +134,14 @@ def test_a_restart_of_the_same_job_continues_its_run(tmp_path, cifar_dir, capsys
     assert f"resuming {work} after epoch 1 (restart 1 of torchrun job job-a, which worked on this run)" in out
     resumes = json.loads((work / "config.json").read_text())["resumes"]
     assert resumes[-1]["continued_by"] == "restart 1 of torchrun job job-a, which worked on this run"
-    assert resumes[-1]["jobs"] == {"torchrun": {"id": "job-a", "restart": 1}, "slurm": {"id": "4242", "restart": 0}}
+    assert resumes[-1]["jobs"] == {"torchrun": {"id": "job-a", "restart": 1, "agents": [runtime.agent_identity()]},
+                                   "slurm": {"id": "4242", "restart": 0}}
+    # a later launch that reuses the rendezvous id is another job: its restart is refused
+    agent = runtime.agent_identity
+    monkeypatch.setattr(runtime, "agent_identity", lambda: "elsewhere:1:1")
+    status, _, err = run(capsys, *flags, "--stop-after", "2")
+    check_refused(status, err, f"{work} already holds a run; continue it with --resume")
+    monkeypatch.setattr(runtime, "agent_identity", agent)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # SLURM requeued the job that resumed it
     status, out, err = run(capsys, *flags)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import densenet_trainer
-from densenet_trainer.engine.runtime import code_version
+from densenet_trainer.engine import runtime
+from densenet_trainer.engine.runtime import STOP_SIGNALS, StopFlag, code_version, launcher_jobs
 
 
 def git(root: Path, *args: str) -> str:
@@ -36,3 +38,37 @@ def test_the_code_is_its_commit_and_whether_the_checkout_was_modified(tmp_path, 
 
 def test_outside_a_checkout_the_version_alone(tmp_path):
     assert code_version(tmp_path) == {"version": densenet_trainer.__version__}
+
+
+def test_signals_within_two_seconds_of_the_first_are_one_request(monkeypatch):
+    """A scheduler's SIGTERM reaches torchrun and its workers together, and torchrun passes
+    its own on: a worker's second signal within StopFlag.REPEAT_S is the same request; one
+    after it quits at once."""
+    kills, clock = [], [100.0]
+    monkeypatch.setattr(os, "kill", lambda pid, signum: kills.append(signum))
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        flag = StopFlag()
+        flag._request(signal.SIGTERM, None)
+        flag._request(signal.SIGTERM, None)
+        clock[0] += StopFlag.REPEAT_S - 0.1
+        flag._request(signal.SIGINT, None)
+        assert (flag.signum, kills) == (signal.SIGTERM, [])
+        clock[0] += 0.1
+        flag._request(signal.SIGINT, None)
+        assert kills == [signal.SIGINT]
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_a_group_of_processes_is_one_job_with_its_highest_restart_and_every_agent():
+    """On several nodes each torchrun agent counts its own restarts: the group's is the
+    highest, and every agent is kept (a restart is known by any of them)."""
+    node_a = {"torchrun": {"id": "job", "restart": 1, "agents": ["a:10:5"]}, "slurm": {"id": "7", "restart": 0}}
+    node_b = {"torchrun": {"id": "job", "restart": 0, "agents": ["b:20:6"]}, "slurm": {"id": "7", "restart": 0}}
+    assert launcher_jobs([node_b, node_a]) == {
+        "torchrun": {"id": "job", "restart": 1, "agents": ["a:10:5", "b:20:6"]},
+        "slurm": {"id": "7", "restart": 0}}
+    assert launcher_jobs([{}]) == {}
