@@ -235,8 +235,22 @@ class Evaluation:
 def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_classes: int,
              tta: bool = False) -> Evaluation:
     """Evaluate ``model`` over all processes' batches; ``batches`` yields (images, labels,
-    valid) as data.eval_batches does: padded rows count for nothing."""
+    valid) as data.eval_batches does: padded rows count for nothing. The sums stay on the
+    device through every batch (evaluation_sums); the host reads them once, at the end."""
     start = time.perf_counter()
+    confusion, loss_sum, hits5 = evaluation_sums(model, batches, precision, runtime, num_classes, tta)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    count = confusion.sum().item()
+    error = 100 * (1 - confusion.diagonal().sum().item() / count)
+    top5 = 100 * (1 - hits5.item() / count) if num_classes > TOP5_FROM else None
+    return Evaluation(loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)
+
+
+def evaluation_sums(model: nn.Module, batches, precision: str, runtime: Runtime, num_classes: int,
+                    tta: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The confusion counts (flat), the summed loss and the top-5 hits over every process's
+    batches, as device tensors: nothing in the loop waits for the host (a test runs it on
+    the meta device, where any read would fail)."""
     model.eval()
     precision = Precision(model, precision)
 
@@ -261,8 +275,4 @@ def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_cl
     if runtime.world_size > 1:
         for total in (confusion, loss_sum, hits5):
             dist.all_reduce(total)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    count = confusion.sum().item()
-    error = 100 * (1 - confusion.diagonal().sum().item() / count)
-    top5 = 100 * (1 - hits5.item() / count) if num_classes > TOP5_FROM else None
-    return Evaluation(loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)
+    return confusion, loss_sum, hits5

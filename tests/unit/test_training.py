@@ -75,6 +75,19 @@ def test_evaluation_batches_copy_nothing_from_the_host():
     assert len(batches) == 3 and counted.copies == []
 
 
+@pytest.mark.parametrize("classes, tta", [(10, False), (100, True)])
+def test_evaluation_never_waits_for_the_host_inside_its_loop(classes, tta):
+    """Every batch's forward, loss, confusion counts and top-5 hits on the meta device, where
+    any read by the host (an .item(), a bincount's maximum, a mask's nonzero) would fail."""
+    meta = torch.device("meta")
+    model = DenseNet(10, 4, num_classes=classes, kernels="aten").to(meta, memory_format=torch.channels_last)
+    split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
+                           torch.empty(37, dtype=torch.int64, device=meta))
+    batches = data.eval_batches(split, 16, data.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)
+    confusion, loss_sum, hits5 = training.evaluation_sums(model, batches, "fp32", Runtime(meta), classes, tta)
+    assert confusion.shape == (classes * classes,) and loss_sum.device == hits5.device == meta
+
+
 def test_the_progress_bar_says_when_the_run_ends():
     """On a terminal, tqdm's bar gives the epoch's time left and, beside it, the run's."""
     bar = training.ProgressBar(1, 3, 5, 0)
