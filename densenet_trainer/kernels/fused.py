@@ -102,10 +102,10 @@ class SharedFeatures:
     ``buffer[:, :filled]`` holds the block input and every layer output so far, ``pixel_stride``
     elements from one pixel to the next (on CUDA the channels are padded up to a multiple of
     16, which lets the kernels vectorise their loads); ``mean`` and ``var`` (biased) their
-    per-channel batch statistics, used in training mode. ``grad`` (dense) is
-    the gradient of the whole buffer: ``gather`` starts it in backward and every layer adds
-    its share, so it is complete from the last channels down to the first; ``finish_grad``
-    hands each feature's part on.
+    per-channel batch statistics, used in training mode. ``grad``, on the buffer's pixel
+    stride, is the gradient of the whole buffer: ``gather`` starts it in backward and every
+    layer adds its share, so it is complete from the last channels down to the first;
+    ``finish_grad`` hands each feature's part on.
     """
 
     def __init__(self, buffer: Tensor, filled: int = 0) -> None:
@@ -160,6 +160,15 @@ class SharedFeatures:
     def prefix(self, channels: int) -> Tensor:
         return self.buffer[:, :channels]
 
+    def like_buffer(self, dtype: torch.dtype) -> Tensor:
+        """An uninitialised tensor of the buffer's shape and pixel stride (its padding too),
+        in ``dtype``: the gradient buffer, whose loads and stores then line up as the
+        features' do."""
+        n, channels, h, w = self.buffer.shape
+        storage = torch.empty((n, self.pixel_stride, h, w), dtype=dtype, device=self.buffer.device,
+                              memory_format=torch.channels_last)
+        return storage[:, :channels]
+
     def start_grad(self, grad: Tensor, coefficients: Tensor | None) -> None:
         """Begin backward with the gradient of the whole buffer so far and, where the batch
         statistics were used, the per-channel coefficients ``x * b + d`` of their part."""
@@ -175,7 +184,7 @@ class SharedFeatures:
         """
         coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
         return backend(self.buffer.device.type).finish_grad(
-            self.grad[:, start:end], self.grad.shape[1], self.buffer[:, start:end], self.pixel_stride,
+            self.grad[:, start:end], self.pixel_stride, self.buffer[:, start:end], self.pixel_stride,
             coefficients, self.buffer.dtype)
 
 
@@ -246,13 +255,12 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
     g = grad_out.contiguous(memory_format=torch.channels_last)
     alone = shared.grad is None  # a SharedFeatures.holding one tensor: nothing to add to
     if alone:
-        shared.start_grad(torch.empty(buffer.shape, dtype=buffer.dtype, device=buffer.device,
-                                      memory_format=torch.channels_last),
+        shared.start_grad(shared.like_buffer(buffer.dtype),
                           buffer.new_empty(2, buffer.shape[1], dtype=shared.accumulate)
                           if batch_stats else None)
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
         g, out, shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
-        eps, shared.grad, shared.grad.shape[1], not alone,
+        eps, shared.grad, shared.pixel_stride, not alone,
         shared.coefficients if batch_stats else None)
     newest = shared.finish_grad(channels - newest_channels, channels)
     return newest, grad_weight, grad_bias
@@ -328,8 +336,9 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         shared: SharedFeatures = ctx.shared
-        shared.start_grad(grad_out.to(shared.buffer.dtype, memory_format=torch.channels_last, copy=True),
-                          grad_out.new_zeros(2, shared.buffer.shape[1], dtype=shared.accumulate))
+        grad = shared.like_buffer(shared.buffer.dtype)  # on the buffer's pixel stride
+        grad.copy_(grad_out)
+        shared.start_grad(grad, grad_out.new_zeros(2, shared.buffer.shape[1], dtype=shared.accumulate))
         channels = shared.buffer.shape[1]
         return shared.finish_grad(channels - ctx.newest_channels, channels), None
 
