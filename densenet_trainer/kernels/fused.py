@@ -29,10 +29,8 @@ compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_trainer.kernels import cpu_kernels
+from densenet_trainer.kernels.batch_counters import batch_counters, count_batch
 
 __all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "gather",
            "norm_relu", "norm_relu_conv"]
@@ -188,39 +187,6 @@ class SharedFeatures:
             coefficients, self.buffer.dtype)
 
 
-_counting: list[list[Tensor]] = []  # batch_counters' lists, innermost last
-
-
-@contextlib.contextmanager
-def batch_counters() -> Iterator[None]:
-    """Within, the fused BatchNorms count their batch at the end, all in one multi-tensor
-    addition, instead of one tiny kernel each (DenseNet.forward uses this)."""
-    counters: list[Tensor] = []
-    _counting.append(counters)
-    try:
-        yield
-    finally:
-        _counting.pop()
-        if counters:
-            torch._foreach_add_(counters, 1)
-
-
-def _count_batch(norm: nn.BatchNorm2d) -> float | None:
-    """Count a training batch in ``norm``'s counter (at the end of batch_counters, if within
-    one); returns the factor by which the running statistics move, or None where they do not:
-    where the counter is hidden, a recomputation must not count a batch twice."""
-    if not norm.track_running_stats or norm.num_batches_tracked is None:
-        return None
-    if norm.momentum is None:  # a cumulative average needs the count now
-        norm.num_batches_tracked.add_(1)
-        return 1 / norm.num_batches_tracked.item()
-    if _counting:
-        _counting[-1].append(norm.num_batches_tracked)
-    else:
-        norm.num_batches_tracked.add_(1)
-    return norm.momentum
-
-
 def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor,
                statistics: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, var).
@@ -234,7 +200,7 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
         mean, var = statistics
     elif norm.training:
         mean, var = shared.mean[:channels], shared.var[:channels]
-        factor = _count_batch(norm)
+        factor = count_batch(norm)
         if factor is not None:
             running = (norm.running_mean, norm.running_var, factor)
     else:  # copies: a later training step moves the running statistics
