@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_command(build_parser().parse_args(argv))
 
 
+def first_process() -> bool:
+    """Whether this is the one process (or torchrun's rank 0) that says how the command ended:
+    under torchrun every process ends alike."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _run_command(args: argparse.Namespace) -> int:
     cfg, given = RunConfig.from_flags(args)
     keep_freed_memory_mapped()
@@ -126,7 +132,7 @@ def _run_command(args: argparse.Namespace) -> int:
             return evaluate_checkpoint(Path(args.evaluate), cfg, given, args.tta)
         return train(cfg, given, args.reschedule)
     except UserError as error:  # datasets.DataError and files.RunError too
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same error
+        if first_process():  # under torchrun every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
     except Diverged as error:
@@ -139,12 +145,12 @@ def _run_command(args: argparse.Namespace) -> int:
               f"and please report this", file=sys.stderr)
         return 1
     except Interrupted as interrupted:
-        if os.environ.get("RANK", "0") == "0":  # each process stopped alike: one line
+        if first_process():  # each process stopped alike: one line
             print(interrupted, file=sys.stderr)
         return 128 + interrupted.signum
     except KeyboardInterrupt as interrupted:
         signum = getattr(interrupted, "signum", signal.SIGINT)
-        if os.environ.get("RANK", "0") == "0":
+        if first_process():
             print(f"interrupted by {signal.Signals(signum).name} before training started; nothing "
                   f"was saved", file=sys.stderr)
         return 128 + signum
@@ -344,8 +350,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
         selection = (f"-test{subset or 'all'}" if subset != run.test_subset else
                      f"-data{fingerprint[:8]}" if not runs_own_test(checkpoint, fingerprint, cfg, given)
                      else "")
-        per_class, matrix = write_evaluation(checkpoint.path, result.confusion, names,
-                                                     tta, selection)
+        per_class, matrix = write_evaluation(checkpoint.path, result.confusion, names, tta, selection)
     print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
           + (f"(top-5 {result.top5_error:.2f}%) " if result.top5_error is not None else "")
           + f"(loss {result.loss:.4f}) on {result.images} images"
