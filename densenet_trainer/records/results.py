@@ -15,6 +15,7 @@ as tables.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -92,10 +93,11 @@ class Result:
             return f"{name} (images not recorded)"
         return f"{name} ({' / '.join(f'{n:,} {split}' for split, n in self.counts().items())})"
 
-    @property
+    @functools.cached_property
     def rescheduled(self) -> bool:
         """Whether its learning rates are not those of its --epochs from the start (a resume
-        with another --epochs changed the schedule on the way)."""
+        with another --epochs changed the schedule on the way); worked out once, as the
+        grouping, the legends and the paper's column all ask."""
         cfg = RunConfig.from_dict(self.config, str(self.folder))  # train.csv keeps 6 digits
         return not all(math.isclose(lr, cfg.learning_rate(epoch), rel_tol=1e-5)
                        for epoch, lr in enumerate(self.lrs))
