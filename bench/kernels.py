@@ -16,18 +16,25 @@ before any real work. This script runs one training step of train.py (the same
   arithmetic, caches and overlap are left out);
 - per Triton kernel, its grid (programs per launch, fewest to most) and the loop each
   program runs: pixel tiles per program for the partial-sum passes, partial-sum rows added
-  by the finishing passes.
+  by the finishing passes;
+- with ``--ptx``, per Triton kernel, its global loads and stores as an H100 would run them:
+  every variant the step launches, specialised as Triton's JIT would specialise it, compiled
+  for sm_90 by the bundled Triton (no GPU needed), its PTX counted as 16-byte, 8-byte and
+  single-element instructions. A memory-bound pass that loads one element at a time issues
+  four (float32) or eight (bfloat16) times the instructions for the same bytes.
 
 The counts depend on the model, the batch and the code, never on the machine: the table is
 the same everywhere.
 
   python bench/kernels.py                              # BC-100-12, batch 64
   python bench/kernels.py --depth 250 --growth-rate 24 --batch 16
+  python bench/kernels.py --paths fused,"fused bf16" --ptx  # compiles ~40 variants: a minute or two
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -81,6 +88,7 @@ class Count:
     bytes: int = 0
     names: Counter = dataclasses.field(default_factory=Counter)
     grids: dict[str, Grid] = dataclasses.field(default_factory=dict)
+    variants: set[Variant] = dataclasses.field(default_factory=set)  # the Triton kernels' specialisations
 
     def floor_ms(self, gpu: str) -> float:
         """The step's floor on ``gpu``: its bytes at the bandwidth or its launches one after
@@ -125,18 +133,83 @@ def counting(count: Count) -> Iterator[None]:
         yield
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled variant of a Triton kernel, as Triton's JIT specialises a launch: the
+    arguments' types, the constexprs (and integers equal to 1), and the pointers and integers
+    known to be multiples of 16 (bytes for pointers, a value for integers)."""
+    kernel: str
+    signature: tuple[tuple[str, str], ...]
+    constants: tuple[tuple[str, object], ...]
+    divisible: tuple[int, ...]
+
+    @classmethod
+    def of_launch(cls, name: str, kernel, named: dict) -> Variant:
+        import torch
+        types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                 torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32"}
+        signature, constants, divisible = [], [], []
+        for index, param in enumerate(_jit_function(kernel).params):
+            value = named[param.name]
+            if param.is_constexpr or (isinstance(value, int) and value == 1 and not param.do_not_specialize):
+                signature.append((param.name, "constexpr"))
+                constants.append((param.name, value))
+            elif isinstance(value, torch.Tensor):
+                signature.append((param.name, "*" + types[value.dtype]))
+                divisible += [index] if value.data_ptr() % 16 == 0 else []
+            elif isinstance(value, bool):
+                signature.append((param.name, "i1"))
+            elif isinstance(value, int):
+                signature.append((param.name, "i32" if -2**31 <= value < 2**31 else "i64"))
+                divisible += [index] if value % 16 == 0 and not param.do_not_specialize else []
+            else:
+                signature.append((param.name, "fp32"))
+        return cls(name, tuple(signature), tuple(constants), tuple(divisible))
+
+    def memory_instructions(self) -> Counter:
+        """This variant compiled for an H100 (sm_90): its PTX's global loads and stores, by
+        width ('16-byte load', '4-byte store', ...)."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from densenet_trainer.kernels import triton_kernels
+        kernel = getattr(triton_kernels, f"_{self.kernel}")
+        if not hasattr(kernel, "params"):
+            raise RuntimeError("TRITON_INTERPRET=1 is set: Triton interprets kernels instead of compiling them")
+        source = ASTSource(fn=kernel, signature=dict(self.signature),
+                           constexprs=dict(self.constants),
+                           attrs={(index,): [["tt.divisibility", 16]] for index in self.divisible})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        found = Counter()
+        for kind, vector, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+            found[f"{int(vector or 1) * int(bits) // 8}-byte {'load' if kind == 'ld' else 'store'}"] += 1
+        return found
+
+
+def _jit_function(kernel):
+    """A Triton kernel as its JIT sees it (its parameters), also where TRITON_INTERPRET made
+    it an interpreted function."""
+    if hasattr(kernel, "params"):
+        return kernel
+    from triton.runtime.jit import JITFunction
+    return JITFunction(kernel.fn, do_not_specialize=kernel.kwargs.get("do_not_specialize"))
+
+
 class _CountedLaunch:
     """Stands for a jitted Triton kernel: ``kernel[grid](*args)`` counts one launch, with its
-    grid and its loop (read from the arguments named as the kernel names them)."""
+    grid and its loop (read from the arguments named as the kernel names them) and the
+    variant Triton would compile for it."""
 
-    def __init__(self, name: str, arg_names: list[str], count_of) -> None:
-        self.name, self.arg_names, self.count_of = name, arg_names, count_of
+    def __init__(self, name: str, kernel, count_of) -> None:
+        self.name, self.kernel, self.count_of = name, kernel, count_of
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             count = self.count_of()
             count.add(f"triton.{self.name}", _tensors((args, kwargs)), triton=True)
-            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            count.variants.add(Variant.of_launch(self.name, self.kernel, named))
             programs = 1
             for size in grid:
                 programs *= size
@@ -146,7 +219,8 @@ class _CountedLaunch:
                 loop = -(-named["tiles"] // grid[0])
             else:
                 loop = 1
-            count.grids.setdefault(self.name, Grid()).add(programs, loop, named["P"] * named["C"])
+            channels = named["C"] if "C" in named else named["C_units"] * named["ALIGN"]
+            count.grids.setdefault(self.name, Grid()).add(programs, loop, named["P"] * channels)
         return launch
 
 
@@ -160,7 +234,7 @@ def triton_counted(count_of) -> Iterator[None]:
     saved = fused.backend, kernel_check.failure
     try:
         for name, kernel in kernels.items():
-            setattr(triton_kernels, name, _CountedLaunch(name.strip("_"), kernel.arg_names, count_of))
+            setattr(triton_kernels, name, _CountedLaunch(name.strip("_"), kernel, count_of))
         fused.backend = lambda device_type: triton_kernels
         kernel_check.failure = lambda device_type: None  # nothing to check: nothing computes
         yield
@@ -208,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="which of: " + ", ".join(name for name, _ in PATHS))
     parser.add_argument("--top", type=cli.positive_int, default=0, metavar="N",
                         help="also list each path's N most frequent operations")
+    parser.add_argument("--ptx", action="store_true",
+                        help="also compile each Triton kernel as the step launches it for an H100 "
+                             "(sm_90) and count its PTX's global loads and stores by width")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.paths.split(",")]
     unknown = [name for name in chosen if name not in dict(PATHS)]
@@ -248,7 +325,27 @@ def main(argv: list[str] | None = None) -> int:
               f"loop: what each program works through one after another")
     for name, count in counts.items() if args.top else ():
         print(f"\n{name}: " + ", ".join(f"{op} {n}" for op, n in count.names.most_common(args.top)))
+    if args.ptx:
+        print()
+        print_table(ptx_table(counts))
+        print("PTX global memory instructions of every variant the step launches, compiled for sm_90: "
+              "a 16-byte instruction moves 4 float32 or 8 bfloat16 elements at once")
     return 0
+
+
+def ptx_table(counts: dict[str, Count]) -> list[tuple]:
+    """Per path and Triton kernel: its variants and their loads and stores, 16/8/4/2 bytes wide."""
+    widths = (16, 8, 4, 2)
+    rows = [("path", "Triton kernel", "variants", *(f"{kind}s {'/'.join(map(str, widths))} bytes"
+                                                    for kind in ("load", "store")))]
+    for name, count in counts.items():
+        for kernel in sorted({variant.kernel for variant in count.variants}):
+            variants = [v for v in count.variants if v.kernel == kernel]
+            found = sum((v.memory_instructions() for v in variants), Counter())
+            rows.append((name, kernel, str(len(variants)),
+                         *("/".join(str(found[f"{width}-byte {kind}"]) for width in widths)
+                           for kind in ("load", "store"))))
+    return rows
 
 
 if __name__ == "__main__":

@@ -50,9 +50,11 @@ def _scale(mean, var, weight, eps, c, cm):
     return m, v, tl.load(weight + c, mask=cm, other=0.0).to(tl.float32) / tl.sqrt(v + eps)
 
 
-@triton.jit
-def _norm_relu_kernel(x, x_stride, y, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
-                      P, C, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["x_units", "C_units"])
+def _norm_relu_kernel(x, x_units, y, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
+                      P, C_units, ALIGN: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    x_stride, C = x_units * ALIGN, C_units * ALIGN  # see _align
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -71,10 +73,11 @@ def _norm_relu_kernel(x, x_stride, y, mean, var, weight, bias, eps, rmean, rvar,
     tl.store(y + p[:, None] * C + c[None, :], value.to(y.dtype.element_ty), mask=inside)
 
 
-@triton.jit
-def _norm_relu_backward_kernel(g, y, x, x_stride, out, out_stride, mean, var, weight, eps, part_g, part_gx,
-                               P, C, tiles, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["x_units", "out_units", "C_units"])
+def _norm_relu_backward_kernel(g, y, x, x_units, out, out_units, mean, var, weight, eps, part_g, part_gx,
+                               P, C_units, tiles, ALIGN: tl.constexpr, ACCUMULATE: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    x_stride, out_stride, C = x_units * ALIGN, out_units * ALIGN, C_units * ALIGN  # see _align
     row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m, _, a = _scale(mean, var, weight, eps, c1, c1 < C)
@@ -99,9 +102,10 @@ def _norm_relu_backward_kernel(g, y, x, x_stride, out, out_stride, mean, var, we
     tl.store(part_gx + row * C + c1, sum_gx, mask=c1 < C)
 
 
-@triton.jit
-def _stats_kernel(f, f_stride, P, C, dst, dst_stride, part_s, part_ss, tiles, COPY: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["f_units", "dst_units", "C_units"])
+def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, tiles, ALIGN: tl.constexpr,
+                  COPY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    f_stride, dst_stride, C = f_units * ALIGN, dst_units * ALIGN, C_units * ALIGN  # see _align
     row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[None, :]
@@ -172,9 +176,10 @@ def _backward_finish_kernel(part_g, part_gx, blocks, P, C, mean, var, weight, ep
         tl.store(coefficients + coefficients_stride + c, d, mask=cm)
 
 
-@triton.jit
-def _finish_grad_kernel(grad, grad_stride, x, x_stride, coefficients, coefficients_stride, out, P, C,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["grad_units", "x_units", "C_units"])
+def _finish_grad_kernel(grad, grad_units, x, x_units, coefficients, coefficients_stride, out, P, C_units,
+                        ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    grad_stride, x_stride, C = grad_units * ALIGN, x_units * ALIGN, C_units * ALIGN  # see _align
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.load(coefficients + c1, mask=c1 < C, other=0.0)[None, :]
@@ -184,6 +189,20 @@ def _finish_grad_kernel(grad, grad_stride, x, x_stride, coefficients, coefficien
     value = tl.load(grad + p * grad_stride + c, mask=inside, other=0.0).to(tl.float32)
     value += tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32) * b + d
     tl.store(out + p * C + c, value.to(out.dtype.element_ty), mask=inside)
+
+
+def _align(*counts: int) -> int:
+    """The largest of 8, 4, 2 and 1 that divides every channel count and pixel stride of a
+    launch. The kernels take those as multiples of it (``C_units * ALIGN``), which tells
+    Triton's compiler that a pixel's channels start on ALIGN-element boundaries and that a
+    channel mask is the same across ALIGN neighbours: it then loads and stores 16 bytes at a
+    time (a float32 map of 4k + 24 channels, every k, and bfloat16 maps of a multiple of 8).
+    Passed as they are, counts that are not multiples of 16 gave it neither fact, and every
+    element was loaded on its own (bench/kernels.py --ptx counts them)."""
+    align = 8
+    while any(count % align for count in counts):
+        align //= 2
+    return align
 
 
 def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
@@ -216,8 +235,10 @@ def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stri
     ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
-    _stats_kernel[grid](f, f_stride, P, C, f if dst is None else dst, dst_stride, parts[0], parts[1],
-                        tiles, COPY=dst is not None, BLOCK_P=block_p, BLOCK_C=block_c)
+    align = _align(f_stride, C, dst_stride)
+    _stats_kernel[grid](f, f_stride // align, P, C // align, f if dst is None else dst, dst_stride // align,
+                        parts[0], parts[1], tiles, ALIGN=align, COPY=dst is not None, BLOCK_P=block_p,
+                        BLOCK_C=block_c)
     _stats_finish_kernel[(grid[1],)](f, parts[0], parts[1], grid[0], P, C, mean, var,
                                      BLOCK_R=BLOCK_R, BLOCK_C=block_c)
 
@@ -229,10 +250,11 @@ def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tenso
     ``momentum`` towards them (the variance unbiased) where given."""
     update = running_mean is not None
     grid, block_p, block_c = _tiles(P, C)
+    align = _align(x_stride, C)
     _norm_relu_kernel[grid](
-        x, x_stride, y, mean, var, weight, bias, eps, running_mean if update else mean,
-        running_var if update else var, momentum, P / max(P - 1, 1), P, C, UPDATE=update,
-        BLOCK_P=block_p, BLOCK_C=block_c)
+        x, x_stride // align, y, mean, var, weight, bias, eps, running_mean if update else mean,
+        running_var if update else var, momentum, P / max(P - 1, 1), P, C // align, ALIGN=align,
+        UPDATE=update, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C: int, mean: Tensor,
@@ -243,9 +265,10 @@ def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C
     gradients of weight and bias."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
-    _norm_relu_backward_kernel[grid](g, y, x, x_stride, out, out_stride, mean, var, weight, eps, parts[0],
-                                     parts[1], P, C, tiles, ACCUMULATE=accumulate, BLOCK_P=block_p,
-                                     BLOCK_C=block_c)
+    align = _align(x_stride, out_stride, C)
+    _norm_relu_backward_kernel[grid](g, y, x, x_stride // align, out, out_stride // align, mean, var, weight,
+                                     eps, parts[0], parts[1], P, C // align, tiles, ALIGN=align,
+                                     ACCUMULATE=accumulate, BLOCK_P=block_p, BLOCK_C=block_c)
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)
     use = coefficients is not None
@@ -267,6 +290,8 @@ def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coeffi
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=torch.channels_last)
     pixels = n * h * w
     grid, block_p, block_c = _tiles(pixels, channels)
-    _finish_grad_kernel[grid](grad, grad_stride, x, x_stride, coefficients, coefficients.stride(0), out, pixels,
-                              channels, BLOCK_P=block_p, BLOCK_C=block_c)
+    align = _align(grad_stride, x_stride, channels)
+    _finish_grad_kernel[grid](grad, grad_stride // align, x, x_stride // align, coefficients,
+                              coefficients.stride(0), out, pixels, channels // align, ALIGN=align,
+                              BLOCK_P=block_p, BLOCK_C=block_c)
     return out

@@ -164,9 +164,11 @@ def test_block_buffers_pad_their_pixels_to_16_elements(triton_path):
     output = fused.gather(shared, x)
     assert fused.pixel_stride(output) == 32 and fused.available(output)
     assert fused.pixel_stride(x) == 5 and fused.pixel_stride(x.contiguous()) is None
-    # the gradient buffer lines up with the features: the same pixel stride
-    x.requires_grad_(True)
-    shared = fused.SharedFeatures.for_block(x.detach(), 21)
-    fused.gather(shared, x).sum().backward()
+    # the gradient buffer lines up with the features: the same pixel stride (every channel
+    # written first: the newest feature's gradient reads its values)
+    shared = fused.SharedFeatures.for_block(x, 21)
+    newest = buffer(2, 16, 4).requires_grad_(True)
+    shared.append(newest.detach())
+    fused.gather(shared, newest).sum().backward()
     assert shared.grad.shape == (2, 21, 4, 4) and fused.pixel_stride(shared.grad) == 32
-    assert torch.equal(x.grad, torch.ones_like(x))
+    assert torch.equal(newest.grad, torch.ones_like(newest))
