@@ -88,7 +88,8 @@ class DenseLayer(nn.Module):
 
         ReLU runs in place: BN keeps its input for backward, not its output.
         """
-        return self._convolutions(F.relu(self.norm1(torch.cat(features, 1)), inplace=True))
+        activated = F.relu(self.norm1(torch.cat(features, 1)), inplace=True)
+        return self._after_first_conv(self.conv1(activated))
 
     def _layer_shared(self, newest: Tensor, shared: fused.SharedFeatures) -> Tensor:
         """``_layer`` reading the block's shared buffer, with BN-ReLU fused (see fused.py).
@@ -98,18 +99,15 @@ class DenseLayer(nn.Module):
         """
         if self.memory_efficient and _needs_grad(newest):
             return self._after_first_conv(fused.norm_relu_conv(self.norm1, self.conv1, shared, newest))
-        return self._convolutions(fused.norm_relu(self.norm1, shared, newest))
-
-    def _convolutions(self, activated: Tensor) -> Tensor:
-        """The first conv on the activated concatenation, then the bottleneck's BN-ReLU-Conv."""
-        return self._after_first_conv(self.conv1(activated))
+        activated = fused.norm_relu(self.norm1, shared, newest, conv_input=True)
+        return self._after_first_conv(fused.conv(self.conv1, activated))
 
     def _after_first_conv(self, out: Tensor) -> Tensor:
         """Dropout, and with the bottleneck BN-ReLU-Conv(3x3) and dropout again."""
         if self.dropout:
             out = F.dropout(out, self.dropout, self.training)
         if self.bottleneck:
-            out = self.conv2(_batch_norm_relu(self.norm2, out, self.fused_kernels))
+            out = _norm_relu_conv(self.norm2, self.conv2, out, self.fused_kernels)
             if self.dropout:
                 out = F.dropout(out, self.dropout, self.training)
         return out
@@ -152,6 +150,15 @@ class DenseLayer(nn.Module):
         if self.memory_efficient and _needs_grad(*features):
             return self._checkpointed(self._layer, *features)
         return self._layer(*features)
+
+
+def _norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, fused_kernels: bool) -> Tensor:
+    """``conv(relu(norm(x)))``, BatchNorm-ReLU fused where chosen and fused.py can, with the
+    convolution's input channels padded where the device's convolutions want it
+    (fused.conv_input_channels)."""
+    if fused_kernels and fused.available(x):
+        return fused.conv(conv, fused.batch_norm_relu(norm, x, conv_input=True))
+    return conv(F.relu(norm(x), inplace=True))
 
 
 def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, fused_kernels: bool) -> Tensor:
@@ -219,7 +226,7 @@ class Transition(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         norm, _, conv, dropout, pool = self  # the ReLU is fused with the norm where it can be
-        return pool(dropout(conv(_batch_norm_relu(norm, x, self.fused_kernels))))
+        return pool(dropout(_norm_relu_conv(norm, conv, x, self.fused_kernels)))
 
 
 class DenseNet(nn.Module):

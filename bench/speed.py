@@ -59,19 +59,21 @@ MODES = {
     "graph_fused": ("graph + --kernels fused (Triton on CUDA, float32)",
                     {"graph": True, "kernels": "fused"}),
     "graph_fused_bf16": ("graph_fused + bf16", {"graph": True, "kernels": "fused", "precision": "bf16"}),
+    "graph_fused_bf16_unpadded": ("graph_fused_bf16, the convolutions' inputs not padded to 8 channels",
+                                  {"graph": True, "kernels": "fused", "precision": "bf16", "unpadded": True}),
 }
 # "auto" kernels are pinned to what RunConfig.kernels_on gives the device (fused on a CPU in
 # float32, ATen on a GPU) unless "autotune": no mode but graph_auto times candidates
 OURS = {"model": "ours", "channels_last": True, "allocator": True, "kernels": "auto",
         "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False,
-        "autotune": False}
+        "autotune": False, "unpadded": False}
 DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
-                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,graph_compile,"
-                         "memory_efficient,graph_memory_efficient"}
+                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,"
+                         "graph_fused_bf16_unpadded,graph_compile,memory_efficient,graph_memory_efficient"}
 # ratios printed under the table: (mode, against)
 RATIOS = [("graph", "ours"), ("graph_auto", "graph"), ("graph_bf16", "graph"), ("bf16", "ours"),
           ("graph_fused", "graph"),
-          ("graph_fused_bf16", "graph_bf16"),
+          ("graph_fused_bf16", "graph_bf16"), ("graph_fused_bf16", "graph_fused_bf16_unpadded"),
           ("graph_compile", "graph"), ("memory_efficient", "ours"),
           ("graph_memory_efficient", "graph")]
 
@@ -100,6 +102,9 @@ def measure(settings: dict) -> dict:
     mode = {**OURS, **MODES[settings["mode"]][1]}
     if mode["allocator"]:
         keep_freed_memory_mapped()
+    if mode["unpadded"]:  # the A of an A/B: what fused.conv_input_channels gains
+        from densenet_trainer.kernels import triton_kernels
+        triton_kernels.CONV_INPUT_MULTIPLE = {}
     device = torch.device(settings["device"])
     kernels = "compile" if mode["compile"] else mode["kernels"]
     if kernels == "auto" and not mode["autotune"]:

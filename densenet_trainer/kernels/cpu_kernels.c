@@ -39,26 +39,28 @@ static void combine(const double* part, int nt, int64_t C, double* u, double* v)
   combine(part, nt, C, u, v);                                                                \
   free(part);
 
-/* x: P pixels of C channels, pixel stride x_stride (a channels-last prefix); y: P x C, dense.
+/* x: P pixels of C channels, pixel stride x_stride (a channels-last prefix); y: P pixels of
+   y_stride >= C channels, the last y_stride - C of them zeros (a convolution's padded input).
    Every comparison is written so that a NaN passes through as in ATen: relu(NaN) is NaN, its
    gradient passes where y is NaN, and a NaN variance stays NaN. */
 #define KERNELS(T, S)                                                                        \
 void norm_relu_##S(const T* x, int64_t x_stride, int64_t P, int64_t C, const T* scale,            \
-                   const T* shift, T* y, int nt) {                                           \
+                   const T* shift, T* y, int64_t y_stride, int nt) {                         \
   _Pragma("omp parallel for num_threads(nt) schedule(static)")                               \
   for (int64_t p = 0; p < P; ++p) {                                                          \
-    const T* xp = x + p * x_stride; T* yp = y + p * C;                                            \
+    const T* xp = x + p * x_stride; T* yp = y + p * y_stride;                                     \
     _Pragma("omp simd")                                                                      \
     for (int64_t c = 0; c < C; ++c) { T v = xp[c] * scale[c] + shift[c]; yp[c] = v < 0 ? 0 : v; } \
+    for (int64_t c = C; c < y_stride; ++c) yp[c] = 0;                                        \
   }                                                                                          \
 }                                                                                            \
-/* With gm = g * [y > 0]: out (pixel stride out_stride) += gm * a, and per channel the sums of gm  \
-   and of gm * (x - mean). */                                                                \
-void norm_relu_backward_##S(const T* g, const T* y, const T* x, int64_t x_stride, int64_t P,      \
-                            int64_t C, const T* mean, const T* a, T* out, int64_t out_stride,       \
-                            double* sum_g, double* sum_gx, int nt) {                         \
+/* With gm = g * [y > 0] (g and y: pixel stride y_stride): out (pixel stride out_stride) += gm * a, \
+   and per channel the sums of gm and of gm * (x - mean). */                                 \
+void norm_relu_backward_##S(const T* g, const T* y, int64_t y_stride, const T* x, int64_t x_stride, \
+                            int64_t P, int64_t C, const T* mean, const T* a, T* out,             \
+                            int64_t out_stride, double* sum_g, double* sum_gx, int nt) {     \
   PIXEL_SUMS(T, sum_g, sum_gx,                                                               \
-    const T* gp = g + p * C; const T* yp = y + p * C; const T* xp = x + p * x_stride;             \
+    const T* gp = g + p * y_stride; const T* yp = y + p * y_stride; const T* xp = x + p * x_stride; \
     T* op = out + p * out_stride;                                                                   \
     _Pragma("omp simd")                                                                      \
     for (int64_t c = 0; c < C; ++c) {                                                        \

@@ -6,7 +6,7 @@ Here the per-channel work around the passes over the pixels (scale and shift, ru
 statistics, the gradient's coefficients) is done with torch operations, which cost nothing
 on a CPU; the C loops make the passes:
 
-- ``norm_relu``: y = relu(x * scale + shift), one pass;
+- ``norm_relu``: y = relu(x * scale + shift), one pass, zeros in y's padding channels;
 - ``norm_relu_backward``: with gm = g where y > 0, out += gm * a, and per channel the sums of
   gm and of gm * (x - mean) (the statistics' part of the gradient);
 - ``stats``: per channel mean and biased variance, and optionally a copy into the buffer.
@@ -34,11 +34,12 @@ SOURCE = Path(__file__).with_suffix(".c")
 DTYPES = (torch.float32, torch.float64)  # what the kernels compute in
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGUMENTS = {"norm_relu": [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR],
-              "norm_relu_backward": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64,
+_ARGUMENTS = {"norm_relu": [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64],
+              "norm_relu_backward": [_PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64,
                                      _PTR, _PTR],
               "stats": [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR]}
 PIXEL_STRIDE_MULTIPLE = 1  # a block buffer's pixels need no padding here
+CONV_INPUT_MULTIPLE: dict[torch.dtype, int] = {}  # nor the convolutions' inputs (fused.conv_input_channels)
 
 
 class Unavailable(RuntimeError):
@@ -94,29 +95,31 @@ def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stri
 
 
 def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
-              bias: Tensor, eps: float, y: Tensor, running_mean: Tensor | None = None,
+              bias: Tensor, eps: float, y: Tensor, y_stride: int, running_mean: Tensor | None = None,
               running_var: Tensor | None = None, momentum: float = 0.0) -> None:
-    """y = relu(batch_norm(x)) with the given statistics; the running ones move by
-    ``momentum`` towards them (the variance unbiased) where given."""
+    """y = relu(batch_norm(x)) with the given statistics, on y's pixel stride ``y_stride``
+    (>= C; the channels beyond C are written as zeros); the running statistics move by
+    ``momentum`` towards the batch's (the variance unbiased) where given."""
     if running_mean is not None:
         running_mean.lerp_(mean, momentum)
         running_var.lerp_(var * (P / max(P - 1, 1)), momentum)
     scale = weight * torch.rsqrt(var + eps)
-    _call("norm_relu", x.dtype, x, x_stride, P, C, scale, bias - mean * scale, y)
+    _call("norm_relu", x.dtype, x, x_stride, P, C, scale, bias - mean * scale, y, y_stride)
 
 
-def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C: int, mean: Tensor,
-                       var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
+def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride: int, P: int, C: int,
+                       mean: Tensor, var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
                        accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
-    gradients of weight and bias."""
+    gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``."""
     if not accumulate:
         out[:, :C].zero_()
     invstd = torch.rsqrt(var + eps)
     a = weight * invstd
     sums = torch.empty(2, C, dtype=torch.float64)
-    _call("norm_relu_backward", x.dtype, g, y, x, x_stride, P, C, mean, a, out, out_stride, sums[0], sums[1])
+    _call("norm_relu_backward", x.dtype, g, y, y_stride, x, x_stride, P, C, mean, a, out, out_stride,
+          sums[0], sums[1])
     sum_g, sum_gx = sums.to(weight.dtype)
     if coefficients is not None:
         b = -a * invstd * invstd * sum_gx / P

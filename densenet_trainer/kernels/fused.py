@@ -12,8 +12,11 @@ layer reads the buffer's first C channels in place. A feature's batch statistics
 once, when it is written, and shared by every later layer (their BatchNorms see the same
 values, so the statistics are the same). BatchNorm-ReLU is one pass forward and two backward,
 and every layer adds its input gradient in place into one gradient buffer for the block, which
-autograd hands on one feature at a time. The result equals the ATen path (tests compare
-outputs and gradients in float64); only the order of floating-point sums differs. In the
+autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a convolution, its output can carry zero channels
+up to a multiple the device's convolutions want (``conv_input_channels``: bfloat16 on CUDA),
+matched by zero input channels in a copy of the weight (``conv``). The result equals the ATen
+path (tests compare outputs and gradients in float64, padded or not); only the order of
+floating-point sums differs. In the
 memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
 The autograd logic here is the same on every device; four functions do a BatchNorm's work
@@ -40,8 +43,8 @@ from torch import Tensor, nn
 from densenet_trainer.kernels import cpu_kernels
 from densenet_trainer.kernels.batch_counters import batch_counters, count_batch
 
-__all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "gather",
-           "norm_relu", "norm_relu_conv"]
+__all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "conv",
+           "conv_input_channels", "gather", "norm_relu", "norm_relu_conv"]
 
 
 @functools.cache
@@ -187,9 +190,25 @@ class SharedFeatures:
             coefficients, self.buffer.dtype)
 
 
+def conv_input_channels(x: Tensor, channels: int) -> int:
+    """How many channels a convolution's input of ``channels`` gets on the fused path:
+    ``channels`` padded with zeros up to the multiple the device's convolutions want in x's
+    dtype (bfloat16 on CUDA: 8), which the convolution's weight matches with zeros (``conv``)."""
+    multiple = backend(x.device.type).CONV_INPUT_MULTIPLE.get(x.dtype, 1)
+    return -(-channels // multiple) * multiple
+
+
+def _padded(conv_weight: Tensor, channels: int) -> Tensor:
+    """``conv_weight`` with zero input channels up to ``channels``."""
+    extra = channels - conv_weight.shape[1]
+    return F.pad(conv_weight, (0, 0, 0, 0, 0, extra)) if extra else conv_weight
+
+
 def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor,
-               statistics: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, var).
+               statistics: tuple[Tensor, Tensor] | None = None,
+               conv_input: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, var);
+    for a convolution's input, ``out`` has zero channels up to conv_input_channels.
 
     In training mode the batch statistics are the buffer's and the running ones are updated,
     unless ``statistics`` (mean, var) are given: a recomputation repeats the forward's.
@@ -206,9 +225,11 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
     else:  # copies: a later training step moves the running statistics
         mean, var = norm.running_mean.clone(), norm.running_var.clone()
     x = shared.prefix(channels)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    width = conv_input_channels(x, channels) if conv_input else channels
+    out = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
     backend(x.device.type).norm_relu(x, shared.pixel_stride, shared.pixels, channels, mean, var,
-                                     weight, bias, norm.eps, out, *running)
+                                     weight, bias, norm.eps, out, width, *running)
     return out, mean, var
 
 
@@ -216,7 +237,8 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
                         mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
                         newest_channels: int) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``_normalise``: adds the input gradient into the block's gradient buffer
-    and returns (the newest feature's complete gradient, grad weight, grad bias)."""
+    and returns (the newest feature's complete gradient, grad weight, grad bias). ``out``
+    and ``grad_out`` have its channels, padded or not."""
     channels, buffer = weight.shape[0], shared.buffer
     g = grad_out.contiguous(memory_format=torch.channels_last)
     alone = shared.grad is None  # a SharedFeatures.holding one tensor: nothing to add to
@@ -225,7 +247,7 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
                           buffer.new_empty(2, buffer.shape[1], dtype=shared.accumulate)
                           if batch_stats else None)
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
-        g, out, shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
+        g, out, out.shape[1], shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
         eps, shared.grad, shared.pixel_stride, not alone,
         shared.coefficients if batch_stats else None)
     newest = shared.finish_grad(channels - newest_channels, channels)
@@ -242,8 +264,8 @@ class _NormReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, shared: SharedFeatures,
-                norm: nn.BatchNorm2d) -> Tensor:
-        out, mean, var = _normalise(shared, norm, weight, bias)
+                norm: nn.BatchNorm2d, conv_input: bool) -> Tensor:
+        out, mean, var = _normalise(shared, norm, weight, bias, conv_input=conv_input)
         ctx.save_for_backward(out, weight)
         # kept outside autograd's checks: later features' statistics are written beside them
         ctx.statistics, ctx.eps = (mean, var), norm.eps
@@ -255,7 +277,7 @@ class _NormReLU(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         out, weight = ctx.saved_tensors
         return (*_normalise_backward(ctx.shared, grad_out, out, weight, *ctx.statistics, ctx.eps,
-                                     ctx.batch_stats, ctx.newest_channels), None, None)
+                                     ctx.batch_stats, ctx.newest_channels), None, None, None)
 
 
 class _NormReLUConv(torch.autograd.Function):
@@ -269,22 +291,24 @@ class _NormReLUConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, conv_weight: Tensor,
                 shared: SharedFeatures, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
-        activated, mean, var = _normalise(shared, norm, weight, bias)
+        activated, mean, var = _normalise(shared, norm, weight, bias, conv_input=True)
         ctx.save_for_backward(weight, bias, conv_weight)
         ctx.statistics = (mean, var)  # outside autograd's checks, as in _NormReLU
         ctx.shared, ctx.norm, ctx.conv, ctx.batch_stats = shared, norm, conv, norm.training
         ctx.newest_channels = newest.shape[1]
-        return F.conv2d(activated, conv_weight, None, conv.stride, conv.padding, conv.dilation,
-                        conv.groups)
+        return F.conv2d(activated, _padded(conv_weight, activated.shape[1]), None, conv.stride,
+                        conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         weight, bias, conv_weight = ctx.saved_tensors
         conv: nn.Conv2d = ctx.conv
-        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, ctx.statistics)
+        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, ctx.statistics, conv_input=True)
         grad_activated, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_out, activated, conv_weight, None, conv.stride, conv.padding, conv.dilation,
-            False, [0, 0], conv.groups, [True, True, False])
+            grad_out, activated, _padded(conv_weight, activated.shape[1]), None, conv.stride,
+            conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False])
+        if grad_conv.shape != conv_weight.shape:  # the padding's zero input channels
+            grad_conv = grad_conv[:, :conv_weight.shape[1]].contiguous()
         newest, grad_weight, grad_bias = _normalise_backward(
             ctx.shared, grad_activated, activated, weight, *ctx.statistics, ctx.norm.eps,
             ctx.batch_stats, ctx.newest_channels)
@@ -309,9 +333,12 @@ class _Gather(torch.autograd.Function):
         return shared.finish_grad(channels - ctx.newest_channels, channels), None
 
 
-def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor) -> Tensor:
-    """``relu(norm(concatenation so far))``, where ``newest`` is the last feature appended."""
-    return _NormReLU.apply(newest, norm.weight, norm.bias, shared, norm)
+def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor,
+              conv_input: bool = False) -> Tensor:
+    """``relu(norm(concatenation so far))``, where ``newest`` is the last feature appended;
+    as a convolution's input (``conv_input``), with zero channels up to conv_input_channels,
+    for ``conv``."""
+    return _NormReLU.apply(newest, norm.weight, norm.bias, shared, norm, conv_input)
 
 
 def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, shared: SharedFeatures,
@@ -320,9 +347,20 @@ def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, shared: SharedFeatures
     return _NormReLUConv.apply(newest, norm.weight, norm.bias, conv.weight, shared, norm, conv)
 
 
-def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``relu(norm(x))`` in one pass, for a tensor that ``available`` accepts."""
-    return norm_relu(norm, SharedFeatures.holding(x, norm.training), x)
+def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, conv_input: bool = False) -> Tensor:
+    """``relu(norm(x))`` in one pass, for a tensor that ``available`` accepts (``conv_input``:
+    as norm_relu's)."""
+    return norm_relu(norm, SharedFeatures.holding(x, norm.training), x, conv_input)
+
+
+def conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)``, where ``x`` may have zero channels beyond the convolution's inputs
+    (norm_relu's ``conv_input``): the weight then gets zero input channels to match, in a
+    copy whose gradient autograd slices back to the weight's shape (and the module's hooks,
+    which would see a padded input, are passed over)."""
+    if x.shape[1] == conv.in_channels:
+        return conv(x)
+    return conv._conv_forward(x, _padded(conv.weight, x.shape[1]), conv.bias)
 
 
 def gather(shared: SharedFeatures, newest: Tensor) -> Tensor:

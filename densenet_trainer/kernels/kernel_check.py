@@ -126,20 +126,26 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     _close(mean, reference.mean((0, 2, 3)), tolerance, "stats' mean of a prefix")
     _close(var, reference.var((0, 2, 3), correction=0), sums, "stats' variance of a prefix")
 
-    # norm_relu on the prefix, moving the running statistics
+    # norm_relu on the prefix, moving the running statistics, into an output padded with
+    # zero channels (a convolution's input: fused.conv_input_channels) that held NaN
     shared = buffer(total)
     x = shared[:, :channels]
     mean, var = vector(), vector(scale=0.5, offset=1.0).abs()
     weight, bias, eps, momentum = vector(), vector(), 1e-5, 0.1
     running = [vector(), vector(offset=2.0).abs()]
     before = [r.double().cpu().clone() for r in running]
-    y = torch.empty(x.shape, dtype=dtype, device=device).contiguous(memory_format=last)
-    kernels.norm_relu(x, total, pixels, channels, mean, var, weight, bias, eps, y, *running, momentum)
+    padded = channels + 3
+    y_padded = torch.full((n, padded, height, width), float("nan"), dtype=dtype, device=device)
+    y_padded = y_padded.contiguous(memory_format=last)
+    y = y_padded[:, :channels]
+    kernels.norm_relu(x, total, pixels, channels, mean, var, weight, bias, eps, y_padded, padded,
+                      *running, momentum)
     invstd = 1 / (var.double().cpu() + eps).sqrt()
     scale = weight.double().cpu() * invstd
     centred = x.double().cpu() - per_channel(mean)
     expected = (centred * per_channel(scale) + per_channel(bias)).clamp(min=0)
     _close(y, expected, tolerance, "norm_relu")
+    _close(y_padded[:, channels:], torch.zeros_like(y_padded[:, channels:]), (0, 0), "norm_relu's padding")
     unbiased = var.double().cpu() * pixels / max(pixels - 1, 1)
     _close(running[0], before[0] + momentum * (mean.double().cpu() - before[0]), TOLERANCES[stats_dtype],
            "norm_relu's running mean")
@@ -147,8 +153,11 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
            "norm_relu's running variance")
 
     # norm_relu_backward, adding into a buffer's gradient and coefficients: a float32 buffer,
-    # and one of the features' own dtype, which training accumulates into (bfloat16's too)
-    g = buffer(channels)
+    # and one of the features' own dtype, which training accumulates into (bfloat16's too);
+    # the output gradient on the padded stride, NaN in the padding, which counts for nothing
+    g_padded = buffer(padded)
+    g_padded[:, channels:] = float("nan")
+    g = g_padded[:, :channels]
     gm = torch.where(y.cpu() > 0, g.cpu(), 0).double()
     a = per_channel(scale)
     sum_g, sum_gx = gm.sum((0, 2, 3)), (gm * centred).sum((0, 2, 3))
@@ -159,8 +168,9 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
         out = accumulate.clone()
         coefficients = _random((2, total), device, stats_dtype, generator)
         start = coefficients.clone()
-        grad_weight, grad_bias = kernels.norm_relu_backward(g, y, x, total, pixels, channels, mean, var,
-                                                            weight, eps, out, total, True, coefficients)
+        grad_weight, grad_bias = kernels.norm_relu_backward(g_padded, y_padded, padded, x, total, pixels,
+                                                            channels, mean, var, weight, eps, out, total,
+                                                            True, coefficients)
         into = f" into {str(grad_dtype).removeprefix('torch.')}"
         _close(out[:, :channels], accumulate[:, :channels].double().cpu() + gm * a, TOLERANCES[grad_dtype]
                if grad_dtype != stats_dtype else tolerance, "norm_relu_backward's gradient" + into)
@@ -171,10 +181,10 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
         _close(coefficients[1, :channels], start[1, :channels].double().cpu() + d, sums, "the coefficients d" + into)
         _close(coefficients[:, channels:], start[:, channels:], (0, 0), "the coefficients beyond its channels" + into)
     # and writing them, for a tensor of its own
-    alone = torch.empty_like(g, dtype=stats_dtype)
+    alone = torch.empty(g.shape, dtype=stats_dtype, device=device).contiguous(memory_format=last)
     written = torch.empty(2, channels, dtype=stats_dtype, device=device)
-    kernels.norm_relu_backward(g, y, shared[:, :channels].contiguous(memory_format=last), channels,
-                               pixels, channels, mean, var, weight, eps, alone, channels, False,
+    kernels.norm_relu_backward(g_padded, y_padded, padded, shared[:, :channels].contiguous(memory_format=last),
+                               channels, pixels, channels, mean, var, weight, eps, alone, channels, False,
                                written)
     _close(alone, gm * a, tolerance, "norm_relu_backward's gradient, written")
     _close(written, torch.stack([b, d]), sums, "the coefficients, written")

@@ -10,8 +10,8 @@ graph every launch costs about 2 µs however little it does; bench/kernels.py co
   copy into the buffer (a partial-sum pass over at most PARTIAL_ROWS rows of programs, each
   looping over its pixel tiles, and a finishing pass);
 - ``norm_relu``: y = relu((x - mean) * rsqrt(var + eps) * weight + bias), the scale and shift
-  made per channel in the kernel, and the running statistics updated by the first row of
-  programs (one pass);
+  made per channel in the kernel, zeros in y's padding channels (a convolution's padded
+  input), and the running statistics updated by the first row of programs (one pass);
 - ``norm_relu_backward``: with gm = g where y > 0 and a = weight * rsqrt(var + eps),
   out (+)= gm * a, then the weight's and bias's gradients and the batch statistics' part of
   the input gradient, ``x * b + d`` per channel, added to (or written into) ``coefficients``
@@ -38,6 +38,10 @@ MIN_PROGRAMS = 256  # about twice the multiprocessors of an H100 or H200 (132): 
 # A block buffer's pixels start on 16-element boundaries (its channels padded up to a multiple
 # of 16), so that loads of a pixel's channels can be vectorised; the padding is never read.
 PIXEL_STRIDE_MULTIPLE = 16
+# A convolution's input channels, padded with zeros up to this multiple by dtype: cuDNN's
+# tensor-core kernels for channels-last bfloat16 want each pixel's channels in whole 16 bytes
+# (1x1 convolutions of 24 + 12i channels are not, for odd i). float32 (TF32) wants 4: 4k + 24 are.
+CONV_INPUT_MULTIPLE = {torch.bfloat16: 8}
 BLOCK_R = 64  # partial-sum rows a finishing program adds per iteration
 PARTIAL_ROWS = 256  # at most this many rows of partial sums per pass (partial_grid)
 
@@ -50,11 +54,11 @@ def _scale(mean, var, weight, eps, c, cm):
     return m, v, tl.load(weight + c, mask=cm, other=0.0).to(tl.float32) / tl.sqrt(v + eps)
 
 
-@triton.jit(do_not_specialize=["x_units", "C_units"])
-def _norm_relu_kernel(x, x_units, y, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
+@triton.jit(do_not_specialize=["x_units", "y_units", "C_units"])
+def _norm_relu_kernel(x, x_units, y, y_units, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
                       P, C_units, ALIGN: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr,
                       BLOCK_C: tl.constexpr):
-    x_stride, C = x_units * ALIGN, C_units * ALIGN  # see _align
+    x_stride, y_stride, C = x_units * ALIGN, y_units * ALIGN, C_units * ALIGN  # see _align
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -68,16 +72,18 @@ def _norm_relu_kernel(x, x_units, y, mean, var, weight, bias, eps, rmean, rvar, 
         tl.store(rvar + c, running + momentum * (v * unbias - running), mask=first)
     inside = (p[:, None] < P) & cm[None, :]
     value = tl.load(x + p[:, None] * x_stride + c[None, :], mask=inside, other=0.0).to(tl.float32)
-    value = value * scale[None, :] + shift[None, :]
+    value = value * scale[None, :] + shift[None, :]  # 0 beyond C: scale and shift load as 0 there
     value = tl.where(value < 0, 0.0, value)  # relu that keeps NaN
-    tl.store(y + p[:, None] * C + c[None, :], value.to(y.dtype.element_ty), mask=inside)
+    written = (p[:, None] < P) & (c[None, :] < y_stride)  # the channels and y's zero padding
+    tl.store(y + p[:, None] * y_stride + c[None, :], value.to(y.dtype.element_ty), mask=written)
 
 
-@triton.jit(do_not_specialize=["x_units", "out_units", "C_units"])
-def _norm_relu_backward_kernel(g, y, x, x_units, out, out_units, mean, var, weight, eps, part_g, part_gx,
-                               P, C_units, tiles, ALIGN: tl.constexpr, ACCUMULATE: tl.constexpr,
+@triton.jit(do_not_specialize=["y_units", "x_units", "out_units", "C_units"])
+def _norm_relu_backward_kernel(g, y, y_units, x, x_units, out, out_units, mean, var, weight, eps, part_g,
+                               part_gx, P, C_units, tiles, ALIGN: tl.constexpr, ACCUMULATE: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    x_stride, out_stride, C = x_units * ALIGN, out_units * ALIGN, C_units * ALIGN  # see _align
+    y_stride, x_stride, out_stride = y_units * ALIGN, x_units * ALIGN, out_units * ALIGN  # see _align
+    C = C_units * ALIGN
     row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m, _, a = _scale(mean, var, weight, eps, c1, c1 < C)
@@ -87,8 +93,8 @@ def _norm_relu_backward_kernel(g, y, x, x_units, out, out_units, mean, var, weig
     for tile in range(row, tiles, rows):
         p = (tile * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
         inside = (p < P) & (c < C)
-        gv = tl.load(g + p * C + c, mask=inside, other=0.0).to(tl.float32)
-        yv = tl.load(y + p * C + c, mask=inside, other=0.0).to(tl.float32)
+        gv = tl.load(g + p * y_stride + c, mask=inside, other=0.0).to(tl.float32)
+        yv = tl.load(y + p * y_stride + c, mask=inside, other=0.0).to(tl.float32)
         xv = tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32)
         gm = tl.where(yv <= 0, 0.0, gv)  # a NaN output passes its gradient on
         o = gm * a[None, :]
@@ -244,30 +250,31 @@ def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stri
 
 
 def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
-              bias: Tensor, eps: float, y: Tensor, running_mean: Tensor | None = None,
+              bias: Tensor, eps: float, y: Tensor, y_stride: int, running_mean: Tensor | None = None,
               running_var: Tensor | None = None, momentum: float = 0.0) -> None:
-    """y = relu(batch_norm(x)) with the given statistics; the running ones move by
-    ``momentum`` towards them (the variance unbiased) where given."""
+    """y = relu(batch_norm(x)) with the given statistics, on y's pixel stride ``y_stride``
+    (>= C; the channels beyond C are written as zeros); the running statistics move by
+    ``momentum`` towards the batch's (the variance unbiased) where given."""
     update = running_mean is not None
-    grid, block_p, block_c = _tiles(P, C)
-    align = _align(x_stride, C)
+    grid, block_p, block_c = _tiles(P, y_stride)  # its programs write y's padding too
+    align = _align(x_stride, y_stride, C)
     _norm_relu_kernel[grid](
-        x, x_stride // align, y, mean, var, weight, bias, eps, running_mean if update else mean,
+        x, x_stride // align, y, y_stride // align, mean, var, weight, bias, eps, running_mean if update else mean,
         running_var if update else var, momentum, P / max(P - 1, 1), P, C // align, ALIGN=align,
         UPDATE=update, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
-def norm_relu_backward(g: Tensor, y: Tensor, x: Tensor, x_stride: int, P: int, C: int, mean: Tensor,
-                       var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
+def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride: int, P: int, C: int,
+                       mean: Tensor, var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
                        accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
-    gradients of weight and bias."""
+    gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
-    align = _align(x_stride, out_stride, C)
-    _norm_relu_backward_kernel[grid](g, y, x, x_stride // align, out, out_stride // align, mean, var, weight,
-                                     eps, parts[0], parts[1], P, C // align, tiles, ALIGN=align,
+    align = _align(y_stride, x_stride, out_stride, C)
+    _norm_relu_backward_kernel[grid](g, y, y_stride // align, x, x_stride // align, out, out_stride // align,
+                                     mean, var, weight, eps, parts[0], parts[1], P, C // align, tiles, ALIGN=align,
                                      ACCUMULATE=accumulate, BLOCK_P=block_p, BLOCK_C=block_c)
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)

@@ -73,14 +73,14 @@ def test_kernels_propagate_nan_and_store_bf16(kernels):
     x[1, 2, 0, 1] = float("nan")
     y = torch.empty_like(x)
     ones, zeros = torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE)
-    kernels.norm_relu(x, 6, 18, 6, zeros, ones, ones, zeros, 0.0, y)
+    kernels.norm_relu(x, 6, 18, 6, zeros, ones, ones, zeros, 0.0, y, 6)
     assert torch.isnan(y[1, 2, 0, 1]) and torch.isnan(y).sum() == 1
     mean, var = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)
     kernels.stats(x, 6, 18, 6, None, 0, mean, var)
     assert torch.isnan(mean[2]) and torch.isnan(var[2]) and not torch.isnan(mean[3])
     low = x.nan_to_num().bfloat16()
     out = torch.empty_like(low)
-    kernels.norm_relu(low, 6, 18, 6, zeros, ones, torch.full((6,), 0.5, device=DEVICE), zeros, 0.0, out)
+    kernels.norm_relu(low, 6, 18, 6, zeros, ones, torch.full((6,), 0.5, device=DEVICE), zeros, 0.0, out, 6)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), (low.float() * 0.5).clamp(min=0), rtol=1e-2, atol=1e-2)
 
@@ -111,10 +111,10 @@ def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_efficient):
-    """bfloat16 features with float32 statistics and gradient sums, against the float64
-    reference: no further from it than the ATen path in bfloat16 is (twice that, at most);
-    parameters and their gradients stay float32."""
+def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_efficient, monkeypatch):
+    """bfloat16 features with float32 statistics and gradient sums, and the convolutions'
+    inputs padded to 8 channels, against the float64 reference: no further from it than the
+    ATen path in bfloat16 is (twice that, at most); parameters and their gradients stay float32."""
     from densenet_trainer.engine.step import Precision
     reference, aten, ours = twins(memory_efficient, "aten", "aten", "fused")
     reference.double().to(DEVICE).train()
@@ -123,6 +123,9 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
     expected = reference(x.double())
     F.cross_entropy(expected, labels).backward()
     errors = {}
+    padded, pad = [], fused._padded  # bfloat16 convolutions' inputs, padded to multiples of 8
+    monkeypatch.setattr(fused, "_padded", lambda weight, channels: (
+        padded.append(channels - weight.shape[1]), pad(weight, channels))[1])
     for name, model in (("aten", aten), ("fused", ours)):
         model.to(DEVICE, memory_format=LAST).train()
         precision = Precision(model, "bf16")
@@ -138,6 +141,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
             ((grads - exact).norm() / exact.norm()).item()
     for ours_error, aten_error in zip(errors["fused"], errors["aten"]):  # relative, in the L2 norm
         assert ours_error <= 1.5 * aten_error + 0.01, errors
+    assert set(padded) - {0} == {4, 6, 2, 3}, padded  # the transitions' 12 and 10 inputs, blocks 2's 6 and 3's 5
 
 
 @pytest.mark.cuda
