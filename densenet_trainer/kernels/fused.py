@@ -1,22 +1,17 @@
 """Dense-block concatenation without copies, and BatchNorm-ReLU fused into one pass.
 
-A dense layer normalises the concatenation of every earlier feature map. Built from ATen ops
-that costs, per layer, a copy of all earlier features (``cat``), a statistics pass, a
-normalise pass and a ReLU pass forward, then ReLU-backward, two BatchNorm-backward passes and
-the accumulation of each feature's gradient backward: about 20 passes over memory that grows
-with depth. Those memory-bound passes, not the convolutions, decide a CPU's speed, and much
-of a GPU's.
-
-Here a block writes each new feature map once into a preallocated channels-last buffer; a
-layer reads the buffer's first C channels in place. A feature's batch statistics are computed
-once, when it is written, and shared by every later layer (their BatchNorms see the same
-values, so the statistics are the same). BatchNorm-ReLU is one pass forward and two backward,
-and every layer adds its input gradient in place into one gradient buffer for the block, which
-autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a convolution, its output can carry zero channels
-up to a multiple the device's convolutions want (``conv_input_channels``: bfloat16 on CUDA),
-matched by zero input channels in a copy of the weight (``conv``). The result equals the ATen
-path (tests compare outputs and gradients in float64, padded or not); only the order of
-floating-point sums differs. In the
+Built from ATen ops, a dense layer costs a copy of all earlier features (``cat``), then about
+20 passes forward and backward over memory that grows with depth: memory-bound passes, not
+convolutions, decide a CPU's speed and much of a GPU's. Here a block writes each new feature
+map once into a preallocated channels-last buffer, and a layer reads its first C channels in
+place. A feature's batch statistics are computed once, when it is written, and shared by every
+later layer (their BatchNorms see the same values). BatchNorm-ReLU is one pass forward and two
+backward, and every layer adds its input gradient in place into one gradient buffer for the
+block, which autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a
+convolution, its output can carry zero channels up to a multiple the device's convolutions
+want (``conv_input_channels``: bfloat16 on CUDA), matched by zero input channels in a copy of
+the weight (``conv``). The result equals the ATen path (tests compare outputs and gradients in
+float64, padded or not); only the order of floating-point sums differs. In the
 memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
 The autograd logic here is the same on every device; four functions do a BatchNorm's work
@@ -163,9 +158,8 @@ class SharedFeatures:
         return self.buffer[:, :channels]
 
     def like_buffer(self, dtype: torch.dtype) -> Tensor:
-        """An uninitialised tensor of the buffer's shape and pixel stride (its padding too),
-        in ``dtype``: the gradient buffer, whose loads and stores then line up as the
-        features' do."""
+        """An uninitialised tensor of the buffer's shape and pixel stride, in ``dtype``: the
+        gradient buffer, whose loads and stores then line up as the features' do."""
         n, channels, h, w = self.buffer.shape
         storage = torch.empty((n, self.pixel_stride, h, w), dtype=dtype, device=self.buffer.device,
                               memory_format=torch.channels_last)
@@ -178,12 +172,9 @@ class SharedFeatures:
 
     def finish_grad(self, start: int, end: int) -> Tensor:
         """The complete gradient of channels start:end, whose every user has run backward.
-
-        A layer's BatchNorm passes gradient through its batch mean and variance as
-        ``x * b + d`` per channel, and every later layer sees the same ``x``: the layers only
-        sum their ``b`` and ``d`` (``coefficients``), and the sum is applied here once, to
-        these channels.
-        """
+        A BatchNorm passes gradient through its batch mean and variance as ``x * b + d`` per
+        channel, and every later layer sees the same ``x``: the layers only sum their ``b``
+        and ``d`` (``coefficients``), and the sum is applied here once, to these channels."""
         coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
         return backend(self.buffer.device.type).finish_grad(
             self.grad[:, start:end], self.pixel_stride, self.buffer[:, start:end], self.pixel_stride,
@@ -191,9 +182,8 @@ class SharedFeatures:
 
 
 def conv_input_channels(x: Tensor, channels: int) -> int:
-    """How many channels a convolution's input of ``channels`` gets on the fused path:
-    ``channels`` padded with zeros up to the multiple the device's convolutions want in x's
-    dtype (bfloat16 on CUDA: 8), which the convolution's weight matches with zeros (``conv``)."""
+    """``channels`` padded up to the multiple the device's convolutions want for inputs in
+    x's dtype (bfloat16 on CUDA: 8): what a convolution's input gets on the fused path."""
     multiple = backend(x.device.type).CONV_INPUT_MULTIPLE.get(x.dtype, 1)
     return -(-channels // multiple) * multiple
 
@@ -208,11 +198,9 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
                statistics: tuple[Tensor, Tensor] | None = None,
                conv_input: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, var);
-    for a convolution's input, ``out`` has zero channels up to conv_input_channels.
-
-    In training mode the batch statistics are the buffer's and the running ones are updated,
-    unless ``statistics`` (mean, var) are given: a recomputation repeats the forward's.
-    """
+    for a convolution's input, ``out`` has zero channels up to conv_input_channels. In
+    training the batch statistics are the buffer's and the running ones move, unless
+    ``statistics`` (mean, var) are given: a recomputation repeats the forward's."""
     channels = weight.shape[0]
     running: tuple = ()
     if statistics is not None:
@@ -335,9 +323,8 @@ class _Gather(torch.autograd.Function):
 
 def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor,
               conv_input: bool = False) -> Tensor:
-    """``relu(norm(concatenation so far))``, where ``newest`` is the last feature appended;
-    as a convolution's input (``conv_input``), with zero channels up to conv_input_channels,
-    for ``conv``."""
+    """``relu(norm(concatenation so far))``, ``newest`` the last feature appended; for
+    ``conv`` (``conv_input``), with zero channels up to conv_input_channels."""
     return _NormReLU.apply(newest, norm.weight, norm.bias, shared, norm, conv_input)
 
 
@@ -348,16 +335,14 @@ def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, shared: SharedFeatures
 
 
 def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, conv_input: bool = False) -> Tensor:
-    """``relu(norm(x))`` in one pass, for a tensor that ``available`` accepts (``conv_input``:
-    as norm_relu's)."""
+    """``relu(norm(x))`` in one pass, for a tensor ``available`` accepts (``conv_input``: above)."""
     return norm_relu(norm, SharedFeatures.holding(x, norm.training), x, conv_input)
 
 
 def conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)``, where ``x`` may have zero channels beyond the convolution's inputs
-    (norm_relu's ``conv_input``): the weight then gets zero input channels to match, in a
-    copy whose gradient autograd slices back to the weight's shape (and the module's hooks,
-    which would see a padded input, are passed over)."""
+    (norm_relu's ``conv_input``), matched by a copy of the weight padded with zeros (the
+    module's hooks, which would see a padded input, are then passed over)."""
     if x.shape[1] == conv.in_channels:
         return conv(x)
     return conv._conv_forward(x, _padded(conv.weight, x.shape[1]), conv.bias)
