@@ -226,6 +226,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         training.ensure_finite(run.model, f"after epoch {epoch}")
         files.update_record("step", run.step_status)
         results = evaluate_splits(run, epoch)
+        files.update_record("evaluation", run.evaluation_status)
         new_best_val = best.update(epoch, results["test"].error,
                                    results["val"].error if "val" in results else None)
         files.append(epoch, epoch_rows(lr, progress, results))
@@ -270,9 +271,9 @@ def train_one_epoch(run: Run, epoch: int, progress: EpochProgress, stop: StopFla
 def evaluate_splits(run: Run, epoch: int) -> dict[str, training.Evaluation]:
     """The model after ``epoch`` on the test split and, with --val-size, the validation one;
     a loss that is not finite stops the run (Diverged)."""
-    results = {"test": run.evaluate(run.test)}
+    results = {"test": run.evaluate("test")}
     if run.val is not None:
-        results["val"] = run.evaluate(run.val)
+        results["val"] = run.evaluate("val")
     for split, result in results.items():
         if not math.isfinite(result.loss):
             raise Diverged(f"the {split} loss is not finite after epoch {epoch}")
@@ -336,9 +337,9 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
                                     svhn_extra=False)
         subset = cfg.test_subset if "test_subset" in given else run.test_subset
         test = dataset.test.first(subset) if subset else dataset.test
-        batches = data.eval_batches(test.to(runtime.device), cfg.eval_batch_size,
-                                    trained.normalizer, runtime.device,
-                                    channels_last=run.channels_last)
+        batches = data.EvalBatches(test.to(runtime.device), cfg.eval_batch_size,
+                                   trained.normalizer, runtime.device,
+                                   channels_last=run.channels_last)
         result = training.evaluate(trained.model, batches, run.precision, runtime,
                                    run.num_classes, tta=tta)
         if not math.isfinite(result.loss):  # finite weights whose outputs overflow

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                             checkpoint_state(run, 1, EpochProgress(), BestEpochs(), batches.state()))
 
         log_s = median_time(write_epoch, args.repeats)
-    eval_s = median_time(lambda: run.evaluate(run.test), args.repeats)
+    eval_s = median_time(lambda: run.evaluate("test"), args.repeats)
     compute_s = step_s * batches.steps
     share = (data_s + log_s) / (data_s + log_s + compute_s)
     print(f"{run.model.name}, batch {cfg.batch_size}, {batches.steps} steps per epoch on {device}")

@@ -6,7 +6,9 @@ cannot be captured is known from the configuration and never tried (``uncapturab
 capture that fails anyway leaves the run eager. The first replay is compared with an eager
 step from the same state (``replay_mismatch``), so a graph that captured but replays the
 wrong thing is dropped before it trains; training.check_epoch then checks every epoch.
-The CPU runs the step eagerly; tests give ``GraphedStep`` stand-in captures.
+Evaluation's batches are replays of a graph too (``GraphedEvaluation``), checked alike.
+The CPU runs both eagerly; tests give ``GraphedStep`` and ``GraphedEvaluation`` stand-in
+captures.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from densenet_trainer.engine import data
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
 from densenet_trainer.engine.step import TrainStep
+from densenet_trainer.engine.training import EagerEvaluation, EvaluationSums
 from densenet_trainer.settings.config import RunConfig
 
 
@@ -69,14 +73,9 @@ class GraphedStep:
             self._checked_replay()
 
     def _on_side_stream(self) -> None:
-        if not self.cuda:
-            return self.step()
-        if self.side is None:
+        if self.cuda and self.side is None:
             self.side = torch.cuda.Stream()
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            self.step()
-        torch.cuda.current_stream().wait_stream(self.side)
+        on_side_stream(self.side, self.step)
 
     def _checked_replay(self) -> None:
         """One replay and one eager step from the same state; the eager one's result stays."""
@@ -123,6 +122,89 @@ class GraphedStep:
         self.status = f"eager: the capture failed ({reason})"
         self.notice(f"notice: the training step could not be captured as a CUDA graph "
                     f"({reason}); training goes on eagerly, with the same results, slower")
+
+
+def on_side_stream(side: torch.cuda.Stream | None, work: Callable[[], object]) -> None:
+    """``work()`` on the stream ``side`` (None: where it is, on the CPU), after and before
+    the current stream's work: PyTorch's CUDA-graph notes warm up there before a capture."""
+    if side is None:
+        work()
+        return
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+class GraphedEvaluation:
+    """An evaluation's batches as replays of one CUDA graph, which evaluates batch ``index``
+    (a device tensor: data.EvalBatches.batch) into ``sums`` and moves ``index`` on.
+
+    The first evaluation runs batch 0 eagerly on a side stream (cuDNN's benchmarking and the
+    allocator settle there), captures the next batch's work, then checks the graph: it
+    replays batch 0, whose logits must match the eager ones within REPLAY_RTOL (a graph that
+    replays another batch or stale weights does not), and the sums are put back so that
+    batch 0 counts once. A capture that fails or a replay that disagrees leaves evaluation
+    eager, after ``notice`` says why; ``status`` says which. The graph keeps one batch's
+    activations in its own memory pool for the run.
+    """
+
+    def __init__(self, sums: EvaluationSums, batches: data.EvalBatches, notice: Callable[[str], None],
+                 capture: Callable = capture_cuda_graph) -> None:
+        self.sums, self.batches, self.notice, self.capture = sums, batches, notice, capture
+        self.cuda = batches.numbers.device.type == "cuda"
+        self.index = torch.zeros(1, dtype=torch.int64, device=batches.numbers.device)
+        self.replay: Callable[[], None] | None = None
+        self.logits: Tensor | None = None  # the last batch's, the graph's own after capture
+        self.eager = False
+        self.status = "graphed (not captured yet)"
+
+    def _batch(self) -> None:
+        self.logits = self.sums.add(*self.batches.batch(self.index))
+        self.index += 1
+
+    def __call__(self) -> None:
+        self.sums.zero()
+        self.index.zero_()
+        done = 0
+        if self.replay is None and not self.eager:
+            self._capture_checked()
+            done = 1
+        each = self._batch if self.eager else self.replay
+        for _ in range(done, self.batches.steps):
+            each()
+
+    def _capture_checked(self) -> None:
+        """Batch 0 eagerly, the capture, and the check of its first replay: batch 0 counted once."""
+        on_side_stream(torch.cuda.Stream() if self.cuda else None, self._batch)
+        eager = self.logits.clone()
+        began = time.perf_counter()
+        try:
+            self.replay = self.capture(self._batch)
+        except Exception as error:  # any failure: CUDA, an uncapturable op, memory
+            if self.cuda:
+                torch.cuda.synchronize()
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return self._fall_back(f"the capture failed ({reason})")
+        seconds = time.perf_counter() - began
+        counted = [total.clone() for total in self.sums.tensors]
+        self.index.zero_()
+        self.replay()
+        for total, value in zip(self.sums.tensors, counted):
+            total.copy_(value)
+        difference = torch.linalg.vector_norm(self.logits.double() - eager.double())
+        allowed = REPLAY_RTOL * torch.linalg.vector_norm(eager.double()) + 1e-6
+        if not difference <= allowed:  # NaN included
+            self.index.fill_(1)
+            return self._fall_back(f"its first replay's logits differ from an eager batch's by "
+                                   f"{difference.item():.3g}")
+        self.status = f"graphed (captured in {seconds:.2f} s; its first replay matched an eager batch)"
+
+    def _fall_back(self, why: str) -> None:
+        self.replay, self.eager = None, True
+        self.status = f"eager: {why}"
+        self.notice(f"notice: evaluation runs eagerly, not as a CUDA graph: {why}; the same "
+                    f"results, slower")
 
 
 # A replay may differ from the eager step by the order of floating-point sums (atomics in
@@ -172,16 +254,37 @@ def uncapturable(cfg: RunConfig, kernels: str) -> str | None:
     return None
 
 
-def eager_reason(cfg: RunConfig, runtime: Runtime, kernels: str) -> str | None:
-    """Why the steps of this run run eagerly rather than as one CUDA graph (None: graphed).
-    ``kernels`` are the DenseNet kernels the model runs ("fused" or "aten")."""
+def _no_capture(cfg: RunConfig, runtime: Runtime) -> str | None:
+    """Why this process captures no graph at all (None: it can)."""
     if not cfg.cuda_graph:
         return "--no-cuda-graph"
     if runtime.capture is None:
         if runtime.world_size > 1:
             return "several processes: DistributedDataParallel's all-reduce is not captured"
         return f"CUDA graphs are for GPUs; this runs on {runtime.device.type}"
-    return uncapturable(cfg, kernels)
+    return None
+
+
+def eager_reason(cfg: RunConfig, runtime: Runtime, kernels: str) -> str | None:
+    """Why the steps of this run run eagerly rather than as one CUDA graph (None: graphed).
+    ``kernels`` are the DenseNet kernels the model runs ("fused" or "aten")."""
+    return _no_capture(cfg, runtime) or uncapturable(cfg, kernels)
+
+
+def evaluation_eager_reason(cfg: RunConfig, runtime: Runtime) -> str | None:
+    """Why this run evaluates eagerly rather than by a graph's replays (None: graphed)."""
+    compiled = "torch.compile compiles the model again for evaluation, which a capture cannot hold"
+    return _no_capture(cfg, runtime) or (compiled if cfg.kernels == "compile" else None)
+
+
+def evaluation_runner(sums: EvaluationSums, batches: data.EvalBatches, cfg: RunConfig,
+                      runtime: Runtime, notice: Callable[[str], None]) -> EagerEvaluation | GraphedEvaluation:
+    """What evaluates a split's batches: the replays of a graph where the process can capture
+    and the configuration allows, else the batches one by one."""
+    reason = evaluation_eager_reason(cfg, runtime)
+    if reason is None:
+        return GraphedEvaluation(sums, batches, notice, runtime.capture)
+    return EagerEvaluation(sums, batches, reason)
 
 
 def step_runner(step: TrainStep, cfg: RunConfig, kernels: str, runtime: Runtime,

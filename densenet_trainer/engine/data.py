@@ -118,21 +118,41 @@ def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def eval_batches(data: Split, batch_size: int, normalizer: Normalizer, device: torch.device,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False
-                 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Yield (images, labels, valid) over this process's share of ``data``, in order.
+class EvalBatches:
+    """This process's share of a split's evaluation batches, gathered where the images are
+    and in order; iterating yields (images, labels, valid) for each.
 
     Every batch has one shape (``batch_size``, or the share when smaller), so cuDNN's choice
-    of algorithms and any captured graph fit them all: the last batch is padded with copies of
-    the dataset's first image, and ``valid`` marks the real rows.
+    of algorithms and a captured graph fit them all: the last batch is padded with copies of
+    the dataset's first image, and ``valid`` marks the real rows. Indices and masks are made
+    once, on the images' device; ``batch`` reads batch number ``step``, a one-element device
+    tensor, without the host, so that a CUDA graph that captured one batch's evaluation
+    replays any other (cuda_graph.GraphedEvaluation). ``images`` counts all processes' images.
     """
-    where = data.labels.device  # indices and masks are made there: no copy from the host per batch
-    indices = torch.tensor_split(torch.arange(len(data), device=where), world_size)[rank]
-    size = max(1, min(batch_size, -(-len(data) // world_size)))
-    layout = memory_format(channels_last)
-    for chunk in indices.split(size) if len(indices) else [indices]:
-        valid = torch.arange(size, device=where) < len(chunk)
-        chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk))])
-        images = normalizer(data.images[chunk].to(device, non_blocking=True))
-        yield images.contiguous(memory_format=layout), data.labels[chunk].to(device), valid.to(device)
+
+    def __init__(self, data: Split, batch_size: int, normalizer: Normalizer, device: torch.device,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False) -> None:
+        where = data.labels.device
+        share = torch.tensor_split(torch.arange(len(data), device=where), world_size)[rank]
+        size = max(1, min(batch_size, -(-len(data) // world_size)))
+        self.steps = max(1, -(-len(share) // size))
+        slots = self.steps * size
+        self.rows = torch.cat([share, share.new_zeros(slots - len(share))]).view(self.steps, size)
+        self.valid = (torch.arange(slots, device=where) < len(share)).view(self.steps, size)
+        self.numbers = torch.arange(self.steps, device=where)  # each batch's step, without a copy
+        self.data, self.normalizer, self.device = data, normalizer, device
+        self.memory_format = memory_format(channels_last)
+        self.images = len(data)
+
+    def batch(self, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(images, labels, valid) of batch ``step``, a one-element int64 tensor where the
+        images are."""
+        rows = self.rows.index_select(0, step).squeeze(0)
+        images = self.normalizer(self.data.images.index_select(0, rows).to(self.device, non_blocking=True))
+        return (images.contiguous(memory_format=self.memory_format),
+                self.data.labels.index_select(0, rows).to(self.device),
+                self.valid.index_select(0, step).squeeze(0).to(self.device))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for step in range(self.steps):
+            yield self.batch(self.numbers[step:step + 1])

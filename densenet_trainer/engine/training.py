@@ -2,7 +2,8 @@
 
 ``train_epoch`` runs the step (step.TrainStep, or its CUDA graph) over an epoch, reading the
 step's device-side sums only every CHECK_EVERY steps, between steps; ``check_epoch`` checks at
-the epoch's end that every step ran once, graph or not; ``evaluate`` runs a model over a split.
+the epoch's end that every step ran once, graph or not; ``read_evaluation`` runs a model over a
+split (its batches eagerly, or cuda_graph's replays) and checks every image counted once.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densenet_trainer.engine import data
 from densenet_trainer.engine.runtime import Runtime, StopFlag, all_sum
 from densenet_trainer.engine.step import UNWRITTEN, Precision, TrainStep, top5_hits
 from densenet_trainer.records.layout import duration
@@ -231,48 +234,89 @@ class Evaluation:
                 "seconds": self.seconds}
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, batches, precision: str, runtime: Runtime, num_classes: int,
-             tta: bool = False) -> Evaluation:
-    """Evaluate ``model`` over all processes' batches; ``batches`` yields (images, labels,
-    valid) as data.eval_batches does: padded rows count for nothing. The sums stay on the
-    device through every batch (evaluation_sums); the host reads them once, at the end."""
-    start = time.perf_counter()
-    confusion, loss_sum, hits5 = evaluation_sums(model, batches, precision, runtime, num_classes, tta)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    count = confusion.sum().item()
-    error = 100 * (1 - confusion.diagonal().sum().item() / count)
-    top5 = 100 * (1 - hits5.item() / count) if num_classes > TOP5_FROM else None
-    return Evaluation(loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)
+class EvaluationSums:
+    """A model's sums over evaluation batches, as device tensors: the confusion counts (flat),
+    the summed loss and the top-5 hits. ``add`` adds one batch's without the host reading
+    anything (a test runs it on the meta device, where any read would fail), so that a CUDA
+    graph can capture it (cuda_graph.GraphedEvaluation)."""
 
+    def __init__(self, model: nn.Module, precision: str, num_classes: int, device: torch.device,
+                 tta: bool = False) -> None:
+        self.model, self.precision, self.num_classes, self.tta = model, Precision(model, precision), num_classes, tta
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.hits5 = torch.zeros((), dtype=torch.float64, device=device)
+        self.tensors = [self.confusion, self.loss_sum, self.hits5]
 
-def evaluation_sums(model: nn.Module, batches, precision: str, runtime: Runtime, num_classes: int,
-                    tta: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """The confusion counts (flat), the summed loss and the top-5 hits over every process's
-    batches, as device tensors: nothing in the loop waits for the host (a test runs it on
-    the meta device, where any read would fail)."""
-    model.eval()
-    precision = Precision(model, precision)
+    def zero(self) -> None:
+        for total in self.tensors:
+            total.zero_()
 
-    def forward(images: Tensor) -> Tensor:
-        with precision.computing():
-            return model(precision.inputs(images)).float()
+    def _forward(self, images: Tensor) -> Tensor:
+        with self.precision.computing():
+            return self.model(self.precision.inputs(images)).float()
 
-    device = runtime.device
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    hits5 = torch.zeros((), dtype=torch.float64, device=device)
-    for images, labels, valid in batches:
-        logits = forward(images)
-        if tta:
-            logits = ((logits.softmax(1) + forward(images.flip(3)).softmax(1)) / 2).log()
+    def add(self, images: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+        """Add a batch (rows where ``valid``); returns its logits."""
+        logits = self._forward(images)
+        if self.tta:
+            logits = ((logits.softmax(1) + self._forward(images.flip(3)).softmax(1)) / 2).log()
         losses = F.cross_entropy(logits, labels, reduction="none")
-        loss_sum += torch.where(valid, losses, 0).sum()
+        self.loss_sum += torch.where(valid, losses, 0).sum()
         # index_add_, not bincount: on CUDA, bincount reads its input's maximum on the host
-        confusion.index_add_(0, labels * num_classes + logits.argmax(1), valid.double())
-        if num_classes > TOP5_FROM:
-            hits5 += (top5_hits(logits, labels) & valid).sum()
+        self.confusion.index_add_(0, labels * self.num_classes + logits.argmax(1), valid.double())
+        if self.num_classes > TOP5_FROM:
+            self.hits5 += (top5_hits(logits, labels) & valid).sum()
+        return logits
+
+
+class EvaluationRunner(Protocol):
+    """What evaluates every batch of ``batches`` into ``sums``: EagerEvaluation, or
+    cuda_graph.GraphedEvaluation; ``status`` says which, and why."""
+    sums: EvaluationSums
+    batches: data.EvalBatches
+    status: str
+
+    def __call__(self) -> None: ...
+
+
+class EagerEvaluation:
+    """An evaluation's batches one after another into ``sums`` (``status``: why not as a graph)."""
+
+    def __init__(self, sums: EvaluationSums, batches: data.EvalBatches, reason: str | None = None) -> None:
+        self.sums, self.batches = sums, batches
+        self.status = f"eager ({reason})" if reason else "eager"
+
+    def __call__(self) -> None:
+        self.sums.zero()
+        for batch in self.batches:
+            self.sums.add(*batch)
+
+
+@torch.inference_mode()
+def read_evaluation(evaluation: EvaluationRunner, runtime: Runtime) -> Evaluation:
+    """Run ``evaluation`` (eager, or cuda_graph.GraphedEvaluation) over every process's
+    batches; the host reads the sums once, at the end, and checks that every image of the
+    split counted once (padded rows count for nothing)."""
+    start = time.perf_counter()
+    sums = evaluation.sums
+    sums.model.eval()
+    evaluation()
     if runtime.world_size > 1:
-        for total in (confusion, loss_sum, hits5):
+        for total in sums.tensors:
             dist.all_reduce(total)
-    return confusion, loss_sum, hits5
+    confusion = sums.confusion.view(sums.num_classes, sums.num_classes).cpu()
+    count = confusion.sum().item()
+    if count != evaluation.batches.images:
+        raise StepCheckFailed(f"the evaluation counted {count:g} images of the split's "
+                              f"{evaluation.batches.images} ({evaluation.status})")
+    error = 100 * (1 - confusion.diagonal().sum().item() / count)
+    top5 = 100 * (1 - sums.hits5.item() / count) if sums.num_classes > TOP5_FROM else None
+    return Evaluation(sums.loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)
+
+
+def evaluate(model: nn.Module, batches: data.EvalBatches, precision: str, runtime: Runtime,
+             num_classes: int, tta: bool = False) -> Evaluation:
+    """``model`` over every process's ``batches``, eagerly (--evaluate, tools and tests)."""
+    sums = EvaluationSums(model, precision, num_classes, runtime.device, tta)
+    return read_evaluation(EagerEvaluation(sums, batches), runtime)

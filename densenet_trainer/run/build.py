@@ -137,17 +137,32 @@ class Run:
     test: datasets.Split  # on the device
     val: datasets.Split | None
     startup: dict[str, float] = field(default_factory=dict)  # seconds by phase
+    log: Callable[..., None] = print  # notices, on the main process
+    evaluations: dict[str, training.EvaluationRunner] = field(default_factory=dict)  # by split, made at first use
 
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def evaluate(self, split: datasets.Split) -> training.Evaluation:
-        """The model on ``split`` (all processes together)."""
+    def evaluate(self, split: str) -> training.Evaluation:
+        """The model on the "test" or "val" split (all processes together): each split's
+        batches, sums and graph are made once and kept for the run's evaluations."""
         cfg, runtime = self.config, self.runtime
-        batches = data.eval_batches(split, cfg.eval_batch_size, self.normalizer, runtime.device,
-                                    runtime.rank, runtime.world_size, cfg.channels_last)
-        return training.evaluate(self.step.model, batches, cfg.precision, runtime, cfg.num_classes)
+        if split not in self.evaluations:
+            batches = data.EvalBatches({"test": self.test, "val": self.val}[split], cfg.eval_batch_size,
+                                       self.normalizer, runtime.device, runtime.rank,
+                                       runtime.world_size, cfg.channels_last)
+            sums = training.EvaluationSums(self.step.model, cfg.precision, cfg.num_classes, runtime.device)
+            self.evaluations[split] = cuda_graph.evaluation_runner(sums, batches, cfg, runtime, self.log)
+        return training.read_evaluation(self.evaluations[split], runtime)
+
+    @property
+    def evaluation_status(self) -> dict[str, str] | str:
+        """How each split was evaluated (graphed, or eager and why); before any, how they will be."""
+        if self.evaluations:
+            return {split: evaluation.status for split, evaluation in self.evaluations.items()}
+        reason = cuda_graph.evaluation_eager_reason(self.config, self.runtime)
+        return f"eager ({reason})" if reason else "graphed (not captured yet)"
 
     @property
     def step_status(self) -> str:
@@ -163,7 +178,7 @@ class Run:
                 "kernels_used": f"{self.kernel_choice.kernels}{', compiled' if self.config.compile else ''} "
                                 f"on {device.type}",
                 "kernels_chosen": self.kernel_choice.record(),
-                "step": self.step_status,
+                "step": self.step_status, "evaluation": self.evaluation_status,
                 "classes": self.data.classes, "train_images": len(self.data.train),
                 "test_images": len(self.data.test),
                 "val_images": len(self.data.val) if self.data.val else 0,
@@ -231,7 +246,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     startup = {"data": loaded - began, "kernels": chosen - loaded, "model": time.perf_counter() - chosen}
     return Run(cfg, runtime, dataset, normalizer, model, kernel_choice, optimizer, scaler, batches,
                lr, step, run_step, dataset.test.to(device), val,
-               {phase: round(seconds, 3) for phase, seconds in startup.items()})
+               {phase: round(seconds, 3) for phase, seconds in startup.items()}, log)
 
 
 def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.Module | None = None,

@@ -88,6 +88,9 @@ def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
         record = json.loads((tmp_path / name / "config.json").read_text())
         assert record["step"].startswith(status)
         assert name != "graphed" or record["step"].endswith(" s; its first replay matched an eager step)")
+        evaluation = {"eager": "eager (CUDA graphs are for GPUs; this runs on cpu)",
+                      "graphed": "graphed (captured in ", "dropped": "eager: the capture failed ("}[name]
+        assert record["evaluation"]["test"].startswith(evaluation), record["evaluation"]
         assert record["kernels_used"] == "fused on cpu"
         assert set(record["startup_seconds"]) == {"data", "kernels", "model"}
         assert record["environment"]["device"] == "cpu" and "gpu" not in record["environment"]
@@ -107,6 +110,8 @@ def test_on_a_gpu_the_run_checks_itself_and_says_what_ran(tmp_path, cifar_dir):
                        "--save", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert re.fullmatch(r"graphed \(captured in [0-9.]+ s; its first replay matched an eager step\)", record["step"])
+    assert re.fullmatch(r"graphed \(captured in [0-9.]+ s; its first replay matched an eager batch\)",
+                        record["evaluation"]["test"])
     assert set(record["kernels_chosen"]["ms_per_step"]) == {"aten", "fused"}
     assert "problems" not in record["kernels_chosen"] and record["kernels_chosen"]["seconds"] > 0
     assert {"gpu", "gpu_memory_gib", "cuda", "cudnn", "triton"} <= set(record["environment"])

@@ -38,9 +38,9 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
                        torch.randint(0, 10, (37,)))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
     runtime = Runtime(torch.device("cpu"))
-    shapes = {tuple(images.shape) for images, _, _ in data.eval_batches(split, 16, normalizer, runtime.device)}
+    shapes = {tuple(images.shape) for images, _, _ in data.EvalBatches(split, 16, normalizer, runtime.device)}
     assert shapes == {(16, 3, 32, 32)}
-    results = [training.evaluate(model, data.eval_batches(split, size, normalizer, runtime.device),
+    results = [training.evaluate(model, data.EvalBatches(split, size, normalizer, runtime.device),
                                  "fp32", runtime, 10) for size in (1, 16, 37, 500)]
     first = results[0]
     for result in results[1:]:
@@ -71,7 +71,7 @@ def test_evaluation_batches_copy_nothing_from_the_host():
                            torch.empty(37, dtype=torch.int64, device=meta))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, meta)
     with CrossDeviceCopies() as counted:
-        batches = list(data.eval_batches(split, 16, normalizer, meta))
+        batches = list(data.EvalBatches(split, 16, normalizer, meta))
     assert len(batches) == 3 and counted.copies == []
 
 
@@ -83,9 +83,11 @@ def test_evaluation_never_waits_for_the_host_inside_its_loop(classes, tta):
     model = DenseNet(10, 4, num_classes=classes, kernels="aten").to(meta, memory_format=torch.channels_last)
     split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
                            torch.empty(37, dtype=torch.int64, device=meta))
-    batches = data.eval_batches(split, 16, data.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)
-    confusion, loss_sum, hits5 = training.evaluation_sums(model, batches, "fp32", Runtime(meta), classes, tta)
-    assert confusion.shape == (classes * classes,) and loss_sum.device == hits5.device == meta
+    batches = data.EvalBatches(split, 16, data.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)
+    sums = training.EvaluationSums(model, "fp32", classes, meta, tta)
+    with torch.inference_mode():
+        training.EagerEvaluation(sums, batches)()
+    assert sums.confusion.shape == (classes * classes,) and sums.loss_sum.device == sums.hits5.device == meta
 
 
 def test_the_progress_bar_says_when_the_run_ends():
