@@ -157,12 +157,14 @@ class Run:
         return training.read_evaluation(self.evaluations[split], runtime)
 
     @property
-    def evaluation_status(self) -> dict[str, str] | str:
-        """How each split was evaluated (graphed, or eager and why); before any, how they will be."""
-        if self.evaluations:
-            return {split: evaluation.status for split, evaluation in self.evaluations.items()}
+    def evaluation_status(self) -> dict[str, str]:
+        """How each split is evaluated (graphed, or eager and why), by split; before its first
+        evaluation, how it will be."""
         reason = cuda_graph.evaluation_eager_reason(self.config, self.runtime)
-        return f"eager ({reason})" if reason else "graphed (not captured yet)"
+        before = f"eager ({reason})" if reason else "graphed (not captured yet)"
+        splits = ["test"] + (["val"] if self.val is not None else [])
+        return {split: self.evaluations[split].status if split in self.evaluations else before
+                for split in splits}
 
     @property
     def step_status(self) -> str:

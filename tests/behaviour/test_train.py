@@ -410,6 +410,8 @@ def test_best_checkpoint_by_validation_error(tmp_path, cifar_dir, capsys):
     assert Checkpoint.load(work / "best.pt").epoch == chosen
     config = json.loads((work / "config.json").read_text())
     assert config["best_checkpoint"] == {"file": "best.pt", "chosen_by": "lowest validation error"}
+    eager = "eager (CUDA graphs are for GPUs; this runs on cpu)"  # how each split was evaluated
+    assert config["evaluation"] == {"test": eager, "val": eager}
     status, out, _ = run(capsys, "--evaluate", work / "best.pt")
     assert status == 0 and f"after epoch {chosen}: test error" in out
 
