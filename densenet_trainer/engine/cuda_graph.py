@@ -12,6 +12,7 @@ captures.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -143,10 +144,12 @@ class GraphedEvaluation:
     The first evaluation runs batch 0 eagerly on a side stream (cuDNN's benchmarking and the
     allocator settle there), captures the next batch's work, then checks the graph: it
     replays batch 0, whose logits must match the eager ones within REPLAY_RTOL (a graph that
-    replays another batch or stale weights does not), and the sums are put back so that
-    batch 0 counts once. A capture that fails or a replay that disagrees leaves evaluation
-    eager, after ``notice`` says why; ``status`` says which. The graph keeps one batch's
-    activations in its own memory pool for the run.
+    replays another batch, or computes something else, does not), and the sums are put back
+    so that batch 0 counts once; every evaluation then checks that each image counted once
+    (training.read_evaluation). A capture that fails or a replay that disagrees leaves
+    evaluation eager, after ``notice`` says why; ``status`` says which. The graph keeps one
+    batch's activations in a memory pool for the run, which every split's graph shares
+    (``evaluation_runner``): they never replay at once, and keep nothing there between replays.
     """
 
     def __init__(self, sums: EvaluationSums, batches: data.EvalBatches, notice: Callable[[str], None],
@@ -282,9 +285,19 @@ def evaluation_runner(sums: EvaluationSums, batches: data.EvalBatches, cfg: RunC
     """What evaluates a split's batches: the replays of a graph where the process can capture
     and the configuration allows, else the batches one by one."""
     reason = evaluation_eager_reason(cfg, runtime)
-    if reason is None:
-        return GraphedEvaluation(sums, batches, notice, runtime.capture)
-    return EagerEvaluation(sums, batches, reason)
+    if reason is not None:
+        return EagerEvaluation(sums, batches, reason)
+    capture = runtime.capture
+    if capture is capture_cuda_graph:  # the real one: the splits' graphs share one memory pool
+        capture = functools.partial(capture_cuda_graph, pool=_evaluation_pool())
+    return GraphedEvaluation(sums, batches, notice, capture)
+
+
+@functools.cache
+def _evaluation_pool() -> tuple:
+    """The CUDA-graph memory pool of this process's evaluation graphs (not the step's: the
+    step's graph keeps its gradients there between replays)."""
+    return torch.cuda.graph_pool_handle()
 
 
 def step_runner(step: TrainStep, cfg: RunConfig, kernels: str, runtime: Runtime,

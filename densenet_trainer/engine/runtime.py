@@ -25,10 +25,11 @@ import densenet_trainer
 from densenet_trainer.settings.cli import UserError
 
 
-def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
-    """Record one call of ``step`` as a CUDA graph (nothing runs); returns its replay."""
+def capture_cuda_graph(step: Callable[[], None], pool: tuple | None = None) -> Callable[[], None]:
+    """Record one call of ``step`` as a CUDA graph (nothing runs), its memory in ``pool``
+    (None: a pool of its own); returns its replay."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph.replay
 

@@ -296,7 +296,7 @@ class _NormReLUConv(torch.autograd.Function):
             grad_out, activated, _padded(conv_weight, activated.shape[1]), None, conv.stride,
             conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False])
         if grad_conv.shape != conv_weight.shape:  # the padding's zero input channels
-            grad_conv = grad_conv[:, :conv_weight.shape[1]].contiguous()
+            grad_conv = torch.empty_like(conv_weight).copy_(grad_conv[:, :conv_weight.shape[1]])
         newest, grad_weight, grad_bias = _normalise_backward(
             ctx.shared, grad_activated, activated, weight, *ctx.statistics, ctx.norm.eps,
             ctx.batch_stats, ctx.newest_channels)
