@@ -103,10 +103,10 @@ class RunConfig:
                                   "on the CPU it enables the fused dense blocks of fused.py)",
                                   resumable=True)
     cuda_graph: bool = setting(True, "speed", "on CUDA, capture the whole training step as one "
-                               "CUDA graph after 3 eager steps and replay it (one process: under "
-                               "torchrun the steps run eagerly, DistributedDataParallel's "
-                               "all-reduce not being captured; if capture fails, the run goes on "
-                               "eagerly and says why)",
+                               "CUDA graph after 3 eager steps and replay it, and each split's "
+                               "evaluation batch likewise (one process: under torchrun the steps "
+                               "run eagerly, DistributedDataParallel's all-reduce not being "
+                               "captured; if capture fails, the run goes on eagerly and says why)",
                                resumable=True)
     kernels: str = setting("auto", "speed", "how dense blocks and BatchNorm-ReLU run: fused "
                            "(fused.py: C loops on the CPU in float32, Triton on CUDA in float32 "
