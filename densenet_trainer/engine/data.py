@@ -127,7 +127,8 @@ class EvalBatches:
     the dataset's first image, and ``valid`` marks the real rows. Indices and masks are made
     once, on the images' device; ``batch`` reads batch number ``step``, a one-element device
     tensor, without the host, so that a CUDA graph that captured one batch's evaluation
-    replays any other (cuda_graph.GraphedEvaluation). ``images`` counts all processes' images.
+    replays any other (cuda_graph.GraphedEvaluation). ``total_images`` counts the split's
+    images over all processes.
     """
 
     def __init__(self, data: Split, batch_size: int, normalizer: Normalizer, device: torch.device,
@@ -142,7 +143,7 @@ class EvalBatches:
         self.numbers = torch.arange(self.steps, device=where)  # each batch's step, without a copy
         self.data, self.normalizer, self.device = data, normalizer, device
         self.memory_format = memory_format(channels_last)
-        self.images = len(data)
+        self.total_images = len(data)
 
     def batch(self, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(images, labels, valid) of batch ``step``, a one-element int64 tensor where the

@@ -307,9 +307,9 @@ def read_evaluation(evaluation: EvaluationRunner, runtime: Runtime) -> Evaluatio
             dist.all_reduce(total)
     confusion = sums.confusion.view(sums.num_classes, sums.num_classes).cpu()
     count = confusion.sum().item()
-    if count != evaluation.batches.images:
+    if count != evaluation.batches.total_images:
         raise StepCheckFailed(f"the evaluation counted {count:g} images of the split's "
-                              f"{evaluation.batches.images} ({evaluation.status})")
+                              f"{evaluation.batches.total_images} ({evaluation.status})")
     error = 100 * (1 - confusion.diagonal().sum().item() / count)
     top5 = 100 * (1 - sums.hits5.item() / count) if sums.num_classes > TOP5_FROM else None
     return Evaluation(sums.loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)
