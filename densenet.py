@@ -6,21 +6,20 @@ arXiv 1608.06993), section 3 and Table 2: a 3x3 stem convolution, three dense bl
 linear classifier. With ``bottleneck=True, compression=0.5`` this is DenseNet-BC; the
 parameter counts match Table 2 exactly (see tests/unit/test_densenet.py).
 
-Two paths compute a dense block, with the same results (tests/unit/test_fused.py). With
-``kernels="fused"``, for channels-last inputs, a block writes every feature map once into a
-shared buffer and runs BatchNorm-ReLU as fused passes (fused.py: C loops on the CPU, Triton on
-CUDA): memory-bound passes, not convolutions, are what a CPU step spends its time on.
-Elsewhere (``kernels="aten"``, contiguous inputs, autocast, torch.compile, no C compiler or
-Triton) a layer concatenates its inputs and uses ATen's BatchNorm.
+Plain ``nn`` modules and ATen operations: a layer concatenates its inputs and runs
+BatchNorm, ReLU and convolution. The trainer's fused kernels (one buffer a block, BatchNorm-ReLU
+in one pass: ``densenet_trainer.speed``) are put on a built model from outside, in one call,
+``apply_fused_kernels(model)``; they compute the same function, and this module knows nothing
+of them.
 
 ``memory_efficient=True`` stores only the convolutions' outputs of each dense layer and
-recomputes its concatenation (on the ATen path), BatchNorms and ReLUs during the backward
-pass, which makes activation memory grow linearly rather than quadratically with depth at
-the cost of a few memory-bound passes. It gives the same outputs, gradients and BatchNorm
-running statistics as the standard mode.
+recomputes its concatenation, BatchNorms and ReLUs during the backward pass, which makes
+activation memory grow linearly rather than quadratically with depth at the cost of a few
+memory-bound passes. It gives the same outputs, gradients and BatchNorm running statistics
+as the standard mode.
 
-This module depends on torch, on fused.py for the fused path, and on config.py for the
-architecture's rules (valid depths, names), which the command line checks too.
+This module depends on torch alone and on settings/architecture.py for the architecture's
+rules (valid depths, names), which the command line checks too.
 """
 from __future__ import annotations
 
@@ -34,15 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from densenet_trainer.kernels import fused
 from densenet_trainer.settings.architecture import (  # the rules flags share
     check_config,
     model_name,
     valid_depths,
 )
-from densenet_trainer.settings.config import KERNELS
 
-__all__ = ["DenseNet", "KERNELS", "check_config", "model_name", "valid_depths"]
+__all__ = ["DenseNet", "check_config", "model_name", "valid_depths"]
 
 
 @contextlib.contextmanager
@@ -68,7 +65,7 @@ class DenseLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool,
-                 dropout: float, memory_efficient: bool, fused_kernels: bool = True) -> None:
+                 dropout: float, memory_efficient: bool) -> None:
         super().__init__()
         first_out = 4 * growth_rate if bottleneck else growth_rate
         first_kernel = 1 if bottleneck else 3
@@ -81,7 +78,6 @@ class DenseLayer(nn.Module):
         self.bottleneck = bottleneck
         self.dropout = dropout
         self.memory_efficient = memory_efficient
-        self.fused_kernels = fused_kernels
 
     def _layer(self, *features: Tensor) -> Tensor:
         """Concatenate, then BN-ReLU-Conv, and with the bottleneck BN-ReLU-Conv again.
@@ -91,23 +87,12 @@ class DenseLayer(nn.Module):
         activated = F.relu(self.norm1(torch.cat(features, 1)), inplace=True)
         return self._after_first_conv(self.conv1(activated))
 
-    def _layer_shared(self, newest: Tensor, shared: fused.SharedFeatures) -> Tensor:
-        """``_layer`` reading the block's shared buffer, with BN-ReLU fused (see fused.py).
-
-        Memory-efficient, the first BN-ReLU's output is recomputed in backward by the fused
-        kernel instead of stored (no checkpointing, no convolution run twice).
-        """
-        if self.memory_efficient and _needs_grad(newest):
-            return self._after_first_conv(fused.norm_relu_conv(self.norm1, self.conv1, shared, newest))
-        activated = fused.norm_relu(self.norm1, shared, newest, conv_input=True)
-        return self._after_first_conv(fused.conv(self.conv1, activated))
-
     def _after_first_conv(self, out: Tensor) -> Tensor:
         """Dropout, and with the bottleneck BN-ReLU-Conv(3x3) and dropout again."""
         if self.dropout:
             out = F.dropout(out, self.dropout, self.training)
         if self.bottleneck:
-            out = _norm_relu_conv(self.norm2, self.conv2, out, self.fused_kernels)
+            out = self.conv2(F.relu(self.norm2(out), inplace=True))
             if self.dropout:
                 out = F.dropout(out, self.dropout, self.training)
         return out
@@ -115,7 +100,7 @@ class DenseLayer(nn.Module):
     def _checkpointed(self, layer, *inputs: Tensor) -> Tensor:
         """``layer(*inputs)`` storing only its convolutions' outputs; the rest is recomputed.
 
-        The concatenation (on the ATen path) and the BN-ReLU outputs, the tensors that grow
+        The concatenation and the BN-ReLU outputs, the tensors that grow
         with depth, are rebuilt from the earlier layers' outputs when backward needs them; the convolutions,
         the costly part, are not run twice. The recomputation must not move the BatchNorm
         running statistics a second time.
@@ -138,35 +123,11 @@ class DenseLayer(nn.Module):
             run, *inputs, use_reentrant=False, preserve_rng_state=self.dropout > 0,
             context_fn=functools.partial(create_selective_checkpoint_contexts, _save_convolutions))
 
-    def forward(self, features: list[Tensor] | Tensor,
-                shared: fused.SharedFeatures | None = None) -> Tensor:
-        """The new feature map from all earlier ones.
-
-        ATen path: ``features`` lists them. Fused path: they are in ``shared``, and
-        ``features`` is the newest of them alone.
-        """
-        if shared is not None:  # memory-efficient in its own way (see _layer_shared)
-            return self._layer_shared(features, shared)
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """The new feature map from all earlier ones."""
         if self.memory_efficient and _needs_grad(*features):
             return self._checkpointed(self._layer, *features)
         return self._layer(*features)
-
-
-def _norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, fused_kernels: bool) -> Tensor:
-    """``conv(relu(norm(x)))``, BatchNorm-ReLU fused where chosen and fused.py can, with the
-    convolution's input channels padded where the device's convolutions want it
-    (fused.conv_input_channels)."""
-    if fused_kernels and fused.available(x):
-        return fused.conv(conv, fused.batch_norm_relu(norm, x, conv_input=True))
-    return conv(F.relu(norm(x), inplace=True))
-
-
-def _batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, fused_kernels: bool) -> Tensor:
-    """``relu(norm(x))``, fused where chosen and fused.py can (in place otherwise: BN keeps
-    its input)."""
-    if fused_kernels and fused.available(x):
-        return fused.batch_norm_relu(norm, x)
-    return F.relu(norm(x), inplace=True)
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -181,29 +142,18 @@ def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class DenseBlock(nn.Module):
-    """``num_layers`` dense layers; returns the block input and every layer's output, joined.
-
-    On the fused path they are joined as they are made, in one fused.SharedFeatures buffer.
-    """
+    """``num_layers`` dense layers; returns the block input and every layer's output, joined."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
-                 dropout: float, memory_efficient: bool, fused_kernels: bool = True) -> None:
+                 dropout: float, memory_efficient: bool) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, dropout,
-                       memory_efficient, fused_kernels)
+                       memory_efficient)
             for i in range(num_layers))
         self.out_channels = in_channels + num_layers * growth_rate
-        self.fused_kernels = fused_kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused_kernels and fused.available(x):
-            shared = fused.SharedFeatures.for_block(x, self.out_channels)
-            newest = x
-            for layer in self.layers:
-                newest = layer(newest, shared)
-                shared.append(newest)
-            return fused.gather(shared, newest)
         features = [x]
         for layer in self.layers:
             features.append(layer(features))
@@ -213,8 +163,7 @@ class DenseBlock(nn.Module):
 class Transition(nn.Sequential):
     """BN-ReLU-Conv(1x1) to ``out_channels`` (compression), dropout, 2x2 average pooling."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float,
-                 fused_kernels: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
         super().__init__(
             nn.BatchNorm2d(in_channels),
             nn.ReLU(inplace=True),
@@ -222,11 +171,6 @@ class Transition(nn.Sequential):
             nn.Dropout(dropout),
             nn.AvgPool2d(2),
         )
-        self.fused_kernels = fused_kernels
-
-    def forward(self, x: Tensor) -> Tensor:
-        norm, _, conv, dropout, pool = self  # the ReLU is fused with the norm where it can be
-        return pool(dropout(_norm_relu_conv(norm, conv, x, self.fused_kernels)))
 
 
 class DenseNet(nn.Module):
@@ -243,23 +187,16 @@ class DenseNet(nn.Module):
         dropout: rate after every conv but the first (the paper uses 0.2 without augmentation).
         num_classes: classifier outputs.
         memory_efficient: keep only conv outputs; recompute concatenation, BN and ReLU in backward.
-        kernels: "fused" computes dense blocks and BatchNorm-ReLU with fused.py's kernels
-            wherever they apply (C on the CPU, Triton on CUDA; see ``fused.available``) and
-            have passed their self-test on the input's device (kernel_check, before the first
-            forward there), ATen's operations elsewhere; "aten" always uses ATen's. The
-            results are the same.
+
+    ``densenet_trainer.speed.apply_fused_kernels(model)`` makes a built model compute its
+    dense blocks and BatchNorm-ReLUs with the fused kernels; it is still this class's model.
     """
 
     def __init__(self, depth: int = 100, growth_rate: int = 12, *, bottleneck: bool = True,
                  compression: float = 0.5, dropout: float = 0.0, num_classes: int = 10,
-                 memory_efficient: bool = False, kernels: str = "fused") -> None:
+                 memory_efficient: bool = False) -> None:
         super().__init__()
         check_config(depth, growth_rate, bottleneck, compression, dropout, num_classes)
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-        self.kernels = kernels
-        self._self_tested_on: set[str] = set()  # device types whose fused kernels passed
-        fused_kernels = kernels == "fused"
         step, _ = valid_depths(bottleneck)
         layers_per_block = (depth - 4) // step
         channels = 2 * growth_rate if bottleneck else 16
@@ -267,12 +204,12 @@ class DenseNet(nn.Module):
         stages: list[nn.Module] = []
         for index in range(3):
             block = DenseBlock(layers_per_block, channels, growth_rate, bottleneck, dropout,
-                               memory_efficient, fused_kernels)
+                               memory_efficient)
             stages.append(block)
             channels = block.out_channels
             if index < 2:
                 reduced = math.floor(compression * channels)
-                stages.append(Transition(channels, reduced, dropout, fused_kernels))
+                stages.append(Transition(channels, reduced, dropout))
                 channels = reduced
         self.features = nn.Sequential(*stages)
         self.norm = nn.BatchNorm2d(channels)
@@ -291,22 +228,7 @@ class DenseNet(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
-    def use_kernels(self, kernels: str) -> None:
-        """Compute with ``kernels`` ("fused" or "aten") from now on; the weights stay."""
-        self.kernels = kernels
-        for module in self.modules():
-            if hasattr(module, "fused_kernels"):
-                module.fused_kernels = kernels == "fused"
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernels == "fused" and x.device.type not in self._self_tested_on:
-            from densenet_trainer.kernels import kernel_check  # which imports this module
-            if kernel_check.failed_self_test(x.device.type):
-                self.use_kernels("aten")  # the kernels failed their self-test on this device
-            elif not torch.compiler.is_compiling():  # once per device, not every step
-                self._self_tested_on.add(x.device.type)
-        with fused.batch_counters():  # the fused BatchNorms count their batch all at once
-            x = self.features(self.stem(x))
-            x = _batch_norm_relu(self.norm, x, self.kernels == "fused")
+        x = F.relu(self.norm(self.features(self.stem(x))), inplace=True)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)

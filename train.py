@@ -36,7 +36,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 from densenet_trainer.engine import data, datasets, training
-from densenet_trainer.engine.cuda_graph import GraphedStep
 from densenet_trainer.engine.runtime import (
     STOP_SIGNALS,
     Runtime,
@@ -49,7 +48,7 @@ from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckF
 from densenet_trainer.records.layout import BEST_CHECKPOINT, duration
 from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Run, build_run
-from densenet_trainer.run.checkpoint import Checkpoint, checkpoint_state
+from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.run.files import WorkDirLock
 from densenet_trainer.run.inference import load_trained, write_evaluation
 from densenet_trainer.settings import config
@@ -185,7 +184,7 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
                     f"{runtime.world_size} process(es) on {runtime.device}; start-up "
                     + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in run.startup.items())
                     + ("; the step's CUDA graph is captured in epoch 1's first steps"
-                       if isinstance(run.run_step, GraphedStep) else ""))
+                       if run.graphed else ""))
         if plan.resuming and plan.checkpoint is None:
             runtime.log(f"starting {save} over from epoch 1 with its settings: its last session "
                         f"stopped before its first checkpoint ({plan.continued_by})")
@@ -221,7 +220,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         progress = train_one_epoch(run, epoch, progress, stop)
         if progress.step < run.batches.steps:  # a stop was requested within the epoch
             training.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
-            files.save_checkpoint(checkpoint_state(run, epoch - 1, progress, best, data_rng))
+            files.save_checkpoint(run.checkpoint_state(epoch - 1, progress, best, data_rng))
             raise Interrupted(stop.agreed, plan.save, epoch, progress.step)
         training.ensure_finite(run.model, f"after epoch {epoch}")
         files.update_record("step", run.step_status)
@@ -232,9 +231,9 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         files.append(epoch, epoch_rows(lr, progress, results))
         line = epoch_line(cfg, epoch, lr, progress, results) + pace.after(epoch)
         if new_best_val:  # before the checkpoint that records it
-            files.save_checkpoint(checkpoint_state(run, epoch, EpochProgress(), best,
+            files.save_checkpoint(run.checkpoint_state(epoch, EpochProgress(), best,
                                                    run.batches.state()), best=True)
-        files.save_checkpoint(checkpoint_state(run, epoch, EpochProgress(), best, run.batches.state()))
+        files.save_checkpoint(run.checkpoint_state(epoch, EpochProgress(), best, run.batches.state()))
         runtime.log(line, flush=True)
         progress = EpochProgress()
         if signum := stop.requested(runtime):

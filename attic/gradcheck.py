@@ -21,6 +21,7 @@ from torch import nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
 from densenet_trainer.settings import cli
+from densenet_trainer.speed import apply_fused_kernels
 
 
 def parts(growth_rate: int, bottleneck: bool, memory_efficient: bool) -> dict[str, tuple[nn.Module, Callable]]:
@@ -48,6 +49,7 @@ def check(module: nn.Module, inputs, device: torch.device, layout: torch.memory_
     Returns the mismatches, empty when all agree.
     """
     module = module.to(device, torch.float64).train()
+    apply_fused_kernels(module)  # channels-last inputs take the fused path, contiguous ones ATen's
     as_list = isinstance(inputs, list)
     x = (inputs[0] if as_list else inputs).to(device, torch.float64)
     x = x.contiguous(memory_format=layout).requires_grad_()
@@ -86,6 +88,7 @@ def gradients(module: nn.Module, inputs, device: torch.device) -> list[torch.Ten
     device or dtype afterwards moves its gradients, and so what was returned, with it.
     """
     module = module.to(device, torch.float64).train()
+    apply_fused_kernels(module)
     module.zero_grad()
     x = [inputs[0].to(device, torch.float64)] if isinstance(inputs, list) else inputs.to(device, torch.float64)
     module(x).square().sum().backward()

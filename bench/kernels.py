@@ -173,7 +173,7 @@ class Variant:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        from densenet_trainer.kernels import triton_kernels
+        from densenet_trainer.speed import triton_kernels
         kernel = getattr(triton_kernels, f"_{self.kernel}")
         if not hasattr(kernel, "params"):
             raise RuntimeError("TRITON_INTERPRET=1 is set: Triton interprets kernels instead of compiling them")
@@ -228,7 +228,7 @@ class _CountedLaunch:
 def triton_counted(count_of) -> Iterator[None]:
     """fused.py's kernels as on CUDA: triton_kernels.py's wrappers, with every jitted kernel
     counted instead of launched, on any device (``count_of()`` is the Count to add to)."""
-    from densenet_trainer.kernels import fused, kernel_check, triton_kernels
+    from densenet_trainer.speed import fused, kernel_check, triton_kernels
     kernels = {name: getattr(triton_kernels, name) for name in dir(triton_kernels)
                if name.startswith("_") and name.endswith("_kernel")}
     saved = fused.backend, kernel_check.failure
@@ -269,7 +269,7 @@ def count_step(cfg: config.RunConfig) -> Count:
 
 def _loop_kind(kernel: str) -> str:
     """'tiles' for the kernels whose programs loop over pixel tiles (an argument named so)."""
-    from densenet_trainer.kernels import triton_kernels
+    from densenet_trainer.speed import triton_kernels
     return "tiles" if "tiles" in getattr(triton_kernels, f"_{kernel}").arg_names else ""
 
 

@@ -18,15 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from densenet_trainer.engine.cuda_graph import GraphedStep
 from densenet_trainer.engine.runtime import keep_freed_memory_mapped, setup_runtime, synchronize
 from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.records.layout import EVAL_COLUMNS, TRAIN_COLUMNS
 from densenet_trainer.run.build import build_run
-from densenet_trainer.run.checkpoint import BestEpochs, checkpoint_state
+from densenet_trainer.run.checkpoint import BestEpochs
 from densenet_trainer.run.files import CsvLog, save_checkpoint
 from densenet_trainer.settings import cli, config
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed.cuda_graph import GraphedStep
 
 # train.py's settings that shape an epoch's work (not its length or schedule, not the files)
 LEFT_OUT = {"lr", "schedule", "epochs", "sync_bn"}
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for log in logs:
                 log.append({c: 1.0 for c in log.columns})
             save_checkpoint(Path(folder) / "checkpoint.pt",
-                            checkpoint_state(run, 1, EpochProgress(), BestEpochs(), batches.state()))
+                            run.checkpoint_state(1, EpochProgress(), BestEpochs(), batches.state()))
 
         log_s = median_time(write_epoch, args.repeats)
     eval_s = median_time(lambda: run.evaluate("test"), args.repeats)

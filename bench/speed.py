@@ -103,7 +103,7 @@ def measure(settings: dict) -> dict:
     if mode["allocator"]:
         keep_freed_memory_mapped()
     if mode["unpadded"]:  # the A of an A/B: what fused.conv_input_channels gains
-        from densenet_trainer.kernels import triton_kernels
+        from densenet_trainer.speed import triton_kernels
         triton_kernels.CONV_INPUT_MULTIPLE = {}
     device = torch.device(settings["device"])
     kernels = "compile" if mode["compile"] else mode["kernels"]

@@ -76,7 +76,7 @@ def finished_run(finished) -> Path:
 @pytest.fixture
 def broken(monkeypatch):
     """fused.py's kernels on the CPU replaced by a faulty set; the self-test's memo cleared."""
-    from densenet_trainer.kernels import fused, kernel_check
+    from densenet_trainer.speed import fused, kernel_check
 
     def use(fault: str) -> None:
         monkeypatch.setattr(fused, "backend", lambda device_type: Broken(fault))

@@ -23,6 +23,7 @@ from densenet_trainer.engine import data, datasets
 from densenet_trainer.engine.step import LearningRate, TrainStep
 from densenet_trainer.run import build
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed import apply_fused_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -149,12 +150,20 @@ class Payload:
 
 # ---------------------------------------------------------------- models and steps
 
+def densenet(kernels: str = "aten", **kwargs) -> DenseNet:
+    """``DenseNet(**kwargs)``, with the fused kernels applied (on the CPU) for "fused"."""
+    model = DenseNet(**kwargs)
+    if kernels == "fused":
+        apply_fused_kernels(model, "cpu")
+    return model
+
+
 def same_weights(*kernels: str, **kwargs) -> list:
     """DenseNets with the same weights, one per kernel choice (``DenseNet(**kwargs)``)."""
     models = []
     for choice in kernels:
         torch.manual_seed(0)
-        models.append(DenseNet(**kwargs, kernels=choice))
+        models.append(densenet(choice, **kwargs))
     return models
 
 
@@ -192,6 +201,8 @@ def make_step(device: torch.device, precision: str = "fp32", memory_efficient: b
     torch.manual_seed(seed)
     model = DenseNet(10, 4, dropout=dropout, memory_efficient=memory_efficient)
     model.to(device, memory_format=torch.channels_last)
+    if device.type == "cpu":
+        apply_fused_kernels(model)
     lr = lr or LearningRate(SGD.lr, device)
     optimizer = build.build_optimizer(dataclasses.replace(SGD, opt=opt), model, lr)
     generator = torch.Generator().manual_seed(1)
@@ -259,7 +270,7 @@ class Broken:
     failed launch would raise."""
 
     def __init__(self, fault: str) -> None:
-        from densenet_trainer.kernels import cpu_kernels
+        from densenet_trainer.speed import cpu_kernels
         self.kernels, self.fault, self.DTYPES = cpu_kernels, fault, cpu_kernels.DTYPES
 
     def norm_relu(self, *args):

@@ -22,7 +22,6 @@ from densenet_trainer.engine import data
 from densenet_trainer.engine.runtime import Runtime, StopFlag, all_sum
 from densenet_trainer.engine.step import UNWRITTEN, Precision, TrainStep, top5_hits
 from densenet_trainer.records.layout import duration
-from densenet_trainer.run.files import non_finite
 from densenet_trainer.settings.config import TOP5_FROM
 
 # Steps between progress updates and non-finite-loss checks. On a GPU each check waits for
@@ -202,6 +201,18 @@ def check_epoch(step: TrainStep, first: int, done: int, epoch: int) -> None:
     if problems:
         raise StepCheckFailed(f"epoch {epoch} did not train the steps it ran: "
                               + "; ".join(problems))
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity.
+
+    One host synchronisation for all of them, so it is cheap enough for every save.
+    """
+    names = [name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
 
 
 def ensure_finite(model: nn.Module, where: str) -> None:

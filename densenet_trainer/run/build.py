@@ -19,20 +19,23 @@ import torch
 from torch import nn
 
 from densenet import DenseNet
-from densenet_trainer.engine import cuda_graph, data, datasets, training
+from densenet_trainer.engine import data, datasets, training
 from densenet_trainer.engine.runtime import (
     Runtime,
     code_version,
     environment,
+    rng_state,
     seed_everything,
     set_rng_state,
 )
 from densenet_trainer.engine.step import LearningRate, TrainStep
-from densenet_trainer.run.checkpoint import Checkpoint, restore
+from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError
-from densenet_trainer.run.kernel_choice import KernelChoice, choose_kernels
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed import apply_fused_kernels, cuda_graph
+from densenet_trainer.speed.fused_densenet import is_fused
+from densenet_trainer.speed.kernel_choice import KernelChoice, choose_kernels, time_steps
 
 
 @dataclass
@@ -90,11 +93,17 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
     return RunData(train, val, test, classes, mean, std)
 
 
-def build_model(cfg: RunConfig, kernels: str) -> DenseNet:
-    """The configuration's DenseNet, computing with ``kernels`` ("fused" or "aten")."""
-    return DenseNet(depth=cfg.depth, growth_rate=cfg.growth_rate, bottleneck=cfg.bottleneck,
-                    compression=cfg.compression, dropout=cfg.dropout, num_classes=cfg.num_classes,
-                    memory_efficient=cfg.memory_efficient, kernels=kernels)
+def build_model(cfg: RunConfig, kernels: str, device: torch.device) -> DenseNet:
+    """The configuration's DenseNet on ``device`` in the run's memory layout, computing with
+    ``kernels`` ("fused": apply_fused_kernels, which leaves it on ATen's where the kernels
+    failed their self-test there, with a warning; or "aten")."""
+    model = DenseNet(depth=cfg.depth, growth_rate=cfg.growth_rate, bottleneck=cfg.bottleneck,
+                     compression=cfg.compression, dropout=cfg.dropout, num_classes=cfg.num_classes,
+                     memory_efficient=cfg.memory_efficient)
+    model.to(device, memory_format=data.memory_format(cfg.channels_last))
+    if kernels == "fused":
+        apply_fused_kernels(model)
+    return model
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, lr: LearningRate) -> torch.optim.Optimizer:
@@ -167,11 +176,30 @@ class Run:
                 for split in splits}
 
     @property
+    def graphed(self) -> bool:
+        """Whether the steps run as a CUDA graph (once captured and checked)."""
+        return isinstance(self.run_step, cuda_graph.GraphedStep)
+
+    @property
     def step_status(self) -> str:
         """Whether the steps run as a CUDA graph (checked, or not yet) or eagerly, and why."""
-        if isinstance(self.run_step, cuda_graph.GraphedStep):
+        if self.graphed:
             return self.run_step.status
         return f"eager ({cuda_graph.eager_reason(self.config, self.runtime, self.kernel_choice.kernels)})"
+
+    def checkpoint_state(self, epoch: int, progress: training.EpochProgress, best: BestEpochs,
+                         data_rng: torch.Tensor) -> dict:
+        """What the run's checkpoint holds after ``epoch`` epochs and ``progress.step`` more
+        steps (checkpoint.CHECKPOINT_KEYS); ``data_rng`` plans the epoch that follows."""
+        return {"config": self.config.to_dict(), "epoch": epoch, "progress": vars(progress),
+                "best": best.state(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "data_rng": data_rng, "rng": rng_state(),
+                "normalization": {"mean": self.data.mean, "std": self.data.std},
+                "num_classes": self.config.num_classes, "data": self.data.identity,
+                "kernels": {"device_type": self.runtime.device.type,
+                            "kernels": self.kernel_choice.kernels}}
 
     def record(self) -> dict:
         """What config.json says of the run beside its configuration: what it ran on and how."""
@@ -207,13 +235,14 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     normalizer = data.Normalizer(dataset.mean, dataset.std, device)
     loaded = time.perf_counter()
     if model is None:  # the fused kernels' self-test, and on a GPU the timing of each set
-        kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"))
+        kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"),
+                                       functools.partial(time_steps, build_synthetic_run, cfg, runtime))
     else:
-        kernel_choice = KernelChoice(getattr(model, "kernels", "aten"), "a model given to build_run")
+        kernel_choice = KernelChoice("fused" if is_fused(model) else "aten", "a model given to build_run")
+        model.to(device, memory_format=data.memory_format(cfg.channels_last))
     chosen = time.perf_counter()
     seed_everything(cfg.seed)  # after choose_kernels, whose timing draws random numbers
-    model = model or build_model(cfg, kernel_choice.kernels)
-    model.to(device, memory_format=data.memory_format(cfg.channels_last))
+    model = model or build_model(cfg, kernel_choice.kernels, device)
     lr = LearningRate(cfg.lr, device)
     optimizer = build_optimizer(cfg, model, lr)
     # fp16 only: bfloat16 has float32's range

@@ -1,5 +1,5 @@
-"""The checkpoint format: what a checkpoint file holds (``checkpoint_state`` writes it,
-``Checkpoint.load`` reads it back and checks it against its folder), the best-epoch record it
+"""The checkpoint format: what a checkpoint file holds (CHECKPOINT_KEYS; build.Run's
+``checkpoint_state`` writes it, ``Checkpoint.load`` reads it back and checks it against its folder), the best-epoch record it
 carries, and ``restore``, which puts its states back into a run's model, optimiser and scaler.
 """
 from __future__ import annotations
@@ -8,20 +8,16 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from densenet_trainer.engine.runtime import rng_state, rng_state_problem
+from densenet_trainer.engine.runtime import rng_state_problem
 from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
 from densenet_trainer.records.whole_files import NotARegularFile, refuse_unless_file
 from densenet_trainer.run.files import RunError, load_checkpoint
 from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
-
-if TYPE_CHECKING:  # build imports this module
-    from densenet_trainer.run.build import Run
 
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
 CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",
@@ -158,21 +154,6 @@ class BestEpochs:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def checkpoint_state(run: Run, epoch: int, progress: EpochProgress, best: BestEpochs,
-                     data_rng: torch.Tensor) -> dict:
-    """What a checkpoint holds after ``epoch`` epochs and ``progress.step`` more steps
-    (CHECKPOINT_KEYS); ``data_rng`` plans the epoch that follows."""
-    return {"config": run.config.to_dict(), "epoch": epoch, "progress": vars(progress),
-            "best": best.state(), "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "data_rng": data_rng, "rng": rng_state(),
-            "normalization": {"mean": run.data.mean, "std": run.data.std},
-            "num_classes": run.config.num_classes, "data": run.data.identity,
-            "kernels": {"device_type": run.runtime.device.type,
-                        "kernels": run.kernel_choice.kernels}}
 
 
 def restore(target: nn.Module | torch.optim.Optimizer | torch.amp.GradScaler, state: dict,

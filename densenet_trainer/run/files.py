@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from densenet_trainer.engine.training import non_finite
 from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
 from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import (
@@ -149,18 +150,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, buffer.getvalue())
-
-
-def non_finite(tensors: dict) -> list[str]:
-    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity.
-
-    One host synchronisation for all of them, so it is cheap enough for every save.
-    """
-    names = [name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()]
-    if not names:
-        return []
-    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).tolist()
-    return [name for name, ok in zip(names, finite) if not ok]
 
 
 def load_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config"),

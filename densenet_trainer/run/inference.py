@@ -40,9 +40,9 @@ class Trained:
 
 def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
     """The trained model of ``checkpoint`` (read with at least INFERENCE_KEYS), on ``device``."""
-    model = build_model(checkpoint.config, checkpoint.config.kernels_on(device.type))
+    model = build_model(checkpoint.config, checkpoint.config.kernels_on(device.type), device)
     restore(model, checkpoint.state["model"], checkpoint.path)
-    model.to(device, memory_format=data.memory_format(checkpoint.config.channels_last)).eval()
+    model.eval()
     normalization = checkpoint.state["normalization"]
     normalizer = data.Normalizer(normalization["mean"], normalization["std"], device)
     return Trained(checkpoint, model, normalizer, device)

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 import train
 from densenet import DenseNet
 from densenet_trainer.engine import training
-from densenet_trainer.kernels import fused
-from densenet_trainer.run.files import load_checkpoint, non_finite
+from densenet_trainer.engine.training import non_finite
+from densenet_trainer.run.files import load_checkpoint
 from densenet_trainer.settings.config import RunConfig
-from helpers import TINY, on_forward, run_main
+from densenet_trainer.speed import apply_fused_kernels, fused
+from helpers import TINY, densenet, on_forward, run_main
 
 CHANNELS_LAST = torch.channels_last
 # (memory format, autocast dtype, memory-efficient): the fused CPU path takes channels-last
@@ -60,7 +61,7 @@ def test_a_nan_reaches_the_loss_on_every_path(path, where):
     if PATHS[path][0] is CHANNELS_LAST and PATHS[path][1] is None and fused.backend("cpu") is None:
         pytest.skip("no C compiler: no fused path")
     torch.manual_seed(0)
-    model = DenseNet(16, 4, memory_efficient=PATHS[path][2]).to(memory_format=PATHS[path][0])
+    model = densenet("fused", depth=16, growth_rate=4, memory_efficient=PATHS[path][2]).to(memory_format=PATHS[path][0])
     x = poison(model, torch.randn(4, 3, 16, 16), where)
     out, loss, grad = forward_backward(model, x, torch.tensor([0, 1, 2, 3]), path)
     assert not torch.isfinite(loss), f"{path}: a {where} gave the finite loss {loss.item()}"
@@ -75,6 +76,7 @@ def test_fused_kernels_propagate_exactly_where_aten_does(where):
     torch.manual_seed(0)
     aten = DenseNet(16, 4).double()
     fast = copy.deepcopy(aten)
+    apply_fused_kernels(fast)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3])
     results = [forward_backward(model, poison(model, x, where), labels, path)

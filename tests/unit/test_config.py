@@ -6,7 +6,6 @@ from dataclasses import fields
 
 import pytest
 
-import densenet
 from densenet_trainer.settings import architecture, config
 from densenet_trainer.settings.cli import OneLineParser, UserError
 from densenet_trainer.settings.config import RESUMABLE, RunConfig
@@ -21,7 +20,7 @@ def test_every_setting_declares_its_flag_and_whether_a_resume_may_change_it():
                          "memory_efficient", "data_dir", "download", "eval_batch_size", "save",
                          "resume", "auto_resume", "stop_after"}
     kernels = next(f for f in fields(RunConfig) if f.name == "kernels")
-    assert set(densenet.KERNELS) <= set(kernels.metadata["choices"])
+    assert set(config.KERNELS) <= set(kernels.metadata["choices"])
 
 
 def test_defaults_that_depend_on_other_settings():

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet_trainer.engine import cuda_graph
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed import cuda_graph
 from helpers import (
     ROOT,
     capture_without_update,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densenet import DenseNet, model_name
-from densenet_trainer.kernels import fused
+from densenet import DenseLayer, DenseNet, model_name
 from densenet_trainer.settings import architecture
+from densenet_trainer.speed import fused
+from helpers import densenet
 
 
 def count(model: torch.nn.Module) -> int:
@@ -107,7 +108,7 @@ def test_memory_efficient_matches_standard_in_float64(bottleneck):
 
 def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
     """The ATen path: each layer runs once without gradients, and once more in backward."""
-    model = DenseNet(16, 4, bottleneck=True, compression=0.5, memory_efficient=True, kernels="aten")
+    model = DenseNet(16, 4, bottleneck=True, compression=0.5, memory_efficient=True)
     layer_type = type(model.features[0].layers[0])
     calls = []
     original = layer_type._layer
@@ -131,8 +132,8 @@ def test_memory_efficient_does_not_recompute_without_gradients(monkeypatch):
 def test_memory_efficient_fused_path_recomputes_one_normalisation_per_layer(monkeypatch):
     """The fused path recomputes each layer's first BN-ReLU in backward, from the block's
     buffer, and nothing else: no convolution runs twice, no recomputation without gradients."""
-    model = DenseNet(16, 4, bottleneck=True, compression=0.5, memory_efficient=True).to(memory_format=torch.channels_last)
-    layers = sum(1 for m in model.modules() if type(m).__name__ == "DenseLayer")
+    model = densenet("fused", depth=16, growth_rate=4, memory_efficient=True).to(memory_format=torch.channels_last)
+    layers = sum(1 for m in model.modules() if isinstance(m, DenseLayer))
     recomputed, convolutions = [], []
     normalise = fused._normalise
     monkeypatch.setattr(fused, "_normalise", lambda *args, **kwargs: (

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from densenet import DenseNet
-from densenet_trainer.engine import cuda_graph, data, datasets, training
+from densenet_trainer.engine import data, datasets, training
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed import cuda_graph
+from helpers import densenet
 
 CPU = torch.device("cpu")
 
@@ -24,7 +26,7 @@ def evaluations(capture, device: torch.device = CPU, precision: str = "fp32", ke
                 notices: list | None = None) -> tuple[DenseNet, training.EagerEvaluation, cuda_graph.GraphedEvaluation]:
     """One tiny model evaluated two ways over 37 images in batches of 16 (the last padded)."""
     torch.manual_seed(0)
-    model = DenseNet(10, 4, kernels=kernels).to(device, memory_format=torch.channels_last)
+    model = densenet(kernels, depth=10, growth_rate=4).to(device, memory_format=torch.channels_last)
     batches = data.EvalBatches(split(device=device), 16, data.Normalizer([0.5] * 3, [0.25] * 3, device), device,
                                channels_last=True)
     eager = training.EagerEvaluation(training.EvaluationSums(model, precision, 10, device), batches)

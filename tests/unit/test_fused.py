@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet import DenseNet
-from densenet_trainer.kernels import cpu_kernels, fused
-from helpers import same_weights
+from densenet import DenseLayer, DenseNet
+from densenet_trainer.speed import apply_fused_kernels, cpu_kernels, fused
+from helpers import densenet, same_weights
 
 pytestmark = pytest.mark.skipif(fused.backend("cpu") is None,
                                 reason="no C compiler with OpenMP: the fused path is not built")
@@ -32,7 +32,7 @@ def step(model: DenseNet, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 def padding_recorded(monkeypatch, multiple: int) -> list[int]:
     """The CPU's convolutions given inputs padded to ``multiple`` channels, as bfloat16's are on
     CUDA (fused.conv_input_channels); returns the list of zero channels each padded weight got."""
-    from densenet_trainer.kernels import kernel_check
+    from densenet_trainer.speed import kernel_check
     kernel_check.failure("cpu")  # the self-test (once per process) before anything is recorded
     monkeypatch.setattr(cpu_kernels, "CONV_INPUT_MULTIPLE", {torch.float64: multiple, torch.float32: multiple})
     padded, pad = [], fused._padded
@@ -72,6 +72,7 @@ def test_fused_float32_close_to_aten():
     torch.manual_seed(0)
     aten = DenseNet(16, 6)
     fast = copy.deepcopy(aten).to(memory_format=CHANNELS_LAST)
+    apply_fused_kernels(fast)
     x = torch.randn(8, 3, 32, 32)
     labels = torch.randint(0, 10, (8,))
     out_aten, _ = step(aten, x, labels)
@@ -101,8 +102,8 @@ def test_memory_efficient_fused_with_dropout_matches_standard_fused():
 
 def test_layers_are_called_as_modules_on_the_fused_path():
     """Forward hooks (attic/summary.py uses them) see every dense layer on both paths."""
-    model = DenseNet(16, 4).to(memory_format=CHANNELS_LAST)
-    layers = [m for m in model.modules() if type(m).__name__ == "DenseLayer"]
+    model = densenet("fused", depth=16, growth_rate=4).to(memory_format=CHANNELS_LAST)
+    layers = [m for m in model.modules() if isinstance(m, DenseLayer)]
     seen = []
     for layer in layers:
         layer.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
@@ -121,7 +122,7 @@ def test_aten_path_where_fused_cannot_run(monkeypatch):
         assert not fused.available(x)
     monkeypatch.setattr(fused, "backend", lambda device_type: None)  # no compiler: it still trains
     assert not fused.available(x)
-    model = DenseNet(10, 4).to(memory_format=CHANNELS_LAST)
+    model = densenet("fused", depth=10, growth_rate=4).to(memory_format=CHANNELS_LAST)
     model(torch.randn(2, 3, 32, 32).contiguous(memory_format=CHANNELS_LAST)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -165,7 +166,7 @@ def test_both_backends_offer_the_same_kernels():
     """cpu_kernels and triton_kernels: the same functions with the same arguments."""
     import inspect
 
-    triton_kernels = pytest.importorskip("densenet_trainer.kernels.triton_kernels")
+    triton_kernels = pytest.importorskip("densenet_trainer.speed.triton_kernels")
     for name in ("norm_relu", "norm_relu_backward", "stats", "finish_grad"):
         assert (inspect.signature(getattr(cpu_kernels, name)).parameters.keys()
                 == inspect.signature(getattr(triton_kernels, name)).parameters.keys()), name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densenet_trainer.kernels import kernel_check
+from densenet_trainer.speed import kernel_check
 
 
 def test_the_cpu_kernels_pass_their_self_test():
@@ -42,14 +42,17 @@ def test_the_self_test_leaves_a_users_precision_settings_as_they_were():
 
 def test_a_densenet_built_directly_never_computes_with_kernels_that_failed(broken):
     """torchvision-style use, without the trainer: kernels that fail their self-test are not
-    used (one warning), and the outputs are ATen's."""
+    applied (one warning, and the reason returned), and the outputs are ATen's."""
     from densenet import DenseNet
+    from densenet_trainer.speed import apply_fused_kernels
+    from densenet_trainer.speed.fused_densenet import is_fused
     torch.manual_seed(0)
-    fused_model = DenseNet(10, 4, kernels="fused")
-    aten_model = DenseNet(10, 4, kernels="aten")
-    aten_model.load_state_dict(fused_model.state_dict())
+    model = DenseNet(10, 4)
+    aten_model = DenseNet(10, 4)
+    aten_model.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     broken("tail")
     with pytest.warns(UserWarning, match="the fused kernels failed their self-test on cpu"):
-        got = fused_model(x)
-    assert torch.equal(got, aten_model(x))
+        assert apply_fused_kernels(model).startswith("the fused kernels failed their self-test")
+    assert not is_fused(model)
+    assert torch.equal(model(x), aten_model(x))

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from densenet_trainer.engine.runtime import Runtime
-from densenet_trainer.run import kernel_choice
+from densenet_trainer.run import build
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed import kernel_choice
 from helpers import faithful_capture, stale_capture
 
 
@@ -37,7 +38,7 @@ def fake_timings(**ms):
 @pytest.fixture
 def gpu_kernels_pass(monkeypatch):
     """The fused CUDA kernels as if they had passed their self-test on a GPU."""
-    from densenet_trainer.kernels import kernel_check
+    from densenet_trainer.speed import kernel_check
     monkeypatch.setattr(kernel_check, "failure", lambda device_type: None)
 
 
@@ -96,7 +97,7 @@ def test_timing_steps_changes_nothing_the_run_draws():
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     state = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     cfg = RunConfig(depth=10, growth_rate=4, batch_size=8)
-    seconds = kernel_choice.time_steps(cfg, Runtime(torch.device("cpu")), "aten")
+    seconds = kernel_choice.time_steps(build.build_synthetic_run, cfg, Runtime(torch.device("cpu")), "aten")
     assert seconds > 0
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
     assert (np.random.get_state()[1] == state[2]).all()
@@ -115,10 +116,10 @@ def test_timing_a_candidate_whose_graph_falls_back_fails_it(capture, failure):
     runtime = Runtime(torch.device("cpu"), capture=captures[capture])
     cfg = RunConfig(depth=10, growth_rate=4, batch_size=8)
     if failure is None:
-        assert kernel_choice.time_steps(cfg, runtime, "aten") > 0
+        assert kernel_choice.time_steps(build.build_synthetic_run, cfg, runtime, "aten") > 0
     else:
         with pytest.raises(kernel_choice.CandidateFailed, match=failure.replace("(", r"\(").replace(")", r"\)")):
-            kernel_choice.time_steps(cfg, runtime, "aten")
+            kernel_choice.time_steps(build.build_synthetic_run, cfg, runtime, "aten")
 
 
 def test_each_repeat_times_its_steps_and_nothing_else():

@@ -73,7 +73,7 @@ def test_no_finish_loops_over_more_than_256_rows_and_passes_spread_where_they_ca
     """On the paper's model at batch 64 (counted, not run): every finishing pass adds at most
     PARTIAL_ROWS rows of partial sums, and every main pass with work enough for MIN_PROGRAMS
     tiles of MIN_TILE elements has at least MIN_PROGRAMS programs (the GPU's 132 twice)."""
-    from densenet_trainer.kernels import triton_kernels
+    from densenet_trainer.speed import triton_kernels
     count = kernel_count.count_step(RunConfig(batch_size=64))
     for name, grid in count.grids.items():
         if "finish" in name and "grad" not in name:
@@ -85,7 +85,7 @@ def test_no_finish_loops_over_more_than_256_rows_and_passes_spread_where_they_ca
 
 
 def test_channels_come_to_the_kernels_in_their_widest_alignment():
-    from densenet_trainer.kernels import triton_kernels
+    from densenet_trainer.speed import triton_kernels
     assert [triton_kernels._align(*counts) for counts in ((48, 36), (352, 216), (300,), (48, 13))] == [4, 8, 4, 1]
 
 

@@ -80,7 +80,7 @@ def test_evaluation_never_waits_for_the_host_inside_its_loop(classes, tta):
     """Every batch's forward, loss, confusion counts and top-5 hits on the meta device, where
     any read by the host (an .item(), a bincount's maximum, a mask's nonzero) would fail."""
     meta = torch.device("meta")
-    model = DenseNet(10, 4, num_classes=classes, kernels="aten").to(meta, memory_format=torch.channels_last)
+    model = DenseNet(10, 4, num_classes=classes).to(meta, memory_format=torch.channels_last)
     split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
                            torch.empty(37, dtype=torch.int64, device=meta))
     batches = data.EvalBatches(split, 16, data.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)

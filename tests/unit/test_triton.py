@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_trainer.kernels import fused
+from densenet_trainer.speed import fused
 from helpers import same_weights
 
 CUDA = torch.cuda.is_available()
@@ -25,7 +25,7 @@ def kernels():
     """triton_kernels, interpreted unless there is a GPU (conftest.py sets TRITON_INTERPRET)."""
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-    from densenet_trainer.kernels import triton_kernels
+    from densenet_trainer.speed import triton_kernels
     return triton_kernels
 
 
@@ -52,7 +52,7 @@ def test_kernels_match_float64(kernels, dtype, shape):
     """Every kernel on a channel prefix of a block buffer against float64 (kernel_check's
     checks, which a run makes on its GPU): pixel counts that leave a tile part-full, channel
     tails over 32, pixel strides that are and are not multiples of 16, batch 1."""
-    from densenet_trainer.kernels import kernel_check
+    from densenet_trainer.speed import kernel_check
     kernel_check.check_kernels(kernels, DEVICE, dtype, shape)
 
 
@@ -61,7 +61,7 @@ def test_programs_that_loop_over_several_pixel_tiles_sum_as_one(kernels, dtype, 
     """The partial-sum passes keep at most PARTIAL_ROWS rows of programs, each looping over
     every rows-th pixel tile: with 2 rows and 3 or 5 tiles, programs hold one, two or three
     tiles, and every result still matches float64."""
-    from densenet_trainer.kernels import kernel_check
+    from densenet_trainer.speed import kernel_check
     monkeypatch.setattr(kernels, "PARTIAL_ROWS", 2)
     for shape in [(3, 10, 10, 13, 21), (5, 8, 8, 40, 48)]:  # 300 pixels in 128s, 320 in 64s
         assert kernels.partial_grid(shape[0] * shape[1] * shape[2], shape[3])[0][0] == 2
@@ -154,7 +154,7 @@ def test_the_triton_path_on_cuda(kernels, triton_path):
 
 def test_the_self_test_passes_the_triton_kernels(triton_path):
     """kernel_check's shapes and tolerances hold for the Triton kernels (interpreted here)."""
-    from densenet_trainer.kernels import kernel_check
+    from densenet_trainer.speed import kernel_check
     assert kernel_check.check(DEVICE) is None
 
 

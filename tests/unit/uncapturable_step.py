@@ -3,8 +3,8 @@
 Prints the runner's notices, then "eager" or "graphed"."""
 import torch
 
-from densenet_trainer.engine import cuda_graph
 from densenet_trainer.engine.step import TrainStep
+from densenet_trainer.speed import cuda_graph
 from helpers import make_step, train_steps
 
 step = make_step(torch.device("cuda"))

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 
 import torch
 from torch import Tensor
 
 from densenet import DenseBlock
-from densenet_trainer.kernels import fused
+from densenet_trainer.speed import fused
+from densenet_trainer.speed.fused_densenet import fuse, tested_on
 
 # Tolerances against float64, by the dtype the tensors hold. Arithmetic is float32; bfloat16
 # outputs are rounded to 8 significant bits (a relative step of 2^-8), sums kept in float32.
@@ -35,22 +35,6 @@ def failure(device_type: str) -> str | None:
     """What went wrong when the fused kernels of ``device_type`` checked themselves there
     (None: they passed, or there are none to check); once per process."""
     return check(torch.device(device_type))
-
-
-def failed_self_test(device_type: str) -> bool:
-    """Whether the kernels failed their self-test on ``device_type`` (kernel_check, once per
-    process; a warning says why), for a DenseNet built directly, not by the trainer, which
-    checks before its first forward on a device. Inside a compilation or a CUDA graph capture
-    nothing is run: the trainer has checked before either."""
-    if torch.compiler.is_compiling() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return False
-    with torch.inference_mode(False), torch.enable_grad():  # its backward needs gradients
-        problem = failure(device_type)
-    if problem:
-        warnings.warn(f"the fused kernels failed their self-test on {device_type} ({problem}); "
-                      f"dense blocks use ATen operations instead: the same results, slower",
-                      stacklevel=3)
-    return problem is not None
 
 
 def check(device: torch.device) -> str | None:
@@ -208,24 +192,28 @@ def _check_block(device: torch.device, memory_efficient: bool) -> None:
     torch_state = torch.get_rng_state()
     try:
         torch.manual_seed(0)
-        fused_block = DenseBlock(3, 6, 5, True, 0.0, memory_efficient, fused_kernels=True)
+        fused_block = DenseBlock(3, 6, 5, True, 0.0, memory_efficient)
     finally:
         torch.set_rng_state(torch_state)  # the run's random numbers are not the check's
     aten_block = copy.deepcopy(fused_block)
-    aten_block.fused_kernels = False
-    for layer in aten_block.layers:
-        layer.fused_kernels = False
+    fuse(fused_block)
     x = _random((n, 6, height, width), device, torch.float32, generator)
     grad = _random((n, 6 + 3 * 5, height, width), device, torch.float32, generator)
     results = []
-    with _tf32_off():
-        for block in (fused_block, aten_block):
-            block.to(device, memory_format=torch.channels_last).train()
-            inputs = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            out = block(inputs)
-            out.backward(grad.contiguous(memory_format=torch.channels_last))
-            results.append([out.detach(), inputs.grad,
-                            *(p.grad for p in block.parameters()), *block.buffers()])
+    untested = device.type not in tested_on
+    tested_on.add(device.type)  # for the check's own block only: nothing else runs meanwhile
+    try:
+        with _tf32_off():
+            for block in (fused_block, aten_block):
+                block.to(device, memory_format=torch.channels_last).train()
+                inputs = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+                out = block(inputs)
+                out.backward(grad.contiguous(memory_format=torch.channels_last))
+                results.append([out.detach(), inputs.grad,
+                                *(p.grad for p in block.parameters()), *block.buffers()])
+    finally:
+        if untested:
+            tested_on.discard(device.type)
     for got, expected in zip(*results):
         _close(got, expected, BLOCK_TOLERANCE, "the block against ATen's")
 

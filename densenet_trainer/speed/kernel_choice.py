@@ -2,13 +2,12 @@
 a GPU times a few steps of each (``time_steps``) and takes the faster, as cudnn.benchmark
 chooses convolutions; a candidate that fails (an exception, a graph that would not capture or
 replayed wrong) loses, saying why; everywhere the fused kernels are used only once they have
-passed their self-test (kernels/kernel_check.py). config.json records the choice, its
+passed their self-test (speed/kernel_check.py). config.json records the choice, its
 timings, the candidates' problems and what the choice cost.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import time
 from collections.abc import Callable
@@ -16,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from densenet_trainer.engine import cuda_graph
 from densenet_trainer.engine.runtime import Runtime, broadcast, rng_state, set_rng_state, synchronize
 from densenet_trainer.engine.step import COMPUTE_DTYPES
-from densenet_trainer.kernels import fused, kernel_check
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed import cuda_graph, fused, kernel_check
 
 
 @dataclass
@@ -56,7 +54,7 @@ def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = 
     """The DenseNet kernels the run computes with.
 
     --kernels auto on a GPU times AUTOTUNE_STEPS steps of each kernel set that can run the
-    configuration (``measure``: seconds per step; by default ``time_steps``) and takes the
+    configuration (``measure``: seconds per step, as ``time_steps`` gives them) and takes the
     fastest, as cudnn.benchmark chooses convolutions; a resumed run keeps the choice it
     ``saved``. Elsewhere --kernels means what RunConfig.kernels_on says. Fused kernels are
     used only once they have passed their self-test on the device (kernel_check), and never
@@ -78,7 +76,7 @@ def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = 
         seconds, problems = {}, {}
         for kernels in ("aten", "fused"):
             try:
-                seconds[kernels] = (measure or functools.partial(time_steps, cfg, runtime))(kernels)
+                seconds[kernels] = measure(kernels)
             except Exception as error:  # Triton, out of memory, a graph that fell back: it loses
                 problems[kernels] = first_line(error)
             finally:  # each candidate's memory back before the next and before the run
@@ -129,14 +127,14 @@ def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def time_steps(cfg: RunConfig, runtime: Runtime, kernels: str) -> float:
+def time_steps(build_synthetic_run: Callable, cfg: RunConfig, runtime: Runtime,
+               kernels: str) -> float:
     """Seconds per step of ``cfg``'s training computing with ``kernels``, stepped as the run
-    will be (its graph captured and checked) on random images, by one process alone: after
+    will be (its graph captured and checked) on random images that ``build_synthetic_run``
+    gives it (build.py's, which calls choose_kernels before it builds), by one process alone: after
     AUTOTUNE_WARMUP untimed steps, the fastest of AUTOTUNE_REPEATS repeats of AUTOTUNE_STEPS
     (CUDA events on a GPU). CandidateFailed where the graph the run would use fell back. The
     global random generators are left as they were: the run seeds them after this."""
-    from densenet_trainer.run.build import build_synthetic_run  # build chooses the kernels first
-
     alone = Runtime(runtime.device, capture=runtime.capture)
     state = rng_state()
     try:

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_trainer.kernels import cpu_kernels
-from densenet_trainer.kernels.batch_counters import batch_counters, count_batch
+from densenet_trainer.speed import cpu_kernels
+from densenet_trainer.speed.batch_counters import batch_counters, count_batch
 
 __all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "conv",
            "conv_input_channels", "gather", "norm_relu", "norm_relu_conv"]
@@ -52,7 +52,7 @@ def backend(device_type: str) -> ModuleType | None:
             cpu_kernels.library()
             return cpu_kernels
         if device_type == "cuda":
-            from densenet_trainer.kernels import triton_kernels  # imports triton, which only CUDA needs
+            from densenet_trainer.speed import triton_kernels  # imports triton, which only CUDA needs
             return triton_kernels
     except cpu_kernels.Unavailable as error:
         return _unavailable(f"the fused CPU kernels are unavailable ({error})")

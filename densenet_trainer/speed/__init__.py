@@ -1,0 +1,46 @@
+"""The speed machinery, which the plain path (model, data, loop, files, results) never imports.
+
+- ``fused.py``: dense blocks without concatenation copies and BatchNorm-ReLU in one pass, over
+  two backends, ``cpu_kernels.py`` (C loops in ``cpu_kernels.c``) and ``triton_kernels.py``
+  (CUDA); ``batch_counters.py``: the fused BatchNorms' counters moved in one operation;
+- ``fused_densenet.py``: densenet.py's model computed with them; ``kernel_check.py``: their
+  self-test on a device; ``apply_fused_kernels`` below puts them on a built model;
+- ``kernel_choice.py``: which kernels a run computes with, and --kernels auto's timing;
+- ``cuda_graph.py``: the training step and each split's evaluation as checked CUDA graphs.
+
+One call, as Liger Kernel's ``apply_liger_kernel_to_llama()``::
+
+    model = DenseNet(100, 12).to("cuda", memory_format=torch.channels_last)
+    apply_fused_kernels(model)   # None, or why the model stays on ATen's operations
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from densenet_trainer.speed import fused, fused_densenet, kernel_check
+
+
+def apply_fused_kernels(model: nn.Module, device_type: str | None = None) -> str | None:
+    """Make ``model`` (a DenseNet, or any of densenet.py's modules or a model holding them)
+    compute its dense blocks and BatchNorm-ReLUs with the fused kernels on
+    ``device_type`` (default: where its parameters are), once the kernels have passed their
+    self-test there (kernel_check, once per process and device type). Returns None, or why
+    the model keeps ATen's operations (a failed self-test is said as a warning too): the
+    results are the same either way, the speed differs."""
+    device_type = device_type or next(model.parameters()).device.type
+    if fused.backend(device_type) is None:  # which has warned
+        return "the fused kernels are unavailable here"
+    with torch.inference_mode(False), torch.enable_grad():  # the self-test's backward needs them
+        failure = kernel_check.failure(device_type)
+    if failure:
+        fused_densenet.tested_on.discard(device_type)  # models fused before compute with ATen too
+        warnings.warn(f"the fused kernels failed their self-test on {device_type} ({failure}); "
+                      f"dense blocks use ATen operations instead: the same results, slower",
+                      stacklevel=2)
+        return f"the fused kernels failed their self-test ({failure})"
+    fused_densenet.tested_on.add(device_type)
+    fused_densenet.fuse(model)
+    return None

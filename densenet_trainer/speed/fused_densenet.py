@@ -1,0 +1,125 @@
+"""densenet.py's DenseNet computed with the fused kernels (fused.py), put on a built model.
+
+Each class here is densenet.py's with a forward of its own, so that a fused model is the same
+model (the same modules, parameters, state dict and forward hooks): each dense block writes
+its features once into one shared buffer and every BatchNorm-ReLU is one fused pass; the
+BatchNorms count their batch in one operation (``batch_counters``). ``fuse`` turns a built
+``DenseNet`` into one by the classes of its modules alone, and ``unfuse`` back;
+``densenet_trainer.speed.apply_fused_kernels`` fuses once the kernels have passed their
+self-test on a device type (``tested_on``). Wherever the kernels do not apply to a tensor
+(``fused.available``: contiguous or other-typed inputs, autocast, torch.compile) or its device
+type was not tested, each part computes as densenet.py's does.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from densenet_trainer.speed import fused
+
+tested_on: set[str] = set()  # device types whose self-test passed in this process
+_warned: set[str] = set()  # device types a fused model has said it was not tested on
+
+
+def usable(x: Tensor) -> bool:
+    """Whether ``x`` takes the fused path: fused.available, on a tested device type."""
+    return x.device.type in tested_on and fused.available(x)
+
+
+class FusedDenseNet(DenseNet):
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type not in tested_on and x.device.type not in _warned:
+            _warned.add(x.device.type)
+            warnings.warn(f"the fused kernels were not tested on {x.device.type}: the model computes "
+                          f"with ATen's operations there; apply them after moving the model",
+                          stacklevel=2)
+        with fused.batch_counters():  # the fused BatchNorms count their batch all at once
+            x = self.features(self.stem(x))
+            x = batch_norm_relu(self.norm, x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+class FusedDenseBlock(DenseBlock):
+    """The block's features joined as they are made, in one fused.SharedFeatures buffer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not usable(x):
+            return super().forward(x)
+        shared = fused.SharedFeatures.for_block(x, self.out_channels)
+        newest = x
+        for layer in self.layers:
+            newest = layer(newest, shared)
+            shared.append(newest)
+        return fused.gather(shared, newest)
+
+
+class FusedDenseLayer(DenseLayer):
+    def forward(self, features: list[Tensor] | Tensor,
+                shared: fused.SharedFeatures | None = None) -> Tensor:
+        """The new feature map: ATen's path where ``features`` lists the earlier ones; the
+        fused one where they are in ``shared`` and ``features`` is the newest alone. Memory-
+        efficient, the first BN-ReLU's output is then recomputed in backward by the fused
+        kernel instead of stored (no checkpointing, no convolution run twice)."""
+        if shared is None:
+            return super().forward(features)
+        if self.memory_efficient and torch.is_grad_enabled() and features.requires_grad:
+            out = fused.norm_relu_conv(self.norm1, self.conv1, shared, features)
+        else:
+            out = fused.conv(self.conv1, fused.norm_relu(self.norm1, shared, features, conv_input=True))
+        if self.dropout:
+            out = F.dropout(out, self.dropout, self.training)
+        if self.bottleneck:
+            out = norm_relu_conv(self.norm2, self.conv2, out)
+            if self.dropout:
+                out = F.dropout(out, self.dropout, self.training)
+        return out
+
+
+class FusedTransition(Transition):
+    def forward(self, x: Tensor) -> Tensor:
+        norm, _, conv, dropout, pool = self  # the ReLU is fused with the norm where it can be
+        return pool(dropout(norm_relu_conv(norm, conv, x)))
+
+
+FUSED = {DenseNet: FusedDenseNet, DenseBlock: FusedDenseBlock, DenseLayer: FusedDenseLayer,
+         Transition: FusedTransition}
+
+
+def fuse(model: nn.Module) -> None:
+    """Make every DenseNet module of ``model`` its fused class (torchvision's or other
+    modules are left as they are)."""
+    for module in model.modules():
+        if type(module) in FUSED:
+            module.__class__ = FUSED[type(module)]
+
+
+def unfuse(model: nn.Module) -> None:
+    """Make every fused module of ``model`` densenet.py's own again."""
+    plain = {fused_class: plain_class for plain_class, fused_class in FUSED.items()}
+    for module in model.modules():
+        if type(module) in plain:
+            module.__class__ = plain[type(module)]
+
+
+def is_fused(model: nn.Module) -> bool:
+    return isinstance(model, FusedDenseNet)
+
+
+def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(relu(norm(x)))``, BatchNorm-ReLU fused where it can be, with the convolution's
+    input channels padded where the device's convolutions want it (fused.conv_input_channels)."""
+    if usable(x):
+        return fused.conv(conv, fused.batch_norm_relu(norm, x, conv_input=True))
+    return conv(F.relu(norm(x), inplace=True))
+
+
+def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``relu(norm(x))``, fused where it can be (in place otherwise: BN keeps its input)."""
+    if usable(x):
+        return fused.batch_norm_relu(norm, x)
+    return F.relu(norm(x), inplace=True)
