@@ -23,10 +23,84 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from densenet_trainer.records.layout import CONFIG_FILE
+from densenet_trainer.settings import cli
+from densenet_trainer.settings.config import NUMBER_NEUTRAL
+
+OPEN_END = 10**9  # the last epoch of a range like 50:
+
+
+# ---------------------------------------------------------------- command line
+
+def epoch_range(text: str) -> tuple[int, int]:
+    try:
+        first, _, last = text.partition(":")
+        first, last = int(first or 1), int(last) if last else OPEN_END
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"epoch range must look like 10:200, 50: or :100, got {text!r}")
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"epoch range {text!r} must run from 1 or later to a "
+                                         f"last epoch no earlier than the first")
+    return first, last
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of plot.py (torch-, numpy- and pyplot-free: --help answers at once)."""
+    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="WORKDIR", type=cli.path,
+                   help="work directories written by train.py; of several (a glob such as "
+                        "work/*), the figures and tables plot.py wrote there (comparison.*, "
+                        "groups.*, results.*) are passed over in silence, and anything else "
+                        "that holds no run is named in one warning line")
+    p.add_argument("--out", type=cli.path, help="figure file for several runs (default: comparison.FORMAT in the "
+                                   "folder that holds the runs)")
+    p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
+    p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS, help="figure file type")
+    p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130,
+                   help="resolution of png figures, dots per inch")
+    p.add_argument("--loss-scale", default="log", choices=["log", "linear"], help="loss y axis")
+    p.add_argument("--error-scale", default="linear", choices=["log", "linear"], help="error y axis")
+    p.add_argument("--epochs", type=epoch_range, default=None, metavar="FIRST:LAST",
+                   help="only this range of epochs")
+    p.add_argument("--title", default=None, help="figure title (default: the run's name, or the runs' names)")
+    p.add_argument("--watch", type=cli.non_negative_float, default=0, metavar="SECONDS",
+                   help="redraw every SECONDS until Ctrl-C")
+    results_group = p.add_argument_group(
+        "results across runs", "Runs whose config.json differ only in the seed and in settings "
+        "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + "), trained "
+        "and tested on the same images (count and fingerprint of each split), on the same "
+        "number of processes and with the same learning rate each epoch, are one group; a "
+        "run reached twice (the same run_id) counts once; an unfinished run is a row of its "
+        "own, outside the means. The data column gives the image counts where they are not "
+        "the official splits', the settings column what sets a row apart. The paper's column "
+        "is Table 2 of Huang et al. (table2.json) where the model, dataset, augmentation, "
+        "the paper's recipe (optimiser, learning rate and schedule, momentum, weight decay, "
+        "batch, dropout), its epochs and its images all match.")
+    results_group.add_argument("--table", action="store_true",
+                               help="print the results table: mean ± sample std of the final "
+                                    "test error per group, beside the paper's")
+    results_group.add_argument("--table-format", default="text",
+                               choices=["text", "markdown", "csv", "latex", "all"],
+                               help="how --table prints; all: text, and results.md, results.csv "
+                                    "and results.tex beside the runs (or in --out's folder)")
+    results_group.add_argument("--group", action="store_true",
+                               help="draw each group's mean curves with a band: groups.FORMAT "
+                                    "beside the runs (or --out)")
+    results_group.add_argument("--band", default="minmax", choices=["minmax", "std"],
+                               help="--group's band: min to max, or mean ± one standard deviation")
+    results_group.add_argument("--strict", action="store_true",
+                               help="refuse a folder that cannot be read instead of skipping it")
+    return p
+
+
+if __name__ == "__main__":  # --help and a flag out of its range answer before pandas and pyplot load
+    with cli.output_may_close():
+        build_parser().parse_args()
+
+# The drawing's own imports.
 import matplotlib
 import matplotlib.text
-
-from densenet_trainer.records.layout import CONFIG_FILE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -37,14 +111,11 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from densenet_trainer.records import results, table_formats
 from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import refuse_unless_regular, write_figure, write_text
-from densenet_trainer.settings import cli
-from densenet_trainer.settings.config import NUMBER_NEUTRAL
 
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 NUMERIC_COLUMNS = ("epoch", "lr", "loss", "error", "top5_error")  # what the curves are drawn from
 SPLITS = {"train": ("-", 0), "val": (":", 2), "test": ("--", 1)}  # line style, colour index
-OPEN_END = 10**9  # the last epoch of a range like 50:
 MARKERS_UP_TO = 30  # epochs drawn with a marker on each point
 CELL_NUMBERS_UP_TO = 20  # classes in a confusion matrix with the percentages written in
 # What plot.py writes beside several runs by default: passed over in silence when a glob
@@ -519,63 +590,9 @@ def draw(opts: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def epoch_range(text: str) -> tuple[int, int]:
-    try:
-        first, _, last = text.partition(":")
-        first, last = int(first or 1), int(last) if last else OPEN_END
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"epoch range must look like 10:200, 50: or :100, got {text!r}")
-    if not 1 <= first <= last:
-        raise argparse.ArgumentTypeError(f"epoch range {text!r} must run from 1 or later to a "
-                                         f"last epoch no earlier than the first")
-    return first, last
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="WORKDIR", type=cli.path,
-                   help="work directories written by train.py; of several (a glob such as "
-                        "work/*), the figures and tables plot.py wrote there (comparison.*, "
-                        "groups.*, results.*) are passed over in silence, and anything else "
-                        "that holds no run is named in one warning line")
-    p.add_argument("--out", type=cli.path, help="figure file for several runs (default: comparison.FORMAT in the "
-                                   "folder that holds the runs)")
-    p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
-    p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS, help="figure file type")
-    p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130,
-                   help="resolution of png figures, dots per inch")
-    p.add_argument("--loss-scale", default="log", choices=["log", "linear"], help="loss y axis")
-    p.add_argument("--error-scale", default="linear", choices=["log", "linear"], help="error y axis")
-    p.add_argument("--epochs", type=epoch_range, default=None, metavar="FIRST:LAST",
-                   help="only this range of epochs")
-    p.add_argument("--title", default=None, help="figure title (default: the run's name, or the runs' names)")
-    p.add_argument("--watch", type=cli.non_negative_float, default=0, metavar="SECONDS",
-                   help="redraw every SECONDS until Ctrl-C")
-    results_group = p.add_argument_group(
-        "results across runs", "Runs whose config.json differ only in the seed and in settings "
-        "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + "), trained "
-        "and tested on the same images (count and fingerprint of each split), on the same "
-        "number of processes and with the same learning rate each epoch, are one group; a "
-        "run reached twice (the same run_id) counts once; an unfinished run is a row of its "
-        "own, outside the means. The data column gives the image counts where they are not "
-        "the official splits', the settings column what sets a row apart. The paper's column "
-        "is Table 2 of Huang et al. (table2.json) where the model, dataset, augmentation, "
-        "the paper's recipe (optimiser, learning rate and schedule, momentum, weight decay, "
-        "batch, dropout), its epochs and its images all match.")
-    results_group.add_argument("--table", action="store_true",
-                               help="print the results table: mean ± sample std of the final "
-                                    "test error per group, beside the paper's")
-    results_group.add_argument("--table-format", default="text",
-                               choices=["text", "markdown", "csv", "latex", "all"],
-                               help="how --table prints; all: text, and results.md, results.csv "
-                                    "and results.tex beside the runs (or in --out's folder)")
-    results_group.add_argument("--group", action="store_true",
-                               help="draw each group's mean curves with a band: groups.FORMAT "
-                                    "beside the runs (or --out)")
-    results_group.add_argument("--band", default="minmax", choices=["minmax", "std"],
-                               help="--group's band: min to max, or mean ± one standard deviation")
-    results_group.add_argument("--strict", action="store_true",
-                               help="refuse a folder that cannot be read instead of skipping it")
+    """The command line, with what argparse cannot check: the style, --out's format and folder."""
+    p = build_parser()
     opts = p.parse_args(argv)
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
         p.error(f"unknown --style {opts.style!r}; choose one of: {', '.join(sorted(plt.style.available))}")

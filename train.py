@@ -33,24 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-from densenet_trainer.engine import data, datasets, training
-from densenet_trainer.engine.runtime import (
-    STOP_SIGNALS,
-    Runtime,
-    StopFlag,
-    keep_freed_memory_mapped,
-    on_main,
-    setup_runtime,
-)
-from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
 from densenet_trainer.records.layout import BEST_CHECKPOINT, duration
-from densenet_trainer.run import workdir
-from densenet_trainer.run.build import Run, build_run
-from densenet_trainer.run.checkpoint import Checkpoint
-from densenet_trainer.run.files import WorkDirLock
-from densenet_trainer.run.inference import load_trained, write_evaluation
 from densenet_trainer.settings import config
 from densenet_trainer.settings.cli import OneLineParser, UserError, output_may_close, path
 from densenet_trainer.settings.config import RunConfig
@@ -85,6 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tta", action="store_true",
                      help="with --evaluate: average over horizontal flips")
     return parser
+
+
+if __name__ == "__main__":  # --help and a flag out of its range answer before torch loads
+    with output_may_close():
+        build_parser().parse_args()
+
+# The run's own imports: torch, and the package's layers that use it.
+import torch.distributed as dist
+
+from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine.runtime import (
+    STOP_SIGNALS,
+    Runtime,
+    StopFlag,
+    keep_freed_memory_mapped,
+    on_main,
+    setup_runtime,
+)
+from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.run import workdir
+from densenet_trainer.run.build import Run, build_run
+from densenet_trainer.run.checkpoint import Checkpoint
+from densenet_trainer.run.files import WorkDirLock
+from densenet_trainer.run.inference import load_trained, write_evaluation
 
 
 class StoppedBeforeTraining(KeyboardInterrupt):

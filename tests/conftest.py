@@ -3,6 +3,7 @@ tiny model) and the ``cuda`` marker's skip; the helpers are helpers.py's."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,12 @@ if not torch.cuda.is_available():
     # be chosen before anything imports triton: the library's own helpers (tl.sum's) are
     # compiled or interpreted when triton.language is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The C kernels are built once for the whole session, its subprocesses included, into a cache
+# of its own: never into the user's (~/.cache/densenet-trainer), whatever it holds.
+_KERNEL_CACHE = tempfile.TemporaryDirectory(prefix="densenet-test-kernels-")
+os.environ["DENSENET_KERNEL_CACHE"] = _KERNEL_CACHE.name
 
 
 # On a GPU, float32 convolutions and matrix products use TF32 by default, about 1e-3 from

@@ -3,7 +3,7 @@
 A mistake a user can make (a bad flag, a missing dataset, a damaged file, a busy or
 unwritable work directory) ends as one line on stderr that says what to do, exit status 2,
 and no file changed. Scripts raise ``UserError`` (or a subclass: datasets.DataError,
-runlog.RunError, plot.PlotError) and wrap their ``main`` in ``one_line_errors``; flags get
+files.RunError, plot.PlotError) and wrap their ``main`` in ``one_line_errors``; flags get
 their range checked by argparse through the types below, so train.py, plot.py, attic/ and
 bench/ refuse the same values with the same words.
 

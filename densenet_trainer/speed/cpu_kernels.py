@@ -12,16 +12,21 @@ on a CPU; the C loops make the passes:
 - ``stats``: per channel mean and biased variance, and optionally a copy into the buffer.
 
 The source is compiled with the system's C compiler (``cc``, ``gcc`` or ``$CC``, with
-OpenMP; about 0.3 s) into a private temporary directory, for this machine (-march=native)
-and this process. The kernels share torch's OpenMP thread pool. Per-channel sums are taken in
+OpenMP; about 0.4 s) for this machine (-march=native), once per source, compiler and
+processor, into a cache folder (``cache_folder``) that every later process loads from; a
+build writes into a scratch folder there and renames the library into place, so that two
+processes building at once each load a whole one. The kernels share torch's OpenMP thread pool. Per-channel sums are taken in
 double, per thread in a fixed order: the same inputs give the same bits.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
+import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,32 +47,112 @@ PIXEL_STRIDE_MULTIPLE = 1  # a block buffer's pixels need no padding here
 CONV_INPUT_MULTIPLE: dict[torch.dtype, int] = {}  # nor the convolutions' inputs (fused.conv_input_channels)
 
 
+CACHE_VARIABLE = "DENSENET_KERNEL_CACHE"  # where the built kernels are kept (see cache_folder)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-pipe"]
+
+
 class Unavailable(RuntimeError):
     """The kernels cannot be built here; the message says why."""
 
 
+def cache_folder() -> Path:
+    """Where built kernels are kept: $DENSENET_KERNEL_CACHE, else densenet-trainer/ in
+    $XDG_CACHE_HOME or ~/.cache (as torch and Triton keep theirs)."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "densenet-trainer"
+
+
+def build_key(compiler: str) -> str:
+    """What decides the built library: the source, the compiler (its path and version), the
+    flags and, for -march=native, the processor (model and features)."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise Unavailable(f"{compiler} could not be run: {error}") from None
+    try:
+        cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        cpu = [platform.processor()]
+    identity = [SOURCE.read_text(), shutil.which(compiler) or compiler, version, *FLAGS,
+                platform.machine(), *cpu]
+    return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:20]
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled kernels, built once per process; Unavailable where that is not possible."""
+    """The compiled kernels, loaded once per process: built once per source, compiler and
+    processor into cache_folder() (a private temporary folder where that cannot be written);
+    Unavailable where they cannot be built."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if sys.platform != "linux" or compiler is None:
         raise Unavailable("no C compiler (cc, gcc or $CC) was found")
-    folder = tempfile.mkdtemp(prefix="densenet-kernels-")
-    built = os.path.join(folder, "kernels.so")
+    key = build_key(compiler)
+    folder = cache_folder() / "cpu-kernels"
+    built = folder / f"kernels-{key}.so"
+    if built.is_file():
+        try:
+            return _bind(ctypes.CDLL(str(built)), compiler)
+        except OSError:  # damaged: built again below, replacing it
+            pass
     try:
-        # -march=native: built on the machine that runs it, for this process only
-        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-pipe",
-                        str(SOURCE), "-o", built], check=True, capture_output=True, text=True,
-                       timeout=120)
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_builds(folder)
+        scratch = tempfile.mkdtemp(prefix=f"{BUILDING}{os.getpid()}@{socket.gethostname()}@", dir=folder)
+    except OSError:  # a cache that cannot be written: this process's own copy
+        folder, built, scratch = None, None, tempfile.mkdtemp(prefix="densenet-kernels-")
+    try:
+        target = os.path.join(scratch, "kernels.so")
+        _compile(compiler, target)
+        if built is not None:
+            os.replace(target, built)  # whole: a process building at once replaces it with the same
+            target = str(built)
         # torch has loaded its OpenMP runtime already; the kernels share its thread pool
-        lib = ctypes.CDLL(built)
+        return _bind(ctypes.CDLL(target), compiler)
+    except OSError as error:
+        raise Unavailable(f"the kernels {compiler} built cannot be loaded: {error}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+BUILDING = ".building-"  # a build's scratch folder in the cache: .building-PID@HOST@...
+
+
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Scratch folders left by builds on this host whose process is gone (killed while
+    compiling); another host's (a shared home) are its own to clear."""
+    for scratch in folder.glob(f"{BUILDING}*@*@*"):
+        pid, host, _ = scratch.name.removeprefix(BUILDING).split("@", 2)
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _compile(compiler: str, target: str) -> None:
+    try:
+        # -march=native: built on the machine that runs it (the processor is in the cache key)
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", target], check=True,
+                       capture_output=True, text=True, timeout=120)
     except subprocess.CalledProcessError as error:
         detail = (error.stderr or "").strip().splitlines() or [f"exit status {error.returncode}"]
         raise Unavailable(f"{compiler} failed: {detail[0]}") from None
     except (OSError, subprocess.SubprocessError) as error:
         raise Unavailable(f"{compiler} could not build them: {error}") from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bind(lib: ctypes.CDLL, compiler: str) -> ctypes.CDLL:
+    """``lib`` with each kernel's argument types declared."""
     for name, types in _ARGUMENTS.items():
         for suffix in _SUFFIX.values():
             try:

@@ -48,6 +48,7 @@ def test_tools_never_import_the_trainer():
         assert "train.py\"" not in path.read_text() and "'train.py'" not in path.read_text(), path
 
 
+@pytest.mark.slow
 def test_gradcheck_passes_on_the_model(capsys):
     assert gradcheck.main(["--growth-rate", "2"]) == 0
     out = capsys.readouterr().out
@@ -56,6 +57,7 @@ def test_gradcheck_passes_on_the_model(capsys):
     assert "all gradients agree" in out
 
 
+@pytest.mark.slow
 def test_gradcheck_catches_a_planted_wrong_gradient():
     torch.manual_seed(0)
     problems = gradcheck.check(_BuggyLayer(4, 2, True, 0.0, False), [torch.randn(2, 4, 6, 6)],
@@ -152,6 +154,7 @@ def test_lr_finder_stops_at_the_first_non_finite_loss(tmp_path, cifar_dir, capsy
     assert plot.main([str(work)]) == 0
 
 
+@pytest.mark.slow
 def test_confusion_matrix_and_per_class_errors_are_drawn(tmp_path, cifar_dir, capsys):
     work = tmp_path / "run"
     assert train.main(["--data-dir", str(cifar_dir), "--save", str(work), *TINY, "--epochs", "1"]) == 0
@@ -247,6 +250,7 @@ def test_bench_profile_groups_kernels_by_what_they_compute(name, group):
     assert profile.group_of(name) == group
 
 
+@pytest.mark.slow
 def test_bench_profile_tables_a_step_of_each_path_on_the_cpu(capsys):
     assert profile.main(["--paths", "aten,fused", "--depth", "10", "--growth-rate", "4", "--batch", "8",
                          "--warmup", "1", "--threads", "1", "--device", "cpu"]) == 0

@@ -134,6 +134,7 @@ def test_sigint_then_sigterm_save_and_resume_exactly(tmp_path, cifar_dir, refere
     assert metrics(work) == metrics(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
 def test_stop_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, cifar_dir, reference, capsys, signum):
     """A stop signal (Ctrl-C, kill, a closed terminal, SLURM's warning before its time limit)
@@ -206,6 +207,7 @@ def test_a_signal_during_start_up_says_so_and_leaves_nothing(tmp_path, signum):
     assert not work.exists()
 
 
+@pytest.mark.slow
 def test_a_closed_output_never_stops_the_run(tmp_path, cifar_dir, reference):
     """`./train.py ... | head -4`: the reader goes away after the first lines; the run goes on
     to its end, exit 0, and its CSVs are the uninterrupted run's."""

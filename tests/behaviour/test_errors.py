@@ -282,6 +282,7 @@ def prepare(case: str, tmp: Path, cifar_dir: Path, finished_run: Path,
     return [part.format(**places) for part in arguments.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_one_line_nothing_changed(case, tmp_path, cifar_dir, finished_run, capsys,
                                             monkeypatch):
@@ -363,6 +364,7 @@ def test_read_only_folders_are_refused_before_any_work(tmp_path, finished_run, c
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_data_absent_offline_download_fails(tmp_path):
     result = run_cli("train.py", "--data-dir", tmp_path / "nothing", "--save", tmp_path / "run",
                      env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
@@ -371,6 +373,7 @@ def test_data_absent_offline_download_fails(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_loses_nothing(tmp_path, finished_run, cifar_dir):
     """Files may not grow past 50 kB (RLIMIT_FSIZE): the rows of epoch 3 fit, its checkpoint
     does not. The run stops in one line, keeps the checkpoint of epoch 2, and resumes."""

@@ -93,6 +93,7 @@ def test_figures_and_tables_that_are_links_are_refused(tmp_path, finished_run, c
     assert snapshot(outside) == before
 
 
+@pytest.mark.slow
 def test_a_figure_whose_write_fails_keeps_the_previous_one(tmp_path, finished_run, capsys, monkeypatch):
     """A full disk while the new figure is written: the old figure stays whole, no temporary
     is left, and the message names the figure."""
@@ -142,6 +143,7 @@ def test_reads_never_wait_on_a_fifo(tmp_path, finished_run, cifar_dir, capsys):
     check_refused(code, err, f"{tmp_path / 'image.png'} is not a regular file")
 
 
+@pytest.mark.slow
 def test_output_that_cannot_be_written_never_stops_a_run(tmp_path, cifar_dir):
     """stdout on a full device (/dev/full), and a save path that is not UTF-8: the run ends
     normally, its files whole."""

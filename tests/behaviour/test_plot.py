@@ -43,6 +43,7 @@ def line_data(ax) -> dict[str, list[float]]:
             if not line.get_label().startswith("_")}
 
 
+@pytest.mark.slow
 def test_one_run_files_and_plotted_data(tmp_path, capsys):
     run_dir = make_run(tmp_path / "bc-40", 8)
     status, out, err = draw(capsys, run_dir)
@@ -84,6 +85,7 @@ def test_three_runs_overlaid_with_summary(tmp_path, capsys):
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["run0", "run1", "run2", "train", "test"]
 
 
+@pytest.mark.slow
 def test_half_written_last_line_is_ignored(tmp_path, capsys):
     run_dir = make_run(tmp_path / "run", 3)
     with open(run_dir / "train.csv", "a") as f:
@@ -125,6 +127,7 @@ def test_epoch_range_and_columns_read_by_name(tmp_path):
     assert line_data(fig.axes[0])["test"] == [47, 46, 45]
 
 
+@pytest.mark.slow
 def test_runs_where_torch_cannot_be_imported(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
@@ -194,6 +197,7 @@ def test_confusion_matrix_in_percent_of_each_class_with_the_error(tmp_path, caps
     assert tta.axes[0].get_title().startswith("run: confusion (checkpoint, flip TTA)")
 
 
+@pytest.mark.slow
 def test_math_text_in_titles_and_run_names_is_drawn_as_written(tmp_path, capsys):
     """A title or a folder name with matplotlib's math markup ($...$) is text, not markup:
     an unbalanced one would otherwise end in a traceback."""
@@ -206,6 +210,7 @@ def test_math_text_in_titles_and_run_names_is_drawn_as_written(tmp_path, capsys)
         "$\\alpha_$" in ax.get_title() for ax in fig.axes)
 
 
+@pytest.mark.slow
 def test_values_that_cannot_be_drawn_are_named(tmp_path, capsys):
     """A loss of 0 on the log axis leaves a gap, named once; an infinite loss, which train.py
     never writes, is refused naming its line."""
@@ -231,6 +236,7 @@ def test_a_suffix_the_user_wrote_is_kept(tmp_path, capsys):
     assert (tmp_path / "cmp.PNG").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "cmp.png").exists()
 
 
+@pytest.mark.slow
 def test_non_ascii_names_are_drawn_under_an_ascii_locale(tmp_path):
     """A run folder and a --title with non-ASCII letters, under LC_ALL=C without Python's
     UTF-8 mode: drawn, not a traceback."""
@@ -241,6 +247,7 @@ def test_non_ascii_names_are_drawn_under_an_ascii_locale(tmp_path):
     assert (run_dir / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_many_runs_are_told_apart_and_each_drawn_once(tmp_path, capsys):
     """Past the palette's eight colours runs differ in their markers; a folder named twice is
     drawn once; the legend gives what each name adds to the part all share (in the title)."""

@@ -215,6 +215,7 @@ def test_group_curves_say_what_sets_each_group_apart(tmp_path, capsys):
     assert status == 0 and (tmp_path / "groups.png").stat().st_size > 10_000, err
 
 
+@pytest.mark.slow
 def test_a_glob_over_the_runs_folder_passes_over_what_plot_wrote_there(tmp_path, capsys):
     runs = [make_run(tmp_path / f"s{s}", [30.0, 20.0 + s], seed=s) for s in range(2)]
     for argv in (["--table", "--table-format", "all"], ["--group"], []):

@@ -49,6 +49,7 @@ def test_a_graph_that_goes_wrong_later_stops_the_run_before_the_epoch_is_saved(t
 # ---------------------------------------------------------------- the fused kernels' self-test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, reason", [
     ("error", "the kernels in torch.float32: RuntimeError: Triton launcher: Python.h: No such file"),
     ("tail", "the kernels in torch.float32: stats' variance: Tensor-likes are not close!")])
@@ -77,6 +78,7 @@ def test_a_checkpoint_keeps_the_kernels_it_trained_with(tmp_path, cifar_dir):
 
 # ---------------------------------------------------------------- what config.json says
 
+@pytest.mark.slow
 def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
     cpu = Runtime(torch.device("cpu"))
     for name, runtime, status in [

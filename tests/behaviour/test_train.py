@@ -48,6 +48,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return run_main(capsys, train.main, *argv)
 
 
+@pytest.mark.slow
 def test_two_epochs_on_shared_subset(tmp_path, shared_data):
     work = tmp_path / "run"
     result = run_cli("train.py", "--data-dir", shared_data, "--save", work, *TINY, "--epochs", "2",
@@ -331,6 +332,7 @@ def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys):
     assert capsys.readouterr().out.count("  epoch 1: step 4/5 (80%)") == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"],
                                    ["--memory-efficient", "--no-channels-last"],
                                    ["--memory-efficient"], ["--kernels", "aten"]])
@@ -358,6 +360,7 @@ def test_compile_trains_to_the_eager_losses(tmp_path, cifar_dir, capsys):
 
 # ---------------------------------------------------------------- one process per directory
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_while_a_run_trains(tmp_path, cifar_dir, capsys):
     """A real training process holds the directory; a fresh start, a resume and an evaluation
     from this process are refused in one line naming it, and its rows stay whole."""
@@ -416,6 +419,7 @@ def test_best_checkpoint_by_validation_error(tmp_path, cifar_dir, capsys):
     assert status == 0 and f"after epoch {chosen}: test error" in out
 
 
+@pytest.mark.slow
 def test_top5_error_for_a_hundred_classes(tmp_path, capsys):
     """CIFAR-100 logs top5_error in every CSV, no higher than the error; plot.py draws it."""
     import plot
@@ -562,6 +566,7 @@ def test_an_evaluation_on_other_images_never_replaces_the_runs_own(tmp_path, fin
     assert (work / "checkpoint-classes.csv").read_text() == own
 
 
+@pytest.mark.slow
 def test_class_names_with_commas_are_quoted_in_the_evaluation_files(tmp_path, finished_run, cifar_dir, capsys):
     data = shutil.copytree(cifar_dir, tmp_path / "data")
     meta = data / "cifar-10-batches-py" / "batches.meta"

@@ -125,6 +125,7 @@ UNCAPTURABLE = Path(__file__).resolve().parent / "uncapturable_step.py"
 SCRIPT_PATH = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # pytest's pythonpath
 
 
+@pytest.mark.slow
 def test_the_uncapturable_script_resolves_every_name_it_uses():
     """The CUDA test's script, checked where there is no GPU: it is where the test runs it, and
     it imports (with the path the test gives it) every name it uses."""

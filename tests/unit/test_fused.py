@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import copy
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +178,68 @@ def test_both_backends_offer_the_same_kernels():
     library = cpu_kernels.library()
     for name in ("norm_relu", "norm_relu_backward", "stats"):  # finish_grad is torch's own
         assert all(hasattr(library, f"{name}_{suffix}") for suffix in ("f32", "f64")), name
+
+
+# ---------------------------------------------------------------- the C kernels' cache
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache folder for the C kernels, and library() to be loaded anew."""
+    monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "cache"))
+    cpu_kernels.library.cache_clear()
+    yield tmp_path / "cache"
+    cpu_kernels.library.cache_clear()
+
+
+def built(cache: Path) -> list[str]:
+    return sorted(path.name for path in (cache / "cpu-kernels").iterdir())
+
+
+def test_the_c_kernels_are_built_once_and_loaded_from_the_cache(kernel_cache, monkeypatch):
+    cpu_kernels.library()
+    assert [name.startswith("kernels-") and name.endswith(".so") for name in built(kernel_cache)] == [True]
+    cpu_kernels.library.cache_clear()
+
+    def compile_again(*args):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(cpu_kernels, "_compile", compile_again)
+    assert hasattr(cpu_kernels.library(), "norm_relu_f32")  # loaded, not built
+
+
+def test_another_source_or_compiler_is_built_beside_the_first(kernel_cache, monkeypatch, tmp_path):
+    cpu_kernels.library()
+    source = tmp_path / "cpu_kernels.c"
+    source.write_text(cpu_kernels.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    cpu_kernels.library.cache_clear()
+    cpu_kernels.library()
+    assert len(built(kernel_cache)) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_building_at_once_both_load_whole_kernels(kernel_cache):
+    code = ("from densenet_trainer.speed import cpu_kernels; "
+            "print(hasattr(cpu_kernels.library(), 'stats_f64'))")
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    assert [process.communicate(timeout=120)[0].strip() for process in processes] == ["True"] * 3
+    assert len(built(kernel_cache)) == 1  # and no scratch folder left
+
+
+def test_a_build_killed_on_this_host_leaves_nothing_after_the_next_start(kernel_cache):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = kernel_cache / "cpu-kernels"
+    killed = folder / f"{cpu_kernels.BUILDING}{gone.pid}@{socket.gethostname()}@x1"
+    elsewhere = folder / f"{cpu_kernels.BUILDING}{gone.pid}@another-host@x2"
+    for scratch in (killed, elsewhere):
+        scratch.mkdir(parents=True)
+        (scratch / "kernels.so").write_bytes(b"half")
+    cpu_kernels.library()
+    assert not killed.exists() and elsewhere.exists()  # another host's build is its own
+
+
+def test_a_cache_that_cannot_be_written_builds_a_copy_of_its_own(kernel_cache, monkeypatch):
+    kernel_cache.write_text("a file where the folder should be")
+    assert hasattr(cpu_kernels.library(), "norm_relu_f64")
+    assert kernel_cache.read_text() == "a file where the folder should be"

@@ -69,6 +69,7 @@ def test_the_table(capsys):
     assert "partial-sum rows" in grids["stats_finish_kernel"] and "pixel tile(s)" in grids["stats_kernel"]
 
 
+@pytest.mark.slow
 def test_no_finish_loops_over_more_than_256_rows_and_passes_spread_where_they_can():
     """On the paper's model at batch 64 (counted, not run): every finishing pass adds at most
     PARTIAL_ROWS rows of partial sums, and every main pass with work enough for MIN_PROGRAMS

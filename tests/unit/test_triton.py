@@ -45,6 +45,7 @@ def buffer(n: int, channels: int, size: int, dtype=torch.float32) -> torch.Tenso
     return torch.randn(n, channels, size, size, dtype=dtype, device=DEVICE).contiguous(memory_format=LAST)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 5, 5, 13, 21), (1, 1, 7, 7, 10), (2, 5, 5, 33, 40),
                                    (1, 9, 9, 37, 45), (2, 6, 6, 16, 64)])
@@ -56,6 +57,7 @@ def test_kernels_match_float64(kernels, dtype, shape):
     kernel_check.check_kernels(kernels, DEVICE, dtype, shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_programs_that_loop_over_several_pixel_tiles_sum_as_one(kernels, dtype, monkeypatch):
     """The partial-sum passes keep at most PARTIAL_ROWS rows of programs, each looping over
@@ -85,6 +87,7 @@ def test_kernels_propagate_nan_and_store_bf16(kernels):
     torch.testing.assert_close(out.float(), (low.float() * 0.5).clamp(min=0), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory_efficient):
     """Forward, input and parameter gradients, and running statistics of a whole tiny DenseNet."""
@@ -110,6 +113,7 @@ def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_efficient, monkeypatch):
     """bfloat16 features with float32 statistics and gradient sums, and the convolutions'
@@ -152,6 +156,7 @@ def test_the_triton_path_on_cuda(kernels, triton_path):
     test_densenet_on_the_triton_path_matches_aten_in_float64(None, True)
 
 
+@pytest.mark.slow
 def test_the_self_test_passes_the_triton_kernels(triton_path):
     """kernel_check's shapes and tolerances hold for the Triton kernels (interpreted here)."""
     from densenet_trainer.speed import kernel_check
