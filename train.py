@@ -19,8 +19,10 @@ Examples:
 
 The story of a run is ``train``: plan the start or resume (workdir.py), build the run from
 its configuration (build.py), begin its files, then ``train_epochs``, an epoch at a time in
-named steps. The step (step.py), the loop over an epoch's steps and evaluation (training.py)
-are the engine's; the checkpoint format is checkpoint.py's.
+named steps. The loop itself (the optimiser, the step, the epoch and its checks) is
+engine/loop.py, read top to bottom; evaluation is engine/evaluation.py; the checkpoint format
+is checkpoint.py's. Nothing here imports the speed machinery (densenet_trainer/speed/): build.py
+puts it on the run.
 """
 from __future__ import annotations
 
@@ -77,7 +79,9 @@ if __name__ == "__main__":  # --help and a flag out of its range answer before t
 # The run's own imports: torch, and the package's layers that use it.
 import torch.distributed as dist
 
-from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine import data, datasets, evaluation, loop
+from densenet_trainer.engine.loop import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.engine.progress import ProgressBar, ProgressLines
 from densenet_trainer.engine.runtime import (
     STOP_SIGNALS,
     Runtime,
@@ -86,7 +90,6 @@ from densenet_trainer.engine.runtime import (
     on_main,
     setup_runtime,
 )
-from densenet_trainer.engine.training import Diverged, EpochProgress, StepCheckFailed
 from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Run, build_run
 from densenet_trainer.run.checkpoint import Checkpoint
@@ -226,10 +229,10 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         data_rng = run.batches.state()  # plans this epoch: a checkpoint taken within it keeps it
         progress = train_one_epoch(run, epoch, progress, stop)
         if progress.step < run.batches.steps:  # a stop was requested within the epoch
-            training.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
+            loop.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
             files.save_checkpoint(run.checkpoint_state(epoch - 1, progress, best, data_rng))
             raise Interrupted(stop.agreed, plan.save, epoch, progress.step)
-        training.ensure_finite(run.model, f"after epoch {epoch}")
+        loop.ensure_finite(run.model, f"after epoch {epoch}")
         files.update_record("step", run.step_status)
         results = evaluate_splits(run, epoch)
         files.update_record("evaluation", run.evaluation_status)
@@ -264,17 +267,17 @@ def train_one_epoch(run: Run, epoch: int, progress: EpochProgress, stop: StopFla
     (a bar on a terminal, lines otherwise); it ends early where ``stop`` is requested."""
     display = None
     if run.runtime.main:
-        display_type = training.ProgressBar if sys.stderr.isatty() else training.ProgressLines
+        display_type = ProgressBar if sys.stderr.isatty() else ProgressLines
         display = display_type(epoch, run.config.epochs, run.batches.steps, progress.step)
     try:
-        return training.train_epoch(run.step, run.run_step, run.runtime, epoch, progress, stop,
+        return loop.train_epoch(run.step, run.run_step, run.runtime, epoch, progress, stop,
                                     display)
     finally:
         if display is not None:
             display.close()
 
 
-def evaluate_splits(run: Run, epoch: int) -> dict[str, training.Evaluation]:
+def evaluate_splits(run: Run, epoch: int) -> dict[str, evaluation.Evaluation]:
     """The model after ``epoch`` on the test split and, with --val-size, the validation one;
     a loss that is not finite stops the run (Diverged)."""
     results = {"test": run.evaluate("test")}
@@ -287,7 +290,7 @@ def evaluate_splits(run: Run, epoch: int) -> dict[str, training.Evaluation]:
 
 
 def epoch_rows(lr: float, progress: EpochProgress,
-               results: dict[str, training.Evaluation]) -> dict[str, dict]:
+               results: dict[str, evaluation.Evaluation]) -> dict[str, dict]:
     """The epoch's row of each CSV file, by split."""
     train_row = {"lr": lr, "loss": progress.loss, "error": progress.error,
                  "top5_error": progress.top5_error, "seconds": progress.seconds,
@@ -296,7 +299,7 @@ def epoch_rows(lr: float, progress: EpochProgress,
 
 
 def epoch_line(cfg: RunConfig, epoch: int, lr: float, progress: EpochProgress,
-               results: dict[str, training.Evaluation]) -> str:
+               results: dict[str, evaluation.Evaluation]) -> str:
     """What the epoch's end prints."""
     test = results["test"]
     return (f"epoch {epoch}/{cfg.epochs}  lr {lr:.3g}  train loss {progress.loss:.4f} "
@@ -346,7 +349,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
         batches = data.EvalBatches(test.to(runtime.device), cfg.eval_batch_size,
                                    trained.normalizer, runtime.device,
                                    channels_last=run.channels_last)
-        result = training.evaluate(trained.model, batches, run.precision, runtime,
+        result = evaluation.evaluate(trained.model, batches, run.precision, runtime,
                                    run.num_classes, tta=tta)
         if not math.isfinite(result.loss):  # finite weights whose outputs overflow
             raise UserError(f"{checkpoint.path} gives outputs that are not finite on the "

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from densenet_trainer.engine.loop import EpochProgress
 from densenet_trainer.engine.runtime import keep_freed_memory_mapped, setup_runtime, synchronize
-from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.records.layout import EVAL_COLUMNS, TRAIN_COLUMNS
 from densenet_trainer.run.build import build_run
 from densenet_trainer.run.checkpoint import BestEpochs

@@ -47,9 +47,9 @@ PATHS = {"aten": {"kernels": "aten"}, "fused": {"kernels": "fused"},
          "fused_bf16": {"kernels": "fused", "precision": "bf16"},
          "memory_efficient": {"kernels": "fused", "memory_efficient": True}}
 DEFAULT_PATHS = {"cpu": "aten,fused,memory_efficient", "cuda": "aten,fused,aten_bf16,fused_bf16"}
-TRITON_FINISH = ("_stats_finish_kernel", "_backward_finish_kernel")  # kernels/triton_kernels.py
+TRITON_FINISH = ("_stats_finish_kernel", "_backward_finish_kernel")  # speed/triton_kernels.py
 TRITON_MAIN = ("_norm_relu_kernel", "_norm_relu_backward_kernel", "_stats_kernel", "_finish_grad_kernel")
-FUSED_FUNCTIONS = ("_NormReLU", "_Gather")  # kernels/fused.py's autograd functions (C on a CPU)
+FUSED_FUNCTIONS = ("_NormReLU", "_Gather")  # speed/fused.py's autograd functions (C on a CPU)
 OUTSIDE = "outside any operation (Python, waiting)"
 GROUPS = ("convolution forward", "convolution data-gradient", "convolution weight-gradient",
           "convolution backward (data and weight)", "BatchNorm and elementwise",

@@ -1,6 +1,6 @@
 """Training speed of DenseNet-BC on this machine: our modes against torchvision's DenseNet.
 
-Every configuration runs train.py's own training step (step.TrainStep: batch gathered
+Every configuration runs train.py's own training step (loop.TrainStep: batch gathered
 and augmented on the device, forward, loss, backward, fused SGD) in fresh processes, several
 repetitions, and reports training images/s at the median step time with min-max over the
 processes, the peak memory a step adds, CPU time spent in the kernel (page faults show up

@@ -20,10 +20,10 @@ import torch
 import train
 from densenet import DenseNet
 from densenet_trainer.engine import data, datasets
-from densenet_trainer.engine.step import LearningRate, TrainStep
-from densenet_trainer.run import build
+from densenet_trainer.engine.loop import LearningRate, TrainStep, build_optimizer
 from densenet_trainer.settings.config import RunConfig
 from densenet_trainer.speed import apply_fused_kernels
+from densenet_trainer.speed.precision import precision_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -204,14 +204,14 @@ def make_step(device: torch.device, precision: str = "fp32", memory_efficient: b
     if device.type == "cpu":
         apply_fused_kernels(model)
     lr = lr or LearningRate(SGD.lr, device)
-    optimizer = build.build_optimizer(dataclasses.replace(SGD, opt=opt), model, lr)
+    optimizer = build_optimizer(dataclasses.replace(SGD, opt=opt), model, lr)
     generator = torch.Generator().manual_seed(1)
     split = datasets.Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                        torch.randint(0, 10, (images,), generator=generator))
     normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, device)
     batches = data.TrainBatches(split, 16, normalizer, True, 3, device, channels_last=True)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return TrainStep(model, optimizer, batches, precision, scaler)
+    return TrainStep(model, optimizer, batches, precision, scaler, precision_of=precision_of)
 
 
 def train_steps(step: TrainStep, run_step, count: int) -> list[float]:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from densenet import DenseNet
-from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine import data, datasets, evaluation, loop
+from densenet_trainer.engine.loop import LearningRate, TrainStep, build_optimizer
 from densenet_trainer.engine.runtime import (
     Runtime,
     code_version,
@@ -28,7 +29,6 @@ from densenet_trainer.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from densenet_trainer.engine.step import LearningRate, TrainStep
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError
 from densenet_trainer.settings.cli import UserError
@@ -36,6 +36,7 @@ from densenet_trainer.settings.config import RunConfig
 from densenet_trainer.speed import apply_fused_kernels, cuda_graph
 from densenet_trainer.speed.fused_densenet import is_fused
 from densenet_trainer.speed.kernel_choice import KernelChoice, choose_kernels, time_steps
+from densenet_trainer.speed.precision import precision_of
 
 
 @dataclass
@@ -106,27 +107,6 @@ def build_model(cfg: RunConfig, kernels: str, device: torch.device) -> DenseNet:
     return model
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module, lr: LearningRate) -> torch.optim.Optimizer:
-    """The run's optimiser for ``model``'s parameters, on their device, reading ``lr``.
-
-    SGD and Adam are the fused implementations: one kernel per step for all parameters, and
-    they take the learning rate, the gradient scale and the overflow flag as device tensors.
-    RMSprop has no fused form. Adam and RMSprop keep their step count on the device where a
-    CUDA graph will capture them ("capturable"; torch refuses to capture them otherwise).
-    """
-    params = list(model.parameters())
-    capturable = params[0].is_cuda and cfg.cuda_graph
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(params, lr.tensor, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay, fused=True)
-    if cfg.opt == "adam":
-        return torch.optim.Adam(params, lr.tensor, weight_decay=cfg.weight_decay, fused=True,
-                                capturable=capturable)
-    return torch.optim.RMSprop(params, lr.tensor, weight_decay=cfg.weight_decay, foreach=True,
-                               capturable=capturable)
-
-
-
 @dataclass
 class Run:
     """Everything a run trains with. ``model`` is the network whose state a checkpoint keeps;
@@ -147,13 +127,13 @@ class Run:
     val: datasets.Split | None
     startup: dict[str, float] = field(default_factory=dict)  # seconds by phase
     log: Callable[..., None] = print  # notices, on the main process
-    evaluations: dict[str, training.EvaluationRunner] = field(default_factory=dict)  # by split, made at first use
+    evaluations: dict[str, evaluation.EvaluationRunner] = field(default_factory=dict)  # by split, made at first use
 
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def evaluate(self, split: str) -> training.Evaluation:
+    def evaluate(self, split: str) -> evaluation.Evaluation:
         """The model on the "test" or "val" split (all processes together): each split's
         batches, sums and graph are made once and kept for the run's evaluations."""
         cfg, runtime = self.config, self.runtime
@@ -161,9 +141,10 @@ class Run:
             batches = data.EvalBatches({"test": self.test, "val": self.val}[split], cfg.eval_batch_size,
                                        self.normalizer, runtime.device, runtime.rank,
                                        runtime.world_size, cfg.channels_last)
-            sums = training.EvaluationSums(self.step.model, cfg.precision, cfg.num_classes, runtime.device)
+            sums = evaluation.EvaluationSums(self.step.model, cfg.precision, cfg.num_classes, runtime.device,
+                                             precision_of=precision_of)
             self.evaluations[split] = cuda_graph.evaluation_runner(sums, batches, cfg, runtime, self.log)
-        return training.read_evaluation(self.evaluations[split], runtime)
+        return evaluation.read_evaluation(self.evaluations[split], runtime)
 
     @property
     def evaluation_status(self) -> dict[str, str]:
@@ -187,7 +168,7 @@ class Run:
             return self.run_step.status
         return f"eager ({cuda_graph.eager_reason(self.config, self.runtime, self.kernel_choice.kernels)})"
 
-    def checkpoint_state(self, epoch: int, progress: training.EpochProgress, best: BestEpochs,
+    def checkpoint_state(self, epoch: int, progress: loop.EpochProgress, best: BestEpochs,
                          data_rng: torch.Tensor) -> dict:
         """What the run's checkpoint holds after ``epoch`` epochs and ``progress.step`` more
         steps (checkpoint.CHECKPOINT_KEYS); ``data_rng`` plans the epoch that follows."""
@@ -271,7 +252,8 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
             module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.kernels == "compile":
         module = torch.compile(module)
-    step = TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5)
+    step = TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5,
+                     precision_of=precision_of)
     run_step = cuda_graph.step_runner(step, cfg, kernel_choice.kernels, runtime, log)
     val = dataset.val.to(device) if dataset.val is not None else None
     startup = {"data": loaded - began, "kernels": chosen - loaded, "model": time.perf_counter() - chosen}

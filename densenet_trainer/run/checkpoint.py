@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from densenet_trainer.engine.loop import EpochProgress
 from densenet_trainer.engine.runtime import rng_state_problem
-from densenet_trainer.engine.training import EpochProgress
 from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
 from densenet_trainer.records.whole_files import NotARegularFile, refuse_unless_file
 from densenet_trainer.run.files import RunError, load_checkpoint

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from densenet_trainer.engine.training import non_finite
+from densenet_trainer.engine.loop import non_finite
 from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
 from densenet_trainer.records.numeric_csv import read_numeric_csv
 from densenet_trainer.records.whole_files import (

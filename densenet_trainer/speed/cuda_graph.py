@@ -1,11 +1,11 @@
 """The training step as one CUDA graph, and the checks that let a graph be trusted.
 
-On a GPU the whole step (step.TrainStep, about 1,700 kernels for DenseNet-BC-100) is
+On a GPU the whole step (loop.TrainStep, about 1,700 kernels for DenseNet-BC-100) is
 captured once and replayed: one launch instead of the CPU launching each kernel. What
 cannot be captured is known from the configuration and never tried (``uncapturable``); a
 capture that fails anyway leaves the run eager. The first replay is compared with an eager
 step from the same state (``replay_mismatch``), so a graph that captured but replays the
-wrong thing is dropped before it trains; training.check_epoch then checks every epoch.
+wrong thing is dropped before it trains; loop.check_epoch then checks every epoch.
 Evaluation's batches are replays of a graph too (``GraphedEvaluation``), checked alike.
 The CPU runs both eagerly; tests give ``GraphedStep`` and ``GraphedEvaluation`` stand-in
 captures.
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from densenet_trainer.engine import data
+from densenet_trainer.engine.evaluation import EagerEvaluation, EvaluationSums
+from densenet_trainer.engine.loop import TrainStep
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
-from densenet_trainer.engine.step import TrainStep
-from densenet_trainer.engine.training import EagerEvaluation, EvaluationSums
 from densenet_trainer.settings.config import RunConfig
 
 
@@ -146,7 +146,7 @@ class GraphedEvaluation:
     replays batch 0, whose logits must match the eager ones within REPLAY_RTOL (a graph that
     replays another batch, or computes something else, does not), and the sums are put back
     so that batch 0 counts once; every evaluation then checks that each image counted once
-    (training.read_evaluation). A capture that fails or a replay that disagrees leaves
+    (evaluation.read_evaluation). A capture that fails or a replay that disagrees leaves
     evaluation eager, after ``notice`` says why; ``status`` says which. The graph keeps one
     batch's activations in a memory pool for the run, which every split's graph shares
     (``evaluation_runner``): they never replay at once, and keep nothing there between replays.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from densenet_trainer.engine.loop import COMPUTE_DTYPES
 from densenet_trainer.engine.runtime import Runtime, broadcast, rng_state, set_rng_state, synchronize
-from densenet_trainer.engine.step import COMPUTE_DTYPES
 from densenet_trainer.settings.cli import UserError
 from densenet_trainer.settings.config import RunConfig
 from densenet_trainer.speed import cuda_graph, fused, kernel_check

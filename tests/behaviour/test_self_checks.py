@@ -1,4 +1,4 @@
-"""The step checks itself (step.py, training.py): the CUDA graph's first replay against an eager step,
+"""The step checks itself (engine/loop.py): the CUDA graph's first replay against an eager step,
 each epoch's bookkeeping, the configurations never captured; config.json's record of how the
 run ran. On the CPU the graph is a stand-in capture that replays right or wrong."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from densenet_trainer.engine import training
+from densenet_trainer.engine import loop
 from densenet_trainer.engine.runtime import Runtime
 from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.settings.config import RunConfig
@@ -39,7 +39,7 @@ def test_a_graph_that_goes_wrong_later_stops_the_run_before_the_epoch_is_saved(t
         return replay
 
     cfg = two_epochs(tmp_path, cifar_dir, "run")
-    with pytest.raises(training.StepCheckFailed, match="epoch 1 did not train the steps it ran: "
+    with pytest.raises(loop.StepCheckFailed, match="epoch 1 did not train the steps it ran: "
                                                        "the batch counter is at 5, not 10"):
         train.train(cfg, runtime=Runtime(torch.device("cpu"), capture=later_nothing))
     assert (tmp_path / "run" / "train.csv").read_text().count("\n") == 1  # the header alone

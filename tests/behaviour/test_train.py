@@ -22,7 +22,7 @@ import torch
 import densenet_trainer
 import plot
 import train
-from densenet_trainer.engine import runtime, training
+from densenet_trainer.engine import progress, runtime
 from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.run.files import save_checkpoint
 from densenet_trainer.settings.config import RunConfig
@@ -313,9 +313,9 @@ def test_the_lines_say_when_the_run_will_end(tmp_path, cifar_dir, capsys):
     out = start_run(capsys, tmp_path / "eta", cifar_dir, "--epochs", "2")
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert "  run ends in about " in epoch_lines[0] and "run ends" not in epoch_lines[1]
-    progress = [line for line in out.splitlines() if line.startswith("  epoch ")]
-    assert all(", the run in about " in line for line in progress if line.startswith("  epoch 1:"))
-    assert not any("the run in" in line for line in progress if line.startswith("  epoch 2:"))
+    lines = [line for line in out.splitlines() if line.startswith("  epoch ")]
+    assert all(", the run in about " in line for line in lines if line.startswith("  epoch 1:"))
+    assert not any("the run in" in line for line in lines if line.startswith("  epoch 2:"))
 
 
 def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys):
@@ -324,8 +324,8 @@ def test_progress_lines_without_a_terminal(tmp_path, cifar_dir, capsys):
     lines = [line for line in out.splitlines() if line.startswith("  epoch 1: step")]
     assert [line.split("(")[0] for line in lines] == [f"  epoch 1: step {s}/5 " for s in (2, 3, 4)]
     assert all("img/s" in line and "epoch ends in" in line and "loss" in line for line in lines)
-    for every, shown in ((0, [1, 2, 3, 4]), (training.ProgressLines.EVERY, [2, 3, 4])):
-        display = training.ProgressLines(1, 3, 5, 0, every=every)
+    for every, shown in ((0, [1, 2, 3, 4]), (progress.ProgressLines.EVERY, [2, 3, 4])):
+        display = progress.ProgressLines(1, 3, 5, 0, every=every)
         due = [done for done in range(1, 6) if display.due(done)
                and display.show(done, 2.3, 90.0, 100.0, 1.0) is None]
         assert due == shown  # never at the last step: the epoch's own line follows

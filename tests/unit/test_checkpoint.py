@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from densenet_trainer.engine.loop import EpochProgress, LearningRate, build_optimizer
 from densenet_trainer.engine.runtime import rng_state
-from densenet_trainer.engine.step import LearningRate
-from densenet_trainer.engine.training import EpochProgress
-from densenet_trainer.run import build
 from densenet_trainer.run.checkpoint import CHECKPOINT_KEYS, BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError, save_checkpoint, write_json
 from densenet_trainer.settings.cli import UserError
@@ -46,7 +44,7 @@ def test_step_counts_move_to_where_the_resumed_optimiser_reads_them(opt):
     where a capturable optimiser reads them; a resume without the graph keeps them as its
     implementation reads them."""
     cfg = RunConfig(opt=opt)
-    trained = build.build_optimizer(cfg, model := torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
+    trained = build_optimizer(cfg, model := torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
     model(torch.ones(1, 3)).sum().backward()
     trained.step()
     kind = torch.optim.Adam if opt == "adam" else torch.optim.RMSprop
@@ -54,7 +52,7 @@ def test_step_counts_move_to_where_the_resumed_optimiser_reads_them(opt):
     restore(graphed, trained.state_dict(), "checkpoint.pt")
     assert graphed.param_groups[0]["capturable"]
     assert [s["step"].device.type for s in graphed.state.values()] == ["meta", "meta"]
-    eager = build.build_optimizer(cfg, torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
+    eager = build_optimizer(cfg, torch.nn.Linear(3, 2), LearningRate(cfg.lr, torch.device("cpu")))
     restore(eager, trained.state_dict(), "checkpoint.pt")
     assert [s["step"].dtype for s in eager.state.values()] == [torch.float32] * 2
 
@@ -138,7 +136,7 @@ def test_a_restored_optimizer_takes_its_settings_from_the_configuration(tmp_path
     edited file): the optimiser keeps the run's own settings and takes only the state."""
     cfg = RunConfig()
     model = torch.nn.Linear(3, 2)
-    optimizer = build.build_optimizer(cfg, model, LearningRate(cfg.lr, torch.device("cpu")))
+    optimizer = build_optimizer(cfg, model, LearningRate(cfg.lr, torch.device("cpu")))
     state = optimizer.state_dict()
     state["param_groups"][0].update(momentum=0.5, nesterov=False, weight_decay=0.3)
     restore(optimizer, state, tmp_path / "checkpoint.pt")

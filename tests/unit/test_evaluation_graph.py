@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from densenet import DenseNet
-from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine import data, datasets, evaluation, loop
 from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.settings.config import RunConfig
 from densenet_trainer.speed import cuda_graph
+from densenet_trainer.speed.precision import precision_of
 from helpers import densenet
 
 CPU = torch.device("cpu")
@@ -23,19 +24,19 @@ def split(count: int = 37, device: torch.device = CPU) -> datasets.Split:
 
 
 def evaluations(capture, device: torch.device = CPU, precision: str = "fp32", kernels: str = "aten",
-                notices: list | None = None) -> tuple[DenseNet, training.EagerEvaluation, cuda_graph.GraphedEvaluation]:
+                notices: list | None = None) -> tuple[DenseNet, evaluation.EagerEvaluation, cuda_graph.GraphedEvaluation]:
     """One tiny model evaluated two ways over 37 images in batches of 16 (the last padded)."""
     torch.manual_seed(0)
     model = densenet(kernels, depth=10, growth_rate=4).to(device, memory_format=torch.channels_last)
     batches = data.EvalBatches(split(device=device), 16, data.Normalizer([0.5] * 3, [0.25] * 3, device), device,
                                channels_last=True)
-    eager = training.EagerEvaluation(training.EvaluationSums(model, precision, 10, device), batches)
-    graphed = cuda_graph.GraphedEvaluation(training.EvaluationSums(model, precision, 10, device), batches,
+    eager = evaluation.EagerEvaluation(evaluation.EvaluationSums(model, precision, 10, device, precision_of=precision_of), batches)
+    graphed = cuda_graph.GraphedEvaluation(evaluation.EvaluationSums(model, precision, 10, device, precision_of=precision_of), batches,
                                            (notices if notices is not None else []).append, capture)
     return model, eager, graphed
 
 
-def same(a: training.Evaluation, b: training.Evaluation) -> bool:
+def same(a: evaluation.Evaluation, b: evaluation.Evaluation) -> bool:
     return a.loss == pytest.approx(b.loss, rel=1e-6) and torch.equal(a.confusion, b.confusion)
 
 
@@ -60,7 +61,7 @@ def test_replays_give_the_eager_numbers_with_the_weights_of_the_moment():
     model, eager, graphed = evaluations(lambda work: captures.append(work) or work, notices=notices)
     runtime = Runtime(CPU)
     for _ in range(2):
-        assert same(training.read_evaluation(graphed, runtime), training.read_evaluation(eager, runtime))
+        assert same(evaluation.read_evaluation(graphed, runtime), evaluation.read_evaluation(eager, runtime))
         with torch.no_grad():  # training moves the weights in place between evaluations
             model.stem.weight.mul_(1.5)
     assert len(captures) == 1 and notices == []
@@ -79,7 +80,7 @@ def test_a_graph_that_fails_or_disagrees_leaves_evaluation_eager(capture, why):
     _, eager, graphed = evaluations(capture, notices=notices)
     runtime = Runtime(CPU)
     for _ in range(2):
-        assert same(training.read_evaluation(graphed, runtime), training.read_evaluation(eager, runtime))
+        assert same(evaluation.read_evaluation(graphed, runtime), evaluation.read_evaluation(eager, runtime))
     assert len(notices) == 1 and notices[0].startswith(f"notice: evaluation runs eagerly, not as a CUDA graph: {why}")
     assert graphed.eager and graphed.status.startswith(f"eager: {why}")
 
@@ -88,8 +89,8 @@ def test_a_replay_that_counts_nothing_is_caught_by_the_image_count():
     """A graph that replays nothing passes the logits check (batch 0's are the eager ones)
     but leaves 21 of the 37 images uncounted: the evaluation refuses to report."""
     _, _, graphed = evaluations(lambda work: lambda: None)
-    with pytest.raises(training.StepCheckFailed, match=r"the evaluation counted 16 images of the split's 37 \(graphed"):
-        training.read_evaluation(graphed, Runtime(CPU))
+    with pytest.raises(loop.StepCheckFailed, match=r"the evaluation counted 16 images of the split's 37 \(graphed"):
+        evaluation.read_evaluation(graphed, Runtime(CPU))
 
 
 def test_what_evaluates_a_split():
@@ -105,8 +106,8 @@ def test_what_evaluates_a_split():
             (RunConfig(cuda_graph=False), stand_in, "eager (--no-cuda-graph)"),
             (RunConfig(kernels="compile"), stand_in, "eager (torch.compile compiles the model again for evaluation"),
             (RunConfig(), Runtime(CPU, 0, 2), "eager (several processes")]:
-        evaluation = runner(sums, batches, cfg, runtime, pytest.fail)
-        assert isinstance(evaluation, training.EagerEvaluation) and evaluation.status.startswith(status)
+        evaluated = runner(sums, batches, cfg, runtime, pytest.fail)
+        assert isinstance(evaluated, evaluation.EagerEvaluation) and evaluated.status.startswith(status)
 
 
 @pytest.mark.cuda
@@ -121,14 +122,14 @@ def test_real_graphs_evaluate_as_eagerly(precision, kernels):
     runtime = Runtime.alone(cuda)
     other = data.EvalBatches(split(21, cuda), 16, eager.batches.normalizer, cuda, channels_last=True)
 
-    def sums() -> training.EvaluationSums:
-        return training.EvaluationSums(model, precision, 10, cuda)
-    pairs = [(training.EagerEvaluation(sums(), batches),
+    def sums() -> evaluation.EvaluationSums:
+        return evaluation.EvaluationSums(model, precision, 10, cuda, precision_of=precision_of)
+    pairs = [(evaluation.EagerEvaluation(sums(), batches),
               cuda_graph.evaluation_runner(sums(), batches, RunConfig(), runtime, notices.append))
              for batches in (eager.batches, other)]
     for _ in range(2):
         for reference, graphed in pairs:
-            got, expected = training.read_evaluation(graphed, runtime), training.read_evaluation(reference, runtime)
+            got, expected = evaluation.read_evaluation(graphed, runtime), evaluation.read_evaluation(reference, runtime)
             assert got.loss == pytest.approx(expected.loss, rel=1e-4)
             assert (got.confusion - expected.confusion).abs().sum() <= 2  # an argmax tie at most
         with torch.no_grad():

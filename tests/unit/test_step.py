@@ -1,4 +1,4 @@
-"""The one training step (step.py): no host sync, the CUDA-graph runner and its fallback,
+"""The one training step (engine/loop.py): no host sync, the CUDA-graph runner and its fallback,
 low precision equal to autocast, fixed-shape evaluation; CUDA-only checks carry ``cuda``."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import train
+from densenet_trainer.engine.loop import LearningRate, TrainStep
 from densenet_trainer.engine.runtime import Runtime
-from densenet_trainer.engine.step import LearningRate, Precision, TrainStep
 from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.speed.precision import CastWeights
 from helpers import SGD, TINY, make_step, metrics, read_csv, same_weights, train_steps
 
 # ---------------------------------------------------------------- no host sync
@@ -103,7 +104,7 @@ def test_bf16_casts_once_and_computes_what_autocast_computes(memory_efficient):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = model(x).float()
     F.cross_entropy(reference, labels).backward()
-    precision = Precision(twin, "bf16")
+    precision = CastWeights(twin, "bf16")
     with precision.computing():
         ours = twin(precision.inputs(x)).float()
         F.cross_entropy(ours, labels).backward()

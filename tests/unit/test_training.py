@@ -1,4 +1,4 @@
-"""The loop over an epoch's steps and evaluation (training.py): the epoch's check of its steps,
+"""The loop over an epoch's steps and evaluation (engine/loop.py, engine/evaluation.py): the epoch's check of its steps,
 evaluation's fixed shapes."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from densenet import DenseNet
-from densenet_trainer.engine import data, datasets, training
+from densenet_trainer.engine import data, datasets, evaluation, loop, progress
 from densenet_trainer.engine.runtime import Runtime
 from helpers import make_step
 
@@ -17,17 +17,17 @@ def test_the_epoch_check_counts_steps_losses_and_batchnorm_batches():
     step.start_epoch()
     for _ in range(3):
         step()
-    training.check_epoch(step, 0, 3, 1)  # all as it should be
+    loop.check_epoch(step, 0, 3, 1)  # all as it should be
     norms = len(step.norms)
-    with pytest.raises(training.StepCheckFailed) as raised:
-        training.check_epoch(step, 0, 4, 1)  # a fourth step that never ran
+    with pytest.raises(loop.StepCheckFailed) as raised:
+        loop.check_epoch(step, 0, 4, 1)  # a fourth step that never ran
     assert str(raised.value) == (
         f"epoch 1 did not train the steps it ran: the batch counter is at 3, not 4; 1 of its 4 "
         f"steps wrote no loss; the BatchNorm layers counted {3 * norms} batches, not "
         f"{4 * norms} ({norms} layers x 4 steps)")
     step.norms[2].num_batches_tracked -= 1  # a replay that skipped one layer's statistics
-    with pytest.raises(training.StepCheckFailed, match=f"counted {3 * norms - 1} batches, not {3 * norms}"):
-        training.check_epoch(step, 0, 3, 1)
+    with pytest.raises(loop.StepCheckFailed, match=f"counted {3 * norms - 1} batches, not {3 * norms}"):
+        loop.check_epoch(step, 0, 3, 1)
 
 
 def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
@@ -40,7 +40,7 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
     runtime = Runtime(torch.device("cpu"))
     shapes = {tuple(images.shape) for images, _, _ in data.EvalBatches(split, 16, normalizer, runtime.device)}
     assert shapes == {(16, 3, 32, 32)}
-    results = [training.evaluate(model, data.EvalBatches(split, size, normalizer, runtime.device),
+    results = [evaluation.evaluate(model, data.EvalBatches(split, size, normalizer, runtime.device),
                                  "fp32", runtime, 10) for size in (1, 16, 37, 500)]
     first = results[0]
     for result in results[1:]:
@@ -84,18 +84,18 @@ def test_evaluation_never_waits_for_the_host_inside_its_loop(classes, tta):
     split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
                            torch.empty(37, dtype=torch.int64, device=meta))
     batches = data.EvalBatches(split, 16, data.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)
-    sums = training.EvaluationSums(model, "fp32", classes, meta, tta)
+    sums = evaluation.EvaluationSums(model, "fp32", classes, meta, tta)
     with torch.inference_mode():
-        training.EagerEvaluation(sums, batches)()
+        evaluation.EagerEvaluation(sums, batches)()
     assert sums.confusion.shape == (classes * classes,) and sums.loss_sum.device == sums.hits5.device == meta
 
 
 def test_the_progress_bar_says_when_the_run_ends():
     """On a terminal, tqdm's bar gives the epoch's time left and, beside it, the run's."""
-    bar = training.ProgressBar(1, 3, 5, 0)
+    bar = progress.ProgressBar(1, 3, 5, 0)
     bar.show(2, 2.3, 90.0, 100.0, 2.0)  # 1 s a step: 3 s left in the epoch, 13 s in the run
     assert "run_ends_in=13 s" in bar.bar.postfix
-    last = training.ProgressBar(3, 3, 5, 0)
+    last = progress.ProgressBar(3, 3, 5, 0)
     last.show(2, 2.3, 90.0, 100.0, 2.0)
     assert "run_ends_in" not in last.bar.postfix  # the epoch's own time is the run's
     bar.close()

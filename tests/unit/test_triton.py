@@ -119,7 +119,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
     """bfloat16 features with float32 statistics and gradient sums, and the convolutions'
     inputs padded to 8 channels, against the float64 reference: no further from it than the
     ATen path in bfloat16 is (twice that, at most); parameters and their gradients stay float32."""
-    from densenet_trainer.engine.step import Precision
+    from densenet_trainer.speed.precision import CastWeights
     reference, aten, ours = twins(memory_efficient, "aten", "aten", "fused")
     reference.double().to(DEVICE).train()
     x = torch.randn(16, 3, 8, 8, device=DEVICE)
@@ -132,7 +132,7 @@ def test_bf16_on_the_triton_path_within_its_precision(triton_path, memory_effici
         padded.append(channels - weight.shape[1]), pad(weight, channels))[1])
     for name, model in (("aten", aten), ("fused", ours)):
         model.to(DEVICE, memory_format=LAST).train()
-        precision = Precision(model, "bf16")
+        precision = CastWeights(model, "bf16")
         with precision.computing():
             inputs = precision.inputs(x.contiguous(memory_format=LAST))
             assert fused.available(inputs)  # taken by the fused model only
