@@ -124,7 +124,6 @@ def first_process() -> bool:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    cfg, given = RunConfig.from_flags(args)
     keep_freed_memory_mapped()
     handles_signals = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -132,7 +131,7 @@ def _run_command(args: argparse.Namespace) -> int:
         previous = {signum: signal.signal(signum, _stop_before_training)
                     for signum in STOP_SIGNALS if signum != signal.SIGINT}
     try:
-        cfg.check()
+        cfg, given = RunConfig.from_flags(args)  # a value the model cannot take is refused here
         if args.tta and not args.evaluate:
             raise UserError("--tta only applies with --evaluate CHECKPOINT")
         if args.reschedule and not cfg.resume:

@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="learning rate of the last step")
     args = parser.parse_args(argv)
     cfg, _ = RunConfig.from_flags(args)
-    cfg.check()
     if not args.start_lr < args.end_lr:
         raise cli.UserError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}")
     save = Path(args.folder or f"{cfg.default_save()}-lr-find")

@@ -290,12 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in chosen if name not in dict(PATHS)]
     if unknown:
         parser.error(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(dict(PATHS))}")
-    cfg, _ = config.RunConfig.from_flags(args)
-    cfg = dataclasses.replace(cfg, batch_size=args.batch)
     try:
-        cfg.check()
+        cfg, _ = config.RunConfig.from_flags(args)
     except cli.UserError as error:
         parser.error(str(error))
+    cfg = dataclasses.replace(cfg, batch_size=args.batch)
     print(f"one training step of {cfg.model_name}, batch {args.batch}: kernels a GPU would "
           f"launch (ATen operations + Triton launches); tiny: at most {TINY:,} elements")
     rows = [("path", "ATen ops", "Triton", "total", "tiny", "MB moved (estimate)",

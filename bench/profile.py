@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         one = one_settings(args.one, like, {"path": tuple(PATHS), "device": ("cpu", "cuda")})
         cfg = RunConfig(depth=one["depth"], growth_rate=one["growth_rate"], batch_size=one["batch"],
                         cuda_graph=False, **PATHS[one["path"]])
-        cfg.check()
         print(json.dumps(profile_step(cfg, one["device"], one["warmup"])))
         return 0
     paths = list(dict.fromkeys((args.paths or DEFAULT_PATHS[args.device]).split(",")))
@@ -142,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
     cfg, _ = RunConfig.from_flags(args)
-    cfg.check()
     print(f"DenseNet-BC-{cfg.depth}-{cfg.growth_rate}, batch {args.batch}, {args.device}, torch "
           f"{torch.__version__}: one eager step per path after {args.warmup} untimed; "
           f"{'kernel' if args.device == 'cuda' else 'operation self'} time in ms (% of the step)")

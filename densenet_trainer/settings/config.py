@@ -137,7 +137,9 @@ class RunConfig:
                               resumable=True)
 
     def __post_init__(self) -> None:
-        """Fill in the defaults that depend on other settings; keep compile and kernels in step."""
+        """Fill in the defaults that depend on other settings; keep compile and kernels in step;
+        then refuse, in one line (UserError), any value the command line would refuse: the
+        Python API (``RunConfig(momentum=1.5)``) is checked as the flags are, once, here."""
         augment = self.dataset != "svhn" if self.augment is None else self.augment
         derived = {
             "augment": augment,
@@ -152,6 +154,15 @@ class RunConfig:
             if isinstance(getattr(self, spec.name), float) and getattr(self, spec.name) == 0:
                 object.__setattr__(self, spec.name, 0.0)
         object.__setattr__(self, "save", self.save or self.default_save())
+        for spec in fields(self):
+            problem = _problem(spec, getattr(self, spec.name))
+            if problem:
+                raise UserError(f"{spec.name} (--{flag_name(spec.name)}) {problem}")
+        try:
+            check_config(self.depth, self.growth_rate, self.bottleneck, self.compression,
+                         self.dropout, self.num_classes)
+        except ValueError as error:  # the model cannot be built
+            raise UserError(str(error)) from None
 
     def default_save(self) -> str:
         """The work directory of a run not given --save: the dataset and the model's name, then
@@ -219,15 +230,6 @@ class RunConfig:
             return "fused" if device_type == "cpu" and self.precision == "fp32" else "aten"
         return "aten" if self.kernels == "compile" else self.kernels
 
-    def check(self) -> None:
-        """Refuse a model that cannot be built, in one line (each flag's own range is checked
-        by its argparse type)."""
-        try:
-            check_config(self.depth, self.growth_rate, self.bottleneck, self.compression,
-                         self.dropout, self.num_classes)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-
     # ------------------------------------------------------------ the flat form
 
     def to_dict(self) -> dict:
@@ -255,19 +257,17 @@ class RunConfig:
                             f"run of this trainer; start a new run with another --save")
         values = {}
         for name, value in saved.items():
-            if not _fits(known[name], value):
+            if _problem(known[name], value):
                 raise UserError(f"{source} records --{flag_name(name)} as {value!r}, which is "
                                 f"not a valid value; it is damaged: use another checkpoint")
             values[name] = float(value) if known[name].type == "float" else value
         if "kernels" not in saved:  # runs from before --kernels: --compile said it
             values["kernels"] = "compile" if saved.get("compile") else "auto"
-        cfg = cls(**values)
         try:
-            cfg.check()
-        except UserError as error:
+            return cls(**values)
+        except UserError as error:  # each value fits, but not together: the model
             raise UserError(f"{source} records a model that cannot be built ({error}); it is "
                             f"damaged: use another checkpoint") from None
-        return cfg
 
     @classmethod
     def from_flags(cls, namespace: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
@@ -286,11 +286,12 @@ RESUMABLE = frozenset(f.name for f in fields(RunConfig) if f.metadata["resumable
 NUMBER_NEUTRAL = RESUMABLE - {"epochs"}
 
 
-def _fits(spec, value) -> bool:
-    """Whether a recorded value has the type (and is one of the choices) of its setting."""
+def _problem(spec, value) -> str | None:
+    """Why ``value`` cannot be the setting ``spec`` (its type, its choices, its flag's range),
+    as the end of a sentence naming the setting; None where it can."""
     kind = spec.type
     if value is None:
-        return spec.default is None and kind == "str"  # an unresolved --save
+        return None if spec.default is None and kind == "str" else "must be given"  # an unresolved --save
     if kind == "bool":
         ok = isinstance(value, bool)
     elif kind == "int":
@@ -299,16 +300,19 @@ def _fits(spec, value) -> bool:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, str)
+    if not ok:
+        wanted = {"bool": "True or False", "int": "a whole number", "float": "a finite number"}
+        return f"must be {wanted.get(kind, 'a string')}, got {value!r}"
     choices = spec.metadata["choices"]
-    if not ok or (choices is not None and value not in choices):
-        return False
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
     parse = spec.metadata["type"]  # the flag's own range, as the command line checks it
     if parse is not None and kind in ("int", "float"):
         try:
             parse(repr(value))
-        except (argparse.ArgumentTypeError, ValueError):
-            return False
-    return True
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            return str(error)
+    return None
 
 
 def flag_name(setting_name: str) -> str:

@@ -54,3 +54,79 @@ def test_every_module_of_the_package_is_one_room():
         text = path.read_text()
         assert len(text.splitlines()) <= MODULE_LINES, f"{path} has {len(text.splitlines())} lines"
         assert ast.get_docstring(ast.parse(text)), f"{path} says nothing of its job"
+
+
+def test_the_plain_path_never_imports_the_speed_machinery():
+    """Only run/build.py (which puts it on a run) and the bench/ helpers reach into speed/;
+    the model, the data, the loop, the files and the results can be read without it."""
+    allowed = {"densenet_trainer/run/build.py", "densenet_trainer/measuring.py"}
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("densenet_trainer/**/*.py")]:
+        name = path.relative_to(ROOT).as_posix()
+        if name.startswith("densenet_trainer/speed/") or name in allowed:
+            continue
+        assert not any(target.startswith("densenet_trainer.speed") for target in imports(path)), name
+
+
+def test_importing_the_model_imports_no_kernel_and_no_triton():
+    code = ("import sys, densenet\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'"
+            " or m.startswith('densenet_trainer.') and not m.startswith('densenet_trainer.settings')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def imports(path) -> set[str]:
+    """Every module ``path`` imports (lazy and TYPE_CHECKING ones too), as dotted names with
+    each imported name appended (``from a import b`` gives ``a.b``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_no_module_of_the_project_imports_itself_back():
+    """No circle in the import graph of the scripts and the package."""
+    modules = {}
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("densenet_trainer/**/*.py")]:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+    edges = {module: {known(t) for t in imports(path)} - {"", module} for module, path in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for following in edges[start] - seen:
+            seen.add(following)
+            if following == goal or reaches(following, goal, seen):
+                return True
+        return False
+    assert [module for module in modules if reaches(module, module, set())] == []
+
+
+def test_the_design_pages_change_table_names_what_exists():
+    """docs/design.md's "to change X, open Y": every file it names exists and holds every
+    name in its row (a function, a class, a constant, or Class.method)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text.split("## To change X, open Y", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 15
+    for _, place, names in rows:
+        path = ROOT / place.strip().strip("`")
+        assert path.is_file(), place
+        tree = ast.parse(path.read_text())
+        defined = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        defined.update({target.id: node for node in tree.body if isinstance(node, ast.Assign)
+                        for target in node.targets if isinstance(target, ast.Name)})
+        for name in names.replace("`", "").split(","):
+            owner, _, member = name.strip().partition(".")
+            assert owner in defined, f"{place}: {owner}"
+            if member:
+                methods = {node.name for node in defined[owner].body if isinstance(node, ast.FunctionDef)}
+                assert member in methods, f"{place}: {name.strip()}"

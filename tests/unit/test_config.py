@@ -118,10 +118,30 @@ def test_flags_name_what_was_given_and_compile_is_a_kernel_choice():
 
 def test_impossible_models_are_refused_in_one_line():
     with pytest.raises(UserError, match="depth 41 is impossible for DenseNet-BC"):
-        RunConfig(depth=41).check()
+        RunConfig(depth=41)
     with pytest.raises(UserError, match="compression must be in"):
-        RunConfig(compression=0).check()
-    RunConfig(depth=40, bottleneck=False, compression=1).check()
+        RunConfig(compression=0)
+    RunConfig(depth=40, bottleneck=False, compression=1)
+
+
+@pytest.mark.parametrize("values, says", [
+    ({"momentum": 1.5}, r"momentum \(--momentum\) must be in \[0, 1\), got 1.5"),
+    ({"eval_batch_size": 0}, r"eval_batch_size \(--eval-batch-size\) must be a positive integer, got 0"),
+    ({"stop_after": -1}, r"stop_after \(--stop-after\) must be 0 or more, got -1"),
+    ({"batch_size": 0}, "batch_size .* must be a positive integer, got 0"),
+    ({"precision": "fp8"}, "precision .* must be one of fp32, bf16, fp16, got 'fp8'"),
+    ({"lr": -1.0}, "lr .* must be a positive number"),
+    ({"seed": -5}, "seed .* must be between 0 and 4294967295, got -5"),
+    ({"depth": "40"}, "depth .* must be a whole number, got '40'"),
+    ({"augment": 1}, "augment .* must be True or False, got 1"),
+    ({"weight_decay": float("nan")}, "weight_decay .* must be a finite number, got nan"),
+    ({"dataset": "mnist"}, "dataset .* must be one of cifar10, cifar100, svhn"),
+])
+def test_the_python_api_refuses_what_the_command_line_refuses(values, says):
+    """RunConfig(...) checks each value at construction, naming the setting, its flag and its
+    range, before anything is read or written."""
+    with pytest.raises(UserError, match=says):
+        RunConfig(**values)
 
 
 def test_an_enormous_model_is_refused_before_it_is_built():
