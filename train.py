@@ -339,24 +339,24 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
         lock.acquire()  # the results go beside the checkpoint: refuse now, not after evaluating
         runtime = setup_runtime(cfg.device)
         trained = load_trained(checkpoint, runtime.device)
-        run = trained.config
-        dataset = datasets.load_dataset(run.dataset, cfg.data_dir if "data_dir" in given else run.data_dir,
-                                    cfg.download if "download" in given else run.download,
+        trained_cfg = trained.config  # the run's; cfg is this command's
+        dataset = datasets.load_dataset(trained_cfg.dataset, cfg.data_dir if "data_dir" in given else trained_cfg.data_dir,
+                                    cfg.download if "download" in given else trained_cfg.download,
                                     svhn_extra=False)
-        subset = cfg.test_subset if "test_subset" in given else run.test_subset
+        subset = cfg.test_subset if "test_subset" in given else trained_cfg.test_subset
         test = dataset.test.first(subset) if subset else dataset.test
         batches = data.EvalBatches(test.to(runtime.device), cfg.eval_batch_size,
                                    trained.normalizer, runtime.device,
-                                   channels_last=run.channels_last)
-        result = evaluation.evaluate(trained.model, batches, run.precision, runtime,
-                                   run.num_classes, tta=tta)
+                                   channels_last=trained_cfg.channels_last)
+        result = evaluation.evaluate(trained.model, batches, trained_cfg.precision, runtime,
+                                   trained_cfg.num_classes, tta=tta)
         if not math.isfinite(result.loss):  # finite weights whose outputs overflow
             raise UserError(f"{checkpoint.path} gives outputs that are not finite on the "
                             f"{result.images} test images (its loss is {result.loss}): an error "
                             f"rate of it would mean nothing; use an earlier checkpoint")
-        names = dataset.classes or [str(c) for c in range(run.num_classes)]
+        names = dataset.classes or [str(c) for c in range(trained_cfg.num_classes)]
         fingerprint = test.fingerprint()
-        selection = (f"-test{subset or 'all'}" if subset != run.test_subset else
+        selection = (f"-test{subset or 'all'}" if subset != trained_cfg.test_subset else
                      f"-data{fingerprint[:8]}" if not runs_own_test(checkpoint, fingerprint, cfg, given)
                      else "")
         per_class, matrix = write_evaluation(checkpoint.path, result.confusion, names, tta, selection)

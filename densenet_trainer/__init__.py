@@ -1,12 +1,15 @@
 """Everything beneath the scripts (train.py, plot.py, densenet.py, attic/, bench/), by layer.
 
 - ``settings``: a run's configuration and the command line's rules (no torch);
-- ``records``: results across runs beside the paper's Table 2 (no torch; plot.py reads it);
-- ``kernels``: the fused dense-block layer, its CPU (C) and CUDA (Triton) backends and their
-  self-test; someone working on the trainer may skip it;
+- ``records``: a work directory's format and results across runs beside the paper's Table 2
+  (no torch; plot.py reads it);
 - ``engine``: the process (device, ranks, signals), the data on the device, the training
-  step and its CUDA graph, the epoch loop and evaluation;
-- ``run``: a run built from its configuration, its work directory and checkpoint files;
+  loop (engine/loop.py, top to bottom), evaluation and progress;
+- ``run``: a run built from its configuration (build.py, the one place that puts the speed
+  machinery on it), its work directory and checkpoint files;
+- ``speed``: the speed machinery (fused kernels and their backends, their self-test, the
+  kernel choice, CUDA graphs, the one-cast low precision), which no other layer imports;
+  someone working on the trainer may skip it;
 - ``measuring``: what the bench/ scripts share.
 """
 

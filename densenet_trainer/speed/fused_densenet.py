@@ -4,7 +4,7 @@ Each class here is densenet.py's with a forward of its own, so that a fused mode
 model (the same modules, parameters, state dict and forward hooks): each dense block writes
 its features once into one shared buffer and every BatchNorm-ReLU is one fused pass; the
 BatchNorms count their batch in one operation (``batch_counters``). ``fuse`` turns a built
-``DenseNet`` into one by the classes of its modules alone, and ``unfuse`` back;
+``DenseNet`` into one by the classes of its modules alone;
 ``densenet_trainer.speed.apply_fused_kernels`` fuses once the kernels have passed their
 self-test on a device type (``tested_on``). Wherever the kernels do not apply to a tensor
 (``fused.available``: contiguous or other-typed inputs, autocast, torch.compile) or its device
@@ -96,14 +96,6 @@ def fuse(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in FUSED:
             module.__class__ = FUSED[type(module)]
-
-
-def unfuse(model: nn.Module) -> None:
-    """Make every fused module of ``model`` densenet.py's own again."""
-    plain = {fused_class: plain_class for plain_class, fused_class in FUSED.items()}
-    for module in model.modules():
-        if type(module) in plain:
-            module.__class__ = plain[type(module)]
 
 
 def is_fused(model: nn.Module) -> bool:

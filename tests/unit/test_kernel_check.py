@@ -2,6 +2,8 @@
 that raises or is wrong in one output fails it, naming why."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -56,3 +58,21 @@ def test_a_densenet_built_directly_never_computes_with_kernels_that_failed(broke
         assert apply_fused_kernels(model).startswith("the fused kernels failed their self-test")
     assert not is_fused(model)
     assert torch.equal(model(x), aten_model(x))
+
+
+def test_a_fused_model_on_a_device_its_kernels_were_not_tested_on_computes_with_aten():
+    """apply_fused_kernels tests the kernels where the model is; moved to another device type
+    afterwards, the model says so once and computes with ATen's operations there."""
+    from densenet import DenseNet
+    from densenet_trainer.speed import apply_fused_kernels, fused_densenet
+    model = DenseNet(10, 4)
+    if apply_fused_kernels(model) is not None:
+        pytest.skip("the fused CPU kernels are unavailable here")
+    model.to("meta", memory_format=torch.channels_last)
+    fused_densenet._warned.discard("meta")
+    x = torch.empty(2, 3, 32, 32, device="meta").contiguous(memory_format=torch.channels_last)
+    with pytest.warns(UserWarning, match="the fused kernels were not tested on meta"):
+        assert model(x).shape == (2, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # once
