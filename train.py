@@ -19,10 +19,8 @@ Examples:
 
 The story of a run is ``train``: plan the start or resume (workdir.py), build the run from
 its configuration (build.py), begin its files, then ``train_epochs``, an epoch at a time in
-named steps. The loop itself (the optimiser, the step, the epoch and its checks) is
-engine/loop.py, read top to bottom; evaluation is engine/evaluation.py; the checkpoint format
-is checkpoint.py's. Nothing here imports the speed machinery (densenet_trainer/speed/): build.py
-puts it on the run.
+named steps. The loop (optimiser, step, epoch, checks) is engine/loop.py; build.py alone puts
+the speed machinery (densenet_trainer/speed/) on a run.
 """
 from __future__ import annotations
 
@@ -75,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and a flag out of its range answer before torch loads
     with output_may_close():
         build_parser().parse_args()
-
-# The run's own imports: torch, and the package's layers that use it.
-import torch.distributed as dist
+import torch.distributed as dist  # the run's own imports: torch and the layers that use it
 
 from densenet_trainer.engine import data, datasets, evaluation, loop
 from densenet_trainer.engine.loop import Diverged, EpochProgress, StepCheckFailed
