@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import Decimal
@@ -150,19 +151,20 @@ class RunConfig:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
-        for spec in fields(self):  # -0.0 is 0.0: one folder, one group, one resume check
-            if isinstance(getattr(self, spec.name), float) and getattr(self, spec.name) == 0:
-                object.__setattr__(self, spec.name, 0.0)
-        object.__setattr__(self, "save", self.save or self.default_save())
         for spec in fields(self):
-            problem = _problem(spec, getattr(self, spec.name))
+            value = getattr(self, spec.name)
+            problem = _problem(spec, value)
             if problem:
                 raise UserError(f"{spec.name} (--{flag_name(spec.name)}) {problem}")
+            if spec.type in ("int", "float") and value is not None:  # numpy's numbers as Python's;
+                value = int(value) if spec.type == "int" else float(value) or 0.0  # -0.0 is 0.0
+                object.__setattr__(self, spec.name, value)  # (one folder, group, resume check)
         try:
             check_config(self.depth, self.growth_rate, self.bottleneck, self.compression,
                          self.dropout, self.num_classes)
         except ValueError as error:  # the model cannot be built
             raise UserError(str(error)) from None
+        object.__setattr__(self, "save", self.save or self.default_save())
 
     def default_save(self) -> str:
         """The work directory of a run not given --save: the dataset and the model's name, then
@@ -287,29 +289,35 @@ NUMBER_NEUTRAL = RESUMABLE - {"epochs"}
 
 
 def _problem(spec, value) -> str | None:
-    """Why ``value`` cannot be the setting ``spec`` (its type, its choices, its flag's range),
-    as the end of a sentence naming the setting; None where it can."""
+    """Why ``value`` cannot be the setting ``spec`` (its type, its choices, its flag's own
+    check, as the command line runs it), as the end of a sentence naming the setting; None
+    where it can. numpy's numbers count as Python's."""
     kind = spec.type
     if value is None:
         return None if spec.default is None and kind == "str" else "must be given"  # an unresolved --save
     if kind == "bool":
         ok = isinstance(value, bool)
     elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        try:
+            ok = ok and math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            ok = False
     else:
         ok = isinstance(value, str)
     if not ok:
         wanted = {"bool": "True or False", "int": "a whole number", "float": "a finite number"}
-        return f"must be {wanted.get(kind, 'a string')}, got {value!r}"
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f"must be {wanted.get(kind, 'a string')}, got {shown}"
     choices = spec.metadata["choices"]
     if choices is not None and value not in choices:
         return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
-    parse = spec.metadata["type"]  # the flag's own range, as the command line checks it
-    if parse is not None and kind in ("int", "float"):
+    parse = spec.metadata["type"]
+    if parse is not None:
         try:
-            parse(repr(value))
+            parse(repr(int(value) if kind == "int" else float(value)) if kind in ("int", "float") else value)
         except (argparse.ArgumentTypeError, ValueError) as error:
             return str(error)
     return None

@@ -30,6 +30,8 @@ def apply_fused_kernels(model: nn.Module, device_type: str | None = None) -> str
     self-test there (kernel_check, once per process and device type). Returns None, or why
     the model keeps ATen's operations (a failed self-test is said as a warning too): the
     results are the same either way, the speed differs."""
+    if not any(isinstance(module, tuple(fused_densenet.FUSED)) for module in model.modules()):
+        return "the model holds none of densenet.py's modules"
     device_type = device_type or next(model.parameters()).device.type
     if fused.backend(device_type) is None:  # which has warned
         return "the fused kernels are unavailable here"

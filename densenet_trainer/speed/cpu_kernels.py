@@ -14,8 +14,9 @@ on a CPU; the C loops make the passes:
 The source is compiled with the system's C compiler (``cc``, ``gcc`` or ``$CC``, with
 OpenMP; about 0.4 s) for this machine (-march=native), once per source, compiler and
 processor, into a cache folder (``cache_folder``) that every later process loads from; a
-build writes into a scratch folder there and renames the library into place, so that two
-processes building at once each load a whole one. The kernels share torch's OpenMP thread pool. Per-channel sums are taken in
+build writes into a scratch folder there and renames the library into place under a name
+holding its checksum, so that two processes building at once each load a whole one and a
+damaged library is rebuilt, never loaded. The kernels share torch's OpenMP thread pool. Per-channel sums are taken in
 double, per thread in a fixed order: the same inputs give the same bits.
 """
 from __future__ import annotations
@@ -91,23 +92,21 @@ def library() -> ctypes.CDLL:
         raise Unavailable("no C compiler (cc, gcc or $CC) was found")
     key = build_key(compiler)
     folder = cache_folder() / "cpu-kernels"
-    built = folder / f"kernels-{key}.so"
-    if built.is_file():
-        try:
-            return _bind(ctypes.CDLL(str(built)), compiler)
-        except OSError:  # damaged: built again below, replacing it
-            pass
+    cached = _verified(folder, key)
+    if cached is not None:
+        return _bind(ctypes.CDLL(str(cached)), compiler)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_builds(folder)
         scratch = tempfile.mkdtemp(prefix=f"{BUILDING}{os.getpid()}@{socket.gethostname()}@", dir=folder)
     except OSError:  # a cache that cannot be written: this process's own copy
-        folder, built, scratch = None, None, tempfile.mkdtemp(prefix="densenet-kernels-")
+        folder, scratch = None, tempfile.mkdtemp(prefix="densenet-kernels-")
     try:
         target = os.path.join(scratch, "kernels.so")
         _compile(compiler, target)
-        if built is not None:
-            os.replace(target, built)  # whole: a process building at once replaces it with the same
+        if folder is not None:  # named with its checksum, renamed whole into place
+            built = folder / f"kernels-{key}-{_digest(Path(target))}.so"
+            os.replace(target, built)
             target = str(built)
         # torch has loaded its OpenMP runtime already; the kernels share its thread pool
         return _bind(ctypes.CDLL(target), compiler)
@@ -115,6 +114,24 @@ def library() -> ctypes.CDLL:
         raise Unavailable(f"the kernels {compiler} built cannot be loaded: {error}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _verified(folder: Path, key: str) -> Path | None:
+    """The cached library of ``key`` whose bytes match the checksum in its name; one that does
+    not (truncated, overwritten) is removed, never loaded: loading a damaged library can kill
+    the process."""
+    for candidate in sorted(folder.glob(f"kernels-{key}-*.so")):
+        try:
+            if candidate.is_file() and _digest(candidate) == candidate.stem.rsplit("-", 1)[1]:
+                return candidate
+            candidate.unlink()
+        except OSError:
+            continue
+    return None
 
 
 BUILDING = ".building-"  # a build's scratch folder in the cache: .building-PID@HOST@...

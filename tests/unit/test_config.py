@@ -136,6 +136,10 @@ def test_impossible_models_are_refused_in_one_line():
     ({"augment": 1}, "augment .* must be True or False, got 1"),
     ({"weight_decay": float("nan")}, "weight_decay .* must be a finite number, got nan"),
     ({"dataset": "mnist"}, "dataset .* must be one of cifar10, cifar100, svhn"),
+    ({"lr": 10**400}, r"lr .* must be a finite number, got 1000000000000000000000000000000000000\.\.\."),
+    ({"compression": "0.5"}, "compression .* must be a finite number, got '0.5'"),
+    ({"data_dir": ""}, "data_dir .* an empty path names nothing"),
+    ({"save": ""}, "save .* an empty path names nothing"),
 ])
 def test_the_python_api_refuses_what_the_command_line_refuses(values, says):
     """RunConfig(...) checks each value at construction, naming the setting, its flag and its
@@ -175,3 +179,10 @@ def test_cosine_schedule_anneals_from_lr_to_zero():
     assert rates[0] == pytest.approx(0.2) and rates[5] == pytest.approx(0.1)
     assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.1 * (1 - 0.951056), rel=1e-4)
     assert cfg.learning_rate(10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_numpys_numbers_are_taken_as_pythons():
+    import numpy as np
+    cfg = RunConfig(lr=np.float64(0.05), seed=np.int64(3), depth=np.int32(40), bottleneck=False, compression=1)
+    assert (cfg.lr, cfg.seed, cfg.depth) == (0.05, 3, 40) and type(cfg.seed) is int and type(cfg.lr) is float
+    assert cfg == RunConfig(lr=0.05, seed=3, depth=40, bottleneck=False, compression=1)

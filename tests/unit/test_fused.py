@@ -243,3 +243,18 @@ def test_a_cache_that_cannot_be_written_builds_a_copy_of_its_own(kernel_cache, m
     kernel_cache.write_text("a file where the folder should be")
     assert hasattr(cpu_kernels.library(), "norm_relu_f64")
     assert kernel_cache.read_text() == "a file where the folder should be"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "another library"])
+def test_a_damaged_library_in_the_cache_is_built_again_never_loaded(kernel_cache, damage):
+    """Loading a truncated library can kill the process (SIGBUS): its checksum is checked
+    first, in a process of its own here so that a failure cannot take the tests down."""
+    cpu_kernels.library()
+    (library,) = (kernel_cache / "cpu-kernels").glob("kernels-*.so")
+    library.write_bytes(library.read_bytes()[:3000] if damage == "truncated" else Path("/bin/true").read_bytes())
+    code = "from densenet_trainer.speed import cpu_kernels; print(hasattr(cpu_kernels.library(), 'stats_f32'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout.strip()) == (0, "True"), result.stderr
+    (rebuilt,) = (kernel_cache / "cpu-kernels").glob("kernels-*.so")  # the damaged one is gone
+    assert cpu_kernels._digest(rebuilt) == rebuilt.stem.rsplit("-", 1)[1]
