@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import subprocess
 import sys
@@ -252,7 +253,9 @@ def test_a_damaged_library_in_the_cache_is_built_again_never_loaded(kernel_cache
     first, in a process of its own here so that a failure cannot take the tests down."""
     cpu_kernels.library()
     (library,) = (kernel_cache / "cpu-kernels").glob("kernels-*.so")
-    library.write_bytes(library.read_bytes()[:3000] if damage == "truncated" else Path("/bin/true").read_bytes())
+    damaged = library.with_name("damaged")  # replaced, not written over: this process maps the library
+    damaged.write_bytes(library.read_bytes()[:3000] if damage == "truncated" else Path("/bin/true").read_bytes())
+    os.replace(damaged, library)
     code = "from densenet_trainer.speed import cpu_kernels; print(hasattr(cpu_kernels.library(), 'stats_f32'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout.strip()) == (0, "True"), result.stderr
