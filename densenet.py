@@ -92,10 +92,16 @@ class DenseLayer(nn.Module):
         if self.dropout:
             out = F.dropout(out, self.dropout, self.training)
         if self.bottleneck:
-            out = self.conv2(F.relu(self.norm2(out), inplace=True))
+            out = self.norm_relu_conv(self.norm2, self.conv2, out)
             if self.dropout:
                 out = F.dropout(out, self.dropout, self.training)
         return out
+
+    @staticmethod
+    def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """``conv(relu(norm(x)))``, the ReLU in place (BN keeps its input, not its output); one
+        method, so that a subclass may compute it otherwise (speed/fused_densenet.py)."""
+        return conv(F.relu(norm(x), inplace=True))
 
     def _checkpointed(self, layer, *inputs: Tensor) -> Tensor:
         """``layer(*inputs)`` storing only its convolutions' outputs; the rest is recomputed.
@@ -228,7 +234,12 @@ class DenseNet(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
+    @staticmethod
+    def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+        """``relu(norm(x))`` in place; one method, so that a subclass may compute it otherwise."""
+        return F.relu(norm(x), inplace=True)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.norm(self.features(self.stem(x))), inplace=True)
+        x = self.norm_relu(self.norm, self.features(self.stem(x)))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)

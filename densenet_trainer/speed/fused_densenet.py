@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
@@ -38,10 +37,12 @@ class FusedDenseNet(DenseNet):
                           f"with ATen's operations there; apply them after moving the model",
                           stacklevel=2)
         with fused.batch_counters():  # the fused BatchNorms count their batch all at once
-            x = self.features(self.stem(x))
-            x = batch_norm_relu(self.norm, x)
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.classifier(x)
+            return super().forward(x)
+
+    @staticmethod
+    def norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+        """``relu(norm(x))``, fused where it can be."""
+        return fused.batch_norm_relu(norm, x) if usable(x) else DenseNet.norm_relu(norm, x)
 
 
 class FusedDenseBlock(DenseBlock):
@@ -68,22 +69,23 @@ class FusedDenseLayer(DenseLayer):
         if shared is None:
             return super().forward(features)
         if self.memory_efficient and torch.is_grad_enabled() and features.requires_grad:
-            out = fused.norm_relu_conv(self.norm1, self.conv1, shared, features)
-        else:
-            out = fused.conv(self.conv1, fused.norm_relu(self.norm1, shared, features, conv_input=True))
-        if self.dropout:
-            out = F.dropout(out, self.dropout, self.training)
-        if self.bottleneck:
-            out = norm_relu_conv(self.norm2, self.conv2, out)
-            if self.dropout:
-                out = F.dropout(out, self.dropout, self.training)
-        return out
+            return self._after_first_conv(fused.norm_relu_conv(self.norm1, self.conv1, shared, features))
+        activated = fused.norm_relu(self.norm1, shared, features, conv_input=True)
+        return self._after_first_conv(fused.conv(self.conv1, activated))
+
+    @staticmethod
+    def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """``conv(relu(norm(x)))``, BatchNorm-ReLU fused where it can be, with the convolution's
+        input channels padded where the device's convolutions want it (fused.conv_input_channels)."""
+        if usable(x):
+            return fused.conv(conv, fused.batch_norm_relu(norm, x, conv_input=True))
+        return DenseLayer.norm_relu_conv(norm, conv, x)
 
 
 class FusedTransition(Transition):
     def forward(self, x: Tensor) -> Tensor:
         norm, _, conv, dropout, pool = self  # the ReLU is fused with the norm where it can be
-        return pool(dropout(norm_relu_conv(norm, conv, x)))
+        return pool(dropout(FusedDenseLayer.norm_relu_conv(norm, conv, x)))
 
 
 FUSED = {DenseNet: FusedDenseNet, DenseBlock: FusedDenseBlock, DenseLayer: FusedDenseLayer,
@@ -101,17 +103,3 @@ def fuse(model: nn.Module) -> None:
 def is_fused(model: nn.Module) -> bool:
     return isinstance(model, FusedDenseNet)
 
-
-def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv(relu(norm(x)))``, BatchNorm-ReLU fused where it can be, with the convolution's
-    input channels padded where the device's convolutions want it (fused.conv_input_channels)."""
-    if usable(x):
-        return fused.conv(conv, fused.batch_norm_relu(norm, x, conv_input=True))
-    return conv(F.relu(norm(x), inplace=True))
-
-
-def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``relu(norm(x))``, fused where it can be (in place otherwise: BN keeps its input)."""
-    if usable(x):
-        return fused.batch_norm_relu(norm, x)
-    return F.relu(norm(x), inplace=True)
