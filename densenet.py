@@ -18,7 +18,7 @@ activation memory grow linearly rather than quadratically with depth at the cost
 memory-bound passes. It gives the same outputs, gradients and BatchNorm running statistics
 as the standard mode.
 
-This module depends on torch alone and on settings/architecture.py for the architecture's
+This module depends on torch alone and on config/architecture.py for the architecture's
 rules (valid depths, names), which the command line checks too.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from densenet_trainer.settings.architecture import (  # the rules flags share
+from densenet_trainer.config.architecture import (  # the rules flags share
     check_config,
     model_name,
     valid_depths,

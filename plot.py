@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from densenet_trainer.records.layout import CONFIG_FILE
-from densenet_trainer.settings import cli
-from densenet_trainer.settings.config import NUMBER_NEUTRAL
+from densenet_trainer.config import cli
+from densenet_trainer.config.run_config import NUMBER_NEUTRAL
+from densenet_trainer.results.layout import CONFIG_FILE
 
 OPEN_END = 10**9  # the last epoch of a range like 50:
 
@@ -108,9 +108,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from densenet_trainer.records import results, table_formats
-from densenet_trainer.records.numeric_csv import read_numeric_csv
-from densenet_trainer.records.whole_files import refuse_unless_regular, write_figure, write_text
+from densenet_trainer.results import groups, table_formats
+from densenet_trainer.results.numeric_csv import read_numeric_csv
+from densenet_trainer.whole_files import refuse_unless_regular, write_figure, write_text
 
 # Okabe & Ito's colour-blind-safe palette.
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -153,7 +153,7 @@ class Run:
 
 def read_log(path: Path, required: tuple[str, ...], key: str = "epoch") -> pd.DataFrame:
     """A run's numeric CSV (train.csv, test.csv, val.csv, lr_find.csv), read as the trainer
-    reads it (records/numeric_csv.py: whole rows, finite numbers, epochs in order), as a frame
+    reads it (results/numeric_csv.py: whole rows, finite numbers, epochs in order), as a frame
     with the ``required`` columns."""
     log = read_numeric_csv(path, "repair it or move it away", key)
     missing = [c for c in required if c not in log.header]
@@ -619,7 +619,7 @@ def own_output(path: Path) -> bool:
             and path.is_file())
 
 
-def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run, results.Result | None]]:
+def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run, groups.Result | None]]:
     """The folders of ``opts.runs`` that hold something to draw (``as_results``: a training
     run with a logged epoch), each run once (results.distinct), with their results.
 
@@ -636,7 +636,7 @@ def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run,
             run = load_run(folder)
             if as_results and run.sweep is not None and "train" not in run.logs:
                 raise PlotError(f"{folder} is a learning-rate sweep (attic/lr_find.py), not a training run")
-            result = results.read_result(run.folder, run.logs, run.config) if as_results else None
+            result = groups.read_result(run.folder, run.logs, run.config) if as_results else None
             found.append((run, result))
         except (cli.UserError, ValueError) as error:  # a bad CSV line (BadCsv) too
             if len(paths) == 1:
@@ -653,17 +653,17 @@ def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run,
                         f"name train.py work directories")
     run_ids = [run.config.get("run_id") if isinstance(run.config.get("run_id"), str) else None
                for run, _ in found]
-    kept, notes = results.distinct([(run_id, run.folder) for run_id, (run, _) in zip(run_ids, found)])
+    kept, notes = groups.distinct([(run_id, run.folder) for run_id, (run, _) in zip(run_ids, found)])
     for note in notes:
         print(note, file=sys.stderr)
     return [found[index] for index in kept]
 
 
-def results_rows(opts: argparse.Namespace) -> tuple[list[results.Row], list[Run]]:
+def results_rows(opts: argparse.Namespace) -> tuple[list[groups.Row], list[Run]]:
     """The table's rows from the readable runs; a seed that repeats within a row is named."""
     found = readable_runs(opts, as_results=True)
-    table_rows = results.rows([result for _, result in found])
-    for row, label in zip(table_rows, results.labels(table_rows)[1]):
+    table_rows = groups.rows([result for _, result in found])
+    for row, label in zip(table_rows, groups.labels(table_rows)[1]):
         if repeated := row.repeated_seeds():
             print(f"note: seed {', '.join(map(str, repeated))} appears more than once in "
                   f"{label}: {', '.join(str(r.folder) for r in row.results if r.seed in repeated)}",
@@ -705,7 +705,7 @@ def group_figure(opts: argparse.Namespace):
         "top5_error" in run.logs["test"] for run in runs) else [])
     with plt.style.context(opts.style):
         fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
-        shared, labels = results.labels(table_rows, leave_out_shared=True)
+        shared, labels = groups.labels(table_rows, leave_out_shared=True)
         for ax, metric in zip(axes[0], metrics):
             epochs, drops = [], []
             for index, (row, label) in enumerate(zip(table_rows, labels)):

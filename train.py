@@ -19,7 +19,7 @@ Examples:
 
 The story of a run is ``train``: plan the start or resume (workdir.py), build the run from
 its configuration (build.py), begin its files, then ``train_epochs``, an epoch at a time in
-named steps. The loop (optimiser, step, epoch, checks) is engine/loop.py; build.py alone puts
+named steps. The loop (optimiser, step, epoch, checks) is loop/training.py; build.py alone puts
 the speed machinery (densenet_trainer/speed/) on a run.
 """
 from __future__ import annotations
@@ -33,10 +33,10 @@ import threading
 import time
 from pathlib import Path
 
-from densenet_trainer.records.layout import BEST_CHECKPOINT, duration
-from densenet_trainer.settings import config
-from densenet_trainer.settings.cli import OneLineParser, UserError, output_may_close, path
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config import run_config
+from densenet_trainer.config.cli import OneLineParser, UserError, output_may_close, path
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.results.layout import BEST_CHECKPOINT, duration
 
 
 class Interrupted(Exception):
@@ -51,11 +51,11 @@ class Interrupted(Exception):
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every setting of a run (config.py), and what this command does with the run."""
+    """Every setting of a run (config/run_config.py), and what this command does with the run."""
     parser = OneLineParser(
         description=__doc__.split("\n\n")[0],
         epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.")
-    run = config.add_flags(parser, config.flag_names(*config.GROUPS))["run"]
+    run = run_config.add_flags(parser, run_config.flag_names(*run_config.GROUPS))["run"]
     run.add_argument("--reschedule", action="store_true",
                      help="with --resume and a larger --epochs: accept the new length's schedule "
                           "even where it raises the learning rate above the last one trained "
@@ -75,10 +75,16 @@ if __name__ == "__main__":  # --help and a flag out of its range answer before t
         build_parser().parse_args()
 import torch.distributed as dist  # the run's own imports: torch and the layers that use it
 
-from densenet_trainer.engine import data, datasets, evaluation, loop
-from densenet_trainer.engine.loop import Diverged, EpochProgress, StepCheckFailed
-from densenet_trainer.engine.progress import ProgressBar, ProgressLines
-from densenet_trainer.engine.runtime import (
+from densenet_trainer.data import datasets, loader
+from densenet_trainer.loop import evaluation, training
+from densenet_trainer.loop.progress import ProgressBar, ProgressLines
+from densenet_trainer.loop.training import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.run import workdir
+from densenet_trainer.run.build import Run, build_run
+from densenet_trainer.run.checkpoint import Checkpoint
+from densenet_trainer.run.files import WorkDirLock
+from densenet_trainer.run.inference import load_trained, write_evaluation
+from densenet_trainer.runtime import (
     STOP_SIGNALS,
     Runtime,
     StopFlag,
@@ -86,11 +92,6 @@ from densenet_trainer.engine.runtime import (
     on_main,
     setup_runtime,
 )
-from densenet_trainer.run import workdir
-from densenet_trainer.run.build import Run, build_run
-from densenet_trainer.run.checkpoint import Checkpoint
-from densenet_trainer.run.files import WorkDirLock
-from densenet_trainer.run.inference import load_trained, write_evaluation
 
 
 class StoppedBeforeTraining(KeyboardInterrupt):
@@ -224,10 +225,10 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         data_rng = run.batches.state()  # plans this epoch: a checkpoint taken within it keeps it
         progress = train_one_epoch(run, epoch, progress, stop)
         if progress.step < run.batches.steps:  # a stop was requested within the epoch
-            loop.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
+            training.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
             files.save_checkpoint(run.checkpoint_state(epoch - 1, progress, best, data_rng))
             raise Interrupted(stop.agreed, plan.save, epoch, progress.step)
-        loop.ensure_finite(run.model, f"after epoch {epoch}")
+        training.ensure_finite(run.model, f"after epoch {epoch}")
         files.update_record("step", run.step_status)
         results = evaluate_splits(run, epoch)
         files.update_record("evaluation", run.evaluation_status)
@@ -265,7 +266,7 @@ def train_one_epoch(run: Run, epoch: int, progress: EpochProgress, stop: StopFla
         display_type = ProgressBar if sys.stderr.isatty() else ProgressLines
         display = display_type(epoch, run.config.epochs, run.batches.steps, progress.step)
     try:
-        return loop.train_epoch(run.step, run.run_step, run.runtime, epoch, progress, stop,
+        return training.train_epoch(run.step, run.run_step, run.runtime, epoch, progress, stop,
                                     display)
     finally:
         if display is not None:
@@ -341,7 +342,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
                                     svhn_extra=False)
         subset = cfg.test_subset if "test_subset" in given else trained_cfg.test_subset
         test = dataset.test.first(subset) if subset else dataset.test
-        batches = data.EvalBatches(test.to(runtime.device), cfg.eval_batch_size,
+        batches = loader.EvalBatches(test.to(runtime.device), cfg.eval_batch_size,
                                    trained.normalizer, runtime.device,
                                    channels_last=trained_cfg.channels_last)
         result = evaluation.evaluate(trained.model, batches, trained_cfg.precision, runtime,

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import sys
 
-from densenet_trainer.engine import datasets
-from densenet_trainer.settings import cli, config
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config import cli, run_config
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.data import datasets
 
 OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 
@@ -24,7 +24,7 @@ OFFICIAL = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    config.add_flags(p, ["dataset", "data_dir", "download"])
+    run_config.add_flags(p, ["dataset", "data_dir", "download"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     cfg, _ = RunConfig.from_flags(args)

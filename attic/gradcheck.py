@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from densenet_trainer.settings import cli
+from densenet_trainer.config import cli
 from densenet_trainer.speed import apply_fused_kernels
 
 

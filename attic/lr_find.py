@@ -18,12 +18,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from densenet_trainer.engine.runtime import setup_runtime
-from densenet_trainer.records.whole_files import refuse_unless_regular, write_text
+from densenet_trainer.config import cli, run_config
+from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.run.build import Run, build_run
 from densenet_trainer.run.files import WorkDirLock, holds_run, write_errors, write_json
-from densenet_trainer.settings import cli, config
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.runtime import setup_runtime
+from densenet_trainer.whole_files import refuse_unless_regular, write_text
 
 SMOOTHING = 0.9  # exponential moving average of the loss; bias-corrected
 STEADY_STEPS = 100  # fewer make the smoothed curve, and so the suggestion, noisy
@@ -48,7 +48,7 @@ LEFT_OUT = {"test_subset", "lr", "schedule", "epochs", "sync_bn", "eval_batch_si
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    config.add_flags(parser, config.flag_names("data", "model", "optimisation", "speed",
+    run_config.add_flags(parser, run_config.flag_names("data", "model", "optimisation", "speed",
                                                leave_out=LEFT_OUT))
     group = parser.add_argument_group("learning-rate finder")
     group.add_argument("--save", dest="folder", metavar="SAVE", default=None, type=cli.path,

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densenet_trainer.records.layout import CONFIG_FILE
-from densenet_trainer.records.whole_files import NotARegularFile, refuse_unless_file
+from densenet_trainer.config import cli
+from densenet_trainer.results.layout import CONFIG_FILE
 from densenet_trainer.run.checkpoint import INFERENCE_KEYS, Checkpoint
 from densenet_trainer.run.inference import load_trained
-from densenet_trainer.settings import cli
+from densenet_trainer.whole_files import NotARegularFile, refuse_unless_file
 
 SIZE = 32  # what the networks of this project see
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes in about 150 MB; more is refused unread

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from densenet_trainer.records.whole_files import write_figure
-from densenet_trainer.settings import cli, config
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config import cli, run_config
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.whole_files import write_figure
 
 
 def rows_of(model: DenseNet, num_classes: int) -> list[dict]:
@@ -116,7 +116,7 @@ def draw(rows: list[dict], model: DenseNet, path: Path) -> None:
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    config.add_flags(p, ["depth", "growth_rate", "bottleneck", "compression"])
+    run_config.add_flags(p, ["depth", "growth_rate", "bottleneck", "compression"])
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
     p.add_argument("--image", default=None, type=cli.path, help="picture file, .png, .pdf or .svg "
                                                  "(default work/summary/<model>.png)")

@@ -39,8 +39,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
+from densenet_trainer.config import cli, run_config
 from densenet_trainer.measuring import print_table
-from densenet_trainer.settings import cli, config
 
 TINY = 1024  # elements: a kernel this small costs its launch, not its work
 LAUNCH_US = 2.0  # a kernel's cost inside a CUDA graph when it does almost nothing
@@ -244,7 +244,7 @@ def triton_counted(count_of) -> Iterator[None]:
             setattr(triton_kernels, name, kernel)
 
 
-def count_step(cfg: config.RunConfig) -> Count:
+def count_step(cfg: run_config.RunConfig) -> Count:
     """What one training step of ``cfg`` launches (its second: the optimiser has its state).
 
     The step runs on the CPU, but with the fused path's Triton wrappers, whose kernels only
@@ -252,14 +252,14 @@ def count_step(cfg: config.RunConfig) -> Count:
     everything (the step never branches on a value)."""
     import torch
 
-    from densenet_trainer.engine.runtime import Runtime
     from densenet_trainer.run import build
+    from densenet_trainer.runtime import Runtime
     count = Count()
     current = [Count()]  # the step before the counted one counts into a Count of its own
     with triton_counted(lambda: current[0]):
         cfg = dataclasses.replace(cfg, cuda_graph=False, device="cpu")
         run = build.build_synthetic_run(cfg, Runtime(torch.device("cpu")), 2,
-                                        log=lambda *a, **k: None)
+                                        log=lambda *a, **k: None, self_test=False)
         run.step()
         current[0] = count
         with counting(count):
@@ -276,7 +276,7 @@ def _loop_kind(kernel: str) -> str:
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    config.add_flags(parser, config.flag_names("model", leave_out={"dropout", "memory_efficient"}))
+    run_config.add_flags(parser, run_config.flag_names("model", leave_out={"dropout", "memory_efficient"}))
     parser.add_argument("--batch", type=cli.positive_int, default=64, help="images per step")
     parser.add_argument("--paths", default=",".join(name for name, _ in PATHS),
                         help="which of: " + ", ".join(name for name, _ in PATHS))
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(dict(PATHS))}")
     try:
-        cfg, _ = config.RunConfig.from_flags(args)
+        cfg, _ = run_config.RunConfig.from_flags(args)
     except cli.UserError as error:
         parser.error(str(error))
     cfg = dataclasses.replace(cfg, batch_size=args.batch)

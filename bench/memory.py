@@ -18,7 +18,8 @@ import statistics
 import sys
 import time
 
-from densenet_trainer.engine.runtime import synchronize
+from densenet_trainer.config import cli
+from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.measuring import (
     add_device_flag,
     in_fresh_process,
@@ -29,8 +30,7 @@ from densenet_trainer.measuring import (
     spread,
     synthetic_run,
 )
-from densenet_trainer.settings import cli
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.runtime import synchronize
 
 MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 16)]
 
@@ -38,7 +38,7 @@ MODELS = [("densenet-bc-100-12", 100, 12, 64), ("densenet-bc-250-24", 250, 24, 1
 def measure(settings: dict) -> dict:
     import torch
 
-    from densenet_trainer.settings.config import RunConfig
+    from densenet_trainer.config.run_config import RunConfig
 
     device = torch.device(settings["device"])
     # eager, also on CUDA: a graph holds its memory in its own pool between replays, so its

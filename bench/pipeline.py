@@ -18,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from densenet_trainer.engine.loop import EpochProgress
-from densenet_trainer.engine.runtime import keep_freed_memory_mapped, setup_runtime, synchronize
-from densenet_trainer.records.layout import EVAL_COLUMNS, TRAIN_COLUMNS
+from densenet_trainer.config import cli, run_config
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.loop.training import EpochProgress
+from densenet_trainer.results.layout import EVAL_COLUMNS, TRAIN_COLUMNS
 from densenet_trainer.run.build import build_run
 from densenet_trainer.run.checkpoint import BestEpochs
 from densenet_trainer.run.files import CsvLog, save_checkpoint
-from densenet_trainer.settings import cli, config
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.runtime import keep_freed_memory_mapped, setup_runtime, synchronize
 from densenet_trainer.speed.cuda_graph import GraphedStep
 
 # train.py's settings that shape an epoch's work (not its length or schedule, not the files)
@@ -44,7 +44,7 @@ def median_time(function, repeats: int) -> float:
 @cli.one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-    config.add_flags(parser, config.flag_names("data", "model", "optimisation", "speed",
+    run_config.add_flags(parser, run_config.flag_names("data", "model", "optimisation", "speed",
                                                leave_out=LEFT_OUT))
     parser.add_argument("--steps", type=cli.positive_int, default=5, help="training steps timed")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,

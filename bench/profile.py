@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from densenet_trainer.config import cli, run_config
+from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.measuring import (
     add_device_flag,
     in_fresh_process,
@@ -26,8 +28,6 @@ from densenet_trainer.measuring import (
     print_table,
     synthetic_run,
 )
-from densenet_trainer.settings import cli, config
-from densenet_trainer.settings.config import RunConfig
 
 if __name__ == "profile":
     # Any script run from bench/ has this folder first on the import path, where this file's
@@ -90,7 +90,7 @@ def profile_step(cfg: RunConfig, device_type: str, warmup: int) -> dict[str, tup
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from densenet_trainer.engine.runtime import synchronize
+    from densenet_trainer.runtime import synchronize
     device = torch.device(device_type)
     run = synthetic_run(cfg, device, warmup + 1)
     for _ in range(warmup):
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--paths", help=f"comma-separated, from: {', '.join(PATHS)} (default: on a CPU "
                                    f"{DEFAULT_PATHS['cpu']}; on CUDA {DEFAULT_PATHS['cuda']})")
-    config.add_flags(p, ["depth", "growth_rate"])  # of a DenseNet-BC
+    run_config.add_flags(p, ["depth", "growth_rate"])  # of a DenseNet-BC
     p.add_argument("--batch", type=cli.positive_int, default=64, help="training batch size")
     p.add_argument("--warmup", type=cli.count, default=3, help="untimed steps before the profiled one")
     p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads per process")

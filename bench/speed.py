@@ -23,7 +23,8 @@ import statistics
 import sys
 import time
 
-from densenet_trainer.engine.runtime import synchronize
+from densenet_trainer.config import cli, run_config
+from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.measuring import (
     add_device_flag,
     in_fresh_process,
@@ -34,8 +35,7 @@ from densenet_trainer.measuring import (
     spread,
     synthetic_run,
 )
-from densenet_trainer.settings import cli, config
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.runtime import synchronize
 
 # mode: (what it is, settings); unset settings are those of "ours"
 MODES = {
@@ -97,7 +97,7 @@ def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 
 def measure(settings: dict) -> dict:
     import torch
 
-    from densenet_trainer.engine.runtime import keep_freed_memory_mapped
+    from densenet_trainer.runtime import keep_freed_memory_mapped
 
     mode = {**OURS, **MODES[settings["mode"]][1]}
     if mode["allocator"]:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", help=f"comma-separated, from: {', '.join(MODES)} (default: on a CPU "
                                    f"{DEFAULT_MODES['cpu']}; on CUDA {DEFAULT_MODES['cuda']})")
-    config.add_flags(p, ["depth", "growth_rate"])  # of a DenseNet-BC
+    run_config.add_flags(p, ["depth", "growth_rate"])  # of a DenseNet-BC
     p.add_argument("--batch", type=cli.positive_int, default=64, help="training batch size")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="fresh processes per mode")
     p.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per process")

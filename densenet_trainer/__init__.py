@@ -1,15 +1,18 @@
-"""Everything beneath the scripts (train.py, plot.py, densenet.py, attic/, bench/), by layer.
+"""Everything beneath the scripts (train.py, plot.py, densenet.py, attic/, bench/), in rooms
+named by what they hold, each using only the rooms below it here:
 
-- ``settings``: a run's configuration and the command line's rules (no torch);
-- ``records``: a work directory's format and results across runs beside the paper's Table 2
-  (no torch; plot.py reads it);
-- ``engine``: the process (device, ranks, signals), the data on the device, the training
-  loop (engine/loop.py, top to bottom), evaluation and progress;
 - ``run``: a run built from its configuration (build.py, the one place that puts the speed
-  machinery on it), its work directory and checkpoint files;
+  machinery on it), its work directory, its checkpoints and the trained model;
 - ``speed``: the speed machinery (fused kernels and their backends, their self-test, the
-  kernel choice, CUDA graphs, the one-cast low precision), which no other layer imports;
+  kernel choice, CUDA graphs, the one-cast low precision), which no other room imports;
   someone working on the trainer may skip it;
+- ``loop``: the training loop (loop/training.py, top to bottom), evaluation and progress;
+- ``data``: the datasets read and checked, and the batches on the device;
+- ``runtime``: the process (device, ranks, random generators, signals);
+- ``results``: a work directory's format and results across runs beside the paper's
+  Table 2 (no torch; plot.py reads it);
+- ``whole_files``: writes that are whole and stay in their folder (no torch);
+- ``config``: a run's configuration and the command line's rules (no torch);
 - ``measuring``: what the bench/ scripts share.
 """
 

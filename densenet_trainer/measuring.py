@@ -16,7 +16,7 @@ def in_fresh_process(script: Path, config: dict, threads: int) -> dict:
     result = subprocess.run([sys.executable, str(script), "--one", json.dumps(config)],
                             capture_output=True, text=True, env={**os.environ, **env_threads})
     if result.returncode:
-        from densenet_trainer.settings.cli import UserError
+        from densenet_trainer.config.cli import UserError
         last = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()),
                     f"exit status {result.returncode}")
         raise UserError(f"the measuring process for {json.dumps(config)} failed: {last}")
@@ -29,7 +29,7 @@ def one_settings(text: str, like: dict, choices: dict[str, tuple] | None = None)
     numbers no smaller than 1 where ``like``'s are positive, and for the names in ``choices``
     one of those), so that a hand-written --one is refused in one line instead of failing
     somewhere in the measurement."""
-    from densenet_trainer.settings.cli import UserError
+    from densenet_trainer.config.cli import UserError
     try:
         settings = json.loads(text)
     except json.JSONDecodeError:
@@ -64,8 +64,8 @@ def synthetic_run(cfg, device, steps: int, model=None):
     choosing its algorithms as train.py has it (build.build_synthetic_run)."""
     import torch
 
-    from densenet_trainer.engine.runtime import Runtime
     from densenet_trainer.run.build import build_synthetic_run
+    from densenet_trainer.runtime import Runtime
     torch.backends.cudnn.benchmark = device.type == "cuda"
     return build_synthetic_run(cfg, Runtime.alone(device), steps, model)
 

@@ -19,9 +19,14 @@ import torch
 from torch import nn
 
 from densenet import DenseNet
-from densenet_trainer.engine import data, datasets, evaluation, loop
-from densenet_trainer.engine.loop import LearningRate, TrainStep, build_optimizer
-from densenet_trainer.engine.runtime import (
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.data import datasets, loader
+from densenet_trainer.loop import evaluation, training
+from densenet_trainer.loop.training import LearningRate, TrainStep, build_optimizer
+from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
+from densenet_trainer.run.files import RunError
+from densenet_trainer.runtime import (
     Runtime,
     code_version,
     environment,
@@ -29,13 +34,9 @@ from densenet_trainer.engine.runtime import (
     seed_everything,
     set_rng_state,
 )
-from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
-from densenet_trainer.run.files import RunError
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RunConfig
 from densenet_trainer.speed import apply_fused_kernels, cuda_graph
 from densenet_trainer.speed.fused_densenet import is_fused
-from densenet_trainer.speed.kernel_choice import KernelChoice, choose_kernels, time_steps
+from densenet_trainer.speed.kernel_choice import KernelChoice, choose_kernels, confirm_on_model, time_steps
 from densenet_trainer.speed.precision import precision_of
 
 
@@ -101,7 +102,7 @@ def build_model(cfg: RunConfig, kernels: str, device: torch.device) -> DenseNet:
     model = DenseNet(depth=cfg.depth, growth_rate=cfg.growth_rate, bottleneck=cfg.bottleneck,
                      compression=cfg.compression, dropout=cfg.dropout, num_classes=cfg.num_classes,
                      memory_efficient=cfg.memory_efficient)
-    model.to(device, memory_format=data.memory_format(cfg.channels_last))
+    model.to(device, memory_format=loader.memory_format(cfg.channels_last))
     if kernels == "fused":
         apply_fused_kernels(model)
     return model
@@ -114,12 +115,12 @@ class Run:
     config: RunConfig
     runtime: Runtime
     data: RunData
-    normalizer: data.Normalizer
+    normalizer: loader.Normalizer
     model: nn.Module
     kernel_choice: KernelChoice
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    batches: data.TrainBatches
+    batches: loader.TrainBatches
     lr: LearningRate  # the optimiser's; the schedule sets it before each epoch
     step: TrainStep
     run_step: Callable[[], None]  # the step itself, or its CUDA graph
@@ -138,11 +139,11 @@ class Run:
         batches, sums and graph are made once and kept for the run's evaluations."""
         cfg, runtime = self.config, self.runtime
         if split not in self.evaluations:
-            batches = data.EvalBatches({"test": self.test, "val": self.val}[split], cfg.eval_batch_size,
+            batches = loader.EvalBatches({"test": self.test, "val": self.val}[split], cfg.eval_batch_size,
                                        self.normalizer, runtime.device, runtime.rank,
                                        runtime.world_size, cfg.channels_last)
-            sums = evaluation.EvaluationSums(self.step.model, cfg.precision, cfg.num_classes, runtime.device,
-                                             precision_of=precision_of)
+            sums = evaluation.EvaluationSums(self.step.model, self.step.precision, cfg.num_classes,
+                                             runtime.device)
             self.evaluations[split] = cuda_graph.evaluation_runner(sums, batches, cfg, runtime, self.log)
         return evaluation.read_evaluation(self.evaluations[split], runtime)
 
@@ -168,7 +169,7 @@ class Run:
             return self.run_step.status
         return f"eager ({cuda_graph.eager_reason(self.config, self.runtime, self.kernel_choice.kernels)})"
 
-    def checkpoint_state(self, epoch: int, progress: loop.EpochProgress, best: BestEpochs,
+    def checkpoint_state(self, epoch: int, progress: training.EpochProgress, best: BestEpochs,
                          data_rng: torch.Tensor) -> dict:
         """What the run's checkpoint holds after ``epoch`` epochs and ``progress.step`` more
         steps (checkpoint.CHECKPOINT_KEYS); ``data_rng`` plans the epoch that follows."""
@@ -201,10 +202,12 @@ class Run:
 
 def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,
               checkpoint: Checkpoint | None = None, *, dataset: RunData | None = None,
-              model: nn.Module | None = None) -> Run:
+              model: nn.Module | None = None, self_test: bool = True) -> Run:
     """The run ``cfg`` describes, continued from ``checkpoint`` if given. ``dataset`` and
     ``model`` replace the configuration's own (bench/'s synthetic images, torchvision's
-    DenseNet); ``log`` prints the data's counts and any notice of the step's runner."""
+    DenseNet); ``log`` prints the data's counts and any notice of the step's runner.
+    ``self_test`` False skips the fused model's check on the run's first batches (bench/'s
+    kernel count, whose kernels only count)."""
     device = runtime.device
     if cfg.batch_size % runtime.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be "
@@ -213,14 +216,14 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
         raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
     began = time.perf_counter()
     dataset = dataset or load_data(cfg, log)
-    normalizer = data.Normalizer(dataset.mean, dataset.std, device)
+    normalizer = loader.Normalizer(dataset.mean, dataset.std, device)
     loaded = time.perf_counter()
     if model is None:  # the fused kernels' self-test, and on a GPU the timing of each set
         kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"),
                                        functools.partial(time_steps, build_synthetic_run, cfg, runtime))
     else:
         kernel_choice = KernelChoice("fused" if is_fused(model) else "aten", "a model given to build_run")
-        model.to(device, memory_format=data.memory_format(cfg.channels_last))
+        model.to(device, memory_format=loader.memory_format(cfg.channels_last))
     chosen = time.perf_counter()
     seed_everything(cfg.seed)  # after choose_kernels, whose timing draws random numbers
     model = model or build_model(cfg, kernel_choice.kernels, device)
@@ -228,7 +231,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     optimizer = build_optimizer(cfg, model, lr)
     # fp16 only: bfloat16 has float32's range
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    batches = data.TrainBatches(dataset.train, cfg.batch_size, normalizer, cfg.augment, cfg.seed,
+    batches = loader.TrainBatches(dataset.train, cfg.batch_size, normalizer, cfg.augment, cfg.seed,
                                 device, runtime.rank, runtime.world_size, cfg.channels_last)
     if checkpoint is not None:
         state = checkpoint.state
@@ -244,6 +247,12 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
             restore(scaler, state["scaler"], checkpoint.path)
         batches.set_state(state["data_rng"])
         set_rng_state(state["rng"])
+    test_seconds = None
+    if kernel_choice.kernels == "fused" and self_test:  # the run's own shapes, fused against ATen's
+        testing = time.perf_counter()
+        kernel_choice = confirm_on_model(kernel_choice, model, *first_batches(batches, dataset, cfg, runtime),
+                                         cfg.precision, runtime, log)
+        test_seconds = time.perf_counter() - testing
     if cfg.sync_bn and runtime.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     module = model
@@ -252,18 +261,33 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
             module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.kernels == "compile":
         module = torch.compile(module)
-    step = TrainStep(module, optimizer, batches, cfg.precision, scaler, top5=cfg.top5,
-                     precision_of=precision_of)
+    step = TrainStep(module, optimizer, batches, precision_of(module, cfg.precision), scaler, top5=cfg.top5)
     run_step = cuda_graph.step_runner(step, cfg, kernel_choice.kernels, runtime, log)
     val = dataset.val.to(device) if dataset.val is not None else None
-    startup = {"data": loaded - began, "kernels": chosen - loaded, "model": time.perf_counter() - chosen}
+    startup = {"data": loaded - began, "kernels": chosen - loaded,
+               "model": time.perf_counter() - chosen - (test_seconds or 0)}
+    if test_seconds is not None:
+        startup["self-test"] = test_seconds
     return Run(cfg, runtime, dataset, normalizer, model, kernel_choice, optimizer, scaler, batches,
                lr, step, run_step, dataset.test.to(device), val,
                {phase: round(seconds, 3) for phase, seconds in startup.items()}, log)
 
 
+def first_batches(batches: loader.TrainBatches, dataset: RunData, cfg: RunConfig,
+                  runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's first training batch (images, labels; not augmented, which keeps the
+    shapes) and its first evaluation batch's images: what the run's step and evaluation will
+    compute on, in their shapes and memory layout."""
+    images = batches.normalizer(batches.images[:batches.share]).contiguous(memory_format=batches.memory_format)
+    evaluation_batches = loader.EvalBatches(dataset.test, cfg.eval_batch_size, batches.normalizer,
+                                            runtime.device, runtime.rank, runtime.world_size,
+                                            cfg.channels_last)
+    first = torch.zeros(1, dtype=torch.int64, device=dataset.test.labels.device)
+    return images, batches.labels[:batches.share], evaluation_batches.batch(first)[0]
+
+
 def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.Module | None = None,
-                        log: Callable[..., None] = print) -> Run:
+                        log: Callable[..., None] = print, self_test: bool = True) -> Run:
     """``cfg``'s run (model, precision, kernels, graph, compilation: all as build_run makes
     them) on random images, enough for ``steps`` calls after a CUDA graph's warm-up and
     check, which are done: the epoch is started, and ``run.run_step`` is what to time.
@@ -273,7 +297,7 @@ def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.
     images = datasets.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, cfg.num_classes, (count,), generator=generator))
     dataset = RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
-    run = build_run(cfg, runtime, log, dataset=dataset, model=model)
+    run = build_run(cfg, runtime, log, dataset=dataset, model=model, self_test=self_test)
     run.step.start_epoch()
     run.step.model.train()
     if run.run_step is not run.step:

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densenet_trainer.engine.loop import EpochProgress
-from densenet_trainer.engine.runtime import rng_state_problem
-from densenet_trainer.records.layout import CONFIG_FILE, LAST_CHECKPOINT
-from densenet_trainer.records.whole_files import NotARegularFile, refuse_unless_file
+from densenet_trainer.config.run_config import RESUMABLE, RunConfig, flag_name
+from densenet_trainer.loop.training import EpochProgress
+from densenet_trainer.results.layout import CONFIG_FILE, LAST_CHECKPOINT
 from densenet_trainer.run.files import RunError, load_checkpoint
-from densenet_trainer.settings.config import RESUMABLE, RunConfig, flag_name
+from densenet_trainer.runtime import rng_state_problem
+from densenet_trainer.whole_files import NotARegularFile, refuse_unless_file
 
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.
 CHECKPOINT_KEYS = ("config", "epoch", "progress", "best", "model", "optimizer", "scaler",

@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from densenet_trainer.engine.loop import non_finite
-from densenet_trainer.records.layout import LOCK_FILE, RUN_MARKERS
-from densenet_trainer.records.numeric_csv import read_numeric_csv
-from densenet_trainer.records.whole_files import (
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.loop.training import non_finite
+from densenet_trainer.results.layout import LOCK_FILE, RUN_MARKERS
+from densenet_trainer.results.numeric_csv import read_numeric_csv
+from densenet_trainer.whole_files import (
     append_line,
     atomic_write,
     open_in_place,
     refuse_unless_file,
     write_text,
 )
-from densenet_trainer.settings.cli import UserError
 
 
 class RunError(UserError):
@@ -222,7 +222,7 @@ class CsvLog:
 
     def _rows(self) -> tuple[str | None, list[tuple[int, str]]]:
         """The file's text (None when absent) and its whole rows, each with its epoch, read
-        strictly (records/numeric_csv.py)."""
+        strictly (results/numeric_csv.py)."""
         try:
             log = read_numeric_csv(self.path, "repair it or start a new run with another --save",
                                    columns=self.columns)

@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from densenet import DenseNet
-from densenet_trainer.engine import data
-from densenet_trainer.records.whole_files import refuse_unless_regular, write_text
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.data import loader
 from densenet_trainer.run.build import build_model
 from densenet_trainer.run.checkpoint import Checkpoint, restore
 from densenet_trainer.run.files import write_errors
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.whole_files import refuse_unless_regular, write_text
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Trained:
     memory layout, with the run's normalisation."""
     checkpoint: Checkpoint
     model: DenseNet
-    normalizer: data.Normalizer
+    normalizer: loader.Normalizer
     device: torch.device
 
     @property
@@ -35,7 +35,7 @@ class Trained:
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, 3, 32, 32) as the model takes them."""
         normalized = self.normalizer(images.to(self.device))
-        return normalized.contiguous(memory_format=data.memory_format(self.config.channels_last))
+        return normalized.contiguous(memory_format=loader.memory_format(self.config.channels_last))
 
 
 def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
@@ -44,7 +44,7 @@ def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
     restore(model, checkpoint.state["model"], checkpoint.path)
     model.eval()
     normalization = checkpoint.state["normalization"]
-    normalizer = data.Normalizer(normalization["mean"], normalization["std"], device)
+    normalizer = loader.Normalizer(normalization["mean"], normalization["std"], device)
     return Trained(checkpoint, model, normalizer, device)
 
 

@@ -19,7 +19,9 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from densenet_trainer.records.layout import (
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import NUMBER_NEUTRAL, RESUMABLE, RunConfig, flag_name
+from densenet_trainer.results.layout import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
     EVAL_COLUMNS,
@@ -29,7 +31,6 @@ from densenet_trainer.records.layout import (
     TRAIN_COLUMNS,
     csv_name,
 )
-from densenet_trainer.records.whole_files import refuse_unless_file, refuse_unless_regular
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint
 from densenet_trainer.run.files import (
     CsvLog,
@@ -41,8 +42,7 @@ from densenet_trainer.run.files import (
     write_errors,
     write_json,
 )
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import NUMBER_NEUTRAL, RESUMABLE, RunConfig, flag_name
+from densenet_trainer.whole_files import refuse_unless_file, refuse_unless_regular
 
 
 @dataclass

@@ -19,11 +19,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from densenet_trainer.engine import data
-from densenet_trainer.engine.evaluation import EagerEvaluation, EvaluationSums
-from densenet_trainer.engine.loop import TrainStep
-from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.data import loader
+from densenet_trainer.loop.evaluation import EagerEvaluation, EvaluationSums
+from densenet_trainer.loop.training import TrainStep
+from densenet_trainer.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
 
 
 class GraphedStep:
@@ -152,7 +152,7 @@ class GraphedEvaluation:
     (``evaluation_runner``): they never replay at once, and keep nothing there between replays.
     """
 
-    def __init__(self, sums: EvaluationSums, batches: data.EvalBatches, notice: Callable[[str], None],
+    def __init__(self, sums: EvaluationSums, batches: loader.EvalBatches, notice: Callable[[str], None],
                  capture: Callable = capture_cuda_graph) -> None:
         self.sums, self.batches, self.notice, self.capture = sums, batches, notice, capture
         self.cuda = batches.numbers.device.type == "cuda"
@@ -280,7 +280,7 @@ def evaluation_eager_reason(cfg: RunConfig, runtime: Runtime) -> str | None:
     return _no_capture(cfg, runtime) or (compiled if cfg.kernels == "compile" else None)
 
 
-def evaluation_runner(sums: EvaluationSums, batches: data.EvalBatches, cfg: RunConfig,
+def evaluation_runner(sums: EvaluationSums, batches: loader.EvalBatches, cfg: RunConfig,
                       runtime: Runtime, notice: Callable[[str], None]) -> EagerEvaluation | GraphedEvaluation:
     """What evaluates a split's batches: the replays of a graph where the process can capture
     and the configuration allows, else the batches one by one."""

@@ -100,6 +100,14 @@ def fuse(model: nn.Module) -> None:
             module.__class__ = FUSED[type(module)]
 
 
+def unfuse(model: nn.Module) -> None:
+    """Undo ``fuse``: every fused module of ``model`` back to densenet.py's class."""
+    plain = {fused_class: plain_class for plain_class, fused_class in FUSED.items()}
+    for module in model.modules():
+        if type(module) in plain:
+            module.__class__ = plain[type(module)]
+
+
 def is_fused(model: nn.Module) -> bool:
     return isinstance(model, FusedDenseNet)
 

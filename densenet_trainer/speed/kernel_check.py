@@ -7,6 +7,11 @@ tail, a pixel stride not a multiple of 16), in each dtype the device's kernels t
 a float64 reference, and one fused dense block forward and backward against ATen's, TF32 off.
 Any error (a compiler or launcher missing, a kernel that fails to build or launch) or any
 result out of tolerance is a failure, and the run computes with ATen's kernels instead.
+
+Those shapes select the kernels' unaligned variants; a run's own shapes select others (on a
+GPU, vectorised ones for channels and pixels in multiples of 4 or 8). So before its first step
+a run also checks its own model on its own first batches (``model_failure``), fused against
+ATen's from the same weights.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ import copy
 import functools
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from densenet import DenseBlock
 from densenet_trainer.speed import fused
-from densenet_trainer.speed.fused_densenet import fuse, tested_on
+from densenet_trainer.speed.fused_densenet import fuse, tested_on, unfuse
+from densenet_trainer.speed.precision import precision_of
 
 # Tolerances against float64, by the dtype the tensors hold. Arithmetic is float32; bfloat16
 # outputs are rounded to 8 significant bits (a relative step of 2^-8), sums kept in float32.
@@ -26,6 +33,14 @@ TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
               torch.bfloat16: (1e-2, 1e-2)}
 # The fused block against ATen's, both float32 with TF32 off: the order of sums differs.
 BLOCK_TOLERANCE = (1e-4, 1e-4)
+# The run's model fused against ATen's (model_failure), each measured against ATen's in float64:
+# each tensor's largest error over its largest value. Float rounding makes ATen's own error
+# anything from 1e-7 to 1e-2 in float32 (a BatchNorm of a near-constant channel amplifies it;
+# the fused kernels, which sum in float32 otherwise, reach 5e-3 where ATen's stay at 1e-4), so
+# the fused kernels may err up to MODEL_ERROR_RATIO times as much, or up to the floor of their
+# precision; a miscompiled kernel errs by the order of the values themselves.
+MODEL_ERROR_RATIO = 10
+MODEL_ERROR_FLOOR = {"fp32": 2e-2, "bf16": 1e-1, "fp16": 1e-1}
 PIXELS = (3, 5, 5)  # batch and size: 75 pixels, not a multiple of any tile
 CHANNELS, TOTAL = 37, 45  # a tail over a multiple of 32 channels; a pixel stride of 45
 
@@ -57,6 +72,73 @@ def check(device: torch.device) -> str | None:
         reason = (str(error).strip().splitlines() or [""])[0]
         return f"{step}: {type(error).__name__}: {reason}"
     return None
+
+
+def model_failure(model: nn.Module, images: Tensor, labels: Tensor, eval_images: Tensor,
+                  precision: str) -> str | None:
+    """Why the fused ``model`` may not train its run (None: it may), in one line naming the
+    worst tensor. One training step's forward and backward on the run's first batch
+    (``images``, ``labels``) and one evaluation forward on its first evaluation batch, in the
+    run's ``precision``, computed with the model's fused kernels, with ATen's, and with ATen's
+    in float64 from the same weights; compared tensor by tensor: the logits, the loss, every
+    parameter's gradient, every BatchNorm's running statistics. The kernels launch the
+    variants the run's shapes select. Copies compute, without dropout (which launches no
+    fused kernel): ``model`` is left as it was."""
+    plain = copy.deepcopy(model)
+    unfuse(plain)
+    try:
+        found = _one_step(model, images, labels, eval_images, precision)
+    except Exception as error:  # a kernel that fails to compile or launch at these shapes
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    aten = _one_step(plain, images, labels, eval_images, precision)
+    exact = _one_step(plain, images, labels, eval_images, "fp32", torch.float64)
+    floor = MODEL_ERROR_FLOOR[precision]
+    excess = {}
+    for name, tensor in exact.items():
+        error = _relative_error(found[name], tensor)
+        allowed = max(MODEL_ERROR_RATIO * _relative_error(aten[name], tensor), floor)
+        excess[name] = (error / allowed if error == error else float("inf"), error, allowed)
+    worst = max(excess, key=lambda name: excess[name][0])
+    ratio, error, allowed = excess[worst]
+    if ratio > 1:
+        return (f"{worst} is {error:.3g} of its largest value from float64's, where ATen's "
+                f"{precision} allows {allowed:.3g}")
+    return None
+
+
+def _one_step(model: nn.Module, images: Tensor, labels: Tensor, eval_images: Tensor,
+              precision: str, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """model_failure's tensors, computed by a copy of ``model`` in ``dtype`` (its gradients
+    and running statistics are the copy's), without dropout."""
+    model = copy.deepcopy(model).to(dtype).train()
+    model.self_test_copy = True  # what a global hook may tell apart from the run's model
+    for module in model.modules():  # a user's hooks watch the run's model, not these copies
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+        elif isinstance(module, nn.Dropout):
+            module.p = 0.0
+    compute = precision_of(model, precision)
+    with torch.inference_mode(False), torch.enable_grad(), compute.computing():
+        logits = model(compute.inputs(images.to(dtype))).float()
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+    tensors = {"the training logits": logits.detach(), "the loss": loss.detach()}
+    tensors.update((f"the gradient of {name}", p.grad) for name, p in model.named_parameters())
+    tensors.update((name, buffer) for name, buffer in model.named_buffers() if buffer.is_floating_point())
+    model.eval()
+    with torch.no_grad(), compute.computing():
+        tensors["the evaluation logits"] = model(compute.inputs(eval_images.to(dtype))).float()
+    return tensors
+
+
+def _relative_error(actual: Tensor | None, expected: Tensor | None) -> float:
+    """The largest difference of two tensors over the expected one's largest value."""
+    if actual is None or expected is None:
+        return 0.0 if actual is expected else float("inf")
+    difference = (actual.double() - expected.double()).abs().max().item()
+    return difference / max(expected.double().abs().max().item(), 1e-12)
 
 
 def _close(actual: Tensor, expected: Tensor, tolerance: tuple[float, float], what: str) -> None:

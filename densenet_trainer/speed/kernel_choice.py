@@ -2,8 +2,9 @@
 a GPU times a few steps of each (``time_steps``) and takes the faster, as cudnn.benchmark
 chooses convolutions; a candidate that fails (an exception, a graph that would not capture or
 replayed wrong) loses, saying why; everywhere the fused kernels are used only once they have
-passed their self-test (speed/kernel_check.py). config.json records the choice, its
-timings, the candidates' problems and what the choice cost.
+passed their self-test (speed/kernel_check.py), and then the run's own model on its own first
+batches (``confirm_on_model``). config.json records the choice, its timings, the candidates'
+problems and what the choice cost.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from densenet_trainer.engine.loop import COMPUTE_DTYPES
-from densenet_trainer.engine.runtime import Runtime, broadcast, rng_state, set_rng_state, synchronize
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RunConfig
-from densenet_trainer.speed import cuda_graph, fused, kernel_check
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.loop.training import COMPUTE_DTYPES
+from densenet_trainer.runtime import Runtime, all_sum, broadcast, rng_state, set_rng_state, synchronize
+from densenet_trainer.speed import cuda_graph, fused, fused_densenet, kernel_check
 
 
 @dataclass
@@ -120,6 +121,27 @@ def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None
             f"the run computes with ATen's kernels instead: the same results, slower")
         return f"the fused kernels failed their self-test ({failure})"
     return None
+
+
+def confirm_on_model(choice: KernelChoice, model: torch.nn.Module, images: torch.Tensor,
+                     labels: torch.Tensor, eval_images: torch.Tensor, precision: str,
+                     runtime: Runtime, log: Callable[..., None] = print) -> KernelChoice:
+    """``choice``, once the fused ``model`` has computed the run's first batches as ATen's
+    does (kernel_check.model_failure); otherwise the model is put back on ATen's operations,
+    with one warning naming the worst tensor, and the choice says why. Every process's
+    model must pass: they compute alike."""
+    if choice.kernels != "fused" or not fused_densenet.is_fused(model):
+        return choice
+    problem = kernel_check.model_failure(model, images, labels, eval_images, precision)
+    failed = all_sum([float(problem is not None)], runtime)[0]
+    if not failed:
+        return choice
+    problem = problem or "another process's model failed it"
+    fused_densenet.unfuse(model)
+    log(f"warning: the fused kernels computed this run's model otherwise than ATen's "
+                f"({problem}); the run computes with ATen's kernels instead: the same results, slower")
+    return dataclasses.replace(choice, kernels="aten",
+                               why=f"{choice.why}, but the run's own self-test failed: {problem}")
 
 
 def first_line(error: Exception) -> str:

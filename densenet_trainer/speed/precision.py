@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from densenet_trainer.engine.loop import COMPUTE_DTYPES, Autocast
+from densenet_trainer.loop.training import COMPUTE_DTYPES, Autocast
 
 
 class _CastAll(torch.autograd.Function):

@@ -15,7 +15,7 @@ import train
 from attic import dataset_stats, gradcheck, lr_find, predict, summary
 from bench import profile, speed
 from densenet import DenseLayer, DenseNet
-from densenet_trainer.settings.cli import UserError
+from densenet_trainer.config.cli import UserError
 from helpers import ROOT, TINY, TINY_MODEL
 
 

@@ -30,8 +30,8 @@ from attic import dataset_stats, gradcheck, lr_find, predict, summary
 from bench import kernels as kernel_count
 from bench import memory, pipeline, profile, speed
 from densenet import DenseNet
-from densenet_trainer.settings import cli
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config import cli
+from densenet_trainer.config.run_config import RunConfig
 from helpers import (
     ROOT,
     TINY,

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import train
 from densenet import DenseNet
-from densenet_trainer.engine import loop
-from densenet_trainer.engine.loop import non_finite
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.loop import training
+from densenet_trainer.loop.training import non_finite
 from densenet_trainer.run.files import load_checkpoint
-from densenet_trainer.settings.config import RunConfig
 from densenet_trainer.speed import apply_fused_kernels, fused
 from helpers import TINY, densenet, on_forward, run_main
 
@@ -128,7 +128,7 @@ def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(tmp_path,
     the configuration's, so the run is given one that diverges."""
     work = tmp_path / "run"
     cfg, _ = RunConfig.from_flags(train.build_parser().parse_args(three_epochs(cifar_dir, work)))
-    with pytest.raises(loop.Diverged, match="the training loss is not finite at epoch 2"):
+    with pytest.raises(training.Diverged, match="the training loss is not finite at epoch 2"):
         train.train(DivergesInEpoch2(**cfg.to_dict()))
     state = load_checkpoint(work / "checkpoint.pt")  # refuses non-finite weights itself
     assert state["epoch"] == 1

@@ -10,10 +10,10 @@ from helpers import ROOT
 
 TOP_LEVEL = {"train.py", "plot.py", "densenet.py", "densenet_trainer", "attic", "bench", "tests",
              "docs", ".ci", "pyproject.toml", "requirements.txt", "README.md", ".gitignore"}
-TORCH_FREE = ["densenet_trainer.settings.config", "densenet_trainer.settings.cli",
-              "densenet_trainer.settings.architecture", "densenet_trainer.records.results",
-              "densenet_trainer.records.table_formats",
-              "densenet_trainer.records.layout"]
+TORCH_FREE = ["densenet_trainer.config.run_config", "densenet_trainer.config.cli",
+              "densenet_trainer.config.architecture", "densenet_trainer.results.groups",
+              "densenet_trainer.results.table_formats",
+              "densenet_trainer.results.layout"]
 MODULE_LINES = 360  # a module longer than this holds more than one job
 
 
@@ -70,7 +70,7 @@ def test_the_plain_path_never_imports_the_speed_machinery():
 def test_importing_the_model_imports_no_kernel_and_no_triton():
     code = ("import sys, densenet\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'"
-            " or m.startswith('densenet_trainer.') and not m.startswith('densenet_trainer.settings')))")
+            " or m.startswith('densenet_trainer.') and not m.startswith('densenet_trainer.config')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -108,6 +108,29 @@ def test_no_module_of_the_project_imports_itself_back():
                 return True
         return False
     assert [module for module in modules if reaches(module, module, set())] == []
+
+
+def test_each_room_imports_only_the_rooms_below_it_in_the_design_pages_table():
+    """docs/design.md's layout table lists the package's rooms top to bottom; a module may
+    import its own room and the rooms below, never one above (nor a script)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    order = [line.split("`")[1].removesuffix("/").removesuffix(".py") for line in table.splitlines()
+             if line.startswith("| `")]
+    rooms = order[order.index("densenet") + 1:]
+    package = ROOT / "densenet_trainer"
+    assert sorted(rooms) == sorted(p.stem for p in package.iterdir()
+                                   if p.suffix == ".py" and p.stem != "__init__" or p.is_dir() and p.name != "__pycache__")
+    for path in package.glob("**/*.py"):
+        room = path.relative_to(package).parts[0].removesuffix(".py")
+        if room == "__init__":
+            continue
+        for target in imports(path):
+            parts = target.split(".")
+            if parts[0] in ("train", "plot"):
+                raise AssertionError(f"{path} imports a script")
+            if parts[0] == "densenet_trainer" and len(parts) > 1 and parts[1] in rooms:
+                assert rooms.index(parts[1]) >= rooms.index(room), f"{path} imports {target}, a room above it"
 
 
 def test_the_design_pages_change_table_names_what_exists():

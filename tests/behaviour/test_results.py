@@ -1,4 +1,4 @@
-"""Results across runs (results.py, plot.py --table and --group) on small synthetic work
+"""Results across runs (results/groups.py, plot.py --table and --group) on small synthetic work
 directories: grouping by seed, the numbers, the paper's match, each format, the figure."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import plot
-from densenet_trainer.records import results, table_formats
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.results import groups, table_formats
 from helpers import check_refused, run_main
 
 PAPER_IMAGES = {"train": 50_000, "test": 10_000}  # CIFAR's official splits
@@ -114,16 +114,16 @@ def test_the_paper_column_matches_only_the_papers_configuration(tmp_path, capsys
     (extended / "train.csv").write_text("\n".join(lines[:1] + [
         f"{e},{RunConfig(epochs=150).learning_rate(min(e, 150) - 1):g},{line.split(',', 2)[2]}"
         for e, line in enumerate(lines[1:], 1)]) + "\n")
-    found = [results.read_result(folder, plot.load_run(folder).logs,
+    found = [groups.read_result(folder, plot.load_run(folder).logs,
                                  json.loads((folder / "config.json").read_text()))
              for folder in (paper_run, shorter, other, svhn, held_out, svhn_paper, *recipes, extended)]
-    cells = [table_formats.row_texts(row) for row in results.rows(found)]
+    cells = [table_formats.row_texts(row) for row in groups.rows(found)]
     assert [c["paper (%)"] for c in cells] == ["4.51", "", "5.24", "", "", "1.76"] + [""] * 6
     assert cells[0]["difference"] == "+5.49" and cells[1]["difference"] == ""
     assert cells[5]["difference"] == "+1.24"  # SVHN: the paper reports the epoch validation chose
     assert [c["data"] for c in cells][:6] == ["C10+", "C10+", "C10+", "SVHN", "C10+ (45,000 train / "
                                               "5,000 val / 10,000 test)", "SVHN"]
-    settings = pd.read_csv(io.StringIO(table_formats.table(results.rows(found), "csv")))["settings"]
+    settings = pd.read_csv(io.StringIO(table_formats.table(groups.rows(found), "csv")))["settings"]
     assert settings.iloc[-1].endswith(" rescheduled at a resume")  # its own row, apart from paper_run
     assert "rescheduled" not in settings.iloc[0] and "schedule cosine" in settings.iloc[9]
 

@@ -1,4 +1,4 @@
-"""The step checks itself (engine/loop.py): the CUDA graph's first replay against an eager step,
+"""The step checks itself (loop/training.py): the CUDA graph's first replay against an eager step,
 each epoch's bookkeeping, the configurations never captured; config.json's record of how the
 run ran. On the CPU the graph is a stand-in capture that replays right or wrong."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import train
-from densenet_trainer.engine import loop
-from densenet_trainer.engine.runtime import Runtime
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.loop import training
 from densenet_trainer.run.checkpoint import Checkpoint
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.runtime import Runtime
 from helpers import TINY, config_of, faithful_capture, metrics, stale_capture
 
 
@@ -39,7 +39,7 @@ def test_a_graph_that_goes_wrong_later_stops_the_run_before_the_epoch_is_saved(t
         return replay
 
     cfg = two_epochs(tmp_path, cifar_dir, "run")
-    with pytest.raises(loop.StepCheckFailed, match="epoch 1 did not train the steps it ran: "
+    with pytest.raises(training.StepCheckFailed, match="epoch 1 did not train the steps it ran: "
                                                        "the batch counter is at 5, not 10"):
         train.train(cfg, runtime=Runtime(torch.device("cpu"), capture=later_nothing))
     assert (tmp_path / "run" / "train.csv").read_text().count("\n") == 1  # the header alone
@@ -94,7 +94,7 @@ def test_config_json_tells_how_the_steps_ran(tmp_path, cifar_dir, capsys):
                       "graphed": "graphed (captured in ", "dropped": "eager: the capture failed ("}[name]
         assert record["evaluation"]["test"].startswith(evaluation), record["evaluation"]
         assert record["kernels_used"] == "fused on cpu"
-        assert set(record["startup_seconds"]) == {"data", "kernels", "model"}
+        assert set(record["startup_seconds"]) == {"data", "kernels", "model", "self-test"}
         assert record["environment"]["device"] == "cpu" and "gpu" not in record["environment"]
     assert metrics(tmp_path / "graphed") == metrics(tmp_path / "eager") == metrics(tmp_path / "dropped")
     # a resume records how its own steps ran

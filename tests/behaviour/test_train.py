@@ -22,10 +22,11 @@ import torch
 import densenet_trainer
 import plot
 import train
-from densenet_trainer.engine import progress, runtime
+from densenet_trainer import runtime
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.loop import progress
 from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.run.files import save_checkpoint
-from densenet_trainer.settings.config import RunConfig
 from helpers import (
     FIXTURES,
     ROOT,

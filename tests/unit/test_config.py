@@ -1,4 +1,4 @@
-"""The typed configuration (config.py): one description of a run, its flags, its flat form."""
+"""The typed configuration (config/run_config.py): one description of a run, its flags, its flat form."""
 from __future__ import annotations
 
 import json
@@ -6,21 +6,21 @@ from dataclasses import fields
 
 import pytest
 
-from densenet_trainer.settings import architecture, config
-from densenet_trainer.settings.cli import OneLineParser, UserError
-from densenet_trainer.settings.config import RESUMABLE, RunConfig
+from densenet_trainer.config import architecture, run_config
+from densenet_trainer.config.cli import OneLineParser, UserError
+from densenet_trainer.config.run_config import RESUMABLE, RunConfig
 
 
 def test_every_setting_declares_its_flag_and_whether_a_resume_may_change_it():
     for spec in fields(RunConfig):
-        assert spec.metadata["group"] in config.GROUPS and spec.metadata["help"], spec.name
+        assert spec.metadata["group"] in run_config.GROUPS and spec.metadata["help"], spec.name
         assert isinstance(spec.metadata["resumable"], bool), spec.name
     # where the data is, how fast, how long, where the files go: never what the numbers are
     assert RESUMABLE == {"epochs", "device", "channels_last", "compile", "kernels", "cuda_graph",
                          "memory_efficient", "data_dir", "download", "eval_batch_size", "save",
                          "resume", "auto_resume", "stop_after"}
     kernels = next(f for f in fields(RunConfig) if f.name == "kernels")
-    assert set(config.KERNELS) <= set(kernels.metadata["choices"])
+    assert set(run_config.KERNELS) <= set(kernels.metadata["choices"])
 
 
 def test_defaults_that_depend_on_other_settings():
@@ -47,7 +47,7 @@ def test_default_folders_name_every_setting_that_changes_the_numbers():
                "batch_size": 32, "lr": 0.05, "momentum": 0.8, "weight_decay": 5e-4,
                "opt": "rmsprop", "schedule": "cosine", "seed": 1,
                "precision": "bf16", "sync_bn": True}
-    assert set(changed) == {f.name for f in fields(RunConfig)} - config.NUMBER_NEUTRAL - {"svhn_extra"}
+    assert set(changed) == {f.name for f in fields(RunConfig)} - run_config.NUMBER_NEUTRAL - {"svhn_extra"}
     folders = [RunConfig(**{name: value}).save for name, value in changed.items()]
     assert len(set(folders) | {RunConfig().save}) == len(changed) + 1, folders
     # --no-svhn-extra names SVHN's folders only; -0.0 is 0; decimals without an exponent's minus
@@ -105,7 +105,7 @@ def test_a_damaged_or_foreign_configuration_is_refused(change, message):
 
 def test_flags_name_what_was_given_and_compile_is_a_kernel_choice():
     parser = OneLineParser()
-    config.add_flags(parser, config.flag_names("model", "speed"))
+    run_config.add_flags(parser, run_config.flag_names("model", "speed"))
     cfg, given = RunConfig.from_flags(parser.parse_args(["--depth", "100", "--compile"]))
     assert given == {"depth", "compile", "kernels"}  # --depth 100 is the default, and given
     assert cfg == RunConfig(kernels="compile")

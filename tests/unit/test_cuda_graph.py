@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.speed import cuda_graph
 from helpers import (
     ROOT,

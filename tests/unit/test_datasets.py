@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet_trainer.engine import datasets
-from densenet_trainer.settings.config import NUM_CLASSES
+from densenet_trainer.config.run_config import NUM_CLASSES
+from densenet_trainer.data import datasets
 from helpers import write_cifar10, write_cifar100
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from densenet import DenseLayer, DenseNet, model_name
-from densenet_trainer.settings import architecture
+from densenet_trainer.config import architecture
 from densenet_trainer.speed import fused
 from helpers import densenet
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from densenet import DenseNet
-from densenet_trainer.engine import data, datasets, evaluation, loop
-from densenet_trainer.engine.runtime import Runtime, capture_cuda_graph
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.data import datasets, loader
+from densenet_trainer.loop import evaluation, training
+from densenet_trainer.runtime import Runtime, capture_cuda_graph
 from densenet_trainer.speed import cuda_graph
 from densenet_trainer.speed.precision import precision_of
 from helpers import densenet
@@ -28,10 +29,10 @@ def evaluations(capture, device: torch.device = CPU, precision: str = "fp32", ke
     """One tiny model evaluated two ways over 37 images in batches of 16 (the last padded)."""
     torch.manual_seed(0)
     model = densenet(kernels, depth=10, growth_rate=4).to(device, memory_format=torch.channels_last)
-    batches = data.EvalBatches(split(device=device), 16, data.Normalizer([0.5] * 3, [0.25] * 3, device), device,
+    batches = loader.EvalBatches(split(device=device), 16, loader.Normalizer([0.5] * 3, [0.25] * 3, device), device,
                                channels_last=True)
-    eager = evaluation.EagerEvaluation(evaluation.EvaluationSums(model, precision, 10, device, precision_of=precision_of), batches)
-    graphed = cuda_graph.GraphedEvaluation(evaluation.EvaluationSums(model, precision, 10, device, precision_of=precision_of), batches,
+    eager = evaluation.EagerEvaluation(evaluation.EvaluationSums(model, precision_of(model, precision), 10, device), batches)
+    graphed = cuda_graph.GraphedEvaluation(evaluation.EvaluationSums(model, precision_of(model, precision), 10, device), batches,
                                            (notices if notices is not None else []).append, capture)
     return model, eager, graphed
 
@@ -89,7 +90,7 @@ def test_a_replay_that_counts_nothing_is_caught_by_the_image_count():
     """A graph that replays nothing passes the logits check (batch 0's are the eager ones)
     but leaves 21 of the 37 images uncounted: the evaluation refuses to report."""
     _, _, graphed = evaluations(lambda work: lambda: None)
-    with pytest.raises(loop.StepCheckFailed, match=r"the evaluation counted 16 images of the split's 37 \(graphed"):
+    with pytest.raises(training.StepCheckFailed, match=r"the evaluation counted 16 images of the split's 37 \(graphed"):
         evaluation.read_evaluation(graphed, Runtime(CPU))
 
 
@@ -120,10 +121,10 @@ def test_real_graphs_evaluate_as_eagerly(precision, kernels):
     notices = []
     model, eager, _ = evaluations(faithful, cuda, precision, kernels)
     runtime = Runtime.alone(cuda)
-    other = data.EvalBatches(split(21, cuda), 16, eager.batches.normalizer, cuda, channels_last=True)
+    other = loader.EvalBatches(split(21, cuda), 16, eager.batches.normalizer, cuda, channels_last=True)
 
     def sums() -> evaluation.EvaluationSums:
-        return evaluation.EvaluationSums(model, precision, 10, cuda, precision_of=precision_of)
+        return evaluation.EvaluationSums(model, precision_of(model, precision), 10, cuda)
     pairs = [(evaluation.EagerEvaluation(sums(), batches),
               cuda_graph.evaluation_runner(sums(), batches, RunConfig(), runtime, notices.append))
              for batches in (eager.batches, other)]

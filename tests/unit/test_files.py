@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
+from densenet_trainer.config.cli import UserError
 from densenet_trainer.run import files
 from densenet_trainer.run.files import CsvLog, RunError, WorkDirLock
-from densenet_trainer.settings.cli import UserError
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -2,12 +2,15 @@
 that raises or is wrong in one output fails it, naming why."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 import torch
 
 from densenet_trainer.speed import kernel_check
+from densenet_trainer.speed.fused_densenet import is_fused
+from helpers import densenet, start_run
 
 
 def test_the_cpu_kernels_pass_their_self_test():
@@ -76,3 +79,36 @@ def test_a_fused_model_on_a_device_its_kernels_were_not_tested_on_computes_with_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)  # once
+
+
+def test_a_kernel_wrong_on_aligned_shapes_only_is_caught_by_the_runs_own_self_test(
+        broken, capsys, tmp_path, cifar_dir):
+    """A vectorised variant miscompiled (channels and pixel stride multiples of 8): the
+    awkward shapes pass, the run's own model on its own first batch does not, before the first
+    step. One warning names the worst tensor; the run trains with ATen's kernels and
+    config.json says why."""
+    broken("aligned")
+    assert kernel_check.check(torch.device("cpu")) is None
+    out = start_run(capsys, tmp_path / "run", cifar_dir, "--epochs", "1")
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "computed this run's model otherwise than ATen's" in warning[0]
+    assert "of its largest value from float64's, where ATen's fp32 allows" in warning[0]
+    assert out.index("warning:") < out.index("epoch 1/1")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["kernels_used"] == "aten on cpu"
+    assert "the run's own self-test failed" in saved["kernels_chosen"]["why"]
+    assert "self-test" in saved["startup_seconds"]
+
+
+@pytest.mark.parametrize("options", [{}, {"memory_efficient": True, "dropout": 0.2}])
+def test_a_sound_fused_model_passes_the_runs_own_self_test_and_is_left_as_it_was(options):
+    """The fused kernels computing a model as ATen's does (dropout's masks too): no failure;
+    the model's weights, statistics and gradients are untouched by the test."""
+    model = densenet("fused", depth=16, growth_rate=8, **options).to(memory_format=torch.channels_last)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (16,), generator=generator)
+    assert kernel_check.model_failure(model, images, labels, images[:5], "fp32") is None
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and is_fused(model)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densenet_trainer.engine.runtime import Runtime
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.run import build
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.runtime import Runtime
 from densenet_trainer.speed import kernel_choice
 from helpers import faithful_capture, stale_capture
 

@@ -10,7 +10,7 @@ import torch
 
 from bench import kernels as kernel_count
 from densenet import DenseLayer, DenseNet
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
 from helpers import ROOT, on_forward
 
 TINY_BC = dict(depth=10, growth_rate=4, batch_size=8)

@@ -1,10 +1,10 @@
-"""A work directory's format (records/layout.py): the settings that cannot change a run's
+"""A work directory's format (results/layout.py): the settings that cannot change a run's
 numbers, and how a span of time is written, the same in every line and table."""
 from __future__ import annotations
 
-from densenet_trainer.records import results
-from densenet_trainer.records.layout import csv_name, duration
-from densenet_trainer.settings.config import NUMBER_NEUTRAL
+from densenet_trainer.config.run_config import NUMBER_NEUTRAL
+from densenet_trainer.results import groups
+from densenet_trainer.results.layout import csv_name, duration
 
 
 def test_the_number_neutral_settings_are_where_how_fast_and_how_long_to_look():
@@ -15,7 +15,7 @@ def test_the_number_neutral_settings_are_where_how_fast_and_how_long_to_look():
             "eval_batch_size", "save", "resume"} <= NUMBER_NEUTRAL
     assert not {"epochs", "seed", "lr", "depth", "growth_rate", "batch_size", "dataset",
                 "train_subset", "val_size", "precision", "augment"} & NUMBER_NEUTRAL
-    assert results.GROUPED_OVER == NUMBER_NEUTRAL | {"seed"}
+    assert groups.GROUPED_OVER == NUMBER_NEUTRAL | {"seed"}
 
 
 def test_durations_read_as_people_say_them():

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import densenet_trainer
-from densenet_trainer.engine import runtime
-from densenet_trainer.engine.runtime import STOP_SIGNALS, StopFlag, code_version, launcher_jobs
+from densenet_trainer import runtime
+from densenet_trainer.runtime import STOP_SIGNALS, StopFlag, code_version, launcher_jobs
 
 
 def git(root: Path, *args: str) -> str:

@@ -1,4 +1,4 @@
-"""The one training step (engine/loop.py): no host sync, the CUDA-graph runner and its fallback,
+"""The one training step (loop/training.py): no host sync, the CUDA-graph runner and its fallback,
 low precision equal to autocast, fixed-shape evaluation; CUDA-only checks carry ``cuda``."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from densenet_trainer.engine.loop import LearningRate, TrainStep
-from densenet_trainer.engine.runtime import Runtime
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.loop.training import LearningRate, TrainStep
+from densenet_trainer.runtime import Runtime
 from densenet_trainer.speed.precision import CastWeights
 from helpers import SGD, TINY, make_step, metrics, read_csv, same_weights, train_steps
 

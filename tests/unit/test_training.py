@@ -1,4 +1,4 @@
-"""The loop over an epoch's steps and evaluation (engine/loop.py, engine/evaluation.py): the epoch's check of its steps,
+"""The loop over an epoch's steps and evaluation (loop/training.py, loop/evaluation.py): the epoch's check of its steps,
 evaluation's fixed shapes."""
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from densenet import DenseNet
-from densenet_trainer.engine import data, datasets, evaluation, loop, progress
-from densenet_trainer.engine.runtime import Runtime
+from densenet_trainer.data import datasets, loader
+from densenet_trainer.loop import evaluation, progress, training
+from densenet_trainer.runtime import Runtime
 from helpers import make_step
 
 
@@ -17,17 +18,17 @@ def test_the_epoch_check_counts_steps_losses_and_batchnorm_batches():
     step.start_epoch()
     for _ in range(3):
         step()
-    loop.check_epoch(step, 0, 3, 1)  # all as it should be
+    training.check_epoch(step, 0, 3, 1)  # all as it should be
     norms = len(step.norms)
-    with pytest.raises(loop.StepCheckFailed) as raised:
-        loop.check_epoch(step, 0, 4, 1)  # a fourth step that never ran
+    with pytest.raises(training.StepCheckFailed) as raised:
+        training.check_epoch(step, 0, 4, 1)  # a fourth step that never ran
     assert str(raised.value) == (
         f"epoch 1 did not train the steps it ran: the batch counter is at 3, not 4; 1 of its 4 "
         f"steps wrote no loss; the BatchNorm layers counted {3 * norms} batches, not "
         f"{4 * norms} ({norms} layers x 4 steps)")
     step.norms[2].num_batches_tracked -= 1  # a replay that skipped one layer's statistics
-    with pytest.raises(loop.StepCheckFailed, match=f"counted {3 * norms - 1} batches, not {3 * norms}"):
-        loop.check_epoch(step, 0, 3, 1)
+    with pytest.raises(training.StepCheckFailed, match=f"counted {3 * norms - 1} batches, not {3 * norms}"):
+        training.check_epoch(step, 0, 3, 1)
 
 
 def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
@@ -36,11 +37,11 @@ def test_evaluation_pads_to_one_shape_and_counts_only_real_images():
     model = DenseNet(10, 4)
     split = datasets.Split(torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8),
                        torch.randint(0, 10, (37,)))
-    normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    normalizer = loader.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
     runtime = Runtime(torch.device("cpu"))
-    shapes = {tuple(images.shape) for images, _, _ in data.EvalBatches(split, 16, normalizer, runtime.device)}
+    shapes = {tuple(images.shape) for images, _, _ in loader.EvalBatches(split, 16, normalizer, runtime.device)}
     assert shapes == {(16, 3, 32, 32)}
-    results = [evaluation.evaluate(model, data.EvalBatches(split, size, normalizer, runtime.device),
+    results = [evaluation.evaluate(model, loader.EvalBatches(split, size, normalizer, runtime.device),
                                  "fp32", runtime, 10) for size in (1, 16, 37, 500)]
     first = results[0]
     for result in results[1:]:
@@ -69,9 +70,9 @@ def test_evaluation_batches_copy_nothing_from_the_host():
     meta = torch.device("meta")
     split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
                            torch.empty(37, dtype=torch.int64, device=meta))
-    normalizer = data.Normalizer([0.5] * 3, [0.25] * 3, meta)
+    normalizer = loader.Normalizer([0.5] * 3, [0.25] * 3, meta)
     with CrossDeviceCopies() as counted:
-        batches = list(data.EvalBatches(split, 16, normalizer, meta))
+        batches = list(loader.EvalBatches(split, 16, normalizer, meta))
     assert len(batches) == 3 and counted.copies == []
 
 
@@ -83,8 +84,8 @@ def test_evaluation_never_waits_for_the_host_inside_its_loop(classes, tta):
     model = DenseNet(10, 4, num_classes=classes).to(meta, memory_format=torch.channels_last)
     split = datasets.Split(torch.empty(37, 3, 32, 32, dtype=torch.uint8, device=meta),
                            torch.empty(37, dtype=torch.int64, device=meta))
-    batches = data.EvalBatches(split, 16, data.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)
-    sums = evaluation.EvaluationSums(model, "fp32", classes, meta, tta)
+    batches = loader.EvalBatches(split, 16, loader.Normalizer([0.5] * 3, [0.25] * 3, meta), meta)
+    sums = evaluation.EvaluationSums(model, training.Autocast(model, "fp32"), classes, meta, tta)
     with torch.inference_mode():
         evaluation.EagerEvaluation(sums, batches)()
     assert sums.confusion.shape == (classes * classes,) and sums.loss_sum.device == sums.hits5.device == meta

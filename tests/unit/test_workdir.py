@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.run import workdir
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import RunConfig
 from helpers import config_of
 
 

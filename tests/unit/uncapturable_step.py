@@ -3,7 +3,7 @@
 Prints the runner's notices, then "eager" or "graphed"."""
 import torch
 
-from densenet_trainer.engine.loop import TrainStep
+from densenet_trainer.loop.training import TrainStep
 from densenet_trainer.speed import cuda_graph
 from helpers import make_step, train_steps
 

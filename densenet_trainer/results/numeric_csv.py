@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from densenet_trainer.records.layout import COLUMN_RANGES
-from densenet_trainer.settings.cli import UserError
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.results.layout import COLUMN_RANGES
 
 
 class BadCsv(UserError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from densenet_trainer.engine.datasets import DataError, Split
+from densenet_trainer.data.datasets import DataError, Split
 
 PAD = 4  # the paper's augmentation: 4-pixel zero padding, random 32x32 crop, random flip
 

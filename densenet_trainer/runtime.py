@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import densenet_trainer
-from densenet_trainer.settings.cli import UserError
+from densenet_trainer.config.cli import UserError
 
 
 def capture_cuda_graph(step: Callable[[], None], pool: tuple | None = None) -> Callable[[], None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from densenet_trainer.records.layout import duration
+from densenet_trainer.results.layout import duration
 
 
 def time_left(epoch: int, epochs: int, steps: int, start_step: int, done: int,

@@ -17,8 +17,9 @@ the ~1,700 kernels of a DenseNet-BC-100 step one launch:
 - **Every step counted.** ``check_epoch`` checks at the epoch's end that the batch counter,
   the loss slots and every BatchNorm's batch counter say each step ran once, graph or not.
 
-The CPU runs the same step eagerly. Low precision is ``precision_of(model, precision)``'s:
-``Autocast`` here, or speed/precision.py's one cast of all weights, which computes the same.
+The CPU runs the same step eagerly. Low precision is the object the step is handed, one for
+the step and the run's evaluation: ``Autocast`` here, or speed/precision.py's one cast of all
+weights, which computes the same.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_trainer.engine import data
-from densenet_trainer.engine.progress import ProgressBar, ProgressLines
-from densenet_trainer.engine.runtime import Runtime, StopFlag, all_sum
-from densenet_trainer.settings.config import RunConfig
+from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.data import loader
+from densenet_trainer.loop.progress import ProgressBar, ProgressLines
+from densenet_trainer.runtime import Runtime, StopFlag, all_sum
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNWRITTEN = -1.0  # a loss slot's value until its step writes it: cross-entropy is never negative
@@ -120,12 +121,11 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 batches: data.TrainBatches, precision: str,
-                 scaler: torch.amp.GradScaler | None = None, top5: bool = False,
-                 precision_of: Callable[[nn.Module, str], Autocast] = Autocast) -> None:
+                 batches: loader.TrainBatches, precision: Autocast,
+                 scaler: torch.amp.GradScaler | None = None, top5: bool = False) -> None:
         device = batches.device
         self.model, self.optimizer, self.batches, self.scaler = model, optimizer, batches, scaler
-        self.precision = precision_of(model, precision)
+        self.precision = precision  # how the model computes: Autocast, or speed/precision.py's
         self.batch_index = torch.zeros(1, dtype=torch.int64, device=device)  # the batch to train on
         self.losses = torch.zeros(batches.steps, dtype=torch.float32, device=device)
         self.correct = torch.zeros(1, dtype=torch.int64, device=device)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import IN_MODEL_NAME, NUMBER_NEUTRAL, RunConfig, flag_name
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import IN_MODEL_NAME, NUMBER_NEUTRAL, RunConfig, flag_name
 
 TABLE_2 = json.loads(Path(__file__).with_name("table2.json").read_text())
 # Runs whose configurations differ only in these are one group: the seeds, and the settings

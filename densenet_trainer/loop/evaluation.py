@@ -8,7 +8,6 @@ and checks that every image of the split counted once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,10 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_trainer.engine import data
-from densenet_trainer.engine.loop import Autocast, StepCheckFailed, top5_hits
-from densenet_trainer.engine.runtime import Runtime
-from densenet_trainer.settings.config import TOP5_FROM
+from densenet_trainer.config.run_config import TOP5_FROM
+from densenet_trainer.data import loader
+from densenet_trainer.loop.training import Autocast, StepCheckFailed, top5_hits
+from densenet_trainer.runtime import Runtime
 
 
 @dataclass
@@ -49,10 +48,10 @@ class EvaluationSums:
     anything (a test runs it on the meta device, where any read would fail), so that a CUDA
     graph can capture it (cuda_graph.GraphedEvaluation)."""
 
-    def __init__(self, model: nn.Module, precision: str, num_classes: int, device: torch.device,
-                 tta: bool = False, precision_of: Callable[[nn.Module, str], Autocast] = Autocast) -> None:
+    def __init__(self, model: nn.Module, precision: Autocast, num_classes: int, device: torch.device,
+                 tta: bool = False) -> None:
         self.model, self.num_classes, self.tta = model, num_classes, tta
-        self.precision = precision_of(model, precision)
+        self.precision = precision  # the training step's, in a run
         self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.hits5 = torch.zeros((), dtype=torch.float64, device=device)
@@ -84,7 +83,7 @@ class EvaluationRunner(Protocol):
     """What evaluates every batch of ``batches`` into ``sums``: EagerEvaluation, or
     cuda_graph.GraphedEvaluation; ``status`` says which, and why."""
     sums: EvaluationSums
-    batches: data.EvalBatches
+    batches: loader.EvalBatches
     status: str
 
     def __call__(self) -> None: ...
@@ -93,7 +92,7 @@ class EvaluationRunner(Protocol):
 class EagerEvaluation:
     """An evaluation's batches one after another into ``sums`` (``status``: why not as a graph)."""
 
-    def __init__(self, sums: EvaluationSums, batches: data.EvalBatches, reason: str | None = None) -> None:
+    def __init__(self, sums: EvaluationSums, batches: loader.EvalBatches, reason: str | None = None) -> None:
         self.sums, self.batches = sums, batches
         self.status = f"eager ({reason})" if reason else "eager"
 
@@ -125,8 +124,8 @@ def read_evaluation(evaluation: EvaluationRunner, runtime: Runtime) -> Evaluatio
     return Evaluation(sums.loss_sum.item() / count, error, top5, confusion, time.perf_counter() - start)
 
 
-def evaluate(model: nn.Module, batches: data.EvalBatches, precision: str, runtime: Runtime,
+def evaluate(model: nn.Module, batches: loader.EvalBatches, precision: str, runtime: Runtime,
              num_classes: int, tta: bool = False) -> Evaluation:
     """``model`` over every process's ``batches``, eagerly (--evaluate, tools and tests)."""
-    sums = EvaluationSums(model, precision, num_classes, runtime.device, tta)
+    sums = EvaluationSums(model, Autocast(model, precision), num_classes, runtime.device, tta)
     return read_evaluation(EagerEvaluation(sums, batches), runtime)

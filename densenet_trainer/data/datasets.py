@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densenet_trainer.records.whole_files import refuse_unless_file
-from densenet_trainer.settings.cli import UserError
-from densenet_trainer.settings.config import DATASETS, NUM_CLASSES
+from densenet_trainer.whole_files import refuse_unless_file
+from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.run_config import DATASETS, NUM_CLASSES
 
 
 class DataError(UserError):

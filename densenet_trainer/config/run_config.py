@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import Decimal
 
-from densenet_trainer.settings import cli
-from densenet_trainer.settings.architecture import check_config, model_name
-from densenet_trainer.settings.cli import UserError
+from densenet_trainer.config import cli
+from densenet_trainer.config.architecture import check_config, model_name
+from densenet_trainer.config.cli import UserError
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 DATASETS = tuple(NUM_CLASSES)

@@ -1,13 +1,13 @@
 """The results table as text (aligned columns), Markdown, CSV (a number per column, for
-pandas) and LaTeX (booktabs): the rows that results.py groups, written for a reader or a
+pandas) and LaTeX (booktabs): the rows that groups.py makes, written for a reader or a
 paper. torch-free, like plot.py, which prints and writes them (--table, --table-format).
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from densenet_trainer.records.layout import duration
-from densenet_trainer.records.results import IN_MODEL_NAME, SAID_BY_DATA, Row, settings_apart
+from densenet_trainer.results.groups import IN_MODEL_NAME, SAID_BY_DATA, Row, settings_apart
+from densenet_trainer.results.layout import duration
 
 # the table's columns: header and alignment ("r": numbers, "pm": mean ± std)
 COLUMNS = {"model": "l", "parameters": "r", "data": "l", "settings": "l", "epochs": "r", "n": "r", "seeds": "l",

@@ -1,6 +1,6 @@
 """The architecture's arithmetic, from the paper: which depths a DenseNet or DenseNet-BC can
 have, which settings can be built (and how many parameters they would have, counted without
-building them), and the model's short name. torch-free: config.py and plot.py use it too.
+building them), and the model's short name. torch-free: run_config.py and plot.py use it too.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from densenet_trainer.settings.cli import UserError
+from densenet_trainer.config.cli import UserError
 
 
 class NotARegularFile(UserError):

@@ -1,1 +1,0 @@
-"""A work directory's format (layout.py) and results across runs, grouped over seeds, beside the paper's Table 2 (results.py): torch-free, for plot.py."""
