@@ -1,4 +1,5 @@
-"""What one training step launches on a GPU, counted on any machine without one.
+"""What one training step (and one evaluation batch) launches on a GPU, counted on any machine
+without one.
 
 Inside a CUDA graph a step's kernels run one after another and each costs about 2 µs
 however little it does, so their number bounds the step's speed: 1,000 kernels are 2 ms
@@ -25,6 +26,9 @@ before any real work. This script runs one training step of train.py (the same
 
 The counts depend on the model, the batch and the code, never on the machine: the table is
 the same everywhere.
+
+Below the table, the same count for one evaluation batch of as many images (the model in
+evaluation mode, its sums as the run keeps them).
 
   python bench/kernels.py                              # BC-100-12, batch 64
   python bench/kernels.py --depth 250 --growth-rate 24 --batch 16
@@ -81,7 +85,7 @@ class Grid:
 
 @dataclasses.dataclass
 class Count:
-    """What one step launched."""
+    """What one step (or one evaluation batch) launched."""
     aten: int = 0
     triton: int = 0
     tiny: int = 0
@@ -89,6 +93,7 @@ class Count:
     names: Counter = dataclasses.field(default_factory=Counter)
     grids: dict[str, Grid] = dataclasses.field(default_factory=dict)
     variants: set[Variant] = dataclasses.field(default_factory=set)  # the Triton kernels' specialisations
+    evaluation: Count | None = None  # one evaluation batch's, beside a training step's
 
     def floor_ms(self, gpu: str) -> float:
         """The step's floor on ``gpu``: its bytes at the bandwidth or its launches one after
@@ -252,9 +257,11 @@ def count_step(cfg: run_config.RunConfig) -> Count:
     everything (the step never branches on a value)."""
     import torch
 
+    from densenet_trainer.data import loader
+    from densenet_trainer.loop.evaluation import EvaluationSums
     from densenet_trainer.run import build
     from densenet_trainer.runtime import Runtime
-    count = Count()
+    count, evaluation = Count(), Count()
     current = [Count()]  # the step before the counted one counts into a Count of its own
     with triton_counted(lambda: current[0]):
         cfg = dataclasses.replace(cfg, cuda_graph=False, device="cpu")
@@ -264,6 +271,17 @@ def count_step(cfg: run_config.RunConfig) -> Count:
         current[0] = count
         with counting(count):
             run.step()
+        run.step.model.eval()
+        batch = loader.EvalBatches(run.test, cfg.batch_size, run.normalizer, run.runtime.device,
+                                   channels_last=cfg.channels_last).batch(torch.zeros(1, dtype=torch.int64))
+        sums = EvaluationSums(run.step.model, run.step.precision, cfg.num_classes, run.runtime.device)
+        with torch.no_grad():
+            current[0] = Count()
+            sums.add(*batch)  # the first: lazy state, as for the step
+            current[0] = evaluation
+            with counting(evaluation):
+                sums.add(*batch)
+    count.evaluation = evaluation
     return count
 
 
@@ -308,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     print(f"floor: the step's bytes at the GPU's bandwidth ({', '.join(f'{g} {b} TB/s' for g, b in BANDWIDTH_TB_S.items())}) "
           f"or its launches one after another at {LAUNCH_US:g} µs, whichever is longer; no GPU beats it")
+    print(f"\none evaluation batch of {args.batch}:")
+    print_table([("path", "ATen ops", "Triton", "total", "tiny", "MB moved (estimate)")]
+                + [(name, f"{e.aten:,}", f"{e.triton:,}", f"{e.total:,}", f"{e.tiny:,}", f"{e.bytes / 1e6:,.0f}")
+                   for name, e in ((name, count.evaluation) for name, count in counts.items())])
     grids = [(name, kernel, grid) for name, count in counts.items() for kernel, grid in count.grids.items()]
     if grids:
         print()

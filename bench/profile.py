@@ -1,14 +1,17 @@
 """Where a training step's time goes: one step of each path under torch.profiler, its
-kernel time by group, as a table.
+time by the call that spent it, as a table.
 
-On a GPU the groups are the device's kernels: cuDNN's convolutions (forward, data gradient,
-weight gradient), BatchNorm and elementwise kernels, the fused path's Triton kernels (the
-main passes over the pixels, and the finish kernels that reduce their partial sums), the
-optimiser, and the rest; the step runs eagerly here (the kernels a CUDA graph replays are
-the same). On a CPU the groups are ATen's operations by their own (self) time, the fused C
-kernels under their autograd functions, and the step's time outside any of them. Each
-path's step is profiled in a fresh process (a second profile in one process ran several
-times slower), after untimed warm-up steps, on random images, as train.py builds it.
+Every kernel a GPU runs is filed under the call that launched it, found by walking up from
+the PyTorch operation the profiler links it to, through the operations and autograd nodes
+around it, to the first that names a part of the step: a convolution forward, a
+convolution's backward (its data and weight gradients, whatever cuDNN names its GEMMs and
+split-K reductions), a BatchNorm-ReLU forward or backward (ATen's operations, or the fused
+path's autograd functions and the Triton kernels they launch), pooling, the loss and the
+classifier, the optimiser; the rest is "others". On a CPU each operation's own (self) time is
+filed the same way, and the step's time outside any operation apart. The step runs eagerly
+(the kernels a CUDA graph replays are the same). Each path's step is profiled in a fresh
+process (a second profile in one process ran several times slower), after untimed warm-up
+steps, on random images, as train.py builds it.
 
   python bench/profile.py                                  # BC-100-12, batch 64, the device's paths
   python bench/profile.py --device cuda --paths aten,fused,aten_bf16,fused_bf16
@@ -47,44 +50,49 @@ PATHS = {"aten": {"kernels": "aten"}, "fused": {"kernels": "fused"},
          "fused_bf16": {"kernels": "fused", "precision": "bf16"},
          "memory_efficient": {"kernels": "fused", "memory_efficient": True}}
 DEFAULT_PATHS = {"cpu": "aten,fused,memory_efficient", "cuda": "aten,fused,aten_bf16,fused_bf16"}
-TRITON_FINISH = ("_stats_finish_kernel", "_backward_finish_kernel")  # speed/triton_kernels.py
-TRITON_MAIN = ("_norm_relu_kernel", "_norm_relu_backward_kernel", "_stats_kernel", "_finish_grad_kernel")
-FUSED_FUNCTIONS = ("_NormReLU", "_Gather")  # speed/fused.py's autograd functions (C on a CPU)
 OUTSIDE = "outside any operation (Python, waiting)"
-GROUPS = ("convolution forward", "convolution data-gradient", "convolution weight-gradient",
-          "convolution backward (data and weight)", "BatchNorm and elementwise",
-          "Triton main passes", "Triton finish", "fused C kernels", "optimiser", "others", OUTSIDE)
-ELEMENTWISE = ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "elementwise", "relu", "threshold",
-               "add", "mul", "div", "copy", "fill", "reduce", "cat", "where", "clamp", "sum", "mean")
+UNLINKED = "kernels linked to no call"
+# The parts of a step, each with the names of the calls that make it (PyTorch operations,
+# autograd nodes, profiler ranges such as the optimisers' own); a kernel or an operation is
+# filed under the first part that the innermost of its calls names.
+CALLS = (
+    ("optimiser", ("Optimizer.", "_foreach_", "_fused_sgd", "_fused_adam")),
+    ("convolution backward (data and weight)", ("ConvolutionBackward", "convolution_backward")),
+    ("convolution forward", ("convolution",)),
+    ("BatchNorm-ReLU backward", ("NormReLUBackward", "NormReLUConvBackward", "GatherBackward",
+                                 "BatchNormBackward", "batch_norm_backward", "ThresholdBackward",
+                                 "threshold_backward", "ReluBackward")),
+    ("BatchNorm-ReLU forward", ("_NormReLU", "_Gather", "batch_norm", "relu", "threshold")),
+    ("concatenation", ("aten::cat", "CatBackward")),
+    ("pooling", ("pool", "Pool")),
+    ("loss and classifier", ("cross_entropy", "nll_loss", "log_softmax", "NllLoss", "LogSoftmax",
+                             "addmm", "Addmm", "linear")),
+)
+GROUPS = (*(group for group, _ in CALLS), "others", UNLINKED, OUTSIDE)
 
 
-def group_of(name: str) -> str:
-    """The group of a kernel (GPU) or an ATen operation (CPU), by its name."""
-    lowered = name.lower()
-    if any(kernel in name for kernel in TRITON_FINISH):
-        return "Triton finish"
-    if any(kernel in name for kernel in TRITON_MAIN):
-        return "Triton main passes"
-    if any(function in name for function in FUSED_FUNCTIONS):
-        return "fused C kernels"
-    if "dgrad" in lowered:
-        return "convolution data-gradient"
-    if "wgrad" in lowered:
-        return "convolution weight-gradient"
-    if "convolution_backward" in lowered:
-        return "convolution backward (data and weight)"
-    if any(word in lowered for word in ("conv", "fprop", "implicit_gemm", "xmma", "cutlass")):
-        return "convolution forward"
-    if any(word in lowered for word in ("sgd", "multi_tensor", "foreach", "optimizer")):
-        return "optimiser"
-    if any(word in lowered for word in ELEMENTWISE):
-        return "BatchNorm and elementwise"
+def group_of(calls: list[str]) -> str:
+    """The part of the step that ``calls`` (innermost first: an operation and the calls
+    around it) belong to."""
+    for name in calls:
+        for group, names in CALLS:
+            if any(part in name for part in names):
+                return group
     return "others"
+
+
+def calls_of(event) -> list[str]:
+    """A profiler event's name and those of the calls around it, innermost first."""
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return names
 
 
 def profile_step(cfg: RunConfig, device_type: str, warmup: int) -> dict[str, tuple[float, int]]:
     """One step of ``cfg``'s training: milliseconds and count of kernels (or operations) by
-    group, and the step's own milliseconds under "step"."""
+    the part of the step that launched them, and the step's own milliseconds under "step"."""
     import time
 
     import torch
@@ -103,14 +111,20 @@ def profile_step(cfg: RunConfig, device_type: str, warmup: int) -> dict[str, tup
         synchronize(device)
         step_ms = 1e3 * (time.perf_counter() - began)
     totals: dict[str, list] = {}
+    on_device = 0.0  # every kernel's microseconds, linked to a call or not
     for event in profiled.events():
-        on_device = event.device_type == torch.autograd.DeviceType.CUDA
-        if on_device != (device.type == "cuda"):
-            continue
-        us = event.device_time if on_device else event.self_cpu_time_total
-        entry = totals.setdefault(group_of(event.name), [0.0, 0])
-        entry[0] += us / 1e3
-        entry[1] += 1
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            on_device += event.time_range.elapsed_us()
+            continue  # a GPU's kernels are counted with the operation that launched them
+        spent = ([kernel.duration for kernel in event.kernels] if device.type == "cuda"
+                 else [event.self_cpu_time_total])
+        if spent:
+            entry = totals.setdefault(group_of(calls_of(event)), [0.0, 0])
+            entry[0] += sum(spent) / 1e3
+            entry[1] += len(spent)
+    unlinked = on_device / 1e3 - sum(ms for ms, _ in totals.values())
+    if device.type == "cuda" and unlinked > 0.01 * step_ms:  # kernels the profiler tied to no call
+        totals[UNLINKED] = [unlinked, 0]
     if device.type == "cpu":  # the step's time that no operation's own time covers
         totals[OUTSIDE] = [max(0.0, step_ms - sum(ms for ms, _ in totals.values())), 0]
     return {**{group: (ms, count) for group, (ms, count) in totals.items()}, "step": (step_ms, 0)}

@@ -8,6 +8,7 @@ named by what they hold, each using only the rooms below it here:
   someone working on the trainer may skip it;
 - ``loop``: the training loop (loop/training.py, top to bottom), evaluation and progress;
 - ``data``: the datasets read and checked, and the batches on the device;
+- ``provenance``: what a run ran on and which code trained it, for config.json;
 - ``runtime``: the process (device, ranks, random generators, signals);
 - ``results``: a work directory's format and results across runs beside the paper's
   Table 2 (no torch; plot.py reads it);

@@ -3,7 +3,6 @@ number generators, the signals that stop it, and the glibc setting that keeps it
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import os
 import platform
 import random
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import densenet_trainer
 from densenet_trainer.config.cli import UserError
 
 
@@ -43,6 +41,7 @@ class Runtime:
     world_size: int = 1
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
     jobs: dict = field(default_factory=dict)  # the launchers' jobs, agreed by every process (launcher_jobs)
+    unused_gpu: str | None = None  # --device auto: why a GPU the machine has was not used
 
     @classmethod
     def alone(cls, device: torch.device) -> Runtime:
@@ -67,9 +66,22 @@ def setup_runtime(device_flag: str) -> Runtime:
     evaluation batch has one shape, so that happens in the first steps only.
     """
     if device_flag == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+        raise UserError(f"--device cuda: {unusable_gpu() or 'no CUDA GPU is visible'}; use --device cpu")
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     torch.backends.cudnn.benchmark = use_cuda
+    runtime = _process_runtime(use_cuda)
+    if device_flag == "auto" and not use_cuda:
+        runtime.unused_gpu = unusable_gpu()
+        if runtime.unused_gpu:
+            remedy = (f"an NVIDIA driver for CUDA {torch.version.cuda} or newer" if torch.version.cuda
+                      else "torch's CUDA build (README: Set up)")
+            runtime.log(f"warning: {runtime.unused_gpu}; training on the CPU instead, perhaps a "
+                        f"hundred times slower. Install {remedy}, or pass --device cpu to mean it")
+    return runtime
+
+
+def _process_runtime(use_cuda: bool) -> Runtime:
+    """setup_runtime's process: alone, or one of torchrun's."""
     if "LOCAL_RANK" not in os.environ:
         return Runtime.alone(torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -81,6 +93,35 @@ def setup_runtime(device_flag: str) -> Runtime:
     dist.all_gather_object(gathered, local_jobs())
     # several processes step eagerly: DistributedDataParallel's all-reduce is not captured
     return Runtime(device, dist.get_rank(), dist.get_world_size(), jobs=launcher_jobs(gathered))
+
+
+def unusable_gpu() -> str | None:
+    """Why an NVIDIA GPU this machine has is not usable by torch (None: it is, or the
+    driver lists none): the GPU as the driver lists it, and torch's reason."""
+    if torch.cuda.is_available():
+        return None
+    listed = gpus_listed()
+    if not listed:
+        return None
+    if torch.version.cuda is None:
+        reason = "it is built without CUDA"
+    else:
+        try:
+            torch.cuda.init()
+            reason = "it finds no CUDA device"
+        except Exception as error:  # the driver too old, or none loaded: torch says which
+            reason = (str(error).strip().split(". ")[0].splitlines() or [type(error).__name__])[0]
+    return f"this machine has a GPU ({listed}) that torch {torch.__version__} cannot use: {reason}"
+
+
+def gpus_listed() -> str | None:
+    """The first GPU the NVIDIA driver lists (``nvidia-smi -L``), or None."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = listing.strip().splitlines()[0] if listing.strip() else ""
+    return first.split(" (UUID")[0] or None
 
 
 ATTEMPT_STORE = "densenet/attempt-store"  # the agent's store key naming this attempt's own store
@@ -176,45 +217,6 @@ def launcher_jobs(each: list[dict[str, dict]]) -> dict[str, dict]:
             if "agents" in job:
                 merged["agents"] = sorted(set(merged.get("agents", [])) | set(job["agents"]))
     return jobs
-
-
-def environment(runtime: Runtime) -> dict:
-    """What the run ran on, for config.json."""
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "host": platform.node(), "device": str(runtime.device),
-            "world_size": runtime.world_size, "threads": torch.get_num_threads()}
-    if runtime.device.type == "cuda":
-        properties = torch.cuda.get_device_properties(runtime.device)
-        info.update({"gpu": properties.name, "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
-                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()})
-        try:
-            info["triton"] = importlib.metadata.version("triton")
-        except importlib.metadata.PackageNotFoundError:
-            info["triton"] = None
-    return info
-
-
-PROJECT_ROOT = Path(densenet_trainer.__file__).resolve().parent.parent
-
-
-def code_version(root: Path = PROJECT_ROOT) -> dict:
-    """Which code trains the run, for config.json: the project's version and, run from a git
-    checkout at ``root``, its commit and whether tracked files had changes (``modified``), so
-    that a result can be traced to the code that produced it."""
-    info = {"version": densenet_trainer.__version__}
-    if not (root / ".git").exists():
-        return info
-
-    def git(*args: str) -> str:  # a checkout of another owner (a shared cluster, a container's mount) too
-        return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(root), *args],
-                              capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-    try:
-        info.update(commit=git("rev-parse", "HEAD"),
-                    modified=bool(git("status", "--porcelain", "--untracked-files=no")))
-    except (OSError, subprocess.SubprocessError) as error:  # no git, or not a repository after all
-        stderr = getattr(error, "stderr", None) or str(error)
-        info["commit_unknown"] = stderr.strip().splitlines()[0] if stderr.strip() else type(error).__name__
-    return info
 
 
 def on_main(runtime: Runtime, action: Callable, *args):

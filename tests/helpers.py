@@ -229,17 +229,19 @@ def faithful_capture(step):
 
 
 def static_grads_capture(step):
-    """A capture whose replay, like a CUDA graph's, leaves the gradients in the same tensors
-    every time (``replay.kept``, by parameter), whatever ``p.grad`` pointed to before."""
+    """A capture as a CUDA graph's: the gradients are allocated inside it and belong to the
+    graph (``replay.kept``, by parameter; ``p.grad`` points to them once captured, with no
+    values yet); every replay writes them, whatever ``p.grad`` pointed to before."""
     parameters = [p for group in step.optimizer.param_groups for p in group["params"]]
-    kept: dict = {}
+    kept = {p: torch.full_like(p, float("nan")) for p in parameters}
+    for p in parameters:
+        p.grad = kept[p]
 
     def replay():
         step()
         for p in parameters:
-            if p.grad is not None:
-                kept.setdefault(p, torch.empty_like(p.grad)).copy_(p.grad)
-                p.grad = kept[p]
+            kept[p].copy_(p.grad)
+            p.grad = kept[p]
     replay.kept = kept
     return replay
 

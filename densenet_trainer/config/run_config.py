@@ -77,8 +77,8 @@ class RunConfig:
     dropout: float = setting(None, "model", "dropout after each conv but the first (default 0, or "
                              "0.2 with --no-augment)", type=float)
     memory_efficient: bool = setting(False, "model", "store only conv outputs, recompute BN and "
-                                     "ReLU in backward: memory linear in depth, same results, "
-                                     "slightly slower steps", resumable=True)
+                                     "ReLU in backward: memory linear in depth, the same "
+                                     "function, slightly slower steps", resumable=True)
 
     opt: str = setting("sgd", "optimisation", "optimiser", choices=("sgd", "adam", "rmsprop"))
     lr: float = setting(None, "optimisation", "initial learning rate (default 0.1 for sgd, 0.001 "
@@ -98,29 +98,29 @@ class RunConfig:
 
     device: str = setting("auto", "speed", "auto: a GPU when there is one",
                           choices=("auto", "cpu", "cuda"), resumable=True)
-    precision: str = setting("fp32", "speed", "autocast precision; fp16 uses a gradient scaler",
-                             choices=("fp32", "bf16", "fp16"))
+    precision: str = setting("fp32", "speed", "autocast precision (bf16, fp16: the convolutions "
+                             "and the classifier round to 8 or 11 significant bits); fp16 uses a "
+                             "gradient scaler", choices=("fp32", "bf16", "fp16"))
     channels_last: bool = setting(True, "speed", "NHWC memory layout (faster on tensor-core GPUs; "
-                                  "on the CPU it enables the fused dense blocks of fused.py)",
-                                  resumable=True)
+                                  "on the CPU it enables the fused dense blocks of fused.py; the "
+                                  "same function, other float rounding)", resumable=True)
     cuda_graph: bool = setting(True, "speed", "on CUDA, capture the whole training step as one "
                                "CUDA graph after 3 eager steps and replay it, and each split's "
-                               "evaluation batch likewise (one process: under torchrun the steps "
-                               "run eagerly, DistributedDataParallel's all-reduce not being "
-                               "captured; if capture fails, the run goes on eagerly and says why)",
-                               resumable=True)
+                               "evaluation batch likewise, the same kernels as an eager step (one "
+                               "process: under torchrun the steps run eagerly, DistributedData"
+                               "Parallel's all-reduce not being captured; if capture fails, the "
+                               "run goes on eagerly and says why)", resumable=True)
     kernels: str = setting("auto", "speed", "how dense blocks and BatchNorm-ReLU run: fused "
                            "(fused.py: C loops on the CPU in float32, Triton on CUDA in float32 "
                            "or bf16), aten (PyTorch's operations), compile (torch.compile of the "
                            "aten model; inside the CUDA graph on a GPU); auto: fused on the CPU "
                            "in float32; on a GPU the faster of fused and aten in a few steps "
-                           "timed at the start of the run (fp16: aten); aten otherwise. Same "
-                           "results, different speed",
+                           "timed at the start of the run (fp16: aten); aten otherwise. The "
+                           "same function, other speed and float rounding (as on two GPUs)",
                            choices=("auto", *KERNELS, "compile"), resumable=True)
     compile: bool = setting(False, "speed", "the same as --kernels compile", resumable=True)
     sync_bn: bool = setting(False, "speed", "SyncBatchNorm across processes (torchrun)")
-    eval_batch_size: int = setting(500, "speed", "batch size for evaluation",
-                                   type=cli.positive_int, resumable=True)
+    eval_batch_size: int = setting(500, "speed", "batch size for evaluation", type=cli.positive_int, resumable=True)
 
     save: str = setting(None, "run", "work directory (default work/<dataset>-<model name>, "
                         "then each setting that changes the numbers and differs from its "

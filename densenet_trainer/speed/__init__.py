@@ -40,7 +40,7 @@ def apply_fused_kernels(model: nn.Module, device_type: str | None = None) -> str
     if failure:
         fused_densenet.tested_on.discard(device_type)  # models fused before compute with ATen too
         warnings.warn(f"the fused kernels failed their self-test on {device_type} ({failure}); "
-                      f"dense blocks use ATen operations instead: the same results, slower",
+                      f"dense blocks use ATen operations instead: the same function, slower",
                       stacklevel=2)
         return f"the fused kernels failed their self-test ({failure})"
     fused_densenet.tested_on.add(device_type)

@@ -122,7 +122,7 @@ class GraphedStep:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         self.status = f"eager: the capture failed ({reason})"
         self.notice(f"notice: the training step could not be captured as a CUDA graph "
-                    f"({reason}); training goes on eagerly, with the same results, slower")
+                    f"({reason}); training goes on eagerly, with the same kernels, slower")
 
 
 def on_side_stream(side: torch.cuda.Stream | None, work: Callable[[], object]) -> None:

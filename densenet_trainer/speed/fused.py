@@ -10,8 +10,8 @@ backward, and every layer adds its input gradient in place into one gradient buf
 block, which autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a
 convolution, its output can carry zero channels up to a multiple the device's convolutions
 want (``conv_input_channels``: bfloat16 on CUDA), matched by zero input channels in a copy of
-the weight (``conv``). The result equals the ATen path (tests compare outputs and gradients in
-float64, padded or not); only the order of floating-point sums differs. In the
+the weight (``conv``). The function is ATen's (tests compare outputs and gradients in float64,
+padded or not); the order of floating-point sums differs, so float32 rounds otherwise. In the
 memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
 The autograd logic here is the same on every device; four functions do a BatchNorm's work
@@ -19,11 +19,10 @@ The autograd logic here is the same on every device; four functions do a BatchNo
 two implementations chosen once per device type (``backend``): C loops on the CPU
 (cpu_kernels.py, float32 and float64), Triton on CUDA (triton_kernels.py, float32, and
 bfloat16 features with float32 statistics and gradient sums). On CUDA each is one or two
-kernels with the per-channel work inside, and the BatchNorms' batch counters move in one
-operation per forward (``batch_counters``): a DenseNet-BC-100 step is about 850 kernels
-where ATen's path launches about 1,200 (bench/kernels.py). Where neither applies (no
-compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile),
-``densenet.py`` uses its ATen path instead.
+kernels, and the BatchNorms' batch counters move in one operation per forward
+(``batch_counters``): a DenseNet-BC-100 step is about 850 kernels to ATen's 1,200
+(bench/kernels.py). Elsewhere (no compiler, no Triton, contiguous or other-typed tensors,
+autocast, torch.compile) ``densenet.py``'s ATen path computes.
 """
 from __future__ import annotations
 
@@ -99,14 +98,16 @@ class SharedFeatures:
     ``buffer[:, :filled]`` holds the block input and every layer output so far, ``pixel_stride``
     elements from one pixel to the next (on CUDA the channels are padded up to a multiple of
     16, which lets the kernels vectorise their loads); ``mean`` and ``var`` (biased) their
-    per-channel batch statistics, used in training mode. ``grad``, on the buffer's pixel
+    per-channel batch statistics, noted only where a BatchNorm reading them is in training
+    mode (``batch_stats``; evaluation copies the features alone). ``grad``, on the buffer's pixel
     stride, is the gradient of the whole buffer: ``gather`` starts it in backward and every
     layer adds its share, so it is complete from the last channels down to the first;
     ``finish_grad`` hands each feature's part on.
     """
 
-    def __init__(self, buffer: Tensor, filled: int = 0) -> None:
+    def __init__(self, buffer: Tensor, filled: int = 0, batch_stats: bool = True) -> None:
         self.buffer, self.filled, self.pixel_stride = buffer, filled, pixel_stride(buffer)
+        self.batch_stats = batch_stats
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
         # low-precision features keep float32 statistics and gradient coefficients; their
@@ -119,22 +120,21 @@ class SharedFeatures:
         self.coefficients: Tensor | None = None
 
     @classmethod
-    def for_block(cls, first: Tensor, channels: int) -> SharedFeatures:
+    def for_block(cls, first: Tensor, channels: int, batch_stats: bool = True) -> SharedFeatures:
         """A buffer of ``channels`` for a block whose input is ``first``."""
         n, _, h, w = first.shape
         multiple = backend(first.device.type).PIXEL_STRIDE_MULTIPLE if w > 1 else 1
         padded = -(-channels // multiple) * multiple
         storage = torch.empty((n, padded, h, w), dtype=first.dtype, device=first.device,
                               memory_format=torch.channels_last)
-        shared = cls(storage[:, :channels])
+        shared = cls(storage[:, :channels], batch_stats=batch_stats)
         shared.append(first)
         return shared
 
     @classmethod
     def holding(cls, features: Tensor, batch_stats: bool) -> SharedFeatures:
-        """``features`` alone, as the buffer itself (no copy); statistics only if asked for:
-        those its block noted as it wrote them where ``features`` is a block's output
-        (``gather``), else a pass over it."""
+        """``features`` alone, as the buffer itself (no copy); statistics if asked for: its
+        block's (``gather``'s ``block_statistics``), else a pass over it."""
         shared = cls(features, filled=features.shape[1])
         if batch_stats and getattr(features, "block_statistics", None) is not None:
             shared.mean, shared.var = features.block_statistics
@@ -146,10 +146,13 @@ class SharedFeatures:
 
     @torch.no_grad()
     def append(self, feature: Tensor) -> None:
-        """Copy ``feature`` into the next channels, and note its batch statistics."""
+        """Copy ``feature`` into the next channels, and note its batch statistics if asked."""
         feature = feature.contiguous(memory_format=torch.channels_last)
         start = self.filled
         self.filled += feature.shape[1]
+        if not self.batch_stats:
+            self.buffer[:, start:self.filled].copy_(feature)
+            return
         backend(feature.device.type).stats(feature, feature.shape[1], self.pixels, feature.shape[1],
                                            self.buffer[:, start:], self.pixel_stride,
                                            self.mean[start:self.filled], self.var[start:self.filled])
@@ -158,8 +161,7 @@ class SharedFeatures:
         return self.buffer[:, :channels]
 
     def like_buffer(self, dtype: torch.dtype) -> Tensor:
-        """An uninitialised tensor of the buffer's shape and pixel stride, in ``dtype``: the
-        gradient buffer, whose loads and stores then line up as the features' do."""
+        """An empty gradient buffer in ``dtype``, on the features' shape and pixel stride."""
         n, channels, h, w = self.buffer.shape
         storage = torch.empty((n, self.pixel_stride, h, w), dtype=dtype, device=self.buffer.device,
                               memory_format=torch.channels_last)
@@ -354,5 +356,5 @@ def gather(shared: SharedFeatures, newest: Tensor) -> Tensor:
     BatchNorm after the block (a transition's, the final one) reads instead of a pass of its
     own."""
     out = _Gather.apply(newest, shared)
-    out.block_statistics = (shared.mean, shared.var)
+    out.block_statistics = (shared.mean, shared.var) if shared.batch_stats else None
     return out

@@ -51,7 +51,9 @@ class FusedDenseBlock(DenseBlock):
     def forward(self, x: Tensor) -> Tensor:
         if not usable(x):
             return super().forward(x)
-        shared = fused.SharedFeatures.for_block(x, self.out_channels)
+        # batch statistics only for BatchNorms in training mode: evaluation copies the features
+        batch_stats = any(layer.norm1.training for layer in self.layers)
+        shared = fused.SharedFeatures.for_block(x, self.out_channels, batch_stats)
         newest = x
         for layer in self.layers:
             newest = layer(newest, shared)

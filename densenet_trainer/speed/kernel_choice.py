@@ -118,7 +118,7 @@ def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None
     failure = kernel_check.failure(device.type)
     if failure:
         log(f"warning: the fused kernels failed their self-test on {device.type} ({failure}); "
-            f"the run computes with ATen's kernels instead: the same results, slower")
+            f"the run computes with ATen's kernels instead: the same function, slower")
         return f"the fused kernels failed their self-test ({failure})"
     return None
 
@@ -139,7 +139,7 @@ def confirm_on_model(choice: KernelChoice, model: torch.nn.Module, images: torch
     problem = problem or "another process's model failed it"
     fused_densenet.unfuse(model)
     log(f"warning: the fused kernels computed this run's model otherwise than ATen's "
-                f"({problem}); the run computes with ATen's kernels instead: the same results, slower")
+                f"({problem}); the run computes with ATen's kernels instead: the same function, slower")
     return dataclasses.replace(choice, kernels="aten",
                                why=f"{choice.why}, but the run's own self-test failed: {problem}")
 

@@ -5,6 +5,7 @@ import csv
 import json
 import pickle
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -234,20 +235,30 @@ def test_bench_speed_says_how_each_mode_really_ran():
         "mixed: fused, eager; fused, graphed")
 
 
-@pytest.mark.parametrize("name, group", [
-    ("sm90_xmma_fprop_implicit_gemm_tf32f32_tf32f32_f32_nhwckrsc_nhwc", "convolution forward"),
-    ("sm90_xmma_dgrad_implicit_gemm_indexed_tf32f32", "convolution data-gradient"),
-    ("sm80_xmma_wgrad_implicit_gemm_indexed_tf32f32", "convolution weight-gradient"),
-    ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512>", "BatchNorm and elementwise"),
-    ("void at::native::vectorized_elementwise_kernel<4, ...>", "BatchNorm and elementwise"),
-    ("_stats_finish_kernel", "Triton finish"), ("_norm_relu_backward_kernel", "Triton main passes"),
-    ("_finish_grad_kernel", "Triton main passes"),
-    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "optimiser"),
-    ("aten::convolution_backward", "convolution backward (data and weight)"),
-    ("aten::mkldnn_convolution", "convolution forward"), ("_NormReLUConv", "fused C kernels"),
-    ("aten::native_batch_norm", "BatchNorm and elementwise"), ("aten::empty", "others")])
-def test_bench_profile_groups_kernels_by_what_they_compute(name, group):
-    assert profile.group_of(name) == group
+CONV_BACKWARD = ["aten::convolution_backward", "ConvolutionBackward0",
+                 "autograd::engine::evaluate_function: ConvolutionBackward0"]
+
+
+@pytest.mark.parametrize("calls, group", [
+    (["aten::cudnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d"], "convolution forward"),
+    (CONV_BACKWARD, "convolution backward (data and weight)"),
+    (["aten::add_", *CONV_BACKWARD], "convolution backward (data and weight)"),  # cuDNN's split-K sum
+    (["aten::mkldnn_convolution", "aten::convolution", "_NormReLUConv"], "convolution forward"),
+    (["_NormReLUConv"], "BatchNorm-ReLU forward"),  # the Triton kernels it launches itself
+    (["_NormReLUBackward", "autograd::engine::evaluate_function: _NormReLUBackward"], "BatchNorm-ReLU backward"),
+    (["aten::native_batch_norm", "aten::batch_norm"], "BatchNorm-ReLU forward"),
+    (["aten::fill_", "aten::zero_", "Optimizer.zero_grad#SGD.zero_grad"], "optimiser"),
+    (["aten::_foreach_add_", "Optimizer.step#SGD.step"], "optimiser"),
+    (["aten::copy_", "aten::cat"], "concatenation"),
+    (["aten::index_select"], "others")])
+def test_bench_profile_files_time_under_the_call_that_spent_it(calls, group):
+    """A kernel is filed by the calls it was launched from, not by its name: cuDNN's GEMMs
+    and reductions in a convolution's backward are that backward's, whatever they are called."""
+    assert profile.group_of(calls) == group
+    event = None
+    for name in reversed(calls):
+        event = SimpleNamespace(name=name, cpu_parent=event)
+    assert profile.calls_of(event) == calls
 
 
 @pytest.mark.slow
@@ -258,9 +269,10 @@ def test_bench_profile_tables_a_step_of_each_path_on_the_cpu(capsys):
     assert table[0].split() == ["group", "aten", "fused"]
     cell = r"-(?=\s|$)|[0-9.]+(?: \([0-9]+%\))?(?: x[0-9]+)?"
     rows = {line[:40].strip(): re.findall(cell, line[40:]) for line in table[1:]}
-    assert {"convolution forward", "BatchNorm and elementwise", "step"} <= set(rows)
+    assert {"convolution forward", "convolution backward (data and weight)", "BatchNorm-ReLU forward",
+            "BatchNorm-ReLU backward", "optimiser", "step"} <= set(rows)
     assert all(len(cells) == 2 for cells in rows.values()), rows
-    assert rows["fused C kernels"][0] == "-" and float(rows["fused C kernels"][1].split()[0]) > 0  # fused only
+    assert rows["concatenation"][1] == "-" and float(rows["concatenation"][0].split()[0]) > 0  # ATen only
     steps = [float(ms) for ms in rows["step"]]
     for group, cells in rows.items():  # every group's time within its step's
         for text, step in zip(cells, steps):

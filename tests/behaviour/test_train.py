@@ -57,7 +57,7 @@ def test_two_epochs_on_shared_subset(tmp_path, shared_data):
     assert result.returncode == 0, result.stderr
     assert "found 4660 training and 846 test images" in result.stdout
     assert "2,666 parameters" in result.stdout
-    assert re.search(r"start-up data [0-9.]+ s, kernels [0-9.]+ s, model [0-9.]+ s\n", result.stdout)
+    assert re.search(r"start-up data [0-9.]+ s, kernels [0-9.]+ s, model [0-9.]+ s, self-test [0-9.]+ s\n", result.stdout)
     assert "final test error" in result.stdout
     train_rows, test_rows = read_csv(work / "train.csv"), read_csv(work / "test.csv")
     assert list(train_rows[0]) == ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]

@@ -62,7 +62,7 @@ def test_a_failed_capture_goes_on_eagerly_with_one_notice(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["notice: the training step could not be captured as a CUDA graph (CUDA error: "
                    "operation not permitted when stream is capturing); training goes on eagerly, "
-                   "with the same results, slower"]
+                   "with the same kernels, slower"]
 
 
 def test_the_graph_is_for_one_gpu_process():
@@ -101,6 +101,27 @@ def test_cuda_graph_replays_the_eager_steps(precision, memory_efficient):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_after_two_replays_the_gradients_are_those_of_an_eager_step(precision):
+    """A real capture: after the checked replay and two more, each p.grad is what the last
+    replay wrote, equal to the gradients of an eager run's same step."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        eager, graphed = make_step(CUDA, precision), make_step(CUDA, precision)
+        runner = cuda_graph.GraphedStep(graphed, pytest.fail)
+        calls = cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS + 2
+        train_steps(eager, eager, calls)
+        train_steps(graphed, runner, calls)
+        assert runner.checked, runner.status
+        torch.cuda.synchronize()
+        for p, q in zip(graphed.model.parameters(), eager.model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
     finally:
         torch.backends.cudnn.deterministic = False
 

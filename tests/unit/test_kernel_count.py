@@ -48,6 +48,8 @@ def test_the_fused_path_counts_its_triton_launches():
     assert not any(name.split(".")[1] in kernel_count.NO_KERNEL or name == "aten.view"
                    for name in count.names)
     assert 0 < count.tiny < count.total and count.bytes > 0
+    # an evaluation batch normalises with the running statistics: no batch statistics at all
+    assert count.evaluation.names["triton.norm_relu_kernel"] == count.evaluation.triton == norms
 
 
 def test_the_table(capsys):
@@ -58,6 +60,8 @@ def test_the_table(capsys):
     assert out[1].split() == ["path", "ATen", "ops", "Triton", "total", "tiny", "MB", "moved", "(estimate)",
                               "floor", "ms,", "H100", "floor", "ms,", "H200"]
     assert out[2].split()[0] == "aten" and out[3].split()[0] == "fused"
+    evaluation = out.index("one evaluation batch of 8:")
+    assert [line.split()[0] for line in out[evaluation + 1:evaluation + 4]] == ["path", "aten", "fused"]
     assert any(line.startswith("fused: ") for line in out)
     # the floor: launches at 2 µs one after another, or bytes at the bandwidth, whichever is longer
     fused = out[3].split()

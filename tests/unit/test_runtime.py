@@ -1,14 +1,22 @@
-"""The process around a run (runtime.py): what it records of the code that trains it."""
+"""The process around a run (runtime.py, provenance.py): what it records of the code that
+trains it and of a GPU it could not use."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 import densenet_trainer
+import train
 from densenet_trainer import runtime
-from densenet_trainer.runtime import STOP_SIGNALS, StopFlag, code_version, launcher_jobs
+from densenet_trainer.provenance import code_version
+from densenet_trainer.runtime import STOP_SIGNALS, StopFlag, launcher_jobs
+from helpers import TINY, run_main, start_run
 
 
 def git(root: Path, *args: str) -> str:
@@ -72,3 +80,54 @@ def test_a_group_of_processes_is_one_job_with_its_highest_restart_and_every_agen
         "torchrun": {"id": "job", "restart": 1, "agents": ["a:10:5", "b:20:6"]},
         "slurm": {"id": "7", "restart": 0}}
     assert launcher_jobs([{}]) == {}
+
+
+@pytest.fixture
+def unusable_h100(monkeypatch):
+    """A machine whose driver lists an H100 that torch cannot use (a driver older than its CUDA)."""
+    monkeypatch.setattr(runtime, "gpus_listed", lambda: "GPU 0: NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def too_old() -> None:
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12040). "
+                           "Please update your GPU driver by downloading it")
+    monkeypatch.setattr(torch.cuda, "init", too_old)
+
+
+def test_device_auto_says_why_a_gpu_goes_unused_and_config_json_records_it(unusable_h100, capsys,
+                                                                           tmp_path, cifar_dir):
+    out = start_run(capsys, tmp_path / "run", cifar_dir, "--epochs", "1", "--device", "auto")
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warning == [
+        f"warning: this machine has a GPU (GPU 0: NVIDIA H100 80GB HBM3) that torch {torch.__version__} "
+        f"cannot use: The NVIDIA driver on your system is too old (found version 12040); training on "
+        f"the CPU instead, perhaps a hundred times slower. Install "
+        + (f"an NVIDIA driver for CUDA {torch.version.cuda} or newer" if torch.version.cuda
+           else "torch's CUDA build (README: Set up)") + ", or pass --device cpu to mean it"]
+    environment = json.loads((tmp_path / "run" / "config.json").read_text())["environment"]
+    assert environment["device"] == "cpu" and "found version 12040" in environment["unused_gpu"]
+
+
+def test_device_cpu_means_it_and_device_cuda_is_refused_with_the_reason(unusable_h100, capsys,
+                                                                        tmp_path, cifar_dir):
+    out = start_run(capsys, tmp_path / "run", cifar_dir, "--epochs", "1", "--device", "cpu")
+    assert "warning:" not in out
+    assert "unused_gpu" not in json.loads((tmp_path / "run" / "config.json").read_text())["environment"]
+    status, _, err = run_main(capsys, train.main, "--data-dir", cifar_dir, "--save", tmp_path / "other",
+                              *TINY, "--device", "cuda")
+    assert status == 2 and err.startswith("error: --device cuda: this machine has a GPU (GPU 0: NVIDIA H100")
+    assert err.rstrip().endswith("; use --device cpu")
+
+
+def test_reading_the_code_version_leaves_the_checkouts_index_as_it_was(tmp_path):
+    """git status refreshes a stale index and rewrites it (a user's git sees a file they did
+    not touch change); the run's look at its checkout writes nothing there."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / "model.py").write_text("depth = 100\n")
+    git(tmp_path, "add", "model.py")
+    git(tmp_path, "commit", "-q", "-m", "one")
+    index = tmp_path / ".git" / "index"
+    os.utime(tmp_path / "model.py", (1, 1))  # the same content, a stat the index no longer holds
+    before = index.read_bytes(), index.stat().st_mtime_ns
+    assert code_version(tmp_path)["modified"] is False
+    assert (index.read_bytes(), index.stat().st_mtime_ns) == before
