@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "work/*), the figures and tables plot.py wrote there (comparison.*, "
                         "groups.*, results.*) are passed over in silence, and anything else "
                         "that holds no run is named in one warning line")
-    p.add_argument("--out", type=cli.path, help="figure file for several runs (default: comparison.FORMAT in the "
-                                   "folder that holds the runs)")
+    p.add_argument("--out", type=cli.path, help="figure file for several runs, or a folder to write it in "
+                                   "(default: comparison.FORMAT in the folder that holds the runs, or "
+                                   "in the current folder for runs in several folders)")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
     p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS, help="figure file type")
     p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130,
@@ -544,14 +545,7 @@ def draw(opts: argparse.Namespace) -> list[Path]:
         if "train" in run.logs and run.epochs == 0:
             print(f"{run.folder}: no epochs logged yet")
     trained = [run for run in runs if run.epochs > 0]
-    if opts.epochs is not None and trained:
-        inside = [run for run in trained if len(epoch_window(run.logs["train"], opts.epochs))]
-        if not inside:
-            held = ", ".join(f"{run.name} {int(run.logs['train']['epoch'].min())}-"
-                             f"{int(run.logs['train']['epoch'].max())}" for run in trained)
-            first, last = opts.epochs
-            raise PlotError(f"--epochs {first}:{'' if last == OPEN_END else last} holds no logged "
-                            f"epoch (logged: {held}); choose a range within them")
+    refuse_empty_window(trained, opts.epochs)
     figures = [(lr_find_figure(run, opts), run.folder / "lr_find") for run in runs
                if run.sweep is not None]
     metrics = ["loss", "error"] + (["top5_error"] if any(
@@ -564,8 +558,7 @@ def draw(opts: argparse.Namespace) -> list[Path]:
                     for metric in metrics]
         figures.append((make_figure(trained, metrics, opts), folder / "curves"))
     elif trained:
-        out = Path(opts.out) if opts.out else common_folder(trained) / "comparison"
-        figures.append((make_figure(trained, metrics, opts), out))
+        figures.append((make_figure(trained, metrics, opts), output_path(opts, trained, "comparison")))
     for run in trained:
         figures += evaluation_figures(run, opts)
     paths = [with_format(path, opts.format) for _, path in figures]
@@ -590,10 +583,23 @@ def draw(opts: argparse.Namespace) -> list[Path]:
     return paths
 
 
+# what only a figure uses: refused with --table alone, which prints
+IDLE_WITH_TABLE = {"style", "format", "dpi", "loss_scale", "error_scale", "title", "epochs", "watch", "band"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with what argparse cannot check: the style, --out's format and folder."""
     p = build_parser()
     opts = p.parse_args(argv)
+    given = {name for name, value in vars(opts).items() if value != p.get_default(name)}
+    mode = ("--table and --group" if opts.table and opts.group else "--table" if opts.table
+            else "--group" if opts.group else "the figures of runs")
+    idle = sorted(given & (IDLE_WITH_TABLE if opts.table and not opts.group else set())
+                  | given & ({"watch"} if opts.table or opts.group else set())
+                  | given & ({"band"} if not opts.group else set())
+                  | given & ({"table_format"} if not opts.table else set()))
+    if idle:
+        p.error(f"--{idle[0].replace('_', '-')} does nothing with {mode}; drop it")
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
         p.error(f"unknown --style {opts.style!r}; choose one of: {', '.join(sorted(plt.style.available))}")
     if Path(opts.style).is_file():
@@ -601,7 +607,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             matplotlib.rc_params_from_file(opts.style, use_default_template=False)
         except (OSError, UnicodeDecodeError, ValueError) as error:
             p.error(f"--style {opts.style} is not a matplotlib style file ({error})")
-    if opts.out:
+    if opts.out and not Path(opts.out).is_dir():
         out = Path(opts.out)
         if out.suffix:
             opts.format = out.suffix.lstrip(".").lower()
@@ -679,7 +685,7 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
     print(table_formats.table(table_rows, style), end="")
     if opts.table_format != "all":
         return []
-    folder = Path(opts.out).parent if opts.out else common_folder(runs)
+    folder = output_path(opts, runs, "results").parent
     texts = {folder / f"results.{suffix}": table_formats.table(table_rows, style)
              for suffix, style in (("md", "markdown"), ("csv", "csv"), ("tex", "latex"))}
     for path in texts:  # every table refused before any is replaced
@@ -694,12 +700,24 @@ def write_table(opts: argparse.Namespace) -> list[Path]:
     return list(texts)
 
 
+def refuse_empty_window(runs: list[Run], window: tuple[int, int] | None) -> None:
+    """PlotError where --epochs ``window`` holds no epoch any of ``runs`` logged."""
+    if window is None or not runs or any(len(epoch_window(run.logs["train"], window)) for run in runs):
+        return
+    held = ", ".join(f"{run.name} {int(run.logs['train']['epoch'].min())}-"
+                     f"{int(run.logs['train']['epoch'].max())}" for run in runs)
+    first, last = window
+    raise PlotError(f"--epochs {first}:{'' if last == OPEN_END else last} holds no logged "
+                    f"epoch (logged: {held}); choose a range within them")
+
+
 def group_figure(opts: argparse.Namespace):
     """--group: the panels of curves.png (loss, error, top-5 error), each group's mean curve
     per split in one colour per group, with a band (min to max, or mean ± one standard
     deviation: --band) where the group has two runs or more; legend entries say what sets
     the groups apart."""
     table_rows, runs = results_rows(opts)
+    refuse_empty_window(runs, opts.epochs)
     by_folder = {run.folder: run for run in runs}
     metrics = ["loss", "error"] + (["top5_error"] if any(
         "top5_error" in run.logs["test"] for run in runs) else [])
@@ -755,7 +773,7 @@ def as_written(fig) -> None:
 
 def write_groups(opts: argparse.Namespace) -> list[Path]:
     fig, runs = group_figure(opts)
-    path = with_format(Path(opts.out) if opts.out else common_folder(runs) / "groups", opts.format)
+    path = with_format(output_path(opts, runs, "groups"), opts.format)
     try:
         save_figure(fig, path, opts.dpi)
     finally:
@@ -778,9 +796,14 @@ def save_figure(fig, path: Path, dpi: int) -> None:
                         f"writable or choose another with --out") from None
 
 
-def common_folder(runs: list[Run]) -> Path:
-    """The folder that holds all of ``runs``: where what is made of several runs goes."""
-    return Path(os.path.commonpath([str(run.folder.resolve().parent) for run in runs]))
+def output_path(opts: argparse.Namespace, runs: list[Run], name: str) -> Path:
+    """Where an output of several runs named ``name`` goes: --out (a file, or a folder to
+    hold it), else the folder that holds every run, or for runs in several folders the
+    current one (their common ancestor may be far above them all: /)."""
+    if opts.out:
+        return Path(opts.out) / name if Path(opts.out).is_dir() else Path(opts.out)
+    parents = {run.folder.resolve().parent for run in runs}
+    return (parents.pop() if len(parents) == 1 else Path.cwd()) / name
 
 
 @cli.one_line_errors

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from densenet_trainer.config import run_config
 from densenet_trainer.config.cli import OneLineParser, UserError, output_may_close, path
-from densenet_trainer.config.run_config import RunConfig
+from densenet_trainer.config.run_config import RunConfig, flag_name
 from densenet_trainer.results.layout import BEST_CHECKPOINT, duration
 
 
@@ -83,7 +83,7 @@ from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Run, build_run
 from densenet_trainer.run.checkpoint import Checkpoint
 from densenet_trainer.run.files import WorkDirLock
-from densenet_trainer.run.inference import load_trained, write_evaluation
+from densenet_trainer.run.inference import load_trained, runs_own_test, write_evaluation
 from densenet_trainer.runtime import (
     STOP_SIGNALS,
     Runtime,
@@ -133,6 +133,9 @@ def _run_command(args: argparse.Namespace) -> int:
             raise UserError("--tta only applies with --evaluate CHECKPOINT")
         if args.reschedule and not cfg.resume:
             raise UserError("--reschedule only applies with --resume")
+        if args.evaluate and given - EVALUATE_READS:
+            raise UserError(f"--evaluate takes the checkpoint's own settings; --{flag_name(max(given - EVALUATE_READS))} "
+                            f"is a training flag: drop it (it reads {', '.join('--' + flag_name(n) for n in sorted(EVALUATE_READS))})")
         if args.evaluate:
             return evaluate_checkpoint(Path(args.evaluate), cfg, given, args.tta)
         return train(cfg, given, args.reschedule)
@@ -321,6 +324,9 @@ class Pace:
 
 # ---------------------------------------------------------------- --evaluate
 
+EVALUATE_READS = frozenset({"data_dir", "download", "test_subset", "device", "eval_batch_size"})  # all else: the run's
+
+
 def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: bool) -> int:
     """--evaluate: the test error of a checkpoint (file, or a run's directory); per-class
     errors and the confusion matrix go to CSV files beside it.
@@ -352,10 +358,10 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
                             f"{result.images} test images (its loss is {result.loss}): an error "
                             f"rate of it would mean nothing; use an earlier checkpoint")
         names = dataset.classes or [str(c) for c in range(trained_cfg.num_classes)]
-        fingerprint = test.fingerprint()
-        selection = (f"-test{subset or 'all'}" if subset != trained_cfg.test_subset else
-                     f"-data{fingerprint[:8]}" if not runs_own_test(checkpoint, fingerprint, cfg, given)
-                     else "")
+        own = dataset.test.first(trained_cfg.test_subset) if trained_cfg.test_subset else dataset.test
+        selection = ((f"-test{subset or 'all'}" if subset != trained_cfg.test_subset else "")
+                     + ("" if runs_own_test(checkpoint, own.fingerprint(), cfg.data_dir, "data_dir" in given)
+                        else f"-data{test.fingerprint()[:8]}"))
         per_class, matrix = write_evaluation(checkpoint.path, result.confusion, names, tta, selection)
     print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
           + (f"(top-5 {result.top5_error:.2f}%) " if result.top5_error is not None else "")
@@ -364,20 +370,9 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
              f"{'' if 'test_subset' in given else ', as the run was tested'})" if subset else "")
           + (" with flip test-time augmentation" if tta else "")
           + (f" (not the images the run was tested on: the files are named {selection})"
-             if selection.startswith("-data") else ""))
+             if "-data" in selection else ""))
     print(f"per-class errors: {per_class}\nconfusion matrix: {matrix}")
     return 0
-
-
-def runs_own_test(checkpoint: Checkpoint, fingerprint: str, cfg: RunConfig,
-                  given: frozenset[str]) -> bool:
-    """Whether the test images of ``fingerprint`` are the run's own: the one the checkpoint
-    recorded; for a run of an earlier version, which recorded none, the data is read from the
-    run's own folder."""
-    recorded = checkpoint.state.get("data")
-    if isinstance(recorded, dict) and isinstance(recorded.get("test"), dict):
-        return recorded["test"].get("fingerprint") == fingerprint
-    return "data_dir" not in given or Path(cfg.data_dir).resolve() == Path(checkpoint.config.data_dir).resolve()
 
 
 def exit_worker(status: int) -> None:

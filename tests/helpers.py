@@ -282,8 +282,9 @@ class Broken:
         if self.fault == "error":
             raise RuntimeError("Triton launcher: Python.h: No such file or directory")
         self.kernels.norm_relu(x, x_stride, P, C, mean, var, weight, bias, eps, y, y_stride, *rest)
-        if self.fault == "aligned" and C % 8 == 0 and x_stride % 8 == 0:
-            y.mul_(1.5)  # a vectorised variant, miscompiled: the self-test's shapes never select it
+        aligned = C % 8 == 0 and x_stride % 8 == 0  # a vectorised variant, miscompiled
+        if self.fault == "aligned" and aligned or self.fault == "aligned, full tiles" and aligned and P >= 1024:
+            y.mul_(1.5)  # full tiles: 32x32 maps, which only a run's own batches have
 
     def norm_relu_backward(self, *args):
         return self.kernels.norm_relu_backward(*args)

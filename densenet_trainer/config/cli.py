@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import functools
 import math
+import numbers
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -188,3 +189,37 @@ def path(text: str) -> str:
                                          f"file or folder name takes at most {NAME_MAX}")
     return text
 
+
+def value_problem(spec, value) -> str | None:
+    """Why ``value`` cannot be the setting ``spec`` (a RunConfig field: its type, its choices,
+    its flag's own check, as the command line runs it), as the end of a sentence naming the
+    setting; None where it can. numpy's numbers count as Python's."""
+    kind = spec.type
+    if value is None:
+        return None if spec.default is None and kind == "str" else "must be given"  # an unresolved --save
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        try:
+            ok = ok and math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            ok = False
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        wanted = {"bool": "True or False", "int": "a whole number", "float": "a finite number"}
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f"must be {wanted.get(kind, 'a string')}, got {shown}"
+    choices = spec.metadata["choices"]
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    parse = spec.metadata["type"]
+    if parse is not None:
+        try:
+            parse(repr(int(value) if kind == "int" else float(value)) if kind in ("int", "float") else value)
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            return str(error)
+    return None

@@ -17,8 +17,8 @@ This module imports no torch, so that plot.py can read a run's configuration too
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import Decimal
@@ -33,19 +33,22 @@ KERNELS = ("fused", "aten")  # how densenet.py computes dense blocks and BatchNo
 TOP5_FROM = 10  # datasets with more classes than this (CIFAR-100) also log the top-5 error
 GROUPS = ("data", "model", "optimisation", "speed", "run")  # in the order --help lists them
 IN_MODEL_NAME = frozenset({"dataset", "depth", "growth_rate", "bottleneck", "compression"})  # a folder's first words
+NAME_BYTES = 200  # a default folder's longest name: file systems take 255 bytes, some fewer
 SHORT_NAMES = {"train_subset": "train", "test_subset": "test", "val_size": "val",
                "weight_decay": "wd", "batch_size": "batch"}  # words of a default folder's name
 
 
 def setting(default, group: str, help: str, *, type=None, choices=None, metavar: str | None = None,
-            resumable: bool = False):
+            resumable: bool = False, idle=None):
     """A field of RunConfig with its flag. ``default`` None: derived (see __post_init__).
+    ``idle(config)``: why the setting does nothing in that configuration (None: it counts);
+    a value other than its default is then refused.
 
     A bool setting is ``--flag/--no-flag``, or ``--flag`` alone where it defaults to False.
     """
     return field(default=default, metadata={"group": group, "help": help, "type": type,
                                             "choices": choices, "metavar": metavar,
-                                            "resumable": resumable})
+                                            "resumable": resumable, "idle": idle})
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class RunConfig:
                             "cifar-100-python/ or svhn/", type=cli.path, resumable=True)
     download: bool = setting(True, "data", "download the dataset through torchvision when it is "
                              "absent", resumable=True)
-    svhn_extra: bool = setting(True, "data", "SVHN: train on train+extra, as the paper does")
+    svhn_extra: bool = setting(True, "data", "SVHN: train on train+extra, as the paper does",
+                               idle=lambda c: None if c.dataset == "svhn" else f"{c.dataset} has no extra images")
     val_size: int = setting(0, "data", "hold this many training images out as a validation set "
                             "(paper: 5000)", type=cli.count)
     train_subset: int = setting(0, "data", "train on the first N training images only (0: all), "
@@ -86,7 +90,8 @@ class RunConfig:
     schedule: str = setting("step", "optimisation", "step: divide by 10 at 50%% and 75%% of the "
                             "epochs; cosine: anneal to 0", choices=("step", "cosine"))
     momentum: float = setting(0.9, "optimisation", "SGD Nesterov momentum, in [0, 1)",
-                              type=cli.float_range(0, 1, high_open=True))
+                              type=cli.float_range(0, 1, high_open=True),
+                              idle=lambda c: None if c.opt == "sgd" else f"--opt {c.opt} takes no momentum")
     weight_decay: float = setting(1e-4, "optimisation", "L2 penalty on all weights",
                                   type=cli.non_negative_float)
     epochs: int = setting(None, "optimisation", "default 300, or 40 for SVHN",
@@ -149,11 +154,15 @@ class RunConfig:
             "dropout": (0.0 if augment else 0.2) if self.dropout is None else self.dropout,
             "compile": self.kernels == "compile",  # --compile is read as --kernels compile
         }
+        if self.compile and self.kernels not in ("auto", "compile"):
+            raise UserError(f"compile=True is kernels='compile', not kernels={self.kernels!r}: give one")
+        if self.compile:
+            derived.update(kernels="compile", compile=True)
         for name, value in derived.items():
             object.__setattr__(self, name, value)
         for spec in fields(self):
             value = getattr(self, spec.name)
-            problem = _problem(spec, value)
+            problem = cli.value_problem(spec, value)
             if problem:
                 raise UserError(f"{spec.name} (--{flag_name(spec.name)}) {problem}")
             if spec.type in ("int", "float") and value is not None:  # numpy's numbers as Python's;
@@ -164,7 +173,23 @@ class RunConfig:
                          self.dropout, self.num_classes)
         except ValueError as error:  # the model cannot be built
             raise UserError(str(error)) from None
+        self.refuse_idle(self.idle_settings())
         object.__setattr__(self, "save", self.save or self.default_save())
+
+    def idle_settings(self) -> dict[str, str]:
+        """The settings given a value other than their default that do nothing in this
+        configuration, and why (each setting's ``idle`` rule)."""
+        return {spec.name: spec.metadata["idle"](self) for spec in fields(self)
+                if spec.metadata["idle"] and getattr(self, spec.name) != spec.default
+                and spec.metadata["idle"](self)}
+
+    def refuse_idle(self, idle: dict[str, str]) -> None:
+        """One UserError naming the first of ``idle`` (settings and why they do nothing)."""
+        for name, why in idle.items():
+            value = getattr(self, name)
+            flag = (f"--{'' if value else 'no-'}{flag_name(name)}" if isinstance(value, bool)
+                    else f"--{flag_name(name)} {value}")
+            raise UserError(f"{flag} does nothing here ({why}); drop it")
 
     def default_save(self) -> str:
         """The work directory of a run not given --save: the dataset and the model's name, then
@@ -186,7 +211,10 @@ class RunConfig:
             else:  # plain decimals: lr0.00001, never an exponent's minus inside a name of -words
                 number = format(Decimal(repr(value)).normalize(), "f")
                 words.append(f"{SHORT_NAMES.get(spec.name, flag_name(spec.name))}{number}")
-        return "work/" + "-".join(words)
+        name = "-".join(words)
+        if len(name.encode()) > NAME_BYTES:  # the words kept, the rest said by a hash of them all
+            name = f"{name.encode()[:NAME_BYTES - 13].decode(errors='ignore')}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+        return "work/" + name
 
     # ------------------------------------------------------------ what follows from it
 
@@ -259,12 +287,15 @@ class RunConfig:
                             f"run of this trainer; start a new run with another --save")
         values = {}
         for name, value in saved.items():
-            if _problem(known[name], value):
+            if cli.value_problem(known[name], value):
                 raise UserError(f"{source} records --{flag_name(name)} as {value!r}, which is "
                                 f"not a valid value; it is damaged: use another checkpoint")
             values[name] = float(value) if known[name].type == "float" else value
         if "kernels" not in saved:  # runs from before --kernels: --compile said it
             values["kernels"] = "compile" if saved.get("compile") else "auto"
+        for name, spec in known.items():  # what an older version took and did nothing with
+            if spec.metadata["idle"] and name in values and spec.metadata["idle"](argparse.Namespace(**values)):
+                values[name] = spec.default
         try:
             return cls(**values)
         except UserError as error:  # each value fits, but not together: the model
@@ -279,48 +310,17 @@ class RunConfig:
         if given.pop("compile", False):
             given["kernels"] = "compile"
         names = set(given) | ({"compile", "kernels"} if {"compile", "kernels"} & set(vars(namespace)) else set())
-        return cls(**given), frozenset(names)
+        cfg = cls(**given)
+        specs = {spec.name: spec for spec in fields(cls)}  # a flag given as its default counts too
+        cfg.refuse_idle({name: why for name in sorted(names) if specs[name].metadata["idle"]
+                         and (why := specs[name].metadata["idle"](cfg))})
+        return cfg, frozenset(names)
 
 
 RESUMABLE = frozenset(f.name for f in fields(RunConfig) if f.metadata["resumable"])
 # Settings that decide where, how fast and for how long a run computes, never what: those a
 # resume may change (``resumable``), less --epochs, which sets the schedule.
 NUMBER_NEUTRAL = RESUMABLE - {"epochs"}
-
-
-def _problem(spec, value) -> str | None:
-    """Why ``value`` cannot be the setting ``spec`` (its type, its choices, its flag's own
-    check, as the command line runs it), as the end of a sentence naming the setting; None
-    where it can. numpy's numbers count as Python's."""
-    kind = spec.type
-    if value is None:
-        return None if spec.default is None and kind == "str" else "must be given"  # an unresolved --save
-    if kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "int":
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    elif kind == "float":
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        try:
-            ok = ok and math.isfinite(value)
-        except OverflowError:  # an int beyond any float
-            ok = False
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        wanted = {"bool": "True or False", "int": "a whole number", "float": "a finite number"}
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        return f"must be {wanted.get(kind, 'a string')}, got {shown}"
-    choices = spec.metadata["choices"]
-    if choices is not None and value not in choices:
-        return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
-    parse = spec.metadata["type"]
-    if parse is not None:
-        try:
-            parse(repr(int(value) if kind == "int" else float(value)) if kind in ("int", "float") else value)
-        except (argparse.ArgumentTypeError, ValueError) as error:
-            return str(error)
-    return None
 
 
 def flag_name(setting_name: str) -> str:

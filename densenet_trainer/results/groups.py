@@ -32,7 +32,7 @@ TABLE_2 = json.loads(Path(__file__).with_name("table2.json").read_text())
 # that cannot change the numbers.
 GROUPED_OVER = NUMBER_NEUTRAL | {"seed"}
 DATASET_COLUMNS = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN"}
-SPLITS = ("train", "val", "test")
+SPLITS, POOL = ("train", "val", "test"), "pool"  # pool: with a validation set, the images it is drawn from
 # settings whose whole effect is which images each split holds: where every split's images are
 # fingerprinted, the images decide the group and these do not (--train-subset 5000 of 4,660
 # images trains on the images of --train-subset 0)
@@ -110,11 +110,16 @@ class Result:
 
     def key(self) -> tuple:
         """What a group shares: the settings that change the numbers, the images, the
-        processes and the learning rate of every epoch."""
-        fingerprinted = bool(self.images) and all(item["fingerprint"] for item in self.images.values())
+        processes and the learning rate of every epoch. A seed draws its validation set: there
+        the sizes chosen and the pool drawn from (config.json's, if any) say the images."""
+        images = self.images
+        fingerprinted = bool(images) and all(item["fingerprint"] for item in images.values())
         over = GROUPED_OVER | (CHOOSE_IMAGES if fingerprinted else frozenset())
+        if "val" in images:
+            images = {**images, **{s: {"images": images[s]["images"]} for s in ("train", "val") if s in images}}
+            over -= {"val_size", "train_subset"}
         settings = sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in over)
-        return (*settings, json.dumps(self.images, sort_keys=True), self.processes, self.lrs)
+        return (*settings, json.dumps(images, sort_keys=True), self.processes, self.lrs)
 
 
 def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Result:
@@ -166,7 +171,7 @@ def recorded_images(record: dict) -> dict[str, dict]:
         data = {split: {"images": record.get(f"{split}_images"), "fingerprint": None}
                 for split in SPLITS if record.get(f"{split}_images")}
     if not isinstance(data, dict) or not all(
-            split in SPLITS and isinstance(item, dict) and isinstance(item.get("images"), int)
+            split in (*SPLITS, POOL) and isinstance(item, dict) and isinstance(item.get("images"), int)
             and not isinstance(item["images"], bool) and item["images"] >= 0
             and isinstance(item.get("fingerprint"), (str, type(None)))
             for split, item in data.items()):

@@ -7,9 +7,9 @@ CONFIG_FILE = "config.json"  # the configuration, what was built, and an entry p
 LAST_CHECKPOINT = "checkpoint.pt"  # after every epoch, or at a stop within one
 BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
 LOCK_FILE = ".lock"  # only while a process works in the folder
-RUN_MARKERS = (CONFIG_FILE, "train.csv", "test.csv", LAST_CHECKPOINT)  # a folder holding any holds a run
-# every file a run writes in its folder, the lock and the evaluation files aside
-RUN_FILES = (*RUN_MARKERS, "val.csv", BEST_CHECKPOINT)
+# every file a run writes in its folder, the lock and the evaluation files aside: a folder
+# holding any of them holds a run, which a new run never writes over
+RUN_FILES = (CONFIG_FILE, "train.csv", "test.csv", LAST_CHECKPOINT, "val.csv", BEST_CHECKPOINT)
 
 TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]

@@ -43,12 +43,14 @@ class RunData:
     classes: list[str]
     mean: list[float]
     std: list[float]
+    pool: datasets.Split | None = None  # with a validation set: the training images it was drawn from
 
     @functools.cached_property
     def identity(self) -> dict[str, dict]:
-        """Which images, by split: their count and fingerprint. config.json and every
-        checkpoint keep it; a resume on other images is refused."""
-        splits = {"train": self.train, "val": self.val, "test": self.test}
+        """Which images, by split: their count and fingerprint, and with a validation set
+        those of the pool it was drawn from (the seed draws; the pool is what the user
+        chose). config.json and every checkpoint keep it; a resume on other images is refused."""
+        splits = {"train": self.train, "val": self.val, "test": self.test, "pool": self.pool}
         return {name: {"images": len(split), "fingerprint": split.fingerprint()}
                 for name, split in splits.items() if split is not None}
 
@@ -61,6 +63,8 @@ def check_same_data(checkpoint: Checkpoint, dataset: RunData, data_dir: str) -> 
         return
     for split, found in dataset.identity.items():
         theirs = recorded.get(split)
+        if split == "pool" and theirs is None:  # recorded by a version before pools
+            continue
         if theirs == found:
             continue
         what = (f"{found['images']:,} images where the run had {theirs['images']:,}"
@@ -78,6 +82,7 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
     train, val, test = dataset.train, None, dataset.test
     if cfg.val_size:
         train, val = datasets.split_validation(train, cfg.val_size, cfg.seed)
+    pool = dataset.train if cfg.val_size else None
     if cfg.train_subset:
         train = train.first(cfg.train_subset)
     if cfg.test_subset:
@@ -86,7 +91,7 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
         f"{len(test)} test images")
     mean, std = datasets.channel_stats(train.images)
     classes = dataset.classes or [str(c) for c in range(cfg.num_classes)]
-    return RunData(train, val, test, classes, mean, std)
+    return RunData(train, val, test, classes, mean, std, pool)
 
 
 def build_model(cfg: RunConfig, kernels: str, device: torch.device) -> DenseNet:
@@ -206,6 +211,9 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     if cfg.batch_size % runtime.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be "
                         f"divisible by the {runtime.world_size} processes")
+    if cfg.sync_bn and runtime.world_size == 1:
+        raise UserError("--sync-bn synchronises BatchNorm across torchrun's processes, and this "
+                        "run has one: drop it (or start the run with torchrun)")
     if cfg.sync_bn and runtime.world_size > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs: SyncBatchNorm does not run on the CPU")
     began = time.perf_counter()

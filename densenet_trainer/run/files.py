@@ -31,7 +31,7 @@ import torch
 
 from densenet_trainer.config.cli import UserError
 from densenet_trainer.loop.training import non_finite
-from densenet_trainer.results.layout import LOCK_FILE, RUN_MARKERS
+from densenet_trainer.results.layout import LOCK_FILE, RUN_FILES
 from densenet_trainer.results.numeric_csv import read_numeric_csv
 from densenet_trainer.whole_files import (
     append_line,
@@ -47,7 +47,7 @@ class RunError(UserError):
 
 
 def holds_run(folder: Path) -> bool:
-    return any((folder / name).exists() for name in RUN_MARKERS)
+    return any((folder / name).exists() for name in RUN_FILES)
 
 
 class WorkDirLock:

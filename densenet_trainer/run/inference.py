@@ -50,6 +50,16 @@ def load_trained(checkpoint: Checkpoint, device: torch.device) -> Trained:
 
 # ---------------------------------------------------------------- evaluation files
 
+def runs_own_test(checkpoint: Checkpoint, fingerprint: str, data_dir: str, data_dir_given: bool) -> bool:
+    """Whether the test images of ``fingerprint`` are the run's own: the one the checkpoint
+    recorded; for a run of an earlier version, which recorded none, the data is read from the
+    run's own folder."""
+    recorded = checkpoint.state.get("data")
+    if isinstance(recorded, dict) and isinstance(recorded.get("test"), dict):
+        return recorded["test"].get("fingerprint") == fingerprint
+    return not data_dir_given or Path(data_dir).resolve() == Path(checkpoint.config.data_dir).resolve()
+
+
 def write_evaluation(checkpoint: Path, confusion: Tensor, names: list[str], tta: bool,
                      selection: str = "") -> tuple[Path, Path]:
     """Per-class errors and the confusion matrix (counts, true class by row) of an evaluation,

@@ -3,7 +3,8 @@
 fused.py's kernels are compiled where they run (a C compiler on the CPU, Triton on CUDA), on
 hardware, drivers and compilers nobody here has tried. Before a run computes with them,
 ``failure`` runs each kernel on awkward shapes (pixels not a multiple of a tile, a channel
-tail, a pixel stride not a multiple of 16), in each dtype the device's kernels take, against
+tail, a pixel stride not a multiple of 16) and on aligned ones (multiples of 8 and of 4,
+which select the vectorised variants), in each dtype the device's kernels take, against
 a float64 reference, and one fused dense block forward and backward against ATen's, TF32 off.
 Any error (a compiler or launcher missing, a kernel that fails to build or launch) or any
 result out of tolerance is a failure, and the run computes with ATen's kernels instead.
@@ -43,6 +44,9 @@ MODEL_ERROR_RATIO = 10
 MODEL_ERROR_FLOOR = {"fp32": 2e-2, "bf16": 1e-1, "fp16": 1e-1}
 PIXELS = (3, 5, 5)  # batch and size: 75 pixels, not a multiple of any tile
 CHANNELS, TOTAL = 37, 45  # a tail over a multiple of 32 channels; a pixel stride of 45
+# Shapes a run has too, which select the vectorised variants on CUDA (channels, strides and
+# offsets multiples of 8, or of 4): (batch, height, width, channels, buffer), lead channels.
+ALIGNED = [((2, 4, 4, 32, 48), 8), ((2, 4, 4, 36, 44), 4)]
 
 
 @functools.cache
@@ -62,6 +66,9 @@ def check(device: torch.device) -> str | None:
         for dtype in kernels.DTYPES:
             step = f"the kernels in {dtype}"
             check_kernels(kernels, device, dtype)
+            for shape, lead in ALIGNED:
+                step = f"the kernels in {dtype} on {shape[3]} of {shape[4]} channels"
+                check_kernels(kernels, device, dtype, shape, lead)
         for memory_efficient in (False, True):
             step = f"a fused dense block{' (memory-efficient)' if memory_efficient else ''}"
             _check_block(device, memory_efficient)
@@ -154,15 +161,16 @@ def _random(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
 
 
 def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
-                  shape: tuple[int, int, int, int, int] = (*PIXELS, CHANNELS, TOTAL)) -> None:
+                  shape: tuple[int, int, int, int, int] = (*PIXELS, CHANNELS, TOTAL), lead: int = 3) -> None:
     """Every kernel of ``kernels`` (a backend module) on a channel prefix of a block buffer,
-    against float64; ``shape`` is (batch, height, width, channels, the buffer's channels).
+    against float64; ``shape`` is (batch, height, width, channels, the buffer's channels);
+    a feature is copied in at channel ``lead`` and outputs are padded by ``lead`` channels.
     An AssertionError says which result is off."""
     generator = torch.Generator().manual_seed(0)
     tolerance = TOLERANCES[dtype]
     sums = (tolerance[0] * 10, tolerance[1] * 10)  # float32 partial sums, their totals in float64
     n, height, width, channels, total = shape
-    assert total >= channels + 3, "the buffer holds the feature at channel 3"
+    assert total >= channels + lead, f"the buffer holds the feature at channel {lead}"
     pixels, last = n * height * width, torch.channels_last
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -175,16 +183,16 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     def per_channel(v: Tensor) -> Tensor:
         return v.double().cpu().view(1, -1, 1, 1)
 
-    # stats of a dense feature, copying it into the buffer at channel 3
+    # stats of a dense feature, copying it into the buffer at channel ``lead``
     feature = buffer(channels, scale=3.0, offset=100.0)  # an offset that E[x^2] - E[x]^2 loses
     target = torch.zeros((n, total, height, width), dtype=dtype, device=device).contiguous(memory_format=last)
     mean, var = vector(), vector()
-    kernels.stats(feature, channels, pixels, channels, target[:, 3:], total, mean, var)
+    kernels.stats(feature, channels, pixels, channels, target[:, lead:], total, mean, var)
     reference = feature.double().cpu()
     _close(mean, reference.mean((0, 2, 3)), tolerance, "stats' mean")
     _close(var, reference.var((0, 2, 3), correction=0), sums, "stats' variance")
-    _close(target[:, 3:3 + channels], feature, (0, 0), "stats' copy")
-    _close(target[:, 3 + channels:], torch.zeros_like(target[:, 3 + channels:]), (0, 0),
+    _close(target[:, lead:lead + channels], feature, (0, 0), "stats' copy")
+    _close(target[:, lead + channels:], torch.zeros_like(target[:, lead + channels:]), (0, 0),
            "stats beyond its channels")
     # and of the buffer's first channels, read with its pixel stride
     kernels.stats(target, total, pixels, channels, None, 0, mean, var)
@@ -200,7 +208,7 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     weight, bias, eps, momentum = vector(), vector(), 1e-5, 0.1
     running = [vector(), vector(offset=2.0).abs()]
     before = [r.double().cpu().clone() for r in running]
-    padded = channels + 3
+    padded = channels + lead
     y_padded = torch.full((n, padded, height, width), float("nan"), dtype=dtype, device=device)
     y_padded = y_padded.contiguous(memory_format=last)
     y = y_padded[:, :channels]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -234,6 +235,46 @@ def test_a_suffix_the_user_wrote_is_kept(tmp_path, capsys):
     status, out, err = draw(capsys, *runs, "--out", tmp_path / "cmp.PNG")
     assert status == 0, err
     assert (tmp_path / "cmp.PNG").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "cmp.png").exists()
+
+
+def test_out_of_an_existing_folder_writes_inside_it(tmp_path, capsys):
+    runs = [make_run(tmp_path / name, 3) for name in ("a", "b")]
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    status, out, err = draw(capsys, *runs, "--out", figures)
+    assert status == 0, err
+    assert (figures / "comparison.png").is_file() and not (tmp_path / "figures.png").exists()
+
+
+def test_runs_in_several_folders_put_their_comparison_in_the_current_one(tmp_path, capsys, monkeypatch):
+    """Runs under two parents: never their common ancestor (for /home and /scratch, /)."""
+    runs = [make_run(tmp_path / parent / "run", 3) for parent in ("home", "scratch")]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    status, out, err = draw(capsys, *runs)
+    assert status == 0, err
+    assert (here / "comparison.png").is_file() and not (tmp_path / "comparison.png").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--table", "--epochs", "1:2"], "--epochs does nothing with --table"),
+    (["--table", "--style", "ggplot"], "--style does nothing with --table"),
+    (["--group", "--watch", "5"], "--watch does nothing with --group"),
+    (["--band", "std"], "--band does nothing with the figures of runs"),
+    (["--table-format", "csv"], "--table-format does nothing with the figures of runs")])
+def test_a_flag_that_does_nothing_with_the_others_is_refused(tmp_path, capsys, argv, says):
+    run = make_run(tmp_path / "a", 3)
+    before = sorted(p.name for p in run.iterdir())
+    status, out, err = draw(capsys, run, *argv)
+    assert status == 2 and err.startswith(f"error: {says}; drop it")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_an_epoch_range_outside_the_runs_is_one_line_for_groups_too(tmp_path, capsys, finished_run):
+    runs = [shutil.copytree(finished_run, tmp_path / name) for name in ("a", "b")]
+    status, out, err = draw(capsys, *runs, "--group", "--epochs", "5:9")
+    assert status == 2 and err.splitlines()[-1].startswith("error: --epochs 5:9 holds no logged epoch"), err
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import plot
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.results import groups, table_formats
-from helpers import check_refused, run_main
+from helpers import check_refused, run_main, start_run
 
 PAPER_IMAGES = {"train": 50_000, "test": 10_000}  # CIFAR's official splits
 
@@ -348,3 +348,15 @@ def test_a_run_with_a_damaged_csv_line_is_skipped_naming_the_line(tmp_path, caps
     (bad / "train.csv").write_text("\n".join(lines[:2] + ["2,abc,1.0,25.0,60,400"]) + "\n")
     status, out, err = table_of(capsys, good, bad)
     assert status == 0 and f"{bad}/train.csv, line 3: lr is 'abc'" in err and "10.00" in out
+
+
+def test_seeds_with_a_validation_set_make_one_row(tmp_path, cifar_dir, capsys):
+    """Each seed draws its own validation images from the same pool: what the seed decides
+    never splits a row; the held-out size, which the user chose, does."""
+    for seed, val_size in ((0, 32), (1, 32), (0, 48)):
+        start_run(capsys, tmp_path / f"seed{seed}-val{val_size}", cifar_dir, "--epochs", "1",
+                  "--val-size", str(val_size), "--seed", str(seed))
+    table = csv_of(capsys, *sorted(tmp_path.glob("seed*")))
+    assert sorted(table["n"]) == [1, 2]
+    assert sorted(table["val_images"]) == [32, 48]
+    assert table.loc[table["n"] == 2, "seeds"].item() == "0 1"

@@ -565,6 +565,31 @@ def test_an_evaluation_on_other_images_never_replaces_the_runs_own(tmp_path, fin
     named = [p.name for p in work.glob("checkpoint-classes-data*.csv")]
     assert len(named) == 1 and f"the files are named {named[0][len('checkpoint-classes'):-4]}" in out
     assert (work / "checkpoint-classes.csv").read_text() == own
+    # a subset of other images: named by both, never over the subset of the run's own images
+    for data in (cifar_dir, other):
+        assert run(capsys, "--evaluate", work, "--data-dir", data, "--test-subset", "10")[0] == 0
+    subsets = sorted(p.name for p in work.glob("checkpoint-classes-test10*.csv"))
+    assert len(subsets) == 2 and subsets[0].startswith("checkpoint-classes-test10-data")
+    assert subsets[1] == "checkpoint-classes-test10.csv"
+
+
+@pytest.mark.parametrize("flag", [["--depth", "40"], ["--seed", "1"], ["--precision", "bf16"], ["--kernels", "aten"],
+                                  ["--dataset", "cifar100"], ["--resume"], ["--epochs", "3"]])
+def test_evaluate_refuses_the_flags_of_training(tmp_path, finished_run, cifar_dir, capsys, flag):
+    """--evaluate reads the checkpoint's settings: a training flag beside it would be ignored,
+    so it is refused, and nothing is written."""
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    before = snapshot(work)
+    code, _, err = run(capsys, "--evaluate", work, "--data-dir", cifar_dir, *flag)
+    check_refused(code, err, f"--evaluate takes the checkpoint's own settings; {flag[0]} is a training flag: drop it")
+    assert snapshot(work) == before
+
+
+def test_sync_bn_on_one_process_is_refused_before_anything_is_written(tmp_path, cifar_dir, capsys):
+    code, _, err = run(capsys, "--data-dir", cifar_dir, "--save", tmp_path / "run", *TINY, "--sync-bn")
+    check_refused(code, err, "--sync-bn synchronises BatchNorm across torchrun's processes, and this run has one")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 @pytest.mark.slow
@@ -590,3 +615,16 @@ def test_an_empty_path_is_refused_not_taken_for_the_default(tmp_path, capsys, mo
     code, _, err = run(capsys, flag, "")
     check_refused(code, err, f"argument {flag}: an empty path names nothing; give a path")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["val.csv", "best.pt", "test.csv"])
+def test_a_folder_holding_any_file_a_run_writes_is_not_written_over(tmp_path, cifar_dir, capsys, name):
+    """A user's own val.csv or best.pt: a new run there would replace it (and a run without
+    --val-size would leave a stale one for the tables), so the folder is refused as a run's."""
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / name).write_text("the user's own\n")
+    before = snapshot(work)
+    status, _, err = run(capsys, "--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "1")
+    check_refused(status, err, f"{work} already holds a run")
+    assert snapshot(work) == before

@@ -9,6 +9,7 @@ import pytest
 from densenet_trainer.config import architecture, run_config
 from densenet_trainer.config.cli import OneLineParser, UserError
 from densenet_trainer.config.run_config import RESUMABLE, RunConfig
+from helpers import config_of
 
 
 def test_every_setting_declares_its_flag_and_whether_a_resume_may_change_it():
@@ -51,7 +52,6 @@ def test_default_folders_name_every_setting_that_changes_the_numbers():
     folders = [RunConfig(**{name: value}).save for name, value in changed.items()]
     assert len(set(folders) | {RunConfig().save}) == len(changed) + 1, folders
     # --no-svhn-extra names SVHN's folders only; -0.0 is 0; decimals without an exponent's minus
-    assert RunConfig(svhn_extra=False).save == RunConfig().save
     assert RunConfig(dataset="svhn", svhn_extra=False).save == "work/svhn-densenet-bc-100-12-no-svhn-extra"
     assert RunConfig(weight_decay=-0.0) == RunConfig(weight_decay=0.0)
     assert RunConfig(weight_decay=-0.0).save == "work/cifar10-densenet-bc-100-12-wd0"
@@ -126,6 +126,9 @@ def test_impossible_models_are_refused_in_one_line():
 
 @pytest.mark.parametrize("values, says", [
     ({"momentum": 1.5}, r"momentum \(--momentum\) must be in \[0, 1\), got 1.5"),
+    ({"opt": "adam", "momentum": 0.5}, r"--momentum 0.5 does nothing here \(--opt adam takes no momentum\); drop it"),
+    ({"svhn_extra": False}, r"--no-svhn-extra does nothing here \(cifar10 has no extra images\)"),
+    ({"compile": True, "kernels": "fused"}, "compile=True is kernels='compile', not kernels='fused'"),
     ({"eval_batch_size": 0}, r"eval_batch_size \(--eval-batch-size\) must be a positive integer, got 0"),
     ({"stop_after": -1}, r"stop_after \(--stop-after\) must be 0 or more, got -1"),
     ({"batch_size": 0}, "batch_size .* must be a positive integer, got 0"),
@@ -186,3 +189,39 @@ def test_numpys_numbers_are_taken_as_pythons():
     cfg = RunConfig(lr=np.float64(0.05), seed=np.int64(3), depth=np.int32(40), bottleneck=False, compression=1)
     assert (cfg.lr, cfg.seed, cfg.depth) == (0.05, 3, 40) and type(cfg.seed) is int and type(cfg.lr) is float
     assert cfg == RunConfig(lr=0.05, seed=3, depth=40, bottleneck=False, compression=1)
+
+
+def test_compile_true_is_kernels_compile():
+    assert RunConfig(compile=True).kernels == "compile" and RunConfig(kernels="compile").compile
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--opt", "rmsprop", "--momentum", "0.9"], "--momentum 0.9 does nothing here (--opt rmsprop takes no momentum)"),
+    (["--svhn-extra"], "--svhn-extra does nothing here (cifar10 has no extra images)"),
+    (["--dataset", "cifar100", "--no-svhn-extra"], "--no-svhn-extra does nothing here (cifar100 has no extra images)")])
+def test_a_flag_given_where_it_does_nothing_is_refused_even_at_its_default(argv, says):
+    """A flag that would do nothing is refused, never silently dropped, and never names a
+    folder; where it counts it is taken."""
+    with pytest.raises(UserError) as refused:
+        config_of(*argv)
+    assert str(refused.value) == f"{says}; drop it"
+    assert config_of("--opt", "sgd", "--momentum", "0.9")[0].momentum == 0.9
+
+
+def test_a_saved_run_whose_setting_did_nothing_reads_as_its_default():
+    """A run an earlier version started with Adam and --momentum 0.5 (which did nothing) is
+    read with the default momentum: one row, one folder name, with Adam's other runs."""
+    saved = {**RunConfig(opt="adam").to_dict(), "momentum": 0.5}
+    assert RunConfig.from_dict(saved, "config.json") == RunConfig(opt="adam")
+
+
+
+def test_a_default_folder_name_too_long_for_a_file_system_ends_with_a_hash_of_it():
+    """Settings with many digits (a rate of 1e-37 written out) would make a name no file system
+    takes: it is cut, and a hash of the whole keeps runs that differ apart."""
+    long = dict(lr=1.2345678901234567e-37, weight_decay=1.2345678901234567e-37, momentum=0.12345678901234567,
+                dropout=0.12345678901234567, epochs=123456)
+    names = [RunConfig(**long, seed=seed).save.removeprefix("work/") for seed in (1, 2)]
+    assert all(len(name.encode()) == run_config.NAME_BYTES for name in names)
+    assert names[0][:-12] == names[1][:-12] and names[0] != names[1]
+    assert names[0].startswith("cifar10-densenet-bc-100-12-dropout0.12345678901234566-lr0.0000000")

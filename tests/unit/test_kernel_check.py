@@ -81,13 +81,21 @@ def test_a_fused_model_on_a_device_its_kernels_were_not_tested_on_computes_with_
         model(x)  # once
 
 
-def test_a_kernel_wrong_on_aligned_shapes_only_is_caught_by_the_runs_own_self_test(
-        broken, capsys, tmp_path, cifar_dir):
+def test_a_kernel_wrong_on_aligned_shapes_only_is_caught_by_the_device_self_test(broken):
     """A vectorised variant miscompiled (channels and pixel stride multiples of 8): the
-    awkward shapes pass, the run's own model on its own first batch does not, before the first
-    step. One warning names the worst tensor; the run trains with ATen's kernels and
-    config.json says why."""
+    self-test's aligned shapes select it, its awkward ones do not."""
     broken("aligned")
+    assert kernel_check.check(torch.device("cpu")).startswith(
+        "the kernels in torch.float32 on 32 of 48 channels: norm_relu")
+
+
+def test_a_kernel_wrong_on_a_runs_shapes_only_is_caught_by_the_runs_own_self_test(
+        broken, capsys, tmp_path, cifar_dir):
+    """A vectorised variant miscompiled for full 32x32 maps only, which the device self-test's
+    small shapes never select: the run's own model on its own first batch catches it, before
+    the first step. One warning names the worst tensor; the run trains with ATen's kernels
+    and config.json says why."""
+    broken("aligned, full tiles")
     assert kernel_check.check(torch.device("cpu")) is None
     out = start_run(capsys, tmp_path / "run", cifar_dir, "--epochs", "1")
     warning = [line for line in out.splitlines() if line.startswith("warning:")]
