@@ -7,11 +7,9 @@ images (count and fingerprint of each split, from config.json) are the same. Eac
 once, however many paths reach it (``distinct``, by run_id). Each unfinished run (still
 training, or stopped early) is a row of its own and stays out of the finished runs' means.
 
-A row gets the paper's number (Table 2 of the DenseNet paper, table2.json) only where depth,
-growth rate, bottleneck, compression, dataset, augmentation, the paper's epochs and the
-paper's images (the official splits' counts) all match: never a wrong one, and never beside
-a subset. torch-free, like plot.py, which draws these groups; table_formats.py writes them
-as tables.
+A row gets the paper's number (Table 2, table2.json) only where the model, dataset,
+augmentation, the paper's epochs and images (the official splits' counts) all match: never a
+wrong one, never beside a subset. torch-free for plot.py; table_formats.py writes the rows.
 """
 from __future__ import annotations
 
@@ -58,6 +56,7 @@ class Result:
     code: str  # the code that ran it (commit and +modified, or version), '' where not recorded
     processes: tuple[int, ...] = ()  # each session's processes, where they changed; (): not recorded
     lrs: tuple[float, ...] = ()  # the learning rate of each epoch trained (train.csv)
+    resumed_rescheduled: bool = False  # a resume in config.json changed the schedule (--reschedule)
 
     @property
     def planned(self) -> int:
@@ -95,18 +94,18 @@ class Result:
 
     @functools.cached_property
     def rescheduled(self) -> bool:
-        """Whether its learning rates are not those of its --epochs from the start (a resume
-        with another --epochs changed the schedule on the way); worked out once, as the
-        grouping, the legends and the paper's column all ask."""
+        """Whether its learning rates are not its configuration's from the start (a resume
+        changed them); worked out once: the grouping, legends and paper's column all ask."""
         cfg = RunConfig.from_dict(self.config, str(self.folder))  # train.csv keeps 6 digits
         return not all(math.isclose(lr, cfg.learning_rate(epoch), rel_tol=1e-5)
                        for epoch, lr in enumerate(self.lrs))
 
     def facts(self) -> dict[str, str]:
-        """What changes its numbers beside its settings, as words: the processes it trained on
-        (each normalises its own share of a batch) and a schedule changed at a resume."""
+        """What changes its numbers beside its settings, in words: its processes (each
+        normalises its share of a batch); rates changed at a resume, or by a hand in config.json."""
+        changed = "rescheduled at a resume" if self.resumed_rescheduled else "rates unlike its config.json's"
         return {"processes": f"{' then '.join(map(str, self.processes)) or '?'} process(es)",
-                "rescheduled": "rescheduled at a resume" if self.rescheduled else ""}
+                "rescheduled": changed if self.rescheduled else ""}
 
     def key(self) -> tuple:
         """What a group shares: the settings that change the numbers, the images, the
@@ -137,26 +136,25 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     test, train = logs["test"], logs["train"]
     train = train[train["epoch"] <= test["epoch"].iloc[-1]]  # an epoch being written counts once whole
     best_val = None
-    if "val" in logs and len(logs["val"]):
+    if config["val_size"] and "val" in logs and len(logs["val"]):  # never a stale val.csv
         epoch = logs["val"].loc[logs["val"]["error"].idxmin(), "epoch"]
         matching = test[test["epoch"] == epoch]
         best_val = float(matching["error"].iloc[0]) if len(matching) else None
     top5 = float(test["top5_error"].iloc[-1]) if "top5_error" in test else None
     seconds = float(train["seconds"].sum()) if "seconds" in train else math.nan
-    parameters = record.get("parameters")
-    run_id = record.get("run_id")
+    parameters, run_id = record.get("parameters"), record.get("run_id")
+    resumes = record.get("resumes") if isinstance(record.get("resumes"), list) else []
     return Result(folder, config, parameters if isinstance(parameters, int) else None,
                   str(record.get("model", folder.name)), int(train["epoch"].iloc[-1]),
                   float(test["error"].iloc[-1]), best_val, top5, seconds, recorded_images(record),
                   run_id if isinstance(run_id, str) and run_id else None, code_label(record),
-                  recorded_processes(record),
-                  tuple(float(lr) for lr in train["lr"]) if "lr" in train else ())
+                  recorded_processes([record, *resumes]), tuple(float(lr) for lr in train["lr"]) if "lr" in train else (),
+                  any(isinstance(r, dict) and "schedule" in (r.get("changes") or {}) for r in resumes))
 
 
-def recorded_processes(record: dict) -> tuple[int, ...]:
-    """The processes of each session (the start, each resume) that config.json recorded, where
-    the count changed: (2,), (2, 1), or () where none is recorded."""
-    sessions = [record, *(record.get("resumes") if isinstance(record.get("resumes"), list) else [])]
+def recorded_processes(sessions: list) -> tuple[int, ...]:
+    """The processes of each session (config.json, then each resume's entry) where the count
+    changed: (2,), (2, 1), or () where none is recorded."""
     counts = [session["environment"].get("world_size") for session in sessions if isinstance(session, dict)
               and isinstance(session.get("environment"), dict)]
     counts = [count for count in counts if isinstance(count, int) and not isinstance(count, bool)]
@@ -254,8 +252,10 @@ class Row:
         return sorted({seed for seed in seeds if seeds.count(seed) > 1})
 
     def statistics(self, values: list[float | None]) -> dict[str, float | int | None]:
-        """mean, sample std (None for one run), min, max and n of the finite ``values``."""
+        """mean, sample std (None for one run), min, max and n of the finite ``values``: of
+        every run's, or none where a run lacks one (never some runs' beside the n of all)."""
         known = [v for v in values if v is not None and math.isfinite(v)]
+        known = known if len(known) == len(values) else []
         return {"mean": statistics.mean(known) if known else None,
                 "std": statistics.stdev(known) if len(known) > 1 else None,
                 "min": min(known, default=None), "max": max(known, default=None), "n": len(known)}

@@ -47,14 +47,14 @@ def row_texts(row: Row, apart: str = "") -> dict[str, str]:
 def table(table_rows: list[Row], style: str) -> str:
     """The rows as ``style``: text (aligned columns), markdown, csv (one number per column)
     or latex (booktabs; mean and std aligned at the ±). Columns empty in every row are left
-    out, and the code column unless the rows differ in it. The settings column says what
+    out, and the code column unless the rows differ in it or a row mixes code. The settings column says what
     sets a row apart from the others beyond its model, data and epochs (settings_apart)."""
     apart = settings_apart(table_rows, IN_MODEL_NAME | SAID_BY_DATA | {"epochs"})
     if style == "csv":  # the same columns whatever the rows hold: empty where unknown
         return pd.DataFrame([row.numbers(text) for row, text in zip(table_rows, apart)]).to_csv(index=False)
     cells = [row_texts(row, text) for row, text in zip(table_rows, apart)]
     columns = [c for c in COLUMNS if any(row[c] for row in cells)
-               and (c != "code" or len({row[c] for row in cells}) > 1)]
+               and (c != "code" or len({row[c] for row in cells}) > 1 or any(" " in row[c] for row in cells))]
     if style == "markdown":
         rule = "|" + "|".join("---" if COLUMNS[c] == "l" else "---:" for c in columns) + "|"
         lines = ["| " + " | ".join(columns) + " |", rule]

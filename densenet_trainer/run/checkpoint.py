@@ -107,7 +107,7 @@ class Checkpoint:
         differ = [name for name, value in recorded["config"].items()
                   if name not in RESUMABLE and name in self.state["config"]
                   and self.state["config"][name] != value]
-        if ours and theirs and ours != theirs:
+        if ours and theirs and ours != theirs and ours not in recorded.get("copied_from", []):
             reason = f"it is run {ours}, the folder's config.json is run {theirs}"
         elif differ:
             reason = ", ".join(f"{flag_name(name)} {self.state['config'][name]} (config.json: "

@@ -56,6 +56,7 @@ class Plan:
     note: str = ""  # a line to print about the schedule
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept in every file of the run
     continued_by: str = ""  # what made this a resume: --resume, --auto-resume, a job's restart
+    copied_from: str | None = None  # a copy's continuation: the identity of the run it copies
 
     @property
     def resuming(self) -> bool:
@@ -86,6 +87,18 @@ class Plan:
 def already_holds_a_run(save: Path) -> UserError:
     return UserError(f"{save} already holds a run; continue it with --resume --save {save} "
                      f"or start a new one with another --save DIR")
+
+
+def is_a_copy(save: Path, recorded: Path, run_id: str) -> bool:
+    """Whether the run in ``save`` is a copy of the one still in ``recorded`` (the folder it
+    was started in), which holds the same ``run_id``: continued, the copy diverges, and the
+    tables must count both."""
+    try:
+        if recorded.resolve() == save.resolve() or not (recorded / CONFIG_FILE).is_file():
+            return False
+        return json.loads((recorded / CONFIG_FILE).read_text()).get("run_id") == run_id
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool, jobs: dict | None = None) -> Plan:
@@ -129,6 +142,9 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool, jobs: dict
     known = (config_json or {}).get("run_id") or (checkpoint.state.get("run_id") if checkpoint else None)
     if known:  # a run from before run identities gets one now
         plan.run_id = known
+        if is_a_copy(save, Path(saved.save), known):  # its own run from here on
+            plan.copied_from, plan.run_id = known, uuid.uuid4().hex
+            plan.continued_by += f"; a copy of {saved.save}, from here a run of its own"
     partial = bool(checkpoint and checkpoint.state["progress"]["step"])
     plan.note = check_schedule(saved, resumed, plan.start_epoch, partial, reschedule, save)
     if plan.note:
@@ -292,6 +308,9 @@ class RunFiles:
                      "continued_by": plan.continued_by, **record})
                 content["config"] = plan.config.to_dict()
                 content.setdefault("run_id", plan.run_id)
+                if plan.copied_from:
+                    content["run_id"] = plan.run_id
+                    content["copied_from"] = [*content.get("copied_from", []), plan.copied_from]
             else:
                 content = {"config": plan.config.to_dict(), "run_id": plan.run_id, "started": stamp,
                            **record}

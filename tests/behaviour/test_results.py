@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import plot
+import train
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.results import groups, table_formats
 from helpers import check_refused, run_main, start_run
@@ -114,6 +115,8 @@ def test_the_paper_column_matches_only_the_papers_configuration(tmp_path, capsys
     (extended / "train.csv").write_text("\n".join(lines[:1] + [
         f"{e},{RunConfig(epochs=150).learning_rate(min(e, 150) - 1):g},{line.split(',', 2)[2]}"
         for e, line in enumerate(lines[1:], 1)]) + "\n")
+    record = json.loads((extended / "config.json").read_text())
+    (extended / "config.json").write_text(json.dumps({**record, "resumes": [{"changes": {"schedule": "..."}}]}))
     found = [groups.read_result(folder, plot.load_run(folder).logs,
                                  json.loads((folder / "config.json").read_text()))
              for folder in (paper_run, shorter, other, svhn, held_out, svhn_paper, *recipes, extended)]
@@ -360,3 +363,57 @@ def test_seeds_with_a_validation_set_make_one_row(tmp_path, cifar_dir, capsys):
     assert sorted(table["n"]) == [1, 2]
     assert sorted(table["val_images"]) == [32, 48]
     assert table.loc[table["n"] == 2, "seeds"].item() == "0 1"
+
+
+def test_a_statistic_is_of_every_run_its_n_counts(tmp_path, capsys):
+    """A top-5 error logged by one run of two: no mean of one beside n=2. A val.csv left in a
+    run without a validation set: no best-validation error from it."""
+    runs = [make_run(tmp_path / f"seed{s}", [30.0, 20.0 + s], seed=s, dataset="cifar100") for s in (0, 1)]
+    test_csv = runs[0] / "test.csv"
+    lines = test_csv.read_text().splitlines()
+    test_csv.write_text("\n".join([lines[0] + ",top5_error"] + [line + ",9.5" for line in lines[1:]]) + "\n")
+    stale = make_run(tmp_path / "stale", [30.0, 25.0], val=[40.0, 10.0])
+    table = csv_of(capsys, *runs, stale)
+    assert table["n"].tolist() == [2, 1]
+    assert table["top5_error_mean"].isna().all() and table["best_val_test_error_mean"].isna().all()
+
+
+def test_a_row_of_two_commits_shows_its_code_in_every_format(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"seed{s}", [30.0, 20.0], seed=s) for s in (0, 1)]
+    record = json.loads((runs[1] / "config.json").read_text())
+    record["code"]["commit"] = "b" * 40
+    (runs[1] / "config.json").write_text(json.dumps(record))
+    for style in ("text", "markdown", "latex"):
+        status, out, err = table_of(capsys, *runs, "--table-format", style)
+        assert status == 0 and "aaaaaaaaaa" in out and "bbbbbbbbbb" in out, (style, out)
+    assert csv_of(capsys, *runs)["code"].item() == f"{'a' * 40} {'b' * 40}"
+
+
+def test_a_copy_continued_is_a_run_of_its_own_and_the_table_counts_both(tmp_path, cifar_dir, capsys):
+    """A copy of a run, as it is, is the run (counted once); once continued it diverges, gets
+    an identity of its own, and both count, whichever order they are named in."""
+    original = tmp_path / "original"
+    start_run(capsys, original, cifar_dir, "--epochs", "2", "--stop-after", "1")
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    assert csv_of(capsys, original, copy)["n"].tolist() == [1]
+    out = start_run(capsys, copy, cifar_dir, "--epochs", "2", "--resume")
+    assert f"a copy of {original}, from here a run of its own" in out
+    record = json.loads((copy / "config.json").read_text())
+    assert record["copied_from"] == [json.loads((original / "config.json").read_text())["run_id"]]
+    assert record["run_id"] != record["copied_from"][0]
+    for order in ((original, copy), (copy, original)):
+        status, out, err = table_of(capsys, *order, "--table-format", "csv")
+        assert status == 0 and "counted once" not in err, err
+    status, out, err = run_main(capsys, train.main, "--evaluate", copy / "checkpoint.pt", "--data-dir", cifar_dir)
+    assert status == 0, err
+
+
+def test_a_hand_edited_learning_rate_is_named_never_taken_for_a_resume(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"seed{s}", [30.0, 20.0], seed=s) for s in (0, 1)]
+    record = json.loads((runs[1] / "config.json").read_text())
+    record["config"]["lr"] = 0.05  # its train.csv says 0.1
+    (runs[1] / "config.json").write_text(json.dumps(record))
+    settings = csv_of(capsys, *runs)["settings"].tolist()
+    assert any("rates unlike its config.json's" in str(s) for s in settings)
+    assert not any("rescheduled at a resume" in str(s) for s in settings)
