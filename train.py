@@ -89,6 +89,7 @@ from densenet_trainer.runtime import (
     Runtime,
     StopFlag,
     keep_freed_memory_mapped,
+    lost_peer,
     on_main,
     setup_runtime,
 )
@@ -156,6 +157,11 @@ def _run_command(args: argparse.Namespace) -> int:
         if first_process():  # each process stopped alike: one line
             print(interrupted, file=sys.stderr)
         return 128 + interrupted.signum
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        print(f"error: {lost_peer(error)}; torchrun restarts the job where --max-restarts allows, and it resumes", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupted:
         signum = getattr(interrupted, "signum", signal.SIGINT)
         if first_process():

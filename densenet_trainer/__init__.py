@@ -9,7 +9,8 @@ named by what they hold, each using only the rooms below it here:
 - ``loop``: the training loop (loop/training.py, top to bottom), evaluation and progress;
 - ``data``: the datasets read and checked, and the batches on the device;
 - ``provenance``: what a run ran on and which code trained it, for config.json;
-- ``runtime``: the process (device, ranks, random generators, signals);
+- ``runtime``: the process (device, ranks, signals);
+- ``random_state``: the random generators, seeded, saved and put back;
 - ``results``: a work directory's format and results across runs beside the paper's
   Table 2 (no torch; plot.py reads it);
 - ``whole_files``: writes that are whole and stay in their folder (no torch);

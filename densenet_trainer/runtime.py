@@ -1,11 +1,10 @@
-"""The process a run lives in: its device, its place among torchrun's processes, its random
-number generators, the signals that stop it, and the glibc setting that keeps it fast."""
+"""The process a run lives in: its device, its place among torchrun's processes (and what
+says one of them is gone), the signals that stop it, and the glibc setting that keeps it fast."""
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
-import random
 import signal
 import socket
 import subprocess
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -252,6 +250,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """Under torchrun, what says that ``error`` is a collective failing because another
+    process of the job is gone (a killed worker, a lost node), in one line; else None."""
+    said = (str(error).strip().splitlines() or [""])[0]
+    if "LOCAL_RANK" in os.environ and (isinstance(error, dist.DistError) or any(s in said for s in LOST_PEER)):
+        return f"another process of this torchrun job is gone ({said.split('] ', 1)[-1][:160]})"
+    return None
+
+
 def all_sum(values: list[float], runtime: Runtime) -> list[float]:
     """``values`` summed over the processes (themselves with one process)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
@@ -294,47 +304,6 @@ class StopFlag:
             dist.all_reduce(flag, dist.ReduceOp.MAX)
             self.agreed = int(flag.item())
         return self.agreed
-
-
-# ---------------------------------------------------------------- random numbers
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
-def rng_state_problem(state) -> str | None:
-    """Why ``state`` is not what rng_state returns (None: it is), found by setting each part
-    on a generator of its own, so that the process's own generators stay as they are."""
-    try:
-        random.Random().setstate(state["python"])
-        kind, keys, position, has_gauss, gauss = state["numpy"]
-        np.random.RandomState().set_state((kind, keys.numpy().astype(np.uint32), position,
-                                           has_gauss, gauss))
-        torch.Generator().set_state(state["torch"])
-        if not isinstance(state["cuda"], list) or not all(isinstance(t, torch.Tensor) for t in state["cuda"]):
-            return "its CUDA generator states are not a list of tensors"
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    return None
 
 
 # ---------------------------------------------------------------- memory

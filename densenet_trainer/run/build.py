@@ -25,9 +25,10 @@ from densenet_trainer.data import datasets, loader
 from densenet_trainer.loop import evaluation, training
 from densenet_trainer.loop.training import LearningRate, TrainStep, build_optimizer
 from densenet_trainer.provenance import code_version, environment
+from densenet_trainer.random_state import rng_state, seed_everything, set_rng_state
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError
-from densenet_trainer.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from densenet_trainer.runtime import Runtime
 from densenet_trainer.speed import apply_fused_kernels, cuda_graph
 from densenet_trainer.speed.fused_densenet import is_fused
 from densenet_trainer.speed.kernel_choice import KernelChoice, choose_kernels, confirm_on_model, time_steps

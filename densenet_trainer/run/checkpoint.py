@@ -14,9 +14,9 @@ from torch import nn
 
 from densenet_trainer.config.run_config import RESUMABLE, RunConfig, flag_name
 from densenet_trainer.loop.training import EpochProgress
+from densenet_trainer.random_state import rng_state_problem
 from densenet_trainer.results.layout import CONFIG_FILE, LAST_CHECKPOINT
 from densenet_trainer.run.files import RunError, load_checkpoint
-from densenet_trainer.runtime import rng_state_problem
 from densenet_trainer.whole_files import NotARegularFile, refuse_unless_file
 
 # What every checkpoint holds; one that lacks any of it was not written by this trainer.

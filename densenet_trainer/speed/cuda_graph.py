@@ -23,7 +23,8 @@ from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.data import loader
 from densenet_trainer.loop.evaluation import EagerEvaluation, EvaluationSums
 from densenet_trainer.loop.training import TrainStep
-from densenet_trainer.runtime import Runtime, capture_cuda_graph, rng_state, set_rng_state
+from densenet_trainer.random_state import rng_state, set_rng_state
+from densenet_trainer.runtime import Runtime, capture_cuda_graph
 
 
 class GraphedStep:

@@ -19,7 +19,8 @@ import torch
 from densenet_trainer.config.cli import UserError
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.loop.training import COMPUTE_DTYPES
-from densenet_trainer.runtime import Runtime, all_sum, broadcast, rng_state, set_rng_state, synchronize
+from densenet_trainer.random_state import rng_state, set_rng_state
+from densenet_trainer.runtime import Runtime, all_sum, broadcast, synchronize
 from densenet_trainer.speed import cuda_graph, fused, fused_densenet, kernel_check
 
 

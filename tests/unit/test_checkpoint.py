@@ -14,9 +14,9 @@ import torch
 from densenet_trainer.config.cli import UserError
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.loop.training import EpochProgress, LearningRate, build_optimizer
+from densenet_trainer.random_state import rng_state
 from densenet_trainer.run.checkpoint import CHECKPOINT_KEYS, BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError, save_checkpoint, write_json
-from densenet_trainer.runtime import rng_state
 from helpers import make_step, train_steps
 
 

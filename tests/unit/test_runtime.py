@@ -131,3 +131,16 @@ def test_reading_the_code_version_leaves_the_checkouts_index_as_it_was(tmp_path)
     before = index.read_bytes(), index.stat().st_mtime_ns
     assert code_version(tmp_path)["modified"] is False
     assert (index.read_bytes(), index.stat().st_mtime_ns) == before
+
+
+def test_a_collective_failing_for_a_lost_peer_is_said_in_one_line(monkeypatch):
+    """gloo's error on the survivors of a killed worker (measured on two torchrun agents):
+    one line under torchrun; any other error, or outside torchrun, is not taken for it."""
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
+                        "closed by peer [127.0.0.1]:5509. This is typically caused by a remote worker crashing.")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert runtime.lost_peer(gloo) is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert runtime.lost_peer(gloo) == ("another process of this torchrun job is gone (Connection closed by peer "
+                                       "[127.0.0.1]:5509. This is typically caused by a remote worker crashing.)")
+    assert runtime.lost_peer(RuntimeError("CUDA out of memory")) is None
