@@ -597,7 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     idle = sorted(given & (IDLE_WITH_TABLE if opts.table and not opts.group else set())
                   | given & ({"watch"} if opts.table or opts.group else set())
                   | given & ({"band"} if not opts.group else set())
-                  | given & ({"table_format"} if not opts.table else set()))
+                  | given & ({"table_format"} if not opts.table else set())
+                  | given & ({"out"} if opts.table and not opts.group and opts.table_format != "all" else set()))
     if idle:
         p.error(f"--{idle[0].replace('_', '-')} does nothing with {mode}; drop it")
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
@@ -607,7 +608,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             matplotlib.rc_params_from_file(opts.style, use_default_template=False)
         except (OSError, UnicodeDecodeError, ValueError) as error:
             p.error(f"--style {opts.style} is not a matplotlib style file ({error})")
-    if opts.out and not Path(opts.out).is_dir():
+    if opts.out and not Path(opts.out).is_dir() and not (opts.table and not opts.group):  # a figure's
         out = Path(opts.out)
         if out.suffix:
             opts.format = out.suffix.lstrip(".").lower()

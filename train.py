@@ -5,10 +5,9 @@ Defaults are those of Huang et al. (arXiv 1608.06993): DenseNet-BC L=100 k=12, S
 Nesterov momentum 0.9, weight decay 1e-4, batch 64, 300 epochs (40 for SVHN), learning rate
 0.1 divided by 10 at 50% and 75% of the epochs, standard augmentation.
 
-After every epoch one row goes to train.csv and test.csv (and val.csv with --val-size) in
-the work directory, and the checkpoint is replaced atomically. A work directory that holds
-a run is never overwritten: --resume continues it exactly where it stopped, and one process
-at a time works in it. A NaN or infinite loss or weight stops the run before it is saved.
+After every epoch a row goes to train.csv and test.csv (val.csv with --val-size) and the
+checkpoint is replaced atomically. A work directory holding a run is never overwritten: --resume
+continues it where it stopped, one process at a time. A NaN loss or weight stops it unsaved.
 
 Examples:
   ./train.py                                        # DenseNet-BC-100-12 on CIFAR-10
@@ -17,16 +16,16 @@ Examples:
   torchrun --nproc_per_node=4 ./train.py --depth 190 --growth-rate 40
   ./train.py --evaluate work/cifar10-densenet-bc-100-12/checkpoint.pt --tta
 
-The story of a run is ``train``: plan the start or resume (workdir.py), build the run from
-its configuration (build.py), begin its files, then ``train_epochs``, an epoch at a time in
-named steps. The loop (optimiser, step, epoch, checks) is loop/training.py; build.py alone puts
-the speed machinery (densenet_trainer/speed/) on a run.
+The story of a run is ``train``: plan the start or resume (workdir.py), build the run (build.py,
+which alone puts the speed machinery of densenet_trainer/speed/ on it), begin its files, then
+``train_epochs``, an epoch at a time in named steps; the loop itself is loop/training.py.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 from densenet_trainer.config import run_config
-from densenet_trainer.config.cli import OneLineParser, UserError, output_may_close, path
+from densenet_trainer.config.cli import OneLineParser, UserError, one_line_interrupt, output_may_close, path
 from densenet_trainer.config.run_config import RunConfig, flag_name
 from densenet_trainer.results.layout import BEST_CHECKPOINT, duration
 
@@ -44,7 +43,7 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, save: Path, epoch: int, step: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} in epoch {epoch} after "
-                         f"step {step}; saved. Resume with: {sys.argv[0]} --resume --save {save}")
+                         f"step {step}; saved. Resume with: {sys.argv[0]} --resume --save {shlex.quote(str(save))}")
         self.signum = signum
 
 
@@ -73,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and a flag out of its range answer before torch loads
     with output_may_close():
         build_parser().parse_args()
+    one_line_interrupt("interrupted by SIGINT before training started; nothing was saved")  # torch loads
 import torch.distributed as dist  # the run's own imports: torch and the layers that use it
 
 from densenet_trainer.data import datasets, loader
@@ -94,10 +94,12 @@ from densenet_trainer.runtime import (
     setup_runtime,
 )
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # loaded: main's
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 class StoppedBeforeTraining(KeyboardInterrupt):
-    """SIGTERM, SIGHUP or SIGUSR1 before the run's own stop handling (StopFlag) is in place:
-    treated as SIGINT is."""
+    """SIGTERM, SIGHUP or SIGUSR1 before the run's own stop handling (StopFlag): as SIGINT."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -116,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def first_process() -> bool:
-    """Whether this is the one process (or torchrun's rank 0) that says how the command ended:
-    under torchrun every process ends alike."""
+    """Whether this process (the only one, or torchrun's rank 0: all end alike) says how it ended."""
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -180,10 +181,8 @@ def _run_command(args: argparse.Namespace) -> int:
 def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool = False,
           runtime: Runtime | None = None) -> int:
     """Start the run ``cfg`` describes in its work directory, or resume the one there.
-
-    ``given`` names the flags of the command line, which a resume may apply to the saved run
-    (workdir.plan_run); ``runtime`` is the process's (default: from --device and torchrun).
-    """
+    ``given``: the flags of the command line, which a resume may apply to the saved run
+    (workdir.plan_run); ``runtime``: the process's (default: from --device and torchrun)."""
     runtime = runtime or setup_runtime(cfg.device)
     save = Path(cfg.save)
     with WorkDirLock(save, "choose another with --save") as lock:
@@ -383,8 +382,7 @@ def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: 
 
 def exit_worker(status: int) -> None:
     """Under torchrun, leave without the interpreter's teardown: gloo's threads can abort a
-    worker that has finished (SIGABRT, "terminate called without an active exception"),
-    which torchrun takes for a failure of the whole job. Every file is written whole by then."""
+    finished worker (SIGABRT), which torchrun takes for a failed job. Every file is whole by then."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -17,6 +17,7 @@ import functools
 import math
 import numbers
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -188,6 +189,14 @@ def path(text: str) -> str:
         raise argparse.ArgumentTypeError(f"the name {shown}... is {len(longest)} bytes long; a "
                                          f"file or folder name takes at most {NAME_MAX}")
     return text
+
+
+def one_line_interrupt(message: str) -> None:
+    """From now on Ctrl-C prints ``message`` and exits 130 at once: for the seconds a script
+    spends importing torch, where KeyboardInterrupt would end in a traceback (the script puts
+    signal.default_int_handler back once loaded). A SIGINT ignored (a background job) stays so."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, lambda *_: (print(message, file=sys.stderr), os._exit(130)))
 
 
 def value_problem(spec, value) -> str | None:

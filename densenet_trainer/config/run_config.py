@@ -155,7 +155,7 @@ class RunConfig:
             "compile": self.kernels == "compile",  # --compile is read as --kernels compile
         }
         if self.compile and self.kernels not in ("auto", "compile"):
-            raise UserError(f"compile=True is kernels='compile', not kernels={self.kernels!r}: give one")
+            raise UserError(f"--compile (compile=True) is --kernels compile, not --kernels {self.kernels}: give one")
         if self.compile:
             derived.update(kernels="compile", compile=True)
         for name, value in derived.items():
@@ -307,8 +307,8 @@ class RunConfig:
         """The configuration from a namespace that ``add_flags`` filled, and the names of the
         settings given on the command line (--compile and --kernels count as one)."""
         given = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
-        if given.pop("compile", False):
-            given["kernels"] = "compile"
+        if given.get("resume") and given.get("auto_resume"):
+            raise UserError("--resume and --auto-resume: give one (--auto-resume starts the run where there is none)")
         names = set(given) | ({"compile", "kernels"} if {"compile", "kernels"} & set(vars(namespace)) else set())
         cfg = cls(**given)
         specs = {spec.name: spec for spec in fields(cls)}  # a flag given as its default counts too

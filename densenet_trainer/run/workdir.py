@@ -14,6 +14,7 @@ of lowest validation error, written before the checkpoint that records it.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -85,8 +86,13 @@ class Plan:
 
 
 def already_holds_a_run(save: Path) -> UserError:
-    return UserError(f"{save} already holds a run; continue it with --resume --save {save} "
-                     f"or start a new one with another --save DIR")
+    """The refusal of a start in ``save``: a run to continue, or files a run writes but no run."""
+    if not any((save / name).exists() for name in (CONFIG_FILE, LAST_CHECKPOINT)):
+        found = ", ".join(name for name in RUN_FILES if (save / name).exists())
+        return UserError(f"{save} holds files a run writes ({found}) but no run; move them, or "
+                         f"choose another --save DIR")
+    return UserError(f"{save} already holds a run; continue it with --resume --save "
+                     f"{shlex.quote(str(save))} or start a new one with another --save DIR")
 
 
 def is_a_copy(save: Path, recorded: Path, run_id: str) -> bool:
@@ -128,6 +134,7 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool, jobs: dict
     elif config_json is None:
         raise UserError(f"{save} holds no run to resume (no checkpoint.pt or config.json); "
                         + (elsewhere if (elsewhere := runs_like(cfg, given)) else
+                           "move the files a run writes out of it" if holds_run(save) else
                            "start a new run without --resume"))
     else:
         saved = RunConfig.from_dict(config_json["config"], str(save / CONFIG_FILE))
@@ -193,7 +200,7 @@ def runs_like(cfg: RunConfig, given: frozenset[str]) -> str:
         except UserError:
             continue
         if saved and all(getattr(saved, name) == getattr(cfg, name) for name in same):
-            found.append(f"--resume --save {folder}")
+            found.append(f"--resume --save {shlex.quote(str(folder))}")
     return f"a run of these settings is elsewhere: {'; or '.join(found)}" if found else ""
 
 
@@ -349,5 +356,5 @@ class RunFiles:
         """Failed writes end the run in one line that says how to go on from what is saved."""
         if (self.save / LAST_CHECKPOINT).exists():
             return write_errors(f"free space (or fix permissions), then continue from the last "
-                                f"checkpoint with --resume --save {self.save}")
+                                f"checkpoint with --resume --save {shlex.quote(str(self.save))}")
         return write_errors("nothing was saved yet: free space (or fix permissions) and start again")

@@ -262,7 +262,8 @@ def test_runs_in_several_folders_put_their_comparison_in_the_current_one(tmp_pat
     (["--table", "--style", "ggplot"], "--style does nothing with --table"),
     (["--group", "--watch", "5"], "--watch does nothing with --group"),
     (["--band", "std"], "--band does nothing with the figures of runs"),
-    (["--table-format", "csv"], "--table-format does nothing with the figures of runs")])
+    (["--table-format", "csv"], "--table-format does nothing with the figures of runs"),
+    (["--table", "--table-format", "csv", "--out", "elsewhere"], "--out does nothing with --table")])
 def test_a_flag_that_does_nothing_with_the_others_is_refused(tmp_path, capsys, argv, says):
     run = make_run(tmp_path / "a", 3)
     before = sorted(p.name for p in run.iterdir())

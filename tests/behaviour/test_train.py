@@ -626,5 +626,9 @@ def test_a_folder_holding_any_file_a_run_writes_is_not_written_over(tmp_path, ci
     (work / name).write_text("the user's own\n")
     before = snapshot(work)
     status, _, err = run(capsys, "--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "1")
-    check_refused(status, err, f"{work} already holds a run")
+    check_refused(status, err, f"{work} holds files a run writes ({name}) but no run; move them, or "
+                               f"choose another --save DIR")
+    status, _, err = run(capsys, "--data-dir", cifar_dir, "--save", work, *TINY, "--epochs", "1", "--resume")
+    check_refused(status, err, f"{work} holds no run to resume (no checkpoint.pt or config.json); "
+                               f"move the files a run writes out of it")
     assert snapshot(work) == before
