@@ -140,7 +140,8 @@ class RunConfig:
                                 "torchrun or SLURM job continues without it", resumable=True)
     stop_after: int = setting(0, "run", "end this session after EPOCH (0: run all epochs); "
                               "continue later with --resume", type=cli.count, metavar="EPOCH",
-                              resumable=True)
+                              resumable=True, idle=lambda c: None if c.stop_after < c.epochs or c.resume
+                              else f"the run ends after its {c.epochs} epoch(s) anyway")
 
     def __post_init__(self) -> None:
         """Fill in the defaults that depend on other settings; keep compile and kernels in step;
@@ -152,12 +153,11 @@ class RunConfig:
             "epochs": (40 if self.dataset == "svhn" else 300) if self.epochs is None else self.epochs,
             "lr": (0.1 if self.opt == "sgd" else 0.001) if self.lr is None else self.lr,
             "dropout": (0.0 if augment else 0.2) if self.dropout is None else self.dropout,
-            "compile": self.kernels == "compile",  # --compile is read as --kernels compile
+            "compile": self.compile or self.kernels == "compile",  # --compile is --kernels compile
+            "kernels": "compile" if self.compile else self.kernels,
         }
         if self.compile and self.kernels not in ("auto", "compile"):
             raise UserError(f"--compile (compile=True) is --kernels compile, not --kernels {self.kernels}: give one")
-        if self.compile:
-            derived.update(kernels="compile", compile=True)
         for name, value in derived.items():
             object.__setattr__(self, name, value)
         for spec in fields(self):
@@ -177,8 +177,7 @@ class RunConfig:
         object.__setattr__(self, "save", self.save or self.default_save())
 
     def idle_settings(self) -> dict[str, str]:
-        """The settings given a value other than their default that do nothing in this
-        configuration, and why (each setting's ``idle`` rule)."""
+        """The settings off their default that do nothing here, and why (their ``idle`` rule)."""
         return {spec.name: spec.metadata["idle"](self) for spec in fields(self)
                 if spec.metadata["idle"] and getattr(self, spec.name) != spec.default
                 and spec.metadata["idle"](self)}
@@ -293,8 +292,9 @@ class RunConfig:
             values[name] = float(value) if known[name].type == "float" else value
         if "kernels" not in saved:  # runs from before --kernels: --compile said it
             values["kernels"] = "compile" if saved.get("compile") else "auto"
+        seen = argparse.Namespace(**{**{name: spec.default for name, spec in known.items()}, **values})
         for name, spec in known.items():  # what an older version took and did nothing with
-            if spec.metadata["idle"] and name in values and spec.metadata["idle"](argparse.Namespace(**values)):
+            if spec.metadata["idle"] and name in values and spec.metadata["idle"](seen):
                 values[name] = spec.default
         try:
             return cls(**values)

@@ -228,3 +228,10 @@ def test_a_default_folder_name_too_long_for_a_file_system_ends_with_a_hash_of_it
     assert all(len(name.encode()) == run_config.NAME_BYTES for name in names)
     assert names[0][:-12] == names[1][:-12] and names[0] != names[1]
     assert names[0].startswith("cifar10-densenet-bc-100-12-dropout0.12345678901234566-lr0.0000000")
+
+
+def test_stop_after_the_last_epoch_does_nothing_and_is_refused():
+    with pytest.raises(UserError, match=r"--stop-after 5 does nothing here \(the run ends after its 1 epoch\(s\) anyway\)"):
+        config_of("--epochs", "1", "--stop-after", "5")
+    assert config_of("--epochs", "3", "--stop-after", "2")[0].stop_after == 2
+    assert config_of("--resume", "--stop-after", "400")[0].stop_after == 400  # the run's --epochs may be longer
