@@ -88,5 +88,7 @@ def broken(monkeypatch):
     def use(fault: str) -> None:
         monkeypatch.setattr(fused, "backend", lambda device_type: Broken(fault))
         kernel_check.failure.cache_clear()
+        kernel_check.MODELS_CHECKED.clear()
     yield use
     kernel_check.failure.cache_clear()
+    kernel_check.MODELS_CHECKED.clear()

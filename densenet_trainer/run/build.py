@@ -279,14 +279,14 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
 def first_batches(batches: loader.TrainBatches, dataset: RunData, cfg: RunConfig,
                   runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This process's first training batch (images, labels; not augmented, which keeps the
-    shapes) and its first evaluation batch's images: what the run's step and evaluation will
-    compute on, in their shapes and memory layout."""
+    shapes) and as many of its first evaluation batch's images (a map's pixels stay multiples
+    of 64 however many images: the same kernel variants), in the run's memory layout."""
     images = batches.normalizer(batches.images[:batches.share]).contiguous(memory_format=batches.memory_format)
     evaluation_batches = loader.EvalBatches(dataset.test, cfg.eval_batch_size, batches.normalizer,
                                             runtime.device, runtime.rank, runtime.world_size,
                                             cfg.channels_last)
     first = torch.zeros(1, dtype=torch.int64, device=dataset.test.labels.device)
-    return images, batches.labels[:batches.share], evaluation_batches.batch(first)[0]
+    return images, batches.labels[:batches.share], evaluation_batches.batch(first)[0][:batches.share]
 
 
 def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.Module | None = None,

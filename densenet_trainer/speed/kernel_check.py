@@ -81,8 +81,22 @@ def check(device: torch.device) -> str | None:
     return None
 
 
+MODELS_CHECKED: dict[tuple, str | None] = {}  # model_failure's, by what decides the kernels launched
+
+
 def model_failure(model: nn.Module, images: Tensor, labels: Tensor, eval_images: Tensor,
                   precision: str) -> str | None:
+    """``_model_failure``, once a process for each model and batch shapes (the weights and
+    images do not choose the kernels launched, nor their variants)."""
+    key = (str(model), tuple(getattr(m, "memory_efficient", None) for m in model.modules()),
+           precision, *((x.shape, x.stride(), x.dtype, x.device) for x in (images, eval_images)))
+    if key not in MODELS_CHECKED:
+        MODELS_CHECKED[key] = _model_failure(model, images, labels, eval_images, precision)
+    return MODELS_CHECKED[key]
+
+
+def _model_failure(model: nn.Module, images: Tensor, labels: Tensor, eval_images: Tensor,
+                   precision: str) -> str | None:
     """Why the fused ``model`` may not train its run (None: it may), in one line naming the
     worst tensor. One training step's forward and backward on the run's first batch
     (``images``, ``labels``) and one evaluation forward on its first evaluation batch, in the

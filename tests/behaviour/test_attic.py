@@ -71,6 +71,7 @@ def test_gradcheck_catches_a_planted_wrong_gradient():
     assert correct == []
 
 
+@pytest.mark.slow
 def test_gradcheck_gradients_are_copies_that_stay_where_they_were_taken():
     """gradients() on the CPU, then the module moved: the CUDA run of attic/gradcheck.py moves
     it to the GPU; here a dtype change goes through the same conversion of every .grad."""

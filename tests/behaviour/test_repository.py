@@ -6,6 +6,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 TOP_LEVEL = {"train.py", "plot.py", "densenet.py", "densenet_trainer", "attic", "bench", "tests",
@@ -67,6 +69,7 @@ def test_the_plain_path_never_imports_the_speed_machinery():
         assert not any(target.startswith("densenet_trainer.speed") for target in imports(path)), name
 
 
+@pytest.mark.slow
 def test_importing_the_model_imports_no_kernel_and_no_triton():
     code = ("import sys, densenet\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'"

@@ -120,3 +120,17 @@ def test_a_sound_fused_model_passes_the_runs_own_self_test_and_is_left_as_it_was
     assert kernel_check.model_failure(model, images, labels, images[:5], "fp32") is None
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and is_fused(model)
+
+
+def test_the_runs_own_self_test_runs_once_a_process_for_a_model_and_its_shapes(monkeypatch):
+    """The weights and images do not choose the kernels launched: another run of the same model
+    and batch shapes in the process (a seed after a seed) takes the first one's answer."""
+    calls = []
+    monkeypatch.setattr(kernel_check, "MODELS_CHECKED", {})
+    monkeypatch.setattr(kernel_check, "_model_failure", lambda *args: calls.append(args) or None)
+    images = torch.zeros(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for depth, batch in ((10, 4), (10, 4), (16, 4), (10, 2)):
+        model = densenet("fused", depth=depth, growth_rate=4)
+        assert kernel_check.model_failure(model, images[:batch], torch.zeros(batch, dtype=torch.long),
+                                          images, "fp32") is None
+    assert len(calls) == 3
