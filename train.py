@@ -54,17 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         description=__doc__.split("\n\n")[0],
         epilog="Table 2 of the paper as flags: see README.md. Errors are one line and exit 2.")
-    run = run_config.add_flags(parser, run_config.flag_names(*run_config.GROUPS))["run"]
-    run.add_argument("--reschedule", action="store_true",
+    run_flags = run_config.add_flags(parser, run_config.flag_names(*run_config.GROUPS))["run"]
+    run_flags.add_argument("--reschedule", action="store_true",
                      help="with --resume and a larger --epochs: accept the new length's schedule "
                           "even where it raises the learning rate above the last one trained "
                           "(without it such a resume is refused, naming the lr it would use)")
-    run.add_argument("--evaluate", metavar="CHECKPOINT", default=None, type=path,
+    run_flags.add_argument("--evaluate", metavar="CHECKPOINT", default=None, type=path,
                      help="only report the test error of a checkpoint file or of a run's "
                           "directory (its checkpoint.pt), on the data the run was trained on (or "
                           "--data-dir); writes CHECKPOINT-classes.csv and CHECKPOINT-confusion.csv "
                           "beside it (-classes-tta.csv, -confusion-tta.csv with --tta)")
-    run.add_argument("--tta", action="store_true",
+    run_flags.add_argument("--tta", action="store_true",
                      help="with --evaluate: average over horizontal flips")
     return parser
 
