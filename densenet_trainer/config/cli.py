@@ -191,6 +191,11 @@ def path(text: str) -> str:
     return text
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its message's first, or its type's name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def one_line_interrupt(message: str) -> None:
     """From now on Ctrl-C prints ``message`` and exits 130 at once: for the seconds a script
     spends importing torch, where KeyboardInterrupt would end in a traceback (the script puts

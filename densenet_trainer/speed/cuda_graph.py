@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from densenet_trainer.config.cli import first_line
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.data import loader
 from densenet_trainer.loop.evaluation import EagerEvaluation, EvaluationSums
@@ -120,7 +121,7 @@ class GraphedStep:
             self.step.scaler._per_optimizer_states.clear()  # its per-step bookkeeping
         if self.cuda:
             torch.cuda.synchronize()
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         self.status = f"eager: the capture failed ({reason})"
         self.notice(f"notice: the training step could not be captured as a CUDA graph "
                     f"({reason}); training goes on eagerly, with the same kernels, slower")
@@ -188,7 +189,7 @@ class GraphedEvaluation:
         except Exception as error:  # any failure: CUDA, an uncapturable op, memory
             if self.cuda:
                 torch.cuda.synchronize()
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             return self._fall_back(f"the capture failed ({reason})")
         seconds = time.perf_counter() - began
         counted = [total.clone() for total in self.sums.tensors]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet import DenseBlock
+from densenet_trainer.config.cli import first_line
 from densenet_trainer.speed import fused
 from densenet_trainer.speed.fused_densenet import fuse, tested_on, unfuse
 from densenet_trainer.speed.precision import precision_of
@@ -110,7 +111,7 @@ def _model_failure(model: nn.Module, images: Tensor, labels: Tensor, eval_images
     try:
         found = _one_step(model, images, labels, eval_images, precision)
     except Exception as error:  # a kernel that fails to compile or launch at these shapes
-        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        return f"{type(error).__name__}: {first_line(error)}"
     aten = _one_step(plain, images, labels, eval_images, precision)
     exact = _one_step(plain, images, labels, eval_images, "fp32", torch.float64)
     floor = MODEL_ERROR_FLOOR[precision]

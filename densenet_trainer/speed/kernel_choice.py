@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from densenet_trainer.config.cli import UserError
+from densenet_trainer.config.cli import UserError, first_line
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.loop.training import COMPUTE_DTYPES
 from densenet_trainer.random_state import rng_state, set_rng_state
@@ -143,11 +143,6 @@ def confirm_on_model(choice: KernelChoice, model: torch.nn.Module, images: torch
                 f"({problem}); the run computes with ATen's kernels instead: the same function, slower")
     return dataclasses.replace(choice, kernels="aten",
                                why=f"{choice.why}, but the run's own self-test failed: {problem}")
-
-
-def first_line(error: Exception) -> str:
-    """An exception as one line: its message's first, or its type's name."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def time_steps(build_synthetic_run: Callable, cfg: RunConfig, runtime: Runtime,
