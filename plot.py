@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that holds no run is named in one warning line")
     p.add_argument("--out", type=cli.path, help="figure file for several runs, or a folder to write it in "
                                    "(default: comparison.FORMAT in the folder that holds the runs, or "
-                                   "in the current folder for runs in several folders)")
+                                   "in the current folder for runs in several folders); each run's own "
+                                   "figures (one run's curves, its --evaluate's) go into its folder")
     p.add_argument("--style", default="seaborn-v0_8-whitegrid", help="any matplotlib style")
     p.add_argument("--format", default="png", choices=cli.FIGURE_FORMATS, help="figure file type")
     p.add_argument("--dpi", type=cli.int_range(10, 1200), default=130,
@@ -592,13 +593,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     opts = p.parse_args(argv)
     given = {name for name, value in vars(opts).items() if value != p.get_default(name)}
+    one_run = len(opts.runs) == 1 and not (opts.table or opts.group)
     mode = ("--table and --group" if opts.table and opts.group else "--table" if opts.table
-            else "--group" if opts.group else "the figures of runs")
+            else "--group" if opts.group else "one run's figures (they go into its folder)" if one_run
+            else "the figures of runs")
     idle = sorted(given & (IDLE_WITH_TABLE if opts.table and not opts.group else set())
                   | given & ({"watch"} if opts.table or opts.group else set())
                   | given & ({"band"} if not opts.group else set())
                   | given & ({"table_format"} if not opts.table else set())
-                  | given & ({"out"} if opts.table and not opts.group and opts.table_format != "all" else set()))
+                  | given & ({"out"} if opts.table and not opts.group and opts.table_format != "all" else set())
+                  | given & ({"out"} if one_run else set()))
     if idle:
         p.error(f"--{idle[0].replace('_', '-')} does nothing with {mode}; drop it")
     if opts.style not in plt.style.available and opts.style != "default" and not Path(opts.style).is_file():
@@ -608,9 +612,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             matplotlib.rc_params_from_file(opts.style, use_default_template=False)
         except (OSError, UnicodeDecodeError, ValueError) as error:
             p.error(f"--style {opts.style} is not a matplotlib style file ({error})")
+    if opts.out and opts.out.endswith(("/", os.sep)) and not Path(opts.out).is_dir():
+        p.error(f"--out {opts.out}: no such folder; make it first, or name a file")
     if opts.out and not Path(opts.out).is_dir() and not (opts.table and not opts.group):  # a figure's
         out = Path(opts.out)
         if out.suffix:
+            if "format" in given and out.suffix.lstrip(".").lower() != opts.format:
+                p.error(f"--out {out} is a {out.suffix} file and --format says {opts.format}: give one")
             opts.format = out.suffix.lstrip(".").lower()
             if opts.format not in cli.FIGURE_FORMATS:
                 p.error(f"--out {out}: unknown figure format {out.suffix!r}; use "
@@ -647,7 +655,7 @@ def readable_runs(opts: argparse.Namespace, as_results: bool) -> list[tuple[Run,
             found.append((run, result))
         except (cli.UserError, ValueError) as error:  # a bad CSV line (BadCsv) too
             if len(paths) == 1:
-                raise PlotError(str(error)) from None
+                raise PlotError(str(error) if str(error).startswith(str(folder)) else f"{folder}: {error}") from None
             if opts.strict:
                 raise PlotError(f"{error}; leave it out, or drop --strict to skip it") from None
             reason = str(error).removeprefix(f"{folder} ").removeprefix(f"{folder}: ")

@@ -23,6 +23,7 @@ which alone puts the speed machinery of densenet_trainer/speed/ on it), begin it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -30,9 +31,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Generator
+from dataclasses import replace
 from pathlib import Path
 
-from densenet_trainer.config import run_config
+from densenet_trainer.config import cli, run_config
 from densenet_trainer.config.cli import OneLineParser, UserError, one_line_interrupt, output_may_close, path
 from densenet_trainer.config.run_config import RunConfig, flag_name
 from densenet_trainer.results.layout import BEST_CHECKPOINT, duration
@@ -64,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "directory (its checkpoint.pt), on the data the run was trained on (or "
                           "--data-dir); writes CHECKPOINT-classes.csv and CHECKPOINT-confusion.csv "
                           "beside it (-classes-tta.csv, -confusion-tta.csv with --tta)")
+    run_flags.add_argument("--seeds", metavar="SEED", nargs="+", type=cli.seed, default=None,
+                     help="train one run per seed together in this process, each in the folder "
+                          "--seed SEED alone would use (with --save: put {seed} in it); on a GPU "
+                          "their steps overlap. --resume continues each, starting a missing one")
     run_flags.add_argument("--tta", action="store_true",
                      help="with --evaluate: average over horizontal flips")
     return parser
@@ -75,15 +82,16 @@ if __name__ == "__main__":  # --help and a flag out of its range answer before t
     one_line_interrupt("interrupted by SIGINT before training started; nothing was saved")  # torch loads
 import torch.distributed as dist  # the run's own imports: torch and the layers that use it
 
-from densenet_trainer.data import datasets, loader
 from densenet_trainer.loop import evaluation, training
 from densenet_trainer.loop.progress import ProgressBar, ProgressLines
 from densenet_trainer.loop.training import Diverged, EpochProgress, StepCheckFailed
+from densenet_trainer.loop.turns import Turn, finish, take_turns
+from densenet_trainer.random_state import rng_state
 from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Run, build_run
-from densenet_trainer.run.checkpoint import Checkpoint
-from densenet_trainer.run.files import WorkDirLock
-from densenet_trainer.run.inference import load_trained, runs_own_test, write_evaluation
+from densenet_trainer.run.files import WorkDirLock, refuse_foreign_folder
+from densenet_trainer.run.inference import EVALUATE_READS, evaluate_checkpoint
+from densenet_trainer.run.seeds import refuse_unless_fit, same_images, seed_configs
 from densenet_trainer.runtime import (
     STOP_SIGNALS,
     Runtime,
@@ -124,13 +132,14 @@ def first_process() -> bool:
 
 def _run_command(args: argparse.Namespace) -> int:
     keep_freed_memory_mapped()
-    handles_signals = threading.current_thread() is threading.main_thread()
     previous = {}
-    if handles_signals:  # SIGINT already raises KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():  # SIGINT already raises KeyboardInterrupt
         previous = {signum: signal.signal(signum, _stop_before_training)
                     for signum in STOP_SIGNALS if signum != signal.SIGINT}
     try:
         cfg, given = RunConfig.from_flags(args)  # a value the model cannot take is refused here
+        if args.seeds and ("seed" in given or args.evaluate):
+            raise UserError(f"--seeds trains a run per seed: drop --{'seed' if 'seed' in given else 'evaluate'}")
         if args.tta and not args.evaluate:
             raise UserError("--tta only applies with --evaluate CHECKPOINT")
         if args.reschedule and not cfg.resume:
@@ -140,29 +149,14 @@ def _run_command(args: argparse.Namespace) -> int:
                             f"is a training flag: drop it (it reads {', '.join('--' + flag_name(n) for n in sorted(EVALUATE_READS))})")
         if args.evaluate:
             return evaluate_checkpoint(Path(args.evaluate), cfg, given, args.tta)
-        return train(cfg, given, args.reschedule)
-    except UserError as error:  # datasets.DataError and files.RunError too
-        if first_process():  # under torchrun every process has the same error
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Diverged as error:
-        print(f"error: {error}; stopped without saving that epoch: the last checkpoint and the rows "
-              f"up to it are kept. Start a new run (--save) with a lower --lr", file=sys.stderr)
-        return 1
-    except StepCheckFailed as error:
-        print(f"error: {error}; stopped without saving that epoch: the last checkpoint and the "
-              f"rows up to it are kept. Continue with --resume --no-cuda-graph --kernels aten, "
-              f"and please report this", file=sys.stderr)
-        return 1
-    except Interrupted as interrupted:
-        if first_process():  # each process stopped alike: one line
-            print(interrupted, file=sys.stderr)
-        return 128 + interrupted.signum
-    except RuntimeError as error:
-        if not lost_peer(error):
+        return train(cfg, given, args.reschedule, seeds=args.seeds)
+    except (*ENDINGS, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not lost_peer(error):
             raise
-        print(f"error: {lost_peer(error)}; torchrun restarts the job where --max-restarts allows, and it resumes", file=sys.stderr)
-        return 1
+        status, line = ending(error)
+        if first_process() or isinstance(error, RuntimeError):  # every process ends alike, but
+            print(line, file=sys.stderr)  # a lost peer may be the first process
+        return status
     except KeyboardInterrupt as interrupted:
         signum = getattr(interrupted, "signum", signal.SIGINT)
         if first_process():
@@ -176,62 +170,122 @@ def _run_command(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def ending(error: BaseException) -> tuple[int, str]:
+    """The exit status and the line of a run that ``error`` ended (one of ENDINGS, or a lost
+    torchrun peer): each says what was kept and what to do."""
+    kept = "stopped without saving that epoch: the last checkpoint and the rows up to it are kept"
+    if isinstance(error, Diverged):
+        return 1, f"error: {error}; {kept}. Start a new run (--save) with a lower --lr"
+    if isinstance(error, StepCheckFailed):
+        return 1, f"error: {error}; {kept}. Continue with --resume --no-cuda-graph --kernels aten, and please report this"
+    if isinstance(error, Interrupted):
+        return 128 + error.signum, str(error)
+    if isinstance(error, UserError):  # datasets.DataError and files.RunError too
+        return 2, f"error: {error}"
+    return 1, f"error: {lost_peer(error)}; torchrun restarts the job where --max-restarts allows, and it resumes"
+
+
 # ---------------------------------------------------------------- the run
 
 def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool = False,
-          runtime: Runtime | None = None) -> int:
+          runtime: Runtime | None = None, seeds: list[int] | None = None) -> int:
     """Start the run ``cfg`` describes in its work directory, or resume the one there.
     ``given``: the flags of the command line, which a resume may apply to the saved run
-    (workdir.plan_run); ``runtime``: the process's (default: from --device and torchrun)."""
+    (workdir.plan_run); ``runtime``: the process's (default: from --device and torchrun).
+    ``seeds`` (--seeds): a run per seed, each as --seed alone makes it, trained a step of each
+    in turn (loop/turns.py); any refusal refuses all before a write; each run ends alone."""
     runtime = runtime or setup_runtime(cfg.device)
-    save = Path(cfg.save)
-    with WorkDirLock(save, "choose another with --save") as lock:
-        # an existing directory is locked at once, so that a busy one is refused before any work
-        on_main(runtime, lock.acquire_if_present)
-        plan = workdir.plan_run(cfg, given, reschedule, runtime.jobs)
-        if plan.start_epoch >= plan.config.epochs:
-            runtime.log(f"{save} has finished its {plan.config.epochs} epochs; pass --epochs N "
-                        f"to train longer")
-            return 0
-        run = build_run(plan.config, runtime, runtime.log, plan.checkpoint)
-        runtime.log(f"model {run.model.name}: {run.parameters:,} parameters; "
-                    f"{runtime.world_size} process(es) on {runtime.device}; start-up "
-                    + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in run.startup.items())
-                    + ("; the step's CUDA graph is captured in epoch 1's first steps"
-                       if run.graphed else ""))
-        if plan.resuming and plan.checkpoint is None:
-            runtime.log(f"starting {save} over from epoch 1 with its settings: its last session "
-                        f"stopped before its first checkpoint ({plan.continued_by})")
-        if plan.checkpoint is not None:
-            step = plan.progress["step"]
-            runtime.log(f"resuming {save} after epoch {plan.start_epoch}"
-                        + (f", step {step}" if step else "")
-                        + (f" ({plan.continued_by})" if plan.continued_by != "--resume" else ""))
-        if plan.trained_on not in (None, runtime.world_size):
-            plan.changes["processes"] = {"from": plan.trained_on, "to": runtime.world_size}
-            runtime.log(f"notice: the run trained on {plan.trained_on} process(es) and goes on with "
-                        f"{runtime.world_size}: the global batch ({plan.config.batch_size}) and the "
-                        f"order of the images stay; each process's BatchNorm normalises its own "
-                        f"share of a batch{' (not with --sync-bn)' if plan.config.sync_bn else ''}, "
-                        f"so the numbers can differ slightly from going on with {plan.trained_on}")
-        if plan.note:
-            runtime.log(f"--epochs {plan.config.epochs}: {plan.note}")
-        if notice := plan.config.schedule_notice():
-            runtime.log(notice)
-        files = workdir.RunFiles(plan, writes=runtime.main)
-        on_main(runtime, files.open, lock, run.record())
-        return train_epochs(plan, run, files, StopFlag())
+    configs = [cfg] if seeds is None else seed_configs(cfg, given, seeds, runtime)
+    with contextlib.ExitStack() as held:
+        plans = []
+        for config in configs:  # every folder locked and planned before any run is built
+            refuse_foreign_folder(Path(config.save), config.data_dir)
+            lock = held.enter_context(WorkDirLock(Path(config.save), "choose another with --save"))
+            on_main(runtime, lock.acquire_if_present)  # an existing one at once: busy is refused now
+            plans.append((lock, workdir.plan_run(config, given, reschedule, runtime.jobs)))
+        built, choice, images = [], None, {}
+        for lock, plan in plans:
+            run_runtime = replace(runtime, label=f"seed {plan.config.seed}") if seeds else runtime
+            if plan.start_epoch >= plan.config.epochs:
+                run_runtime.log(f"{plan.save} has finished its {plan.config.epochs} epochs; pass "
+                                f"--epochs N to train longer")
+                continue
+            run = build_run(plan.config, run_runtime, run_runtime.log, plan.checkpoint,
+                            dataset=images.get(same_images(plan.config)),  # a resume: its own kernels
+                            kernel_choice=None if plan.checkpoint else choice)
+            built.append((lock, plan, run, rng_state()))  # its seed's generators, for its turns
+            choice, images[same_images(plan.config)] = run.kernel_choice, run.data
+            log_start(plan, run)
+            if seeds and runtime.device.type == "cuda" and len(built) == 1:
+                refuse_unless_fit(run, sum(p.start_epoch < p.config.epochs for _, p in plans))
+        files = [workdir.RunFiles(plan, writes=runtime.main) for _, plan, _, _ in built]
+        for run_files, (lock, _, run, _) in zip(files, built):
+            on_main(runtime, run_files.open, lock, run.record())
+        stop = StopFlag()  # from here a signal saves every run (at its next step)
+        epochs = [train_epochs(plan, run, run_files, stop) for run_files, (_, plan, run, _) in zip(files, built)]
+        if seeds is None:
+            return finish(epochs[0]) if epochs else 0
+        turns = [Turn(steps, runtime.device, rng) for steps, (*_, rng) in zip(epochs, built)]
+        take_turns(turns, ENDINGS)
+        return group_ending(turns, [run for _, _, run, _ in built])
 
 
-def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: StopFlag) -> int:
-    """Each epoch from the plan's first: train it, check it, evaluate it, log it, save it."""
+def log_start(plan: workdir.Plan, run: Run) -> None:
+    """What the run says as it starts: its model and start-up, how it continues, and notices."""
+    runtime = run.runtime
+    runtime.log(f"model {run.model.name}: {run.parameters:,} parameters; "
+                f"{runtime.world_size} process(es) on {runtime.device}; start-up "
+                + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in run.startup.items())
+                + ("; the step's CUDA graph is captured in epoch 1's first steps"
+                   if run.graphed else ""))
+    if plan.resuming and plan.checkpoint is None:
+        runtime.log(f"starting {plan.save} over from epoch 1 with its settings: its last session "
+                    f"stopped before its first checkpoint ({plan.continued_by})")
+    if plan.checkpoint is not None:
+        step = plan.progress["step"]
+        runtime.log(f"resuming {plan.save} after epoch {plan.start_epoch}"
+                    + (f", step {step}" if step else "")
+                    + (f" ({plan.continued_by})" if plan.continued_by != "--resume" else ""))
+    if plan.trained_on not in (None, runtime.world_size):
+        plan.changes["processes"] = {"from": plan.trained_on, "to": runtime.world_size}
+        runtime.log(f"notice: the run trained on {plan.trained_on} process(es) and goes on with "
+                    f"{runtime.world_size}: the global batch ({plan.config.batch_size}) and the "
+                    f"order of the images stay; each process's BatchNorm normalises its own "
+                    f"share of a batch{' (not with --sync-bn)' if plan.config.sync_bn else ''}, "
+                    f"so the numbers can differ slightly from going on with {plan.trained_on}")
+    if plan.note:
+        runtime.log(f"--epochs {plan.config.epochs}: {plan.note}")
+    if notice := plan.config.schedule_notice():
+        runtime.log(notice)
+
+
+ENDINGS = (UserError, Diverged, StepCheckFailed, Interrupted)  # with --seeds, what ends one run alone
+
+
+def group_ending(turns: list[Turn], runs: list[Run]) -> int:
+    """--seeds: a line for each run that did not end normally; the exit status (a signal's
+    where one stopped the runs, each saved; else the worst)."""
+    endings = [ending(t.outcome) if isinstance(t.outcome, BaseException) else (t.outcome, "") for t in turns]
+    for (_, line), run in zip(endings, runs):
+        if line:
+            print(f"[{run.runtime.label}] {line}", file=sys.stderr)
+    if stopped := [t.outcome.signum for t in turns if isinstance(t.outcome, Interrupted)]:
+        print("every run was saved: continue them all with the same command and --resume", file=sys.stderr)
+        return 128 + stopped[0]
+    return max(status for status, _ in endings)
+
+
+def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles,
+                 stop: StopFlag) -> Generator[None, None, int]:
+    """Each epoch from the plan's first: train it, check it, evaluate it, log it, save it.
+    A generator of the run's steps (loop/turns.py), whose value is the exit status."""
     cfg, runtime = run.config, run.runtime
     progress, best, pace = EpochProgress(**plan.progress), plan.best, Pace(cfg.epochs)
     for epoch in range(plan.start_epoch + 1, cfg.epochs + 1):  # 1-based, as in files and lines
         lr = cfg.learning_rate(epoch - 1)
         run.lr.set(lr)
         data_rng = run.batches.state()  # plans this epoch: a checkpoint taken within it keeps it
-        progress = train_one_epoch(run, epoch, progress, stop)
+        progress = yield from train_one_epoch(run, epoch, progress, stop)
         if progress.step < run.batches.steps:  # a stop was requested within the epoch
             training.ensure_finite(run.model, f"at epoch {epoch}, step {progress.step}")
             files.save_checkpoint(run.checkpoint_state(epoch - 1, progress, best, data_rng))
@@ -240,8 +294,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
         files.update_record("step", run.step_status)
         results = evaluate_splits(run, epoch)
         files.update_record("evaluation", run.evaluation_status)
-        new_best_val = best.update(epoch, results["test"].error,
-                                   results["val"].error if "val" in results else None)
+        new_best_val = best.update(epoch, results["test"].error, results["val"].error if "val" in results else None)
         files.append(epoch, epoch_rows(lr, progress, results))
         line = epoch_line(cfg, epoch, lr, progress, results) + pace.after(epoch)
         if new_best_val:  # before the checkpoint that records it
@@ -266,16 +319,18 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles, stop: St
     return 0
 
 
-def train_one_epoch(run: Run, epoch: int, progress: EpochProgress, stop: StopFlag) -> EpochProgress:
+def train_one_epoch(run: Run, epoch: int, progress: EpochProgress,
+                    stop: StopFlag) -> Generator[None, None, EpochProgress]:
     """Train epoch ``epoch`` from ``progress.step`` on, its progress shown by the main process
     (a bar on a terminal, lines otherwise); it ends early where ``stop`` is requested."""
     display = None
     if run.runtime.main:
-        display_type = ProgressBar if sys.stderr.isatty() else ProgressLines
-        display = display_type(epoch, run.config.epochs, run.batches.steps, progress.step)
+        display_type = ProgressBar if sys.stderr.isatty() and not run.runtime.label else ProgressLines
+        display = display_type(epoch, run.config.epochs, run.batches.steps, progress.step,
+                               run.runtime.label)
     try:
-        return training.train_epoch(run.step, run.run_step, run.runtime, epoch, progress, stop,
-                                    display)
+        return (yield from training.train_epoch(run.step, run.run_step, run.runtime, epoch,
+                                                progress, stop, display))
     finally:
         if display is not None:
             display.close()
@@ -325,59 +380,6 @@ class Pace:
             return ""
         per_epoch = (time.perf_counter() - self.started) / self.epochs_done
         return f"  run ends in about {duration(per_epoch * (self.epochs - epoch))}"
-
-
-# ---------------------------------------------------------------- --evaluate
-
-EVALUATE_READS = frozenset({"data_dir", "download", "test_subset", "device", "eval_batch_size"})  # all else: the run's
-
-
-def evaluate_checkpoint(path: Path, cfg: RunConfig, given: frozenset[str], tta: bool) -> int:
-    """--evaluate: the test error of a checkpoint (file, or a run's directory); per-class
-    errors and the confusion matrix go to CSV files beside it.
-
-    The data comes from where the run was trained, unless --data-dir (or --download) says
-    otherwise; the test images are those the run was tested on (its --test-subset) unless
-    --test-subset says otherwise, and then the result files are named after that selection,
-    beside the run's own; --eval-batch-size is this command's.
-    """
-    checkpoint = Checkpoint.load(path)
-    with WorkDirLock(checkpoint.path.parent, "copy the checkpoint into a folder of your own and "
-                                             "evaluate it there") as lock:
-        lock.acquire()  # the results go beside the checkpoint: refuse now, not after evaluating
-        runtime = setup_runtime(cfg.device)
-        trained = load_trained(checkpoint, runtime.device)
-        trained_cfg = trained.config  # the run's; cfg is this command's
-        dataset = datasets.load_dataset(trained_cfg.dataset, cfg.data_dir if "data_dir" in given else trained_cfg.data_dir,
-                                    cfg.download if "download" in given else trained_cfg.download,
-                                    svhn_extra=False)
-        subset = cfg.test_subset if "test_subset" in given else trained_cfg.test_subset
-        test = dataset.test.first(subset) if subset else dataset.test
-        batches = loader.EvalBatches(test.to(runtime.device), cfg.eval_batch_size,
-                                   trained.normalizer, runtime.device,
-                                   channels_last=trained_cfg.channels_last)
-        result = evaluation.evaluate(trained.model, batches, trained_cfg.precision, runtime,
-                                   trained_cfg.num_classes, tta=tta)
-        if not math.isfinite(result.loss):  # finite weights whose outputs overflow
-            raise UserError(f"{checkpoint.path} gives outputs that are not finite on the "
-                            f"{result.images} test images (its loss is {result.loss}): an error "
-                            f"rate of it would mean nothing; use an earlier checkpoint")
-        names = dataset.classes or [str(c) for c in range(trained_cfg.num_classes)]
-        own = dataset.test.first(trained_cfg.test_subset) if trained_cfg.test_subset else dataset.test
-        selection = ((f"-test{subset or 'all'}" if subset != trained_cfg.test_subset else "")
-                     + ("" if runs_own_test(checkpoint, own.fingerprint(), cfg.data_dir, "data_dir" in given)
-                        else f"-data{test.fingerprint()[:8]}"))
-        per_class, matrix = write_evaluation(checkpoint.path, result.confusion, names, tta, selection)
-    print(f"{checkpoint.path} after epoch {checkpoint.epoch}: test error {result.error:.2f}% "
-          + (f"(top-5 {result.top5_error:.2f}%) " if result.top5_error is not None else "")
-          + f"(loss {result.loss:.4f}) on {result.images} images"
-          + (f" (the test set's first {subset}: --test-subset {subset}"
-             f"{'' if 'test_subset' in given else ', as the run was tested'})" if subset else "")
-          + (" with flip test-time augmentation" if tta else "")
-          + (f" (not the images the run was tested on: the files are named {selection})"
-             if "-data" in selection else ""))
-    print(f"per-class errors: {per_class}\nconfusion matrix: {matrix}")
-    return 0
 
 
 def exit_worker(status: int) -> None:

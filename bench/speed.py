@@ -3,7 +3,8 @@
 Every configuration runs train.py's own training step (loop.TrainStep: batch gathered
 and augmented on the device, forward, loss, backward, fused SGD) in fresh processes, several
 repetitions, and reports training images/s at the median step time with min-max over the
-processes, the peak memory a step adds, CPU time spent in the kernel (page faults show up
+processes (with several runs at once, as train.py --seeds trains them: all runs' images per
+second, a step of each in turn: loop/turns.py), the peak memory a step adds, CPU time spent in the kernel (page faults show up
 there), on CUDA the kernels one step launches (torch.profiler), and what 300 epochs of
 50,000 images would take at that speed, training alone. The reference is torchvision's
 DenseNet built to the same CIFAR architecture (3x3 stem conv, no max-pool, three blocks of
@@ -13,6 +14,7 @@ hold even on a noisy machine.
   python bench/speed.py                         # BC-100-12, batch 64; modes for the device
   python bench/speed.py --device cuda --modes torchvision,ours,graph,graph_auto,graph_bf16
   python bench/speed.py --modes ours,compile    # compile takes minutes on a CPU
+  python bench/speed.py --device cuda --modes graph,graph_x2,graph_x3   # --seeds on one GPU
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Generator
+from dataclasses import replace
 
 from densenet_trainer.config import cli, run_config
 from densenet_trainer.config.run_config import RunConfig
@@ -61,12 +65,16 @@ MODES = {
     "graph_fused_bf16": ("graph_fused + bf16", {"graph": True, "kernels": "fused", "precision": "bf16"}),
     "graph_fused_bf16_unpadded": ("graph_fused_bf16, the convolutions' inputs not padded to 8 channels",
                                   {"graph": True, "kernels": "fused", "precision": "bf16", "unpadded": True}),
+    "ours_x2": ("ours, 2 runs at once taking turns (train.py --seeds 0 1): images/s of both", {"runs": 2}),
+    "ours_x3": ("ours, 3 runs at once taking turns (--seeds 0 1 2): images/s of all", {"runs": 3}),
+    "graph_x2": ("graph, 2 runs at once, each on its CUDA stream: images/s of both", {"graph": True, "runs": 2}),
+    "graph_x3": ("graph, 3 runs at once, each on its CUDA stream: images/s of all", {"graph": True, "runs": 3}),
 }
 # "auto" kernels are pinned to what RunConfig.kernels_on gives the device (fused on a CPU in
 # float32, ATen on a GPU) unless "autotune": no mode but graph_auto times candidates
 OURS = {"model": "ours", "channels_last": True, "allocator": True, "kernels": "auto",
         "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False,
-        "autotune": False, "unpadded": False}
+        "autotune": False, "unpadded": False, "runs": 1}
 DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
                  "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,"
                          "graph_fused_bf16_unpadded,graph_compile,memory_efficient,graph_memory_efficient"}
@@ -75,7 +83,8 @@ RATIOS = [("graph", "ours"), ("graph_auto", "graph"), ("graph_bf16", "graph"), (
           ("graph_fused", "graph"),
           ("graph_fused_bf16", "graph_bf16"), ("graph_fused_bf16", "graph_fused_bf16_unpadded"),
           ("graph_compile", "graph"), ("memory_efficient", "ours"),
-          ("graph_memory_efficient", "graph")]
+          ("graph_memory_efficient", "graph"), ("ours_x2", "ours"), ("ours_x3", "ours"),
+          ("graph_x2", "graph"), ("graph_x3", "graph")]
 
 
 def torchvision_cifar_densenet(depth: int, growth_rate: int, num_classes: int = 10):
@@ -116,8 +125,9 @@ def measure(settings: dict) -> dict:
     torch.manual_seed(0)
     model = (torchvision_cifar_densenet(cfg.depth, cfg.growth_rate)
              if mode["model"] == "torchvision" else None)
-    run = synthetic_run(cfg, device, settings["warmup"] + settings["steps"] + 1, model)
-    run_step, parameters = run.run_step, run.parameters
+    runs = [synthetic_run(replace(cfg, seed=seed), device, settings["warmup"] + settings["steps"] + 1, model)
+            for seed in range(mode["runs"])]
+    run, run_step, parameters = runs[0], together(runs, device), runs[0].parameters
     for _ in range(settings["warmup"]):
         run_step()
     synchronize(device)
@@ -140,13 +150,33 @@ def measure(settings: dict) -> dict:
         launches = sum(1 for event in profiled.events()
                        if event.device_type == torch.autograd.DeviceType.CUDA)
     step_s = statistics.median(times)
-    return {"images_per_s": settings["batch"] / step_s, "step_s": step_s, "system_s": statistics.median(system),
+    return {"images_per_s": settings["batch"] * len(runs) / step_s, "step_s": step_s, "system_s": statistics.median(system),
             # a graph keeps its memory in its own pool between replays: no peak to see
             "peak_mb": None if mode["graph"] else statistics.median(peaks) / 2**20,
             "parameters": parameters,
             "kernels": launches,
             # what really ran: the kernel set (and why) and the step (graphed, or eager and why)
             "kernels_used": run.kernel_choice.record(), "step": run.step_status}
+
+
+def together(runs: list, device) -> Callable[[], None]:
+    """A step of every run in ``runs``: the run's own step where there is one, else a step of
+    each in turn as train.py --seeds takes them (each its random state and, on a GPU, its stream)."""
+    if len(runs) == 1:
+        return runs[0].run_step
+    from densenet_trainer.loop.turns import Turn
+
+    def steps(run_step: Callable[[], None]) -> Generator[None, None, int]:
+        while True:
+            run_step()
+            yield
+
+    turns = [Turn(steps(run.run_step), device) for run in runs]
+
+    def round_of_steps() -> None:
+        for turn in turns:
+            turn.take(())
+    return round_of_steps
 
 
 def ran_as(runs: list[dict]) -> str:

@@ -40,6 +40,7 @@ class Runtime:
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
     jobs: dict = field(default_factory=dict)  # the launchers' jobs, agreed by every process (launcher_jobs)
     unused_gpu: str | None = None  # --device auto: why a GPU the machine has was not used
+    label: str = ""  # with several runs in the process (train.py --seeds): the run its lines are of
 
     @classmethod
     def alone(cls, device: torch.device) -> Runtime:
@@ -52,9 +53,10 @@ class Runtime:
         return self.rank == 0
 
     def log(self, *args, **kwargs) -> None:
-        """print, on the main process only (under torchrun every process runs the same code)."""
+        """print, on the main process only (under torchrun every process runs the same code),
+        after the run's label where there is one."""
         if self.main:
-            print(*args, **kwargs)
+            print(*((f"[{self.label}]",) if self.label else ()), *args, **kwargs)
 
 
 def setup_runtime(device_flag: str) -> Runtime:
@@ -159,6 +161,8 @@ def attempt_store(agent: dist.Store, rank: int, world_size: int, wait_s: float =
     while True:
         host, port, token = agent.get(ATTEMPT_STORE).decode().split(" ")
         try:
+            socket.create_connection((host, int(port)), timeout=5).close()  # a port that refuses is
+            # a previous attempt's, found quietly: torch's own client logs each refusal, with a trace
             own = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=5))
             if own.get("token").decode() == token:
                 return own

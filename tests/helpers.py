@@ -85,6 +85,19 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None =
                           env={**os.environ, **(env or {})})
 
 
+def interrupt(command: list[str], after: str, signum: int) -> str:
+    """Run ``command``, send ``signum`` once a stdout line starts with ``after``; return stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith(after):
+            process.send_signal(signum)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr
+    return stderr
+
+
 def run_main(capsys, main: Callable[[list[str]], int], *argv) -> tuple[int, str, str]:
     """A script's ``main`` in this process (its command's own code, without another start-up
     of torch): (exit status, stdout, stderr)."""

@@ -176,9 +176,13 @@ NAME_MAX, PATH_MAX = 255, 4096  # bytes: Linux's limits on a file name and on a 
 
 def path(text: str) -> str:
     """An argparse type: a path the operating system can take (each name at most NAME_MAX
-    bytes, the whole under PATH_MAX), refused before anything is read or written."""
+    bytes, the whole under PATH_MAX) and a line can show (no control characters), refused
+    before anything is read or written."""
     if not text:
         raise argparse.ArgumentTypeError("an empty path names nothing; give a path")
+    if any(ord(character) < 32 or ord(character) == 127 for character in text):
+        raise argparse.ArgumentTypeError(f"the path {text!r} holds a control character (a newline, a "
+                                         f"tab): no line of a log or table could show it; rename it")
     encoded = os.fsencode(text)
     if len(encoded) >= PATH_MAX:
         raise argparse.ArgumentTypeError(f"the path is {len(encoded):,} bytes long; the system "

@@ -161,6 +161,7 @@ _CIFAR = {
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta",
                  "fine_label_names", "CIFAR100"),
 }
+DATASET_FOLDERS = frozenset([*(folder for folder, *_ in _CIFAR.values()), "svhn"])  # in --data-dir
 
 
 def _download(folder: Path, fetch) -> None:
@@ -220,7 +221,7 @@ def _read_svhn_file(path: Path) -> Split:
 
 def _load_svhn(root: Path, download: bool, extra: bool) -> Dataset:
     """Read SVHN's .mat files from ``root/svhn`` directly, so copies need no checksum match."""
-    where = root / "svhn"
+    where = root / "svhn"  # one of DATASET_FOLDERS
 
     def split(name: str) -> Split:
         path = where / f"{name}_32x32.mat"

@@ -21,11 +21,11 @@ class ProgressBar:
     """On a terminal: tqdm's bar for the epoch, updated at every check, with when the whole
     run ends beside tqdm's own time left in the epoch."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int, label: str = "") -> None:
         from tqdm import tqdm
         self.epoch, self.epochs, self.steps, self.start_step = epoch, epochs, steps, start_step
         self.bar = tqdm(total=steps, initial=start_step, leave=False, unit="step",
-                        desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True)
+                        desc=f"{f'[{label}] ' if label else ''}epoch {epoch}/{epochs}", dynamic_ncols=True)
 
     def due(self, done: int) -> bool:
         return True
@@ -43,14 +43,14 @@ class ProgressBar:
 class ProgressLines:
     """Without a terminal (nohup, a batch scheduler's log): a plain line every ``every``
     seconds and at 25, 50 and 75% of the epoch, indented so that it never reads as an
-    epoch's result."""
+    epoch's result; with several runs in the process, after the run's ``label``."""
 
     EVERY = 30  # seconds
 
-    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int,
+    def __init__(self, epoch: int, epochs: int, steps: int, start_step: int, label: str = "",
                  every: float = EVERY) -> None:
         self.epoch, self.epochs, self.steps, self.start_step = epoch, epochs, steps, start_step
-        self.every = every
+        self.every, self.label = every, label
         self.marks = [math.ceil(steps * q / 4) for q in (1, 2, 3)]
         self.marks = [m for m in self.marks if start_step < m < steps]
         self.last = time.perf_counter()
@@ -66,7 +66,7 @@ class ProgressLines:
             self.marks.pop(0)
         self.last = time.perf_counter()
         eta, run = time_left(self.epoch, self.epochs, self.steps, self.start_step, done, elapsed)
-        print(f"  epoch {self.epoch}: step {done}/{self.steps} ({100 * done // self.steps}%)  "
+        print(f"  {f'[{self.label}] ' if self.label else ''}epoch {self.epoch}: step {done}/{self.steps} ({100 * done // self.steps}%)  "
               f"loss {loss:.4f}  error {error:.2f}%  {images_per_s:,.0f} img/s  "
               f"epoch ends in {duration(eta)}"
               + (f", the run in about {duration(run)}" if run is not None else ""), flush=True)

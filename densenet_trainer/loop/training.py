@@ -1,7 +1,9 @@
 """The training loop, in the order it runs: the learning rate, the optimiser that reads it,
 the step (forward, loss, backward, optimiser), the epoch over the steps, and its checks.
-train.py's ``train_epochs`` calls ``train_epoch`` once an epoch after setting the schedule's
+train.py's ``train_epochs`` runs ``train_epoch`` once an epoch after setting the schedule's
 rate (RunConfig.learning_rate); to change the loss or clip gradients, change ``TrainStep``.
+``train_epoch`` yields after every step, so that several runs in one process can take turns
+(train.py's --seeds: loop/turns.py).
 
 The step's rules, which let a GPU run it as one CUDA graph (speed/cuda_graph.py) and so make
 the ~1,700 kernels of a DenseNet-BC-100 step one launch:
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -217,9 +219,10 @@ class EpochProgress:
 
 def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime, epoch: int,
                 progress: EpochProgress, stop: StopFlag,
-                display: ProgressBar | ProgressLines | None) -> EpochProgress:
+                display: ProgressBar | ProgressLines | None) -> Generator[None, None, EpochProgress]:
     """Train 1-based ``epoch`` from ``progress.step``, or until ``stop`` is requested; returns
-    the sums (global over processes).
+    the sums (global over processes). A generator: it yields after every step, and its
+    caller takes the sums with ``yield from`` (or loop/turns.py's ``finish``).
 
     ``run_step`` is ``step`` itself or its CUDA graph. Losses and the correct count stay on
     the device and are read every CHECK_EVERY steps, between steps: the step never waits.
@@ -235,6 +238,7 @@ def train_epoch(step: TrainStep, run_step: Callable[[], None], runtime: Runtime,
     while done < steps:
         run_step()
         done += 1
+        yield
         at_check = done % check_every == 0 or done == steps
         if at_check:
             first = max(progress.step, done - check_every)

@@ -7,9 +7,8 @@ images (count and fingerprint of each split, from config.json) are the same. Eac
 once, however many paths reach it (``distinct``, by run_id). Each unfinished run (still
 training, or stopped early) is a row of its own and stays out of the finished runs' means.
 
-A row gets the paper's number (Table 2, table2.json) only where the model, dataset,
-augmentation, the paper's epochs and images (the official splits' counts) all match: never a
-wrong one, never beside a subset. torch-free for plot.py; table_formats.py writes the rows.
+A row gets Table 2's number (table2.json) only where model, dataset, augmentation, epochs and
+images (the official splits') match the paper's. torch-free; table_formats.py writes the rows.
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ class Result:
     seconds: float  # training, all epochs
     images: dict[str, dict]  # by split: {"images": count, "fingerprint": str or None}; {}: unknown
     run_id: str | None
-    code: str  # the code that ran it (commit and +modified, or version), '' where not recorded
+    code: str  # the code that ran it (commit and +modified, or version), or "unrecorded"
     processes: tuple[int, ...] = ()  # each session's processes, where they changed; (): not recorded
     lrs: tuple[float, ...] = ()  # the learning rate of each epoch trained (train.csv)
     resumed_rescheduled: bool = False  # a resume in config.json changed the schedule (--reschedule)
@@ -126,7 +125,7 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     if they do not describe a trained run."""
     config = record.get("config")
     if not isinstance(config, dict):
-        raise ValueError("its config.json holds no configuration")
+        raise ValueError("its config.json holds no configuration" if record else "it has no readable config.json")
     try:  # checked as a resume checks it; settings added since its version take their defaults
         config = RunConfig.from_dict(config, "its config.json").to_dict()
     except UserError as error:
@@ -180,10 +179,11 @@ def recorded_images(record: dict) -> dict[str, dict]:
 
 def code_label(record: dict) -> str:
     """The code a run was trained with, as config.json's ``code`` says it: the commit (and
-    +modified where the checkout had changes), or the version outside a checkout."""
+    +modified where the checkout had changes), or the version outside a checkout; "unrecorded"
+    before versions recorded it (a row mixing it with others says so)."""
     code = record.get("code")
     if not isinstance(code, dict):
-        return ""
+        return "unrecorded"
     if isinstance(code.get("commit"), str):
         return code["commit"] + ("+modified" if code.get("modified") else "")
     return str(code.get("version", ""))

@@ -3,6 +3,8 @@ results, the tools): its file names, its CSV columns and their ranges, and how a
 is written. torch-free."""
 from __future__ import annotations
 
+from pathlib import Path
+
 CONFIG_FILE = "config.json"  # the configuration, what was built, and an entry per resume
 LAST_CHECKPOINT = "checkpoint.pt"  # after every epoch, or at a stop within one
 BEST_CHECKPOINT = "best.pt"  # with --val-size: the epoch of lowest validation error
@@ -10,6 +12,10 @@ LOCK_FILE = ".lock"  # only while a process works in the folder
 # every file a run writes in its folder, the lock and the evaluation files aside: a folder
 # holding any of them holds a run, which a new run never writes over
 RUN_FILES = (CONFIG_FILE, "train.csv", "test.csv", LAST_CHECKPOINT, "val.csv", BEST_CHECKPOINT)
+# what train.py --evaluate writes beside a checkpoint: "<its name>-<kind><selection>.csv"
+EVALUATION_KINDS = ("classes", "confusion")
+EVALUATION_FILES = tuple(f"{Path(checkpoint).stem}-{kind}*.csv" for checkpoint in (LAST_CHECKPOINT, BEST_CHECKPOINT)
+                         for kind in EVALUATION_KINDS)  # glob patterns: a folder holding one holds a run
 
 TRAIN_COLUMNS = ["epoch", "lr", "loss", "error", "seconds", "images_per_s"]
 EVAL_COLUMNS = ["epoch", "loss", "error", "seconds"]

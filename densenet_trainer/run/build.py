@@ -84,6 +84,9 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
     if cfg.val_size:
         train, val = datasets.split_validation(train, cfg.val_size, cfg.seed)
     pool = dataset.train if cfg.val_size else None
+    for flag, asked, found in (("train", cfg.train_subset, train), ("test", cfg.test_subset, test)):
+        if asked and asked > len(found):
+            log(f"notice: --{flag}-subset {asked} is more than the {len(found)} {flag} images there: all are used")
     if cfg.train_subset:
         train = train.first(cfg.train_subset)
     if cfg.test_subset:
@@ -202,10 +205,13 @@ class Run:
 
 def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print,
               checkpoint: Checkpoint | None = None, *, dataset: RunData | None = None,
-              model: nn.Module | None = None, self_test: bool = True) -> Run:
+              model: nn.Module | None = None, self_test: bool = True,
+              kernel_choice: KernelChoice | None = None) -> Run:
     """The run ``cfg`` describes, continued from ``checkpoint`` if given. ``dataset`` and
     ``model`` replace the configuration's own (bench/'s synthetic images, torchvision's
-    DenseNet); ``log`` prints the data's counts and any notice of the step's runner.
+    DenseNet; train.py --seeds's images read once for all seeds); ``kernel_choice`` is one
+    made already (--seeds: once for all); ``log`` prints the data's counts and any notice of
+    the step's runner.
     ``self_test`` False skips the fused model's check on the run's first batches (bench/'s
     kernel count, whose kernels only count)."""
     device = runtime.device
@@ -221,12 +227,12 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     dataset = dataset or load_data(cfg, log)
     normalizer = loader.Normalizer(dataset.mean, dataset.std, device)
     loaded = time.perf_counter()
-    if model is None:  # the fused kernels' self-test, and on a GPU the timing of each set
-        kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"),
-                                       functools.partial(time_steps, build_synthetic_run, cfg, runtime))
-    else:
+    if model is not None:
         kernel_choice = KernelChoice("fused" if is_fused(model) else "aten", "a model given to build_run")
         model.to(device, memory_format=loader.memory_format(cfg.channels_last))
+    elif kernel_choice is None:  # the fused kernels' self-test, and on a GPU the timing of each set
+        kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"),
+                                       functools.partial(time_steps, build_synthetic_run, cfg, runtime))
     chosen = time.perf_counter()
     seed_everything(cfg.seed)  # after choose_kernels, whose timing draws random numbers
     model = model or build_model(cfg, kernel_choice.kernels, device)
@@ -290,7 +296,8 @@ def first_batches(batches: loader.TrainBatches, dataset: RunData, cfg: RunConfig
 
 
 def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.Module | None = None,
-                        log: Callable[..., None] = print, self_test: bool = True) -> Run:
+                        log: Callable[..., None] = print, self_test: bool = True,
+                        kernel_choice: KernelChoice | None = None) -> Run:
     """``cfg``'s run (model, precision, kernels, graph, compilation: all as build_run makes
     them) on random images, enough for ``steps`` calls after a CUDA graph's warm-up and
     check, which are done: the epoch is started, and ``run.run_step`` is what to time.
@@ -300,10 +307,12 @@ def build_synthetic_run(cfg: RunConfig, runtime: Runtime, steps: int, model: nn.
     images = datasets.Split(torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, cfg.num_classes, (count,), generator=generator))
     dataset = RunData(images, None, images.first(cfg.batch_size), [], [0.5] * 3, [0.25] * 3)
-    run = build_run(cfg, runtime, log, dataset=dataset, model=model, self_test=self_test)
+    run = build_run(cfg, runtime, log, dataset=dataset, model=model, self_test=self_test,
+                    kernel_choice=kernel_choice)
     run.step.start_epoch()
     run.step.model.train()
     if run.run_step is not run.step:
         for _ in range(cuda_graph.GraphedStep.CALLS_BEFORE_REPLAYS):
             run.run_step()
     return run
+

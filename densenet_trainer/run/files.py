@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from densenet_trainer.config.cli import UserError
+from densenet_trainer.data.datasets import DATASET_FOLDERS
 from densenet_trainer.loop.training import non_finite
-from densenet_trainer.results.layout import LOCK_FILE, RUN_FILES
+from densenet_trainer.results.layout import EVALUATION_FILES, LOCK_FILE, RUN_FILES
 from densenet_trainer.results.numeric_csv import read_numeric_csv
 from densenet_trainer.whole_files import (
     append_line,
@@ -46,8 +47,25 @@ class RunError(UserError):
     """A problem with a run's files that the user can fix; the message says how."""
 
 
+def run_files_in(folder: Path) -> list[str]:
+    """The files in ``folder`` that a run writes, or its --evaluate beside its checkpoints."""
+    return [name for name in RUN_FILES if (folder / name).exists()] + sorted(
+        found.name for pattern in EVALUATION_FILES for found in folder.glob(pattern))
+
+
 def holds_run(folder: Path) -> bool:
-    return any((folder / name).exists() for name in RUN_FILES)
+    return bool(run_files_in(folder))
+
+
+def refuse_foreign_folder(folder: Path, data_dir: str) -> None:
+    """RunError where ``folder`` is a place no run may write in: git's own folder (.git), or
+    the folder of the images it reads (--data-dir, or a dataset's folder in it)."""
+    resolved, data = folder.resolve(), Path(data_dir).resolve()
+    if ".git" in resolved.parts:
+        raise RunError(f"{folder} is inside a .git folder, which is git's own; choose another with --save")
+    if resolved == data or (data in resolved.parents and resolved.relative_to(data).parts[0] in DATASET_FOLDERS):
+        raise RunError(f"{folder} is where the images are read from (--data-dir {data_dir}); "
+                       f"choose another with --save")
 
 
 class WorkDirLock:
@@ -89,6 +107,9 @@ class WorkDirLock:
                 current = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 current = False
+            if current and os.pread(fd, 4, 0) not in (b"", b"pid "):  # not ours: a user's own .lock
+                os.close(fd)
+                raise RunError(f"{path} is not a lock file of this trainer; move it, or {self.advice}")
             if current:
                 self._fd = fd
             else:

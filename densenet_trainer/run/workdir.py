@@ -39,6 +39,7 @@ from densenet_trainer.run.files import (
     WorkDirLock,
     holds_run,
     remove_stale_temporaries,
+    run_files_in,
     save_checkpoint,
     write_errors,
     write_json,
@@ -88,9 +89,8 @@ class Plan:
 def already_holds_a_run(save: Path) -> UserError:
     """The refusal of a start in ``save``: a run to continue, or files a run writes but no run."""
     if not any((save / name).exists() for name in (CONFIG_FILE, LAST_CHECKPOINT)):
-        found = ", ".join(name for name in RUN_FILES if (save / name).exists())
-        return UserError(f"{save} holds files a run writes ({found}) but no run; move them, or "
-                         f"choose another --save DIR")
+        return UserError(f"{save} holds files a run writes ({', '.join(run_files_in(save))}) but no "
+                         f"run; move them, or choose another --save DIR")
     return UserError(f"{save} already holds a run; continue it with --resume --save "
                      f"{shlex.quote(str(save))} or start a new one with another --save DIR")
 

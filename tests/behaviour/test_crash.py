@@ -14,7 +14,7 @@ import pytest
 
 import train
 from densenet_trainer.run.checkpoint import Checkpoint
-from helpers import ROOT, TINY, metrics, on_forward, write_cifar10
+from helpers import ROOT, TINY, interrupt, metrics, on_forward, write_cifar10
 
 # CI runs a few trials; `KILL_TRIALS=20 KILLS_PER_TRIAL=3 pytest tests/behaviour/test_crash.py -s` is the soak.
 TRIALS = int(os.environ.get("KILL_TRIALS", "2"))
@@ -104,19 +104,6 @@ def test_sigkill_at_random_moments(tmp_path, cifar_dir, reference):
         assert metrics(work) == metrics(reference), f"trial {trial}"
         assert not list(work.glob(".*")), "a temporary or lock file was left behind"
     print(f"\n{TRIALS} of {TRIALS} trials resumed exactly after {kills} SIGKILLs")
-
-
-def interrupt(command: list[str], after: str, signum: int) -> str:
-    """Run ``command``, send ``signum`` once a stdout line starts with ``after``; return stderr."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
-        if line.startswith(after):
-            process.send_signal(signum)
-            break
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 128 + signum, stderr
-    return stderr
 
 
 @pytest.mark.slow

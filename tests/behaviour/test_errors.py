@@ -65,6 +65,18 @@ def plot_run(tmp: Path) -> Path:
     return folder
 
 
+def make_git(tmp: Path, data: Path) -> None:
+    (tmp / ".git").mkdir()
+
+
+def own_file(name: str):
+    """A damage: a file of the user's own, named as one a run writes, in tmp/mine."""
+    def write(tmp: Path, data: Path) -> None:
+        (tmp / "mine").mkdir()
+        (tmp / "mine" / name).write_text("mine\n")
+    return write
+
+
 def damage_labels(tmp: Path, data: Path) -> None:
     path = data / "cifar-10-batches-py" / "data_batch_2"
     with open(path, "rb") as f:
@@ -255,6 +267,16 @@ CASES = {
     "pipeline steps 0": ("bench/pipeline.py", "--steps 0", "argument --steps: must be a positive integer, got 0", None, None),
     "pipeline depth 11": ("bench/pipeline.py", "--depth 11", "depth 11 is impossible", None, None),
     "pipeline data absent": ("bench/pipeline.py", "--data-dir {tmp}/nothing --no-download " + " ".join(TINY), "cifar10 is not in {tmp}/nothing/cifar-10-batches-py", None, None),
+    # a folder that is not a run's to write in
+    "train into .git": ("train.py", "--data-dir {data} --save {tmp}/.git/run " + " ".join(TINY), "{tmp}/.git/run is inside a .git folder, which is git's own", "data", make_git),
+    "train into the data folder": ("train.py", "--data-dir {data} --save {data} " + " ".join(TINY), "{tmp}/data is where the images are read from (--data-dir {tmp}/data)", "data", None),
+    "train into the dataset's folder": ("train.py", "--data-dir {data} --save {data}/cifar-10-batches-py/run " + " ".join(TINY), "is where the images are read from", "data", None),
+    "train over a .lock of the user's": ("train.py", "--data-dir {data} --save {tmp}/mine " + " ".join(TINY), "{tmp}/mine/.lock is not a lock file of this trainer; move it", "data", own_file(".lock")),
+    "train over evaluation files": ("train.py", "--data-dir {data} --save {tmp}/mine " + " ".join(TINY), "holds files a run writes (checkpoint-classes.csv) but no run", "data", own_file("checkpoint-classes.csv")),
+    "plot --out with one run": ("plot.py", "{plotted} --out {tmp}", "--out does nothing with one run's figures (they go into its folder)", "plotted", None),
+    "plot --out of a missing folder": ("plot.py", "{plotted} {tmp}/other --out {tmp}/nothing/", "--out {tmp}/nothing/: no such folder", "plotted", None),
+    "plot --out and --format disagree": ("plot.py", "{plotted} {tmp}/other --out {tmp}/c.pdf --format svg", "is a .pdf file and --format says svg: give one", "plotted", None),
+    "plot --table of a run without its configuration": ("plot.py", "--table {plotted}", "{tmp}/plotted: its config.json holds no configuration", "plotted", None),
 }
 if not torch.cuda.is_available():
     CASES["speed on a missing GPU"] = ("bench/speed.py", "--device cuda", "argument --device: no CUDA GPU is visible; use --device cpu", None, None)

@@ -261,14 +261,14 @@ def test_runs_in_several_folders_put_their_comparison_in_the_current_one(tmp_pat
     (["--table", "--epochs", "1:2"], "--epochs does nothing with --table"),
     (["--table", "--style", "ggplot"], "--style does nothing with --table"),
     (["--group", "--watch", "5"], "--watch does nothing with --group"),
-    (["--band", "std"], "--band does nothing with the figures of runs"),
-    (["--table-format", "csv"], "--table-format does nothing with the figures of runs"),
+    (["--band", "std"], "--band does nothing with one run's figures"),
+    (["--table-format", "csv"], "--table-format does nothing with one run's figures"),
     (["--table", "--table-format", "csv", "--out", "elsewhere"], "--out does nothing with --table")])
 def test_a_flag_that_does_nothing_with_the_others_is_refused(tmp_path, capsys, argv, says):
     run = make_run(tmp_path / "a", 3)
     before = sorted(p.name for p in run.iterdir())
     status, out, err = draw(capsys, run, *argv)
-    assert status == 2 and err.startswith(f"error: {says}; drop it")
+    assert status == 2 and err.startswith(f"error: {says}") and "; drop it" in err
     assert sorted(p.name for p in run.iterdir()) == before
 
 

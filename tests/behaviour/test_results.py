@@ -389,6 +389,17 @@ def test_a_row_of_two_commits_shows_its_code_in_every_format(tmp_path, capsys):
     assert csv_of(capsys, *runs)["code"].item() == f"{'a' * 40} {'b' * 40}"
 
 
+def test_a_row_mixing_a_run_of_unrecorded_code_says_so(tmp_path, capsys):
+    """A run from before config.json recorded the code, beside one that did: the row mixes."""
+    runs = [make_run(tmp_path / f"seed{s}", [30.0, 20.0], seed=s) for s in (0, 1)]
+    record = json.loads((runs[1] / "config.json").read_text())
+    del record["code"]
+    (runs[1] / "config.json").write_text(json.dumps(record))
+    status, out, err = table_of(capsys, *runs)
+    assert status == 0 and out.splitlines()[0].endswith("code"), out
+    assert out.splitlines()[1].endswith("aaaaaaaaaa unrecorded"), out
+
+
 def test_a_copy_continued_is_a_run_of_its_own_and_the_table_counts_both(tmp_path, cifar_dir, capsys):
     """A copy of a run, as it is, is the run (counted once); once continued it diverges, gets
     an identity of its own, and both count, whichever order they are named in."""

@@ -573,6 +573,16 @@ def test_an_evaluation_on_other_images_never_replaces_the_runs_own(tmp_path, fin
     assert subsets[1] == "checkpoint-classes-test10.csv"
 
 
+def test_an_evaluation_subset_beyond_the_test_set_is_the_whole_set(tmp_path, finished_run, cifar_dir, capsys):
+    """48 test images and --test-subset 5000: the whole set, said and named as such."""
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    code, out, err = run(capsys, "--evaluate", work, "--test-subset", "5000")
+    assert code == 0, err
+    assert "on 48 images" in out and "first 5000" not in out, out
+    assert sorted(p.name for p in work.glob("checkpoint-classes*.csv")) == ["checkpoint-classes.csv"]
+
+
 @pytest.mark.parametrize("flag", [["--depth", "40"], ["--seed", "1"], ["--precision", "bf16"], ["--kernels", "aten"],
                                   ["--dataset", "cifar100"], ["--resume"], ["--epochs", "3"]])
 def test_evaluate_refuses_the_flags_of_training(tmp_path, finished_run, cifar_dir, capsys, flag):

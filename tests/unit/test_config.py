@@ -132,6 +132,7 @@ def test_impossible_models_are_refused_in_one_line():
     ({"compile": True, "kernels": "fused"}, r"--compile \(compile=True\) is --kernels compile, not --kernels fused"),
     ({"eval_batch_size": 0}, r"eval_batch_size \(--eval-batch-size\) must be a positive integer, got 0"),
     ({"stop_after": -1}, r"stop_after \(--stop-after\) must be 0 or more, got -1"),
+    ({"save": "runs/a\nb"}, r"save \(--save\) the path 'runs/a\\nb' holds a control character"),
     ({"batch_size": 0}, "batch_size .* must be a positive integer, got 0"),
     ({"precision": "fp8"}, "precision .* must be one of fp32, bf16, fp16, got 'fp8'"),
     ({"lr": -1.0}, "lr .* must be a positive number"),
