@@ -23,11 +23,10 @@ import pandas as pd
 
 from densenet_trainer.config.cli import UserError
 from densenet_trainer.config.run_config import IN_MODEL_NAME, NUMBER_NEUTRAL, RunConfig, flag_name
+from densenet_trainer.results.layout import broken_seal
 
 TABLE_2 = json.loads(Path(__file__).with_name("table2.json").read_text())
-# Runs whose configurations differ only in these are one group: the seeds, and the settings
-# that cannot change the numbers.
-GROUPED_OVER = NUMBER_NEUTRAL | {"seed"}
+GROUPED_OVER = NUMBER_NEUTRAL | {"seed"}  # runs that differ only in these are one group
 DATASET_COLUMNS = {"cifar10": "C10", "cifar100": "C100", "svhn": "SVHN"}
 SPLITS, POOL = ("train", "val", "test"), "pool"  # pool: with a validation set, the images it is drawn from
 # settings whose whole effect is which images each split holds: where every split's images are
@@ -93,15 +92,13 @@ class Result:
 
     @functools.cached_property
     def rescheduled(self) -> bool:
-        """Whether its learning rates are not its configuration's from the start (a resume
-        changed them); worked out once: the grouping, legends and paper's column all ask."""
+        """Whether its learning rates are not its configuration's from the start (a resume changed them)."""
         cfg = RunConfig.from_dict(self.config, str(self.folder))  # train.csv keeps 6 digits
         return not all(math.isclose(lr, cfg.learning_rate(epoch), rel_tol=1e-5)
                        for epoch, lr in enumerate(self.lrs))
 
     def facts(self) -> dict[str, str]:
-        """What changes its numbers beside its settings, in words: its processes (each
-        normalises its share of a batch); rates changed at a resume, or by a hand in config.json."""
+        """What changes its numbers beside its settings, in words: its processes, rates changed at a resume."""
         changed = "rescheduled at a resume" if self.resumed_rescheduled else "rates unlike its config.json's"
         return {"processes": f"{' then '.join(map(str, self.processes)) or '?'} process(es)",
                 "rescheduled": changed if self.rescheduled else ""}
@@ -126,6 +123,9 @@ def read_result(folder: Path, logs: dict[str, pd.DataFrame], record: dict) -> Re
     config = record.get("config")
     if not isinstance(config, dict):
         raise ValueError("its config.json holds no configuration" if record else "it has no readable config.json")
+    if broken_seal(record):
+        raise ValueError("its config.json's settings or run_id were changed after train.py wrote them "
+                         "(its seal no longer matches): put them back, or train a run with the settings you want")
     try:  # checked as a resume checks it; settings added since its version take their defaults
         config = RunConfig.from_dict(config, "its config.json").to_dict()
     except UserError as error:

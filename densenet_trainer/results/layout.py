@@ -3,6 +3,8 @@ results, the tools): its file names, its CSV columns and their ranges, and how a
 is written. torch-free."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 CONFIG_FILE = "config.json"  # the configuration, what was built, and an entry per resume
@@ -25,6 +27,25 @@ TOP5_COLUMNS = ["top5_error"]  # added for datasets with many classes (RunConfig
 COLUMN_RANGES = {"error": (0.0, 100.0), "top5_error": (0.0, 100.0), "loss": (0.0, None),
                  "raw_loss": (0.0, None), "lr": (0.0, None), "seconds": (0.0, None),
                  "images_per_s": (0.0, None)}
+
+
+def seal(content: dict) -> dict:
+    """``content`` (config.json's) with its seal, a hash of the run's identity and settings as
+    train.py writes them: a hand edit of either breaks it, and a reader names the run as edited
+    instead of describing it (``broken_seal``)."""
+    content["seal"] = _seal_of(content)
+    return content
+
+
+def broken_seal(content: dict) -> bool:
+    """Whether config.json's run_id or settings changed since train.py wrote them (a run from
+    before seals has none: taken as it is)."""
+    return "seal" in content and content["seal"] != _seal_of(content)
+
+
+def _seal_of(content: dict) -> str:
+    identity = json.dumps([content.get("run_id"), content.get("config")], sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def csv_name(split: str) -> str:

@@ -31,6 +31,7 @@ from densenet_trainer.results.layout import (
     TOP5_COLUMNS,
     TRAIN_COLUMNS,
     csv_name,
+    seal,
 )
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint
 from densenet_trainer.run.files import (
@@ -126,8 +127,7 @@ def plan_run(cfg: RunConfig, given: frozenset[str], reschedule: bool, jobs: dict
         if not continued_by:
             raise already_holds_a_run(save)
         cfg = replace(cfg, resume=True)
-    path = save / LAST_CHECKPOINT
-    checkpoint = Checkpoint.load(path) if path.exists() else None
+    checkpoint = Checkpoint.load(save / LAST_CHECKPOINT) if (save / LAST_CHECKPOINT).exists() else None
     config_json = read_config_json(save, checkpoint is not None)
     if checkpoint is not None:
         saved = checkpoint.config
@@ -321,7 +321,7 @@ class RunFiles:
             else:
                 content = {"config": plan.config.to_dict(), "run_id": plan.run_id, "started": stamp,
                            **record}
-            write_json(self.save / CONFIG_FILE, content)
+            write_json(self.save / CONFIG_FILE, seal(content))
             self.content = content
             for log in self.logs.values():
                 log.keep_epochs_up_to(plan.start_epoch) if plan.resuming else log.create()

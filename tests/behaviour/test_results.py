@@ -400,6 +400,24 @@ def test_a_row_mixing_a_run_of_unrecorded_code_says_so(tmp_path, capsys):
     assert out.splitlines()[1].endswith("aaaaaaaaaa unrecorded"), out
 
 
+def test_a_hand_edited_configuration_is_named_never_counted(tmp_path, cifar_dir, capsys):
+    """A copy of a run with its seed changed by hand (run_id kept): the table names it, alone
+    it is refused, and the real run is counted once, whichever order they are named in."""
+    real = tmp_path / "real"
+    start_run(capsys, real, cifar_dir, "--epochs", "1")
+    edited = tmp_path / "edited"
+    shutil.copytree(real, edited)
+    record = json.loads((edited / "config.json").read_text())
+    record["config"]["seed"] = 7
+    (edited / "config.json").write_text(json.dumps(record))
+    for order in ([real, edited], [edited, real]):
+        status, out, err = table_of(capsys, *order)
+        assert status == 0 and "settings or run_id were changed after train.py wrote them" in err, err
+        assert f"{edited} (its config.json" in err and "  1  0 " in out.splitlines()[1], out
+    status, out, err = table_of(capsys, edited)
+    check_refused(status, err, f"{edited}: its config.json's settings or run_id were changed")
+
+
 def test_a_copy_continued_is_a_run_of_its_own_and_the_table_counts_both(tmp_path, cifar_dir, capsys):
     """A copy of a run, as it is, is the run (counted once); once continued it diverges, gets
     an identity of its own, and both count, whichever order they are named in."""
