@@ -272,7 +272,7 @@ def group_ending(turns: list[Turn], runs: list[Run]) -> int:
     if stopped := [t.outcome.signum for t in turns if isinstance(t.outcome, Interrupted)]:
         print("every run was saved: continue them all with the same command and --resume", file=sys.stderr)
         return 128 + stopped[0]
-    return max(status for status, _ in endings)
+    return max((status for status, _ in endings), default=0)  # 0: every run had finished
 
 
 def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles,

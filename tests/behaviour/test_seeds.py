@@ -126,6 +126,8 @@ def test_resume_continues_each_seed_and_starts_a_missing_one(tmp_path, cifar_dir
     assert status == 0, err
     assert f"[seed 0] {tmp_path / 'seed0'} has finished its 1 epochs" in out
     assert [r["epoch"] for r in read_csv(tmp_path / "seed1" / "test.csv")] == ["1"]
+    status, out, err = run_main(capsys, train.main, *flags, "--seeds", "0", "1", "--resume")
+    assert status == 0 and out.count("has finished its 1 epochs") == 2, (out, err)
 
 
 @pytest.mark.parametrize("flags, message", [
