@@ -91,7 +91,7 @@ from densenet_trainer.run import workdir
 from densenet_trainer.run.build import Run, build_run
 from densenet_trainer.run.files import WorkDirLock, refuse_foreign_folder
 from densenet_trainer.run.inference import EVALUATE_READS, evaluate_checkpoint
-from densenet_trainer.run.seeds import refuse_unless_fit, same_images, seed_configs
+from densenet_trainer.run.seeds import refuse_unless_fit, seed_configs, shared_images
 from densenet_trainer.runtime import (
     STOP_SIGNALS,
     Runtime,
@@ -210,11 +210,11 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
                 run_runtime.log(f"{plan.save} has finished its {plan.config.epochs} epochs; pass "
                                 f"--epochs N to train longer")
                 continue
-            run = build_run(plan.config, run_runtime, run_runtime.log, plan.checkpoint,
-                            dataset=images.get(same_images(plan.config)),  # a resume: its own kernels
-                            kernel_choice=None if plan.checkpoint else choice)
+            data = shared_images(plan.config, run_runtime, images) if seeds else None
+            run = build_run(plan.config, run_runtime, run_runtime.log, plan.checkpoint, dataset=data,
+                            kernel_choice=None if plan.checkpoint else choice)  # a resume: its own kernels
             built.append((lock, plan, run, rng_state()))  # its seed's generators, for its turns
-            choice, images[same_images(plan.config)] = run.kernel_choice, run.data
+            choice = run.kernel_choice
             log_start(plan, run)
             if seeds and runtime.device.type == "cuda" and len(built) == 1:
                 refuse_unless_fit(run, sum(p.start_epoch < p.config.epochs for _, p in plans))

@@ -10,7 +10,7 @@ import torch
 from densenet_trainer.config.cli import UserError
 from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.run import workdir
-from densenet_trainer.run.build import Run, build_synthetic_run
+from densenet_trainer.run.build import Run, RunData, build_synthetic_run, load_data
 from densenet_trainer.runtime import Runtime
 
 
@@ -31,11 +31,17 @@ def seed_configs(cfg: RunConfig, given: frozenset[str], seeds: list[int], runtim
             for c in configs]
 
 
-def same_images(cfg: RunConfig) -> tuple:
-    """What decides a run's images, the seed only where it draws a validation set: runs alike
-    in it read the images once."""
-    return (cfg.dataset, cfg.data_dir, cfg.download, cfg.svhn_extra, cfg.train_subset,
-            cfg.test_subset, cfg.val_size, cfg.seed if cfg.val_size else None)
+def shared_images(cfg: RunConfig, runtime: Runtime, read: dict[tuple, RunData]) -> RunData:
+    """The images of ``cfg``'s run, read once for every run of the group that has the same
+    (``read`` keeps them by what decides them; the seed does only where it draws a validation
+    set), and on a GPU copied to it once: every run's batches and evaluations use that copy."""
+    key = (cfg.dataset, cfg.data_dir, cfg.download, cfg.svhn_extra, cfg.train_subset,
+           cfg.test_subset, cfg.val_size, cfg.seed if cfg.val_size else None)
+    if key not in read:
+        data = load_data(cfg, runtime.log)
+        read[key] = replace(data, **{split: getattr(data, split).to(runtime.device)
+                                     for split in ("train", "val", "test") if getattr(data, split) is not None})
+    return read[key]
 
 
 def refuse_unless_fit(run: Run, runs: int) -> None:
