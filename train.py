@@ -195,7 +195,7 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
     ``seeds`` (--seeds): a run per seed, each as --seed alone makes it, trained a step of each
     in turn (loop/turns.py); any refusal refuses all before a write; each run ends alone."""
     runtime = runtime or setup_runtime(cfg.device)
-    configs = [cfg] if seeds is None else seed_configs(cfg, given, seeds, runtime)
+    configs = seed_configs(cfg, given, seeds, runtime)
     with contextlib.ExitStack() as held:
         plans = []
         for config in configs:  # every folder locked and planned before any run is built
@@ -219,6 +219,8 @@ def train(cfg: RunConfig, given: frozenset[str] = frozenset(), reschedule: bool 
             if seeds and runtime.device.type == "cuda" and len(built) == 1:
                 refuse_unless_fit(run, sum(p.start_epoch < p.config.epochs for _, p in plans))
         files = [workdir.RunFiles(plan, writes=runtime.main) for _, plan, _, _ in built]
+        for run_files, (lock, *_) in zip(files, built):  # every folder claimed before any is written
+            on_main(runtime, run_files.claim, lock)
         for run_files, (lock, _, run, _) in zip(files, built):
             on_main(runtime, run_files.open, lock, run.record())
         stop = StopFlag()  # from here a signal saves every run (at its next step)
@@ -292,7 +294,7 @@ def train_epochs(plan: workdir.Plan, run: Run, files: workdir.RunFiles,
             raise Interrupted(stop.agreed, plan.save, epoch, progress.step)
         training.ensure_finite(run.model, f"after epoch {epoch}")
         files.update_record("step", run.step_status)
-        results = evaluate_splits(run, epoch)
+        results = yield from evaluate_splits(run, epoch)
         files.update_record("evaluation", run.evaluation_status)
         new_best_val = best.update(epoch, results["test"].error, results["val"].error if "val" in results else None)
         files.append(epoch, epoch_rows(lr, progress, results))
@@ -336,12 +338,10 @@ def train_one_epoch(run: Run, epoch: int, progress: EpochProgress,
             display.close()
 
 
-def evaluate_splits(run: Run, epoch: int) -> dict[str, evaluation.Evaluation]:
+def evaluate_splits(run: Run, epoch: int) -> Generator[None, None, dict[str, evaluation.Evaluation]]:
     """The model after ``epoch`` on the test split and, with --val-size, the validation one;
     a loss that is not finite stops the run (Diverged)."""
-    results = {"test": run.evaluate("test")}
-    if run.val is not None:
-        results["val"] = run.evaluate("val")
+    results = yield from run.evaluate_splits()
     for split, result in results.items():
         if not math.isfinite(result.loss):
             raise Diverged(f"the {split} loss is not finite after epoch {epoch}")

@@ -108,9 +108,14 @@ def read_evaluation(evaluation: EvaluationRunner, runtime: Runtime) -> Evaluatio
     batches; the host reads the sums once, at the end, and checks that every image of the
     split counted once (padded rows count for nothing)."""
     start = time.perf_counter()
-    sums = evaluation.sums
-    sums.model.eval()
+    evaluation.sums.model.eval()
     evaluation()
+    return read_sums(evaluation, runtime, start)
+
+
+def read_sums(evaluation: EvaluationRunner, runtime: Runtime, start: float) -> Evaluation:
+    """The result of ``evaluation``, run (or queued on the device) since ``start``."""
+    sums = evaluation.sums
     if runtime.world_size > 1:
         for total in sums.tensors:
             dist.all_reduce(total)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -138,8 +138,22 @@ class Run:
         return sum(p.numel() for p in self.model.parameters())
 
     def evaluate(self, split: str) -> evaluation.Evaluation:
-        """The model on the "test" or "val" split (all processes together): each split's
-        batches, sums and graph are made once and kept for the run's evaluations."""
+        """The model on the "test" or "val" split (all processes together)."""
+        return evaluation.read_evaluation(self.evaluation_of(split), self.runtime)
+
+    def evaluate_splits(self) -> Generator[None, None, dict[str, evaluation.Evaluation]]:
+        """The model on the test split and, with --val-size, the validation one: both queued
+        on the device, then after a yield read (with several runs in the process, loop/turns.py,
+        the others queue their steps meanwhile), by split."""
+        start, splits = time.perf_counter(), ["test"] + (["val"] if self.val is not None else [])
+        self.step.model.eval()  # what the step runs (wrapped where the run wraps it)
+        for split in splits:
+            self.evaluation_of(split)()
+        yield
+        return {split: evaluation.read_sums(self.evaluation_of(split), self.runtime, start) for split in splits}
+
+    def evaluation_of(self, split: str) -> evaluation.EvaluationRunner:
+        """What evaluates ``split``: its batches, sums and graph, made once and kept."""
         cfg, runtime = self.config, self.runtime
         if split not in self.evaluations:
             batches = loader.EvalBatches({"test": self.test, "val": self.val}[split], cfg.eval_batch_size,
@@ -148,7 +162,7 @@ class Run:
             sums = evaluation.EvaluationSums(self.step.model, self.step.precision, cfg.num_classes,
                                              runtime.device)
             self.evaluations[split] = cuda_graph.evaluation_runner(sums, batches, cfg, runtime, self.log)
-        return evaluation.read_evaluation(self.evaluations[split], runtime)
+        return self.evaluations[split]
 
     @property
     def evaluation_status(self) -> dict[str, str]:

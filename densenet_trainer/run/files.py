@@ -81,6 +81,7 @@ class WorkDirLock:
     def __init__(self, folder: Path, advice: str) -> None:
         self.folder, self.advice = folder, advice
         self._fd: int | None = None
+        self.made = False  # whether acquire made the folder: released empty (a refusal), it goes
 
     @property
     def held(self) -> bool:
@@ -91,6 +92,7 @@ class WorkDirLock:
         path = self.folder / LOCK_FILE
         while self._fd is None:
             try:
+                self.made = self.made or not self.folder.exists()
                 self.folder.mkdir(parents=True, exist_ok=True)
                 fd = open_in_place(path, os.O_RDWR | os.O_CREAT)
             except OSError as error:
@@ -132,6 +134,9 @@ class WorkDirLock:
                 (self.folder / LOCK_FILE).unlink()  # while still locked: see acquire
             os.close(self._fd)  # closing the last descriptor drops the lock
             self._fd = None
+            if self.made:
+                with contextlib.suppress(OSError):  # only an empty one
+                    self.folder.rmdir()
 
     def __enter__(self) -> WorkDirLock:
         return self

@@ -14,9 +14,12 @@ from densenet_trainer.run.build import Run, RunData, build_synthetic_run, load_d
 from densenet_trainer.runtime import Runtime
 
 
-def seed_configs(cfg: RunConfig, given: frozenset[str], seeds: list[int], runtime: Runtime) -> list[RunConfig]:
+def seed_configs(cfg: RunConfig, given: frozenset[str], seeds: list[int] | None, runtime: Runtime) -> list[RunConfig]:
     """--seeds: ``cfg`` with each seed, in the folder --seed alone would give it (the default,
-    or --save with {seed} replaced by the seed); with --resume, a seed without a run starts."""
+    or --save with {seed} replaced by the seed); with --resume, a seed without a run starts.
+    Without --seeds (None), ``cfg`` alone, its --save's {seed} replaced by its own seed."""
+    if seeds is None:
+        return [replace(cfg, save=cfg.save.replace("{seed}", str(cfg.seed)))]
     if runtime.world_size > 1:
         raise UserError("--seeds trains several runs in one process; under torchrun give each "
                         "seed its own job (--seed N)")
@@ -27,6 +30,10 @@ def seed_configs(cfg: RunConfig, given: frozenset[str], seeds: list[int], runtim
                         f"{{seed}} in it (--save 'runs/bc100-seed{{seed}}'), or drop it for the default folders")
     configs = [replace(cfg, seed=seed, save=cfg.save.replace("{seed}", str(seed)) if "save" in given else None)
                for seed in seeds]
+    folders = [Path(c.save).resolve() for c in configs]
+    if len(set(folders)) < len(folders):
+        raise UserError(f"--save {cfg.save} gives two seeds one folder ({max(folders, key=folders.count)}): "
+                        f"give each seed its own")
     return [replace(c, resume=False) if c.resume and not workdir.holds_run(Path(c.save)) else c
             for c in configs]
 

@@ -1,15 +1,13 @@
 """A run's work directory: what a start or a resume will do there, and the files the run keeps.
 
-``plan_run`` decides, reading only, whether ``--save DIR`` starts a new run or continues the
-one there, and refuses what could not continue exactly: a directory that already holds a run
-(without --resume), a flag that would change the run's numbers, an --epochs that would
-shorten the run or raise its learning rate (``check_schedule``), CSVs or a config.json that
-do not match the checkpoint. A refused start or resume leaves every file as it was.
+``plan_run`` decides, reading only, whether ``--save DIR`` starts a run or continues the one
+there, and refuses what could not continue exactly: a folder holding a run (without --resume),
+a flag changing the numbers, an --epochs that would shorten the run or raise its rate
+(``check_schedule``), CSVs or config.json unlike the checkpoint; leaving every file as it was.
 
 ``RunFiles`` owns the files once the run begins: config.json (the configuration, what was
-built, and a ``resumes`` entry per resume), one CSV per split with a row per epoch, and the
-checkpoints: checkpoint.pt after every epoch (or at a stop mid-epoch), best.pt at the epoch
-of lowest validation error, written before the checkpoint that records it.
+built, a ``resumes`` entry per resume), a CSV per split with a row per epoch, checkpoint.pt
+after every epoch (or a stop mid-epoch) and best.pt at the epoch of lowest validation error.
 """
 from __future__ import annotations
 
@@ -292,16 +290,18 @@ class RunFiles:
         self.plan, self.save, self.writes = plan, plan.save, writes
         self.logs = run_logs(plan.save, plan.config)
 
-    def open(self, lock: WorkDirLock, record: dict) -> None:
-        """Write config.json and the CSV headers, or on resume the resume's entry and the CSVs
-        trimmed to the checkpoint. Only once every check has passed: a directory that did not
-        exist is made and locked here, and looked at again in case another process has
-        started a run in it meanwhile."""
-        plan = self.plan
+    def claim(self, lock: WorkDirLock) -> None:
+        """Lock the folder where planning did not (a new one, made now); refuse a run begun there since."""
         if not lock.held:
             lock.acquire()
-            if not plan.resuming and holds_run(self.save):
+            if not self.plan.resuming and holds_run(self.save):
                 raise already_holds_a_run(self.save)
+
+    def open(self, lock: WorkDirLock, record: dict) -> None:
+        """Write config.json and the CSV headers, or on resume the resume's entry and the CSVs
+        trimmed to the checkpoint; once every check has passed (``claim`` too)."""
+        plan = self.plan
+        self.claim(lock)
         if plan.config.val_size:
             record = {**record, "best_checkpoint": {"file": BEST_CHECKPOINT,
                                                     "chosen_by": "lowest validation error"}}

@@ -109,6 +109,7 @@ def test_sigusr1_saves_every_seed_and_the_resume_ends_where_uninterrupted_runs_e
 
 def test_a_busy_folder_of_one_seed_refuses_all_before_any_write(tmp_path, cifar_dir, capsys):
     busy = tmp_path / "seed1"
+    busy.mkdir()
     with WorkDirLock(busy, "") as lock:
         lock.acquire()
         status, _, err = run_main(capsys, train.main, "--data-dir", cifar_dir, *TINY, "--epochs", "1",
@@ -183,3 +184,29 @@ def test_two_seeds_on_a_gpu_each_train_on_their_own_stream(tmp_path, cifar_dir, 
         assert [r["epoch"] for r in read_csv(tmp_path / f"seed{seed}" / "test.csv")] == ["1", "2"]
         record = json.loads((tmp_path / f"seed{seed}" / "config.json").read_text())
         assert record["step"].startswith("graphed"), record["step"]
+
+
+def test_a_refusal_of_one_seed_at_its_claim_writes_no_other_seed(tmp_path, cifar_dir, capsys):
+    """Seed 1's folder is a file: found only when the folders are made, before any is written."""
+    (tmp_path / "file1").write_text("mine\n")
+    status, _, err = run_main(capsys, train.main, "--data-dir", cifar_dir, *TINY, "--epochs", "1",
+                              "--seeds", "0", "1", "--save", tmp_path / "file{seed}")
+    check_refused(status, err, f"cannot write to {tmp_path / 'file1'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file1"]
+    assert (tmp_path / "file1").read_text() == "mine\n"
+
+
+def test_two_seeds_in_one_folder_are_refused(tmp_path, cifar_dir, capsys):
+    (tmp_path / "x0").mkdir()
+    (tmp_path / "x1").mkdir()
+    status, _, err = run_main(capsys, train.main, "--data-dir", cifar_dir, *TINY, "--seeds", "0", "1",
+                              "--save", tmp_path / "x{seed}" / ".." / "same")
+    check_refused(status, err, f"gives two seeds one folder ({tmp_path / 'same'})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x0", "x1"]
+
+
+def test_seed_in_save_without_seeds_is_the_runs_own(tmp_path, cifar_dir, capsys):
+    status, _, err = run_main(capsys, train.main, "--data-dir", cifar_dir, *TINY, "--epochs", "1",
+                              "--seed", "3", "--save", tmp_path / "s{seed}")
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3"]
