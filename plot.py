@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     results_group = p.add_argument_group(
         "results across runs", "Runs whose config.json differ only in the seed and in settings "
         "that cannot change the numbers (" + ", ".join(sorted(NUMBER_NEUTRAL)) + "), trained "
-        "and tested on the same images (count and fingerprint of each split), on the same "
+        "and tested on the same images (count and fingerprint of each split; with --val-size, "
+        "which each seed draws, the same pool and counts), on the same "
         "number of processes and with the same learning rate each epoch, are one group; a "
         "run reached twice (the same run_id) counts once; an unfinished run is a row of its "
         "own, outside the means. The data column gives the image counts where they are not "
