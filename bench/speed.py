@@ -165,13 +165,14 @@ def together(runs: list, device) -> Callable[[], None]:
     if len(runs) == 1:
         return runs[0].run_step
     from densenet_trainer.loop.turns import Turn
+    from densenet_trainer.random_state import rng_state
 
     def steps(run_step: Callable[[], None]) -> Generator[None, None, int]:
         while True:
             run_step()
             yield
 
-    turns = [Turn(steps(run.run_step), device) for run in runs]
+    turns = [Turn(steps(run.run_step), device, rng_state()) for run in runs]  # timing: any state
 
     def round_of_steps() -> None:
         for turn in turns:

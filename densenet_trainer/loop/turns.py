@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,7 @@ class Turn:
     and, once it has ended, how (``outcome``: its return value, or the exception that ended it)."""
     steps: Generator[None, None, int]
     device: torch.device
-    rng: dict = field(default_factory=rng_state)  # taken when the run is built: its seed's
+    rng: dict  # rng_state() as the run was built: its seed's
     stream: torch.cuda.Stream | None = None
     outcome: int | BaseException | None = None
 

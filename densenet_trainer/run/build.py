@@ -145,12 +145,13 @@ class Run:
         """The model on the test split and, with --val-size, the validation one: both queued
         on the device, then after a yield read (with several runs in the process, loop/turns.py,
         the others queue their steps meanwhile), by split."""
-        start, splits = time.perf_counter(), ["test"] + (["val"] if self.val is not None else [])
+        start = time.perf_counter()
+        runners = {split: self.evaluation_of(split) for split in ["test"] + (["val"] if self.val is not None else [])}
         self.step.model.eval()  # what the step runs (wrapped where the run wraps it)
-        for split in splits:
-            self.evaluation_of(split)()
+        for runner in runners.values():
+            runner()
         yield
-        return {split: evaluation.read_sums(self.evaluation_of(split), self.runtime, start) for split in splits}
+        return {split: evaluation.read_sums(runner, self.runtime, start) for split, runner in runners.items()}
 
     def evaluation_of(self, split: str) -> evaluation.EvaluationRunner:
         """What evaluates ``split``: its batches, sums and graph, made once and kept."""
