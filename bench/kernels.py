@@ -62,6 +62,9 @@ PATHS = [  # (name, settings)
     ("fused bf16", {"kernels": "fused", "precision": "bf16"}),
     ("aten memory-efficient", {"kernels": "aten", "memory_efficient": True}),
     ("fused memory-efficient", {"kernels": "fused", "memory_efficient": True}),
+    ("fused-gemm", {"kernels": "fused-gemm"}),
+    ("fused-gemm bf16", {"kernels": "fused-gemm", "precision": "bf16"}),
+    ("fused-gemm memory-efficient", {"kernels": "fused-gemm", "memory_efficient": True}),
 ]
 
 
@@ -178,8 +181,7 @@ class Variant:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        from densenet_trainer.speed import triton_kernels
-        kernel = getattr(triton_kernels, f"_{self.kernel}")
+        kernel = _kernel(self.kernel)
         if not hasattr(kernel, "params"):
             raise RuntimeError("TRITON_INTERPRET=1 is set: Triton interprets kernels instead of compiling them")
         source = ASTSource(fn=kernel, signature=dict(self.signature),
@@ -229,24 +231,39 @@ class _CountedLaunch:
         return launch
 
 
+def _kernel_modules() -> tuple:
+    """The modules of Triton kernels: fused.py's and fused_gemm.py's."""
+    from densenet_trainer.speed import gemm_kernels, triton_kernels
+    return triton_kernels, gemm_kernels
+
+
+def _kernel(name: str):
+    """The jitted Triton kernel ``_name`` of whichever module defines it."""
+    return next(getattr(module, f"_{name}") for module in _kernel_modules() if hasattr(module, f"_{name}"))
+
+
 @contextlib.contextmanager
 def triton_counted(count_of) -> Iterator[None]:
-    """fused.py's kernels as on CUDA: triton_kernels.py's wrappers, with every jitted kernel
-    counted instead of launched, on any device (``count_of()`` is the Count to add to)."""
-    from densenet_trainer.speed import fused, kernel_check, triton_kernels
-    kernels = {name: getattr(triton_kernels, name) for name in dir(triton_kernels)
-               if name.startswith("_") and name.endswith("_kernel")}
-    saved = fused.backend, kernel_check.failure
+    """fused.py's and fused_gemm.py's kernels as on CUDA: their Triton wrappers, with every
+    jitted kernel counted instead of launched, on any device (``count_of()`` is the Count to
+    add to)."""
+    from densenet_trainer.speed import fused, fused_gemm, kernel_check, triton_kernels
+    triton_module, gemm_module = _kernel_modules()
+    kernels = {(module, name): getattr(module, name) for module in (triton_module, gemm_module)
+               for name in dir(module) if name.startswith("_") and name.endswith("_kernel")}
+    saved = fused.backend, fused_gemm.backend, kernel_check.failure, kernel_check.gemm_failure
     try:
-        for name, kernel in kernels.items():
-            setattr(triton_kernels, name, _CountedLaunch(name.strip("_"), kernel, count_of))
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, _CountedLaunch(name.strip("_"), kernel, count_of))
         fused.backend = lambda device_type: triton_kernels
-        kernel_check.failure = lambda device_type: None  # nothing to check: nothing computes
+        fused_gemm.backend = lambda device_type: gemm_module
+        # nothing to check: nothing computes
+        kernel_check.failure = kernel_check.gemm_failure = lambda device_type: None
         yield
     finally:
-        fused.backend, kernel_check.failure = saved
-        for name, kernel in kernels.items():
-            setattr(triton_kernels, name, kernel)
+        fused.backend, fused_gemm.backend, kernel_check.failure, kernel_check.gemm_failure = saved
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)
 
 
 def count_step(cfg: run_config.RunConfig) -> Count:
@@ -287,8 +304,7 @@ def count_step(cfg: run_config.RunConfig) -> Count:
 
 def _loop_kind(kernel: str) -> str:
     """'tiles' for the kernels whose programs loop over pixel tiles (an argument named so)."""
-    from densenet_trainer.speed import triton_kernels
-    return "tiles" if "tiles" in getattr(triton_kernels, f"_{kernel}").arg_names else ""
+    return "tiles" if "tiles" in _kernel(kernel).arg_names else ""
 
 
 @cli.one_line_errors

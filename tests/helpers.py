@@ -309,3 +309,24 @@ class Broken:
 
     def finish_grad(self, *args):
         return self.kernels.finish_grad(*args)
+
+
+def assert_step_matches_float64(reference, ours, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """One training step of ``ours`` on ``x`` (channels-last) against ``reference`` (the same
+    weights in float64): output, input and parameter gradients and running statistics, within
+    the fused path's tolerances against float64."""
+    import torch.nn.functional as F
+    results = []
+    for model, inputs in ((reference, x.double()), (ours, x.contiguous(memory_format=torch.channels_last))):
+        inputs = inputs.clone().requires_grad_()
+        out = model(inputs)
+        F.cross_entropy(out, labels).backward()
+        results.append((out, inputs.grad, [p.grad for p in model.parameters()],
+                        [b for b in model.buffers() if b.is_floating_point()]))
+    (out_ref, grad_ref, params_ref, stats_ref), (out, grad, params, stats) = results
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-3, atol=1e-5)
+    for a, b in zip(params, params_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
+    for a, b in zip(stats, stats_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

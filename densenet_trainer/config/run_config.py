@@ -29,7 +29,7 @@ from densenet_trainer.config.cli import UserError
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 DATASETS = tuple(NUM_CLASSES)
-KERNELS = ("fused", "aten")  # how densenet.py computes dense blocks and BatchNorm-ReLU
+KERNELS = ("fused", "fused-gemm", "aten")  # how densenet.py computes dense blocks and BatchNorm-ReLU
 TOP5_FROM = 10  # datasets with more classes than this (CIFAR-100) also log the top-5 error
 GROUPS = ("data", "model", "optimisation", "speed", "run")  # in the order --help lists them
 IN_MODEL_NAME = frozenset({"dataset", "depth", "growth_rate", "bottleneck", "compression"})  # a folder's first words
@@ -117,11 +117,11 @@ class RunConfig:
                                "run goes on eagerly and says why)", resumable=True)
     kernels: str = setting("auto", "speed", "how dense blocks and BatchNorm-ReLU run: fused "
                            "(fused.py: C loops on the CPU in float32, Triton on CUDA in float32 "
-                           "or bf16), aten (PyTorch's operations), compile (torch.compile of the "
-                           "aten model; inside the CUDA graph on a GPU); auto: fused on the CPU "
-                           "in float32; on a GPU the faster of fused and aten in a few steps "
-                           "timed at the start of the run (fp16: aten); aten otherwise. The "
-                           "same function, other speed and float rounding (as on two GPUs)",
+                           "or bf16), fused-gemm (fused, and on CUDA DenseNet-BC's 1x1 convolutions "
+                           "as Triton GEMMs that normalise as they load), aten (PyTorch's), compile "
+                           "(torch.compile of the aten model); auto: fused on the CPU in float32; "
+                           "on a GPU the fastest of aten, fused and fused-gemm in steps timed at the "
+                           "start (fp16: aten); aten otherwise. The same function, other speed and rounding",
                            choices=("auto", *KERNELS, "compile"), resumable=True)
     compile: bool = setting(False, "speed", "the same as --kernels compile", resumable=True)
     sync_bn: bool = setting(False, "speed", "SyncBatchNorm across processes (torchrun)")
@@ -251,7 +251,7 @@ class RunConfig:
                 f"{self.learning_rate(first):g}, {before}")
 
     def kernels_on(self, device_type: str) -> str:
-        """The DenseNet kernels ("fused" or "aten") that --kernels means on a device without
+        """The DenseNet kernels (one of KERNELS) that --kernels means on a device without
         measuring: auto is fused.py's on the CPU in float32 (measured faster there, see
         README) and ATen's elsewhere (a training run on a GPU times both instead:
         kernel_choice.choose_kernels); compile compiles the ATen model."""

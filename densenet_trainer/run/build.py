@@ -30,8 +30,14 @@ from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError
 from densenet_trainer.runtime import Runtime
 from densenet_trainer.speed import apply_fused_kernels, cuda_graph
-from densenet_trainer.speed.fused_densenet import is_fused
-from densenet_trainer.speed.kernel_choice import KernelChoice, choose_kernels, confirm_on_model, time_steps
+from densenet_trainer.speed.fused_densenet import kernels_of
+from densenet_trainer.speed.kernel_choice import (
+    FUSED,
+    KernelChoice,
+    choose_kernels,
+    confirm_on_model,
+    time_steps,
+)
 from densenet_trainer.speed.precision import precision_of
 
 
@@ -100,14 +106,14 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
 
 def build_model(cfg: RunConfig, kernels: str, device: torch.device) -> DenseNet:
     """The configuration's DenseNet on ``device`` in the run's memory layout, computing with
-    ``kernels`` ("fused": apply_fused_kernels, which leaves it on ATen's where the kernels
-    failed their self-test there, with a warning; or "aten")."""
+    ``kernels`` ("fused" or "fused-gemm": apply_fused_kernels, which leaves it on ATen's where
+    the kernels failed their self-test there, with a warning; or "aten")."""
     model = DenseNet(depth=cfg.depth, growth_rate=cfg.growth_rate, bottleneck=cfg.bottleneck,
                      compression=cfg.compression, dropout=cfg.dropout, num_classes=cfg.num_classes,
                      memory_efficient=cfg.memory_efficient)
     model.to(device, memory_format=loader.memory_format(cfg.channels_last))
-    if kernels == "fused":
-        apply_fused_kernels(model)
+    if kernels in FUSED:
+        apply_fused_kernels(model, gemm=kernels == "fused-gemm")
     return model
 
 
@@ -243,7 +249,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
     normalizer = loader.Normalizer(dataset.mean, dataset.std, device)
     loaded = time.perf_counter()
     if model is not None:
-        kernel_choice = KernelChoice("fused" if is_fused(model) else "aten", "a model given to build_run")
+        kernel_choice = KernelChoice(kernels_of(model), "a model given to build_run")
         model.to(device, memory_format=loader.memory_format(cfg.channels_last))
     elif kernel_choice is None:  # the fused kernels' self-test, and on a GPU the timing of each set
         kernel_choice = choose_kernels(cfg, runtime, log, checkpoint and checkpoint.state.get("kernels"),
@@ -272,7 +278,7 @@ def build_run(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = print
         batches.set_state(state["data_rng"])
         set_rng_state(state["rng"])
     test_seconds = None
-    if kernel_choice.kernels == "fused" and self_test:  # the run's own shapes, fused against ATen's
+    if kernel_choice.kernels in FUSED and self_test:  # the run's own shapes, fused against ATen's
         testing = time.perf_counter()
         kernel_choice = confirm_on_model(kernel_choice, model, *first_batches(batches, dataset, cfg, runtime),
                                          cfg.precision, runtime, log)

@@ -5,6 +5,8 @@
   (CUDA); ``batch_counters.py``: the fused BatchNorms' counters moved in one operation;
 - ``fused_densenet.py``: densenet.py's model computed with them; ``kernel_check.py``: their
   self-test on a device; ``apply_fused_kernels`` below puts them on a built model;
+- ``fused_gemm.py`` (kernels in ``gemm_kernels.py``): --kernels fused-gemm, a bottleneck's
+  1x1 convolution as a Triton GEMM that applies the BatchNorm-ReLU as it loads;
 - ``kernel_choice.py``: which kernels a run computes with, and --kernels auto's timing;
 - ``cuda_graph.py``: the training step and each split's evaluation as checked CUDA graphs.
 
@@ -20,16 +22,17 @@ import warnings
 import torch
 from torch import nn
 
-from densenet_trainer.speed import fused, fused_densenet, kernel_check
+from densenet_trainer.speed import fused, fused_densenet, fused_gemm, kernel_check
 
 
-def apply_fused_kernels(model: nn.Module, device_type: str | None = None) -> str | None:
+def apply_fused_kernels(model: nn.Module, device_type: str | None = None, gemm: bool = False) -> str | None:
     """Make ``model`` (a DenseNet, or any of densenet.py's modules or a model holding them)
     compute its dense blocks and BatchNorm-ReLUs with the fused kernels on
     ``device_type`` (default: where its parameters are), once the kernels have passed their
-    self-test there (kernel_check, once per process and device type). Returns None, or why
-    the model keeps ATen's operations (a failed self-test is said as a warning too): the
-    results are the same either way, the speed differs."""
+    self-test there (kernel_check, once per process and device type); with ``gemm``, also its
+    bottlenecks' 1x1 convolutions as fused_gemm's GEMMs (``gemm_kernels``, CUDA), where those
+    passed theirs. Returns None, or why the model keeps ATen's operations (a failed self-test
+    is said as a warning too): the results are the same either way, the speed differs."""
     if not any(isinstance(module, tuple(fused_densenet.FUSED)) for module in model.modules()):
         return "the model holds none of densenet.py's modules"
     device_type = device_type or next(model.parameters()).device.type
@@ -44,5 +47,14 @@ def apply_fused_kernels(model: nn.Module, device_type: str | None = None) -> str
                       stacklevel=2)
         return f"the fused kernels failed their self-test ({failure})"
     fused_densenet.tested_on.add(device_type)
-    fused_densenet.fuse(model)
+    if gemm:
+        with torch.inference_mode(False), torch.enable_grad():
+            problem = kernel_check.gemm_failure(device_type)
+        failure = fused_gemm.unavailable(device_type) or (
+            problem and f"the GEMM kernels failed their self-test on {device_type} ({problem})")
+        if failure:
+            warnings.warn(f"{failure}; the 1x1 convolutions compute as with the fused kernels alone",
+                          stacklevel=2)
+        gemm = failure is None
+    fused_densenet.fuse(model, gemm)
     return None

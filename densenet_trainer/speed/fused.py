@@ -1,28 +1,24 @@
 """Dense-block concatenation without copies, and BatchNorm-ReLU fused into one pass.
 
 Built from ATen ops, a dense layer costs a copy of all earlier features (``cat``), then about
-20 passes forward and backward over memory that grows with depth: memory-bound passes, not
-convolutions, decide a CPU's speed and much of a GPU's. Here a block writes each new feature
-map once into a preallocated channels-last buffer, and a layer reads its first C channels in
-place. A feature's batch statistics are computed once, when it is written, and shared by every
-later layer (their BatchNorms see the same values). BatchNorm-ReLU is one pass forward and two
-backward, and every layer adds its input gradient in place into one gradient buffer for the
-block, which autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a
-convolution, its output can carry zero channels up to a multiple the device's convolutions
-want (``conv_input_channels``: bfloat16 on CUDA), matched by zero input channels in a copy of
-the weight (``conv``). The function is ATen's (tests compare outputs and gradients in float64,
-padded or not); the order of floating-point sums differs, so float32 rounds otherwise. In the
+20 memory-bound passes forward and backward over memory that grows with depth. Here a block
+writes each new feature map once into a preallocated channels-last buffer, and a layer reads
+its first C channels in place. A feature's batch statistics are computed once, when it is
+written, and shared by every later layer. BatchNorm-ReLU is one pass forward and two backward,
+and every layer adds its input gradient in place into one gradient buffer for the block, which
+autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a convolution, its output
+can carry zero channels up to a multiple the device's convolutions want (``conv_input_channels``:
+bfloat16 on CUDA), matched by zero input channels in a copy of the weight (``conv``). The
+function is ATen's (tests compare in float64, padded or not); float32 rounds otherwise. In the
 memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
 
-The autograd logic here is the same on every device; four functions do a BatchNorm's work
-(``stats``, ``norm_relu``, ``norm_relu_backward``, ``finish_grad``), with one interface and
-two implementations chosen once per device type (``backend``): C loops on the CPU
-(cpu_kernels.py, float32 and float64), Triton on CUDA (triton_kernels.py, float32, and
-bfloat16 features with float32 statistics and gradient sums). On CUDA each is one or two
-kernels, and the BatchNorms' batch counters move in one operation per forward
-(``batch_counters``): a DenseNet-BC-100 step is about 850 kernels to ATen's 1,200
-(bench/kernels.py). Elsewhere (no compiler, no Triton, contiguous or other-typed tensors,
-autocast, torch.compile) ``densenet.py``'s ATen path computes.
+Four functions do a BatchNorm's work (``stats``, ``norm_relu``, ``norm_relu_backward``,
+``finish_grad``), with one interface and two implementations chosen per device type
+(``backend``): C loops on the CPU (cpu_kernels.py, float32 and float64), Triton on CUDA
+(triton_kernels.py, float32, and bfloat16 features with float32 statistics and gradient sums),
+one or two kernels each; the batch counters move in one operation a forward (``batch_counters``).
+Elsewhere (no compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile)
+``densenet.py``'s ATen path computes. bench/kernels.py counts a step's kernels.
 """
 from __future__ import annotations
 
@@ -107,15 +103,13 @@ class SharedFeatures:
 
     def __init__(self, buffer: Tensor, filled: int = 0, batch_stats: bool = True) -> None:
         self.buffer, self.filled, self.pixel_stride = buffer, filled, pixel_stride(buffer)
-        self.batch_stats = batch_stats
+        self.batch_stats, self.counters = batch_stats, None  # counters: fused_gemm's, made on first use
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
         # low-precision features keep float32 statistics and gradient coefficients; their
         # gradient buffer holds the features' dtype, as ATen's gradients of them do
-        low = buffer.dtype in (torch.bfloat16, torch.float16)
-        self.accumulate = torch.float32 if low else buffer.dtype
-        self.mean = buffer.new_empty(channels, dtype=self.accumulate)
-        self.var = buffer.new_empty(channels, dtype=self.accumulate)
+        self.accumulate = torch.float32 if buffer.dtype in (torch.bfloat16, torch.float16) else buffer.dtype
+        self.mean, self.var = (buffer.new_empty(channels, dtype=self.accumulate) for _ in range(2))
         self.grad: Tensor | None = None
         self.coefficients: Tensor | None = None
 
@@ -133,8 +127,8 @@ class SharedFeatures:
 
     @classmethod
     def holding(cls, features: Tensor, batch_stats: bool) -> SharedFeatures:
-        """``features`` alone, as the buffer itself (no copy); statistics if asked for: its
-        block's (``gather``'s ``block_statistics``), else a pass over it."""
+        """``features`` alone, as the buffer itself (no copy); statistics if asked for: those it
+        carries (``block_statistics``: gather's, fused_gemm's), else a pass over it."""
         shared = cls(features, filled=features.shape[1])
         if batch_stats and getattr(features, "block_statistics", None) is not None:
             shared.mean, shared.var = features.block_statistics
@@ -172,6 +166,15 @@ class SharedFeatures:
         statistics were used, the per-channel coefficients ``x * b + d`` of their part."""
         self.grad, self.coefficients = grad, coefficients
 
+    def grad_started(self, batch_stats: bool) -> bool:
+        """Whether backward has begun the gradient buffer (if not, it is begun, for a layer to write)."""
+        if self.grad is not None:
+            return True
+        self.start_grad(self.like_buffer(self.buffer.dtype),
+                        self.buffer.new_empty(2, self.buffer.shape[1], dtype=self.accumulate)
+                        if batch_stats else None)
+        return False
+
     def finish_grad(self, start: int, end: int) -> Tensor:
         """The complete gradient of channels start:end, whose every user has run backward.
         A BatchNorm passes gradient through its batch mean and variance as ``x * b + d`` per
@@ -196,6 +199,16 @@ def _padded(conv_weight: Tensor, channels: int) -> Tensor:
     return F.pad(conv_weight, (0, 0, 0, 0, 0, extra)) if extra else conv_weight
 
 
+def batch_statistics(shared: SharedFeatures, norm: nn.BatchNorm2d, channels: int) -> tuple[Tensor, Tensor, tuple]:
+    """What ``norm`` normalises the first ``channels`` with: (mean, var, the running statistics
+    to move and by how much, or ()); in training the buffer's batch statistics, counted."""
+    if not norm.training:  # copies: a later training step moves the running statistics
+        return norm.running_mean.clone(), norm.running_var.clone(), ()
+    factor = count_batch(norm)
+    running = () if factor is None else (norm.running_mean, norm.running_var, factor)
+    return shared.mean[:channels], shared.var[:channels], running
+
+
 def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor,
                statistics: tuple[Tensor, Tensor] | None = None,
                conv_input: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -204,16 +217,7 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
     training the batch statistics are the buffer's and the running ones move, unless
     ``statistics`` (mean, var) are given: a recomputation repeats the forward's."""
     channels = weight.shape[0]
-    running: tuple = ()
-    if statistics is not None:
-        mean, var = statistics
-    elif norm.training:
-        mean, var = shared.mean[:channels], shared.var[:channels]
-        factor = count_batch(norm)
-        if factor is not None:
-            running = (norm.running_mean, norm.running_var, factor)
-    else:  # copies: a later training step moves the running statistics
-        mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    mean, var, running = statistics + ((),) if statistics else batch_statistics(shared, norm, channels)
     x = shared.prefix(channels)
     width = conv_input_channels(x, channels) if conv_input else channels
     out = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device,
@@ -229,16 +233,12 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
     """Backward of ``_normalise``: adds the input gradient into the block's gradient buffer
     and returns (the newest feature's complete gradient, grad weight, grad bias). ``out``
     and ``grad_out`` have its channels, padded or not."""
-    channels, buffer = weight.shape[0], shared.buffer
+    channels = weight.shape[0]
     g = grad_out.contiguous(memory_format=torch.channels_last)
-    alone = shared.grad is None  # a SharedFeatures.holding one tensor: nothing to add to
-    if alone:
-        shared.start_grad(shared.like_buffer(buffer.dtype),
-                          buffer.new_empty(2, buffer.shape[1], dtype=shared.accumulate)
-                          if batch_stats else None)
+    accumulate = shared.grad_started(batch_stats)
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
         g, out, out.shape[1], shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
-        eps, shared.grad, shared.pixel_stride, not alone,
+        eps, shared.grad, shared.pixel_stride, accumulate,
         shared.coefficients if batch_stats else None)
     newest = shared.finish_grad(channels - newest_channels, channels)
     return newest, grad_weight, grad_bias

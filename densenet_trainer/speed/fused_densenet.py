@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from densenet_trainer.speed import fused
+from densenet_trainer.speed import fused, fused_gemm
 
 tested_on: set[str] = set()  # device types whose self-test passed in this process
 _warned: set[str] = set()  # device types a fused model has said it was not tested on
@@ -90,26 +90,50 @@ class FusedTransition(Transition):
         return pool(dropout(FusedDenseLayer.norm_relu_conv(norm, conv, x)))
 
 
+class GemmDenseLayer(FusedDenseLayer):
+    """--kernels fused-gemm: a bottleneck's 1x1 convolution is fused_gemm's GEMM, which
+    normalises the block's buffer as it loads it, where it applies (fused_gemm.applies);
+    memory-efficient or not, it stores no activation and runs no convolution twice."""
+
+    def forward(self, features: list[Tensor] | Tensor,
+                shared: fused.SharedFeatures | None = None) -> Tensor:
+        if shared is None or not self.bottleneck or not fused_gemm.applies(self.conv1, features):
+            return super().forward(features, shared)
+        # the result carries norm2's batch statistics, unless dropout comes between
+        next_norm = None if self.dropout and self.training else self.norm2
+        return self._after_first_conv(fused_gemm.norm_relu_matmul(self.norm1, self.conv1, shared,
+                                                                   features, next_norm))
+
+
 FUSED = {DenseNet: FusedDenseNet, DenseBlock: FusedDenseBlock, DenseLayer: FusedDenseLayer,
          Transition: FusedTransition}
+PLAIN = {fused_class: plain_class for plain_class, fused_class in FUSED.items()} | {GemmDenseLayer: DenseLayer}
 
 
-def fuse(model: nn.Module) -> None:
-    """Make every DenseNet module of ``model`` its fused class (torchvision's or other
-    modules are left as they are)."""
+def fuse(model: nn.Module, gemm: bool = False) -> None:
+    """Make every DenseNet module of ``model`` its fused class, with ``gemm`` GemmDenseLayer
+    for its layers, whichever classes they had (torchvision's or other modules are left as
+    they are)."""
+    unfuse(model)
     for module in model.modules():
         if type(module) in FUSED:
-            module.__class__ = FUSED[type(module)]
+            module.__class__ = GemmDenseLayer if gemm and type(module) is DenseLayer else FUSED[type(module)]
 
 
 def unfuse(model: nn.Module) -> None:
     """Undo ``fuse``: every fused module of ``model`` back to densenet.py's class."""
-    plain = {fused_class: plain_class for plain_class, fused_class in FUSED.items()}
     for module in model.modules():
-        if type(module) in plain:
-            module.__class__ = plain[type(module)]
+        if type(module) in PLAIN:
+            module.__class__ = PLAIN[type(module)]
 
 
 def is_fused(model: nn.Module) -> bool:
     return isinstance(model, FusedDenseNet)
+
+
+def kernels_of(model: nn.Module) -> str:
+    """The --kernels value that ``model`` computes with: "fused-gemm", "fused" or "aten"."""
+    if any(isinstance(module, GemmDenseLayer) for module in model.modules()):
+        return "fused-gemm"
+    return "fused" if is_fused(model) else "aten"
 

@@ -3,16 +3,13 @@
 fused.py's kernels are compiled where they run (a C compiler on the CPU, Triton on CUDA), on
 hardware, drivers and compilers nobody here has tried. Before a run computes with them,
 ``failure`` runs each kernel on awkward shapes (pixels not a multiple of a tile, a channel
-tail, a pixel stride not a multiple of 16) and on aligned ones (multiples of 8 and of 4,
-which select the vectorised variants), in each dtype the device's kernels take, against
-a float64 reference, and one fused dense block forward and backward against ATen's, TF32 off.
-Any error (a compiler or launcher missing, a kernel that fails to build or launch) or any
-result out of tolerance is a failure, and the run computes with ATen's kernels instead.
-
-Those shapes select the kernels' unaligned variants; a run's own shapes select others (on a
-GPU, vectorised ones for channels and pixels in multiples of 4 or 8). So before its first step
-a run also checks its own model on its own first batches (``model_failure``), fused against
-ATen's from the same weights.
+tail, a pixel stride not a multiple of 16) and on aligned ones (multiples of 8 and of 4:
+the vectorised variants), in each dtype the device's kernels take, against float64, and a
+fused dense block forward and backward against ATen's, TF32 off; ``gemm_failure`` checks
+fused_gemm's GEMMs by blocks of them. Any error (a compiler or launcher missing, a kernel
+that fails to build or launch) or result out of tolerance is a failure: the run computes
+without those kernels. A run's own shapes select other variants, so before its first step a
+run also checks its own model on its own first batches (``model_failure``) against ATen's.
 """
 from __future__ import annotations
 
@@ -25,14 +22,13 @@ from torch import Tensor, nn
 
 from densenet import DenseBlock
 from densenet_trainer.config.cli import first_line
-from densenet_trainer.speed import fused
+from densenet_trainer.speed import fused, fused_gemm
 from densenet_trainer.speed.fused_densenet import fuse, tested_on, unfuse
 from densenet_trainer.speed.precision import precision_of
 
 # Tolerances against float64, by the dtype the tensors hold. Arithmetic is float32; bfloat16
 # outputs are rounded to 8 significant bits (a relative step of 2^-8), sums kept in float32.
-TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
-              torch.bfloat16: (1e-2, 1e-2)}
+TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
 # The fused block against ATen's, both float32 with TF32 off: the order of sums differs.
 BLOCK_TOLERANCE = (1e-4, 1e-4)
 # The run's model fused against ATen's (model_failure), each measured against ATen's in float64:
@@ -73,13 +69,33 @@ def check(device: torch.device) -> str | None:
         for memory_efficient in (False, True):
             step = f"a fused dense block{' (memory-efficient)' if memory_efficient else ''}"
             _check_block(device, memory_efficient)
-    except AssertionError as error:
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        return f"{step}: {' '.join(lines[:2])}"
-    except Exception as error:  # a compiler, a launcher, a driver: anything that stops them
-        reason = (str(error).strip().splitlines() or [""])[0]
-        return f"{step}: {type(error).__name__}: {reason}"
+    except Exception as error:
+        return _one_line(step, error)
     return None
+
+
+@functools.cache
+def gemm_failure(device_type: str) -> str | None:
+    """What went wrong when fused_gemm's GEMMs checked themselves on ``device_type`` (None: they
+    passed, or there are none), once per process: a dense block of them against ATen's, as ``check``'s (float32, TF32
+    off), whose layers read 6, 11 and 16 channels (unaligned variants), then 32, 40 and 48."""
+    if fused_gemm.backend(device_type) is None:
+        return None
+    step = "a dense block of GEMMs on 6 channels, growth 5"
+    try:
+        _check_block(torch.device(device_type), False, True, 6, 5)
+        step = "a dense block of GEMMs on 32 channels, growth 8"
+        _check_block(torch.device(device_type), False, True, 32, 8)
+    except Exception as error:
+        return _one_line(step, error)
+    return None
+
+
+def _one_line(step: str, error: Exception) -> str:
+    """A check's failure at ``step``: a result out of tolerance, or what stopped the kernels."""
+    if isinstance(error, AssertionError):
+        return f"{step}: {' '.join([line for line in str(error).splitlines() if line.strip()][:2])}"
+    return f"{step}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 MODELS_CHECKED: dict[tuple, str | None] = {}  # model_failure's, by what decides the kernels launched
@@ -164,9 +180,8 @@ def _relative_error(actual: Tensor | None, expected: Tensor | None) -> float:
 
 
 def _close(actual: Tensor, expected: Tensor, tolerance: tuple[float, float], what: str) -> None:
-    rtol, atol = tolerance
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol,
-                               atol=atol, msg=lambda message: f"{what}: {message}")
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=tolerance[0],
+                               atol=tolerance[1], msg=lambda message: f"{what}: {message}")
 
 
 def _random(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
@@ -289,21 +304,23 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     _close(finished, expected, tolerance, "finish_grad")
 
 
-def _check_block(device: torch.device, memory_efficient: bool) -> None:
-    """A fused dense block against the same block on ATen's path: output, input gradient,
-    parameter gradients and BatchNorm running statistics, in float32 without TF32."""
+def _check_block(device: torch.device, memory_efficient: bool, gemm: bool = False, channels: int = 6,
+                 growth: int = 5) -> None:
+    """A fused dense block (of fused_gemm's GEMMs with ``gemm``) against the same block on
+    ATen's path: output, input gradient, parameter gradients and BatchNorm running statistics,
+    in float32 without TF32."""
     generator = torch.Generator().manual_seed(1)
     n, height, width = PIXELS
     torch_state = torch.get_rng_state()
     try:
         torch.manual_seed(0)
-        fused_block = DenseBlock(3, 6, 5, True, 0.0, memory_efficient)
+        fused_block = DenseBlock(3, channels, growth, True, 0.0, memory_efficient)
     finally:
         torch.set_rng_state(torch_state)  # the run's random numbers are not the check's
     aten_block = copy.deepcopy(fused_block)
-    fuse(fused_block)
-    x = _random((n, 6, height, width), device, torch.float32, generator)
-    grad = _random((n, 6 + 3 * 5, height, width), device, torch.float32, generator)
+    fuse(fused_block, gemm)
+    x = _random((n, channels, height, width), device, torch.float32, generator)
+    grad = _random((n, channels + 3 * growth, height, width), device, torch.float32, generator)
     results = []
     untested = device.type not in tested_on
     tested_on.add(device.type)  # for the check's own block only: nothing else runs meanwhile

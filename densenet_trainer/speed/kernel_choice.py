@@ -1,5 +1,5 @@
-"""Which DenseNet kernels a run computes with ("fused" or "aten"), and why: --kernels auto on
-a GPU times a few steps of each (``time_steps``) and takes the faster, as cudnn.benchmark
+"""Which DenseNet kernels a run computes with ("fused", "fused-gemm" or "aten"), and why: --kernels
+auto on a GPU times a few steps of each (``time_steps``) and takes the fastest, as cudnn.benchmark
 chooses convolutions; a candidate that fails (an exception, a graph that would not capture or
 replayed wrong) loses, saying why; everywhere the fused kernels are used only once they have
 passed their self-test (speed/kernel_check.py), and then the run's own model on its own first
@@ -21,13 +21,15 @@ from densenet_trainer.config.run_config import RunConfig
 from densenet_trainer.loop.training import COMPUTE_DTYPES
 from densenet_trainer.random_state import rng_state, set_rng_state
 from densenet_trainer.runtime import Runtime, all_sum, broadcast, synchronize
-from densenet_trainer.speed import cuda_graph, fused, fused_densenet, kernel_check
+from densenet_trainer.speed import cuda_graph, fused, fused_densenet, fused_gemm, kernel_check
+
+FUSED = ("fused", "fused-gemm")  # the kernel sets that fused_densenet's modules compute
 
 
 @dataclass
 class KernelChoice:
     """The DenseNet kernels a run computes with, why, and the timings that chose them."""
-    kernels: str  # "fused" or "aten"
+    kernels: str  # one of run_config.KERNELS
     why: str
     ms_per_step: dict[str, float] | None = None
     problems: dict[str, str] | None = None  # the candidates that could not run, and why
@@ -76,7 +78,7 @@ def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = 
             return KernelChoice("aten", f"auto: {problem}")
         started = time.perf_counter()
         seconds, problems = {}, {}
-        for kernels in ("aten", "fused"):
+        for kernels in ("aten", "fused") + (() if _gemm_problem(cfg, device, log) else ("fused-gemm",)):
             try:
                 seconds[kernels] = measure(kernels)
             except Exception as error:  # Triton, out of memory, a graph that fell back: it loses
@@ -95,16 +97,42 @@ def choose_kernels(cfg: RunConfig, runtime: Runtime, log: Callable[..., None] = 
                                 [f"{k} failed: {why}" for k, why in problems.items()])
                     + f" per step{', on rank 0' if runtime.world_size > 1 else ''}); choosing took "
                       f"{spent:.1f} s")
-        why = (f"auto: the faster of the best of {AUTOTUNE_REPEATS} repeats of {AUTOTUNE_STEPS} "
+        why = (f"auto: the fastest of the best of {AUTOTUNE_REPEATS} repeats of {AUTOTUNE_STEPS} "
                f"timed steps each, after {AUTOTUNE_WARMUP} untimed")
         return KernelChoice(fastest, why, ms or None, problems or None, spent)
     kernels = cfg.kernels_on(device.type)
     why = f"--kernels {cfg.kernels} on {device.type}"
-    if kernels == "fused":
+    if kernels in FUSED:
         problem = _fused_problem(cfg, device, log)
         if problem:
             return KernelChoice("aten", f"{why}, but {problem}")
+    if kernels == "fused-gemm":
+        problem = _gemm_problem(cfg, device, log)
+        if problem:
+            log(f"notice: --kernels fused-gemm computes as --kernels fused here: {problem}")
+            return KernelChoice("fused", f"{why}, but {problem}")
     return KernelChoice(kernels, why)
+
+
+def _gemm_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None]) -> str | None:
+    """Why fused-gemm would compute this run as fused does (None: it would not); a failed
+    self-test is also said at once, as a warning."""
+    if not cfg.bottleneck:
+        return "the GEMMs are DenseNet-BC's 1x1 convolutions, and this DenseNet has none"
+    if fused_gemm.unavailable(device.type):
+        return fused_gemm.unavailable(device.type)
+    return _said(kernel_check.gemm_failure(device.type), "GEMM", device, log,
+                 "the run's 1x1 convolutions are cuDNN's instead")
+
+
+def _said(failure: str | None, kernels: str, device: torch.device, log: Callable[..., None],
+          instead: str) -> str | None:
+    """A failed self-test of the ``kernels`` kernels, said at once as a warning, and returned
+    as the problem a choice records (None where ``failure`` is None)."""
+    if failure is None:
+        return None
+    log(f"warning: the {kernels} kernels failed their self-test on {device.type} ({failure}); {instead}")
+    return f"the {kernels} kernels failed their self-test ({failure})"
 
 
 def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None]) -> str | None:
@@ -116,12 +144,8 @@ def _fused_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None
     dtype = COMPUTE_DTYPES[cfg.precision] or torch.float32
     if dtype not in kernels.DTYPES:
         return f"the fused kernels do not compute in {cfg.precision}"
-    failure = kernel_check.failure(device.type)
-    if failure:
-        log(f"warning: the fused kernels failed their self-test on {device.type} ({failure}); "
-            f"the run computes with ATen's kernels instead: the same function, slower")
-        return f"the fused kernels failed their self-test ({failure})"
-    return None
+    return _said(kernel_check.failure(device.type), "fused", device, log,
+                 "the run computes with ATen's kernels instead: the same function, slower")
 
 
 def confirm_on_model(choice: KernelChoice, model: torch.nn.Module, images: torch.Tensor,
@@ -131,18 +155,20 @@ def confirm_on_model(choice: KernelChoice, model: torch.nn.Module, images: torch
     does (kernel_check.model_failure); otherwise the model is put back on ATen's operations,
     with one warning naming the worst tensor, and the choice says why. Every process's
     model must pass: they compute alike."""
-    if choice.kernels != "fused" or not fused_densenet.is_fused(model):
+    if choice.kernels not in FUSED or not fused_densenet.is_fused(model):
         return choice
     problem = kernel_check.model_failure(model, images, labels, eval_images, precision)
     failed = all_sum([float(problem is not None)], runtime)[0]
     if not failed:
         return choice
     problem = problem or "another process's model failed it"
-    fused_densenet.unfuse(model)
-    log(f"warning: the fused kernels computed this run's model otherwise than ATen's "
-                f"({problem}); the run computes with ATen's kernels instead: the same function, slower")
-    return dataclasses.replace(choice, kernels="aten",
-                               why=f"{choice.why}, but the run's own self-test failed: {problem}")
+    fallback = "fused" if choice.kernels == "fused-gemm" else "aten"  # the next best, checked in turn
+    log(f"warning: the {choice.kernels} kernels computed this run's model otherwise than ATen's "
+        f"({problem}); the run computes with the {fallback} kernels instead: the same function, slower")
+    fused_densenet.fuse(model) if fallback == "fused" else fused_densenet.unfuse(model)
+    return confirm_on_model(dataclasses.replace(choice, kernels=fallback, why=f"{choice.why}, but the run's own "
+                                                f"self-test failed: {problem}"), model, images, labels,
+                            eval_images, precision, runtime, log)
 
 
 def time_steps(build_synthetic_run: Callable, cfg: RunConfig, runtime: Runtime,

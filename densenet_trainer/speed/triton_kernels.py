@@ -133,16 +133,20 @@ def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, tiles
 
 
 @triton.jit
-def _add_rows(part_u, part_v, blocks, C, c, cm, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _add_rows(part_u, part_v, blocks, C, c, cm, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              CACHE: tl.constexpr = ""):
     """Per channel, the sums over ``blocks`` rows of two (blocks, C) partial sums, in float64
-    and in a fixed order."""
+    and in a fixed order (``CACHE`` ".cg": read past the multiprocessor's own cache, for sums
+    other programs of the same launch wrote)."""
     u = tl.zeros([BLOCK_C], tl.float64)
     v = tl.zeros([BLOCK_C], tl.float64)
     for start in range(0, blocks, BLOCK_R):
         r = (start + tl.arange(0, BLOCK_R))[:, None]
         mask = (r < blocks) & cm[None, :]
-        u += tl.sum(tl.load(part_u + r * C + c[None, :], mask=mask, other=0.0).to(tl.float64), axis=0)
-        v += tl.sum(tl.load(part_v + r * C + c[None, :], mask=mask, other=0.0).to(tl.float64), axis=0)
+        u += tl.sum(tl.load(part_u + r * C + c[None, :], mask=mask, other=0.0, cache_modifier=CACHE)
+                    .to(tl.float64), axis=0)
+        v += tl.sum(tl.load(part_v + r * C + c[None, :], mask=mask, other=0.0, cache_modifier=CACHE)
+                    .to(tl.float64), axis=0)
     return u, v
 
 
@@ -166,6 +170,15 @@ def _backward_finish_kernel(part_g, part_gx, blocks, P, C, mean, var, weight, ep
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     sum_g, sum_gx = _add_rows(part_g, part_gx, blocks, C, c, cm, BLOCK_R, BLOCK_C)
+    _finish_backward(sum_g, sum_gx, P, c, cm, mean, var, weight, eps, grad_weight, grad_bias, coefficients,
+                     coefficients_stride, COEFFICIENTS, ACCUMULATE)
+
+
+@triton.jit
+def _finish_backward(sum_g, sum_gx, P, c, cm, mean, var, weight, eps, grad_weight, grad_bias, coefficients,
+                     coefficients_stride, COEFFICIENTS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """A BatchNorm backward's per-channel work for channels ``c`` from the sums over its pixels
+    of gm and gm * (x - mean): the weight's and bias's gradients, and the coefficients."""
     sum_g, sum_gx = sum_g.to(tl.float32), sum_gx.to(tl.float32)
     m = tl.load(mean + c, mask=cm, other=0.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(tl.load(var + c, mask=cm, other=1.0).to(tl.float32) + eps)

@@ -37,39 +37,74 @@ def fake_timings(**ms):
 
 @pytest.fixture
 def gpu_kernels_pass(monkeypatch):
-    """The fused CUDA kernels as if they had passed their self-test on a GPU."""
-    from densenet_trainer.speed import kernel_check
+    """The fused CUDA kernels and the GEMMs as if they had passed their self-tests on a GPU."""
+    from densenet_trainer.speed import fused_gemm, gemm_kernels, kernel_check
     monkeypatch.setattr(kernel_check, "failure", lambda device_type: None)
+    monkeypatch.setattr(kernel_check, "gemm_failure", lambda device_type: None)
+    monkeypatch.setattr(fused_gemm, "backend", lambda device_type: gemm_kernels if device_type == "cuda" else None)
 
 
-@pytest.mark.parametrize("aten, fused_ms, chosen", [(3.0, 2.0, "fused"), (2.5, 2.6, "aten")])
-def test_auto_on_a_gpu_takes_the_faster_kernels_and_records_why(gpu_kernels_pass, aten, fused_ms,
-                                                                chosen, capsys):
-    measure, calls = fake_timings(aten=aten, fused=fused_ms)
+@pytest.mark.parametrize("aten, fused_ms, gemm_ms, chosen", [(3.0, 2.0, 2.5, "fused"), (2.5, 2.6, 2.7, "aten"),
+                                                             (3.0, 2.0, 1.5, "fused-gemm")])
+def test_auto_on_a_gpu_takes_the_fastest_kernels_and_records_why(gpu_kernels_pass, aten, fused_ms, gemm_ms,
+                                                                 chosen, capsys):
+    measure, calls = fake_timings(aten=aten, fused=fused_ms, **{"fused-gemm": gemm_ms})
     choice = kernel_choice.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
-    assert calls == ["aten", "fused"]
-    why = "auto: the faster of the best of 3 repeats of 5 timed steps each, after 3 untimed"
-    assert (choice.kernels, choice.why, choice.ms_per_step, choice.problems) == (
-        chosen, why, {"aten": aten, "fused": fused_ms}, None)
+    assert calls == ["aten", "fused", "fused-gemm"]
+    why = "auto: the fastest of the best of 3 repeats of 5 timed steps each, after 3 untimed"
+    ms = {"aten": aten, "fused": fused_ms, "fused-gemm": gemm_ms}
+    assert (choice.kernels, choice.why, choice.ms_per_step, choice.problems) == (chosen, why, ms, None)
     assert capsys.readouterr().out == (f"--kernels auto: {chosen} (aten {aten:.2f} ms, fused "
-                                       f"{fused_ms:.2f} ms per step); choosing took "
-                                       f"{choice.seconds:.1f} s\n")
-    assert choice.record() == {"kernels": chosen, "why": why, "ms_per_step": {"aten": aten, "fused": fused_ms},
-                               "seconds": choice.seconds}
+                                       f"{fused_ms:.2f} ms, fused-gemm {gemm_ms:.2f} ms per step); choosing "
+                                       f"took {choice.seconds:.1f} s\n")
+    assert choice.record() == {"kernels": chosen, "why": why, "ms_per_step": ms, "seconds": choice.seconds}
 
 
-@pytest.mark.parametrize("failing", [["fused"], ["aten", "fused"]])
+def test_the_gemms_are_a_candidate_only_where_they_can_compute_the_run(gpu_kernels_pass, monkeypatch, capsys):
+    """Not for a DenseNet without bottlenecks, nor where their self-test failed (said once, as a
+    warning); --kernels fused-gemm there, and on the CPU, computes with the fused kernels and says why."""
+    from densenet_trainer.speed import kernel_check
+    gpu = Runtime(torch.device("cuda"))
+    plain = RunConfig(bottleneck=False, compression=1.0, depth=40)
+    measure, calls = fake_timings(aten=2.0, fused=1.0)
+    assert kernel_choice.choose_kernels(plain, gpu, print, None, measure).kernels == "fused"
+    assert calls == ["aten", "fused"]
+    assert kernel_choice.choose_kernels(RunConfig(depth=40, bottleneck=False, compression=1.0, kernels="fused-gemm"),
+                                        gpu) == kernel_choice.KernelChoice(
+        "fused", "--kernels fused-gemm on cuda, but the GEMMs are DenseNet-BC's 1x1 convolutions, and this "
+                 "DenseNet has none")
+    capsys.readouterr()
+    assert kernel_choice.choose_kernels(RunConfig(kernels="fused-gemm"), Runtime(torch.device("cpu"))) == \
+        kernel_choice.KernelChoice("fused", "--kernels fused-gemm on cpu, but the GEMM kernels are unavailable "
+                                            "on cpu (Triton, on CUDA only)")
+    assert capsys.readouterr().out == ("notice: --kernels fused-gemm computes as --kernels fused here: the GEMM "
+                                       "kernels are unavailable on cpu (Triton, on CUDA only)\n")
+    assert kernel_choice.choose_kernels(RunConfig(kernels="fused-gemm"), gpu).kernels == "fused-gemm"
+    capsys.readouterr()
+    monkeypatch.setattr(kernel_check, "gemm_failure", lambda device_type: "a block: off by 3")
+    measure, calls = fake_timings(aten=2.0, fused=1.0)
+    assert kernel_choice.choose_kernels(RunConfig(), gpu, print, None, measure).kernels == "fused"
+    assert calls == ["aten", "fused"]
+    assert capsys.readouterr().out.startswith("warning: the GEMM kernels failed their self-test on cuda "
+                                              "(a block: off by 3); the run's 1x1 convolutions are cuDNN's instead\n")
+
+
+@pytest.mark.parametrize("failing", [["fused"], ["aten", "fused", "fused-gemm"]])
 def test_a_candidate_that_fails_loses_saying_why(gpu_kernels_pass, failing, capsys):
     """An exception in a candidate (Triton, out of memory, a graph that fell back) makes it
     lose, with its reason printed and recorded; the run never stops for it."""
+    errors = {"fused": kernel_choice.CandidateFailed("eager: the capture failed (operation not permitted)"),
+              "aten": torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried ..."),
+              "fused-gemm": RuntimeError("out of resources: shared memory")}
+
     def measure(kernels: str) -> float:
         if kernels in failing:
-            raise (kernel_choice.CandidateFailed("eager: the capture failed (operation not permitted)")
-                   if kernels == "fused" else torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried ..."))
-        return 0.002
+            raise errors[kernels]
+        return {"aten": 0.002, "fused-gemm": 0.003}[kernels]
     choice = kernel_choice.choose_kernels(RunConfig(), Runtime(torch.device("cuda")), print, None, measure)
     assert choice.kernels == "aten"
-    problems = {"aten": "CUDA out of memory.", "fused": "eager: the capture failed (operation not permitted)"}
+    problems = {"aten": "CUDA out of memory.", "fused": "eager: the capture failed (operation not permitted)",
+                "fused-gemm": "out of resources: shared memory"}
     assert choice.problems == {k: problems[k] for k in failing}
     assert choice.record()["problems"] == choice.problems
     assert "fused failed: eager: the capture failed (operation not permitted)" in capsys.readouterr().out

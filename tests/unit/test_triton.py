@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from densenet_trainer.speed import fused
-from helpers import same_weights
+from helpers import assert_step_matches_float64, same_weights
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -97,20 +97,7 @@ def test_densenet_on_the_triton_path_matches_aten_in_float64(triton_path, memory
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
     labels = torch.tensor([1, 3], device=DEVICE)
     assert fused.available(x.contiguous(memory_format=LAST))
-    results = []
-    for model, inputs in ((reference, x.double()), (ours, x.contiguous(memory_format=LAST))):
-        inputs = inputs.clone().requires_grad_()
-        out = model(inputs)
-        F.cross_entropy(out, labels).backward()
-        results.append((out, inputs.grad, [p.grad for p in model.parameters()],
-                        [b for b in model.buffers() if b.is_floating_point()]))
-    (out_ref, grad_ref, params_ref, stats_ref), (out, grad, params, stats) = results
-    torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-3, atol=1e-5)
-    for a, b in zip(params, params_ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
-    for a, b in zip(stats, stats_ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    assert_step_matches_float64(reference, ours, x, labels)
 
 
 @pytest.mark.slow
