@@ -226,8 +226,11 @@ class _CountedLaunch:
                 loop = -(-named["tiles"] // grid[0])
             else:
                 loop = 1
-            channels = named["C"] if "C" in named else named["C_units"] * named["ALIGN"]
-            count.grids.setdefault(self.name, Grid()).add(programs, loop, named["P"] * channels)
+            if "size" in named:  # a sum of rows of ``size`` elements each
+                elements = named["size"]
+            else:
+                elements = named["P"] * (named["C"] if "C" in named else named["C_units"] * named["ALIGN"])
+            count.grids.setdefault(self.name, Grid()).add(programs, loop, elements)
         return launch
 
 
@@ -303,8 +306,10 @@ def count_step(cfg: run_config.RunConfig) -> Count:
 
 
 def _loop_kind(kernel: str) -> str:
-    """'tiles' for the kernels whose programs loop over pixel tiles (an argument named so)."""
-    return "tiles" if "tiles" in _kernel(kernel).arg_names else ""
+    """What a kernel's programs loop over, by the argument that says how many: "tiles" (pixel
+    tiles), "blocks" (rows of partial sums, a finishing pass), or "" (nothing)."""
+    names = _kernel(kernel).arg_names
+    return "tiles" if "tiles" in names else "blocks" if "blocks" in names else ""
 
 
 @cli.one_line_errors
@@ -352,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         table = [("path", "Triton kernel", "launches", "programs per launch", "loop per program",
                   "elements per launch")]
         for name, kernel, grid in grids:
-            finish = "finish" in kernel and "grad" not in kernel
-            loop = f"{grid.loop} partial-sum rows" if finish else (
-                f"{grid.loop} pixel tile(s)" if "tiles" in _loop_kind(kernel) else "1 tile")
+            loop = {"blocks": f"{grid.loop} partial-sum rows", "tiles": f"{grid.loop} pixel tile(s)"}.get(
+                _loop_kind(kernel), "1 tile")
             table.append((name, kernel, f"{grid.launches:,}", f"{grid.programs[0]:,}-{grid.programs[1]:,}",
                           loop, f"{grid.elements[0]:,}-{grid.elements[1]:,}"))
         print_table(table)

@@ -48,8 +48,10 @@ if __name__ == "profile":
 PATHS = {"aten": {"kernels": "aten"}, "fused": {"kernels": "fused"},
          "aten_bf16": {"kernels": "aten", "precision": "bf16"},
          "fused_bf16": {"kernels": "fused", "precision": "bf16"},
-         "memory_efficient": {"kernels": "fused", "memory_efficient": True}}
-DEFAULT_PATHS = {"cpu": "aten,fused,memory_efficient", "cuda": "aten,fused,aten_bf16,fused_bf16"}
+         "memory_efficient": {"kernels": "fused", "memory_efficient": True},
+         "fused_gemm": {"kernels": "fused-gemm"}, "fused_gemm_bf16": {"kernels": "fused-gemm", "precision": "bf16"}}
+DEFAULT_PATHS = {"cpu": "aten,fused,memory_efficient",
+                 "cuda": "aten,fused,fused_gemm,aten_bf16,fused_bf16,fused_gemm_bf16"}
 OUTSIDE = "outside any operation (Python, waiting)"
 UNLINKED = "kernels linked to no call"
 # The parts of a step, each with the names of the calls that make it (PyTorch operations,
@@ -57,6 +59,8 @@ UNLINKED = "kernels linked to no call"
 # filed under the first part that the innermost of its calls names.
 CALLS = (
     ("optimiser", ("Optimizer.", "_foreach_", "_fused_sgd", "_fused_adam")),
+    ("1x1 GEMM with BatchNorm-ReLU backward (fused-gemm)", ("NormReLUMatmulBackward",)),
+    ("1x1 GEMM with BatchNorm-ReLU forward (fused-gemm)", ("_NormReLUMatmul",)),
     ("convolution backward (data and weight)", ("ConvolutionBackward", "convolution_backward")),
     ("convolution forward", ("convolution",)),
     ("BatchNorm-ReLU backward", ("NormReLUBackward", "NormReLUConvBackward", "GatherBackward",

@@ -13,6 +13,7 @@ hold even on a noisy machine.
 
   python bench/speed.py                         # BC-100-12, batch 64; modes for the device
   python bench/speed.py --device cuda --modes torchvision,ours,graph,graph_auto,graph_bf16
+  python bench/speed.py --device cuda --modes graph,graph_fused,graph_gemm,graph_bf16,graph_fused_bf16,graph_gemm_bf16
   python bench/speed.py --modes ours,compile    # compile takes minutes on a CPU
   python bench/speed.py --device cuda --modes graph,graph_x2,graph_x3   # --seeds on one GPU
 """
@@ -65,6 +66,11 @@ MODES = {
     "graph_fused_bf16": ("graph_fused + bf16", {"graph": True, "kernels": "fused", "precision": "bf16"}),
     "graph_fused_bf16_unpadded": ("graph_fused_bf16, the convolutions' inputs not padded to 8 channels",
                                   {"graph": True, "kernels": "fused", "precision": "bf16", "unpadded": True}),
+    "graph_gemm": ("graph + --kernels fused-gemm (the 1x1 convolutions as Triton GEMMs, float32)",
+                   {"graph": True, "kernels": "fused-gemm"}),
+    "graph_gemm_bf16": ("graph_gemm + bf16", {"graph": True, "kernels": "fused-gemm", "precision": "bf16"}),
+    "graph_gemm_memory_efficient": ("graph_gemm + --memory-efficient",
+                                    {"graph": True, "kernels": "fused-gemm", "memory_efficient": True}),
     "ours_x2": ("ours, 2 runs at once taking turns (train.py --seeds 0 1): images/s of both", {"runs": 2}),
     "ours_x3": ("ours, 3 runs at once taking turns (--seeds 0 1 2): images/s of all", {"runs": 3}),
     "graph_x2": ("graph, 2 runs at once, each on its CUDA stream: images/s of both", {"graph": True, "runs": 2}),
@@ -76,12 +82,15 @@ OURS = {"model": "ours", "channels_last": True, "allocator": True, "kernels": "a
         "precision": "fp32", "memory_efficient": False, "compile": False, "graph": False,
         "autotune": False, "unpadded": False, "runs": 1}
 DEFAULT_MODES = {"cpu": "torchvision,plain,channels_last,aten,ours,bf16,memory_efficient",
-                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,"
-                         "graph_fused_bf16_unpadded,graph_compile,memory_efficient,graph_memory_efficient"}
+                 "cuda": "torchvision,ours,graph,graph_bf16,graph_fused,graph_fused_bf16,graph_gemm,"
+                         "graph_gemm_bf16,graph_fused_bf16_unpadded,graph_compile,memory_efficient,"
+                         "graph_memory_efficient,graph_gemm_memory_efficient"}
 # ratios printed under the table: (mode, against)
 RATIOS = [("graph", "ours"), ("graph_auto", "graph"), ("graph_bf16", "graph"), ("bf16", "ours"),
           ("graph_fused", "graph"),
           ("graph_fused_bf16", "graph_bf16"), ("graph_fused_bf16", "graph_fused_bf16_unpadded"),
+          ("graph_gemm", "graph_fused"), ("graph_gemm", "graph"), ("graph_gemm_bf16", "graph_fused_bf16"),
+          ("graph_gemm_bf16", "graph_bf16"), ("graph_gemm_memory_efficient", "graph_gemm"),
           ("graph_compile", "graph"), ("memory_efficient", "ours"),
           ("graph_memory_efficient", "graph"), ("ours_x2", "ours"), ("ours_x3", "ours"),
           ("graph_x2", "graph"), ("graph_x3", "graph")]

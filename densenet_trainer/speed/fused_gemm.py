@@ -42,13 +42,14 @@ def unavailable(device_type: str) -> str | None:
 
 def applies(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``conv`` of a BatchNorm-ReLU of ``x`` (a fused block's newest feature) can be
-    one of the GEMMs: a plain 1x1 convolution of at most MAX_N output channels, weight and
-    features of one dtype the kernels compute in, on a device that has them."""
+    one of the GEMMs: a plain 1x1 convolution of at most MAX_N output channels, its weight's
+    input channels contiguous (the kernels read (n, k) at n * C + k), weight and features of one
+    dtype the kernels compute in, on a device that has them."""
     kernels = backend(x.device.type)
     return (kernels is not None and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.padding == (0, 0) and conv.groups == 1 and conv.bias is None
             and conv.out_channels <= kernels.MAX_N and x.dtype in kernels.DTYPES
-            and conv.weight.dtype == x.dtype)
+            and conv.weight.dtype == x.dtype and conv.weight.stride()[:2] == (conv.in_channels, 1))
 
 
 class _NormReLUMatmul(torch.autograd.Function):

@@ -42,6 +42,8 @@ MAX_N = 128  # output channels one program holds in full: 4k for growth rates up
 BLOCK_P = 64  # pixels a tile ...
 MIN_BLOCK_P = 32  # ... or fewer, down to this, where a forward pass would leave multiprocessors idle
 SMS = 132  # multiprocessors of an H100 or H200
+SUM_ROWS, SUM_COLUMNS = 32, 128  # the weight gradient's shares, summed a tile of rows x columns at a time
+COMBINE_ROWS = 8  # rows the forward's last program combines at a time (float64: more spill registers)
 BLOCK_K = 32  # input channels a tile
 TARGET_PROGRAMS = 264  # about twice the multiprocessors of an H100 or H200 (132)
 # Triton's interpreter multiplies bfloat16 matrices as raw 16-bit integers: there the operands
@@ -92,7 +94,7 @@ def _norm_relu_matmul_kernel(x, x_units, w, out, mean, var, weight, bias, eps, r
                              unbias, parts, counter, stats, P, C_units, N, tiles, ALIGN: tl.constexpr,
                              UPDATE: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
                              UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                             BLOCK_N: tl.constexpr, COMBINE_ROWS: tl.constexpr):
     x_stride, C = x_units * ALIGN, C_units * ALIGN  # see triton_kernels._align
     row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
     if UPDATE and row == 0:  # one program moves the running statistics towards the batch's
@@ -136,7 +138,7 @@ def _norm_relu_matmul_kernel(x, x_units, w, out, mean, var, weight, bias, eps, r
         tl.store(parts + (rows + row) * N + n, mu, mask=nm)
         tl.store(parts + (2 * rows + row) * N + n, m2, mask=nm)
         if _last_program(counter, rows):
-            _combine_moments(parts, rows, N, n, nm, stats, BLOCK_R, BLOCK_N)
+            _combine_moments(parts, rows, N, n, nm, stats, COMBINE_ROWS, BLOCK_N)
 
 
 @triton.jit
@@ -207,16 +209,38 @@ def _norm_relu_matmul_backward_kernel(g, w, x, x_units, out, out_units, mean, va
                          coefficients_stride, COEFFICIENTS, ACCUMULATE)
 
 
+@triton.jit
+def _sum_rows_kernel(parts, blocks, size, out, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """``out`` = the sum of ``blocks`` rows of ``size`` float32 (the weight gradient's shares),
+    in a fixed order, written in out's dtype (no cast afterwards)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, blocks, BLOCK_R):
+        r = (start + tl.arange(0, BLOCK_R))[:, None]
+        inside = (r < blocks) & (i[None, :] < size)
+        total += tl.sum(tl.load(parts + r * size + i[None, :], mask=inside, other=0.0), axis=0)
+    tl.store(out + i, total.to(out.dtype.element_ty), mask=i < size)
+
+
 def _precision(dtype: torch.dtype) -> str:
-    """The GEMMs' input precision: float32 as cuDNN's convolutions would take it (TF32 where
-    allowed); bfloat16 operands are multiplied as they are."""
+    """The GEMMs' input precision: float32 as cuDNN's convolutions take it (TF32 where allowed:
+    torch's precision settings, "none" deferring to the level above), bfloat16 as it is."""
     if dtype != torch.float32:
         return "ieee"
     conv = getattr(torch.backends.cudnn, "conv", None)
-    setting = getattr(conv, "fp32_precision", "none")  # the precision settings, where a user set them
-    if setting in ("tf32", "ieee"):
-        return setting
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    if not hasattr(conv, "fp32_precision"):  # a torch from before the precision settings
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    for setting in (conv, torch.backends.cudnn, torch.backends):  # reading allow_tf32 may raise here
+        value = getattr(setting, "fp32_precision", "none")
+        if value != "none":
+            return "tf32" if value == "tf32" else "ieee"
+    return "ieee"
+
+
+def _warps(precision: str, dtype: torch.dtype) -> int:
+    """Warps a program: 8 where the GEMMs multiply float32 without TF32 (on the FMA units, whose
+    accumulators spill out of 4 warps' registers), else Triton's 4."""
+    return 8 if precision == "ieee" and dtype == torch.float32 else 4
 
 
 def _block_n(N: int) -> int:
@@ -260,7 +284,7 @@ def norm_relu_matmul(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var
     N = w.shape[0]
     out = torch.empty((x.shape[0], N, *x.shape[2:]), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
-    block_p = forward_tile(P)
+    block_p, precision = forward_tile(P), _precision(w.dtype)
     rows, tiles = rows_of(P, 1, block_p)  # a program holds all N output channels
     parts = torch.empty(3, rows, N, dtype=torch.float32, device=x.device) if stats is not None else mean
     update = running_mean is not None
@@ -269,8 +293,8 @@ def norm_relu_matmul(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var
         x, x_stride // align, w, out, mean, var, weight, bias, eps, running_mean if update else mean,
         running_var if update else var, momentum, P / max(P - 1, 1), parts, counter,
         stats if stats is not None else mean, P, C // align, N, tiles, ALIGN=align, UPDATE=update,
-        STATS=stats is not None, PRECISION=_precision(w.dtype), UPCAST=UPCAST, BLOCK_P=block_p, BLOCK_K=BLOCK_K,
-        BLOCK_N=_block_n(N), BLOCK_R=BLOCK_R)
+        STATS=stats is not None, PRECISION=precision, UPCAST=UPCAST, BLOCK_P=block_p, BLOCK_K=BLOCK_K,
+        BLOCK_N=_block_n(N), COMBINE_ROWS=COMBINE_ROWS, num_warps=_warps(precision, w.dtype))
     return out
 
 
@@ -290,12 +314,14 @@ def norm_relu_matmul_backward(g: Tensor, w: Tensor, x: Tensor, x_stride: int, P:
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)
     use = coefficients is not None
-    align = _align(x_stride, out_stride, C)
+    align, precision = _align(x_stride, out_stride, C), _precision(w.dtype)
     _norm_relu_matmul_backward_kernel[(rows, triton.cdiv(C, BLOCK_K))](
         g, w, x, x_stride // align, out, out_stride // align, mean, var, weight, bias, eps, parts[0],
         parts[1], part_w, counters, grad_weight, grad_bias, coefficients if use else grad_bias,
         coefficients.stride(0) if use else 0, P, C // align, N, tiles, ALIGN=align, ACCUMULATE=accumulate,
-        COEFFICIENTS=use, PRECISION=_precision(w.dtype), UPCAST=UPCAST, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
-        BLOCK_N=_block_n(N), BLOCK_R=BLOCK_R)
-    grad_w = part_w.sum(0) if rows > 1 else part_w[0]  # the rows' shares, in a fixed order
-    return grad_w.to(w.dtype).view_as(w), grad_weight, grad_bias
+        COEFFICIENTS=use, PRECISION=precision, UPCAST=UPCAST, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
+        BLOCK_N=_block_n(N), BLOCK_R=BLOCK_R, num_warps=_warps(precision, w.dtype))
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    _sum_rows_kernel[(triton.cdiv(N * C, SUM_COLUMNS),)](part_w, rows, N * C, grad_w, BLOCK_R=SUM_ROWS,
+                                                        BLOCK=SUM_COLUMNS)
+    return grad_w, grad_weight, grad_bias

@@ -251,7 +251,10 @@ CONV_BACKWARD = ["aten::convolution_backward", "ConvolutionBackward0",
     (["aten::fill_", "aten::zero_", "Optimizer.zero_grad#SGD.zero_grad"], "optimiser"),
     (["aten::_foreach_add_", "Optimizer.step#SGD.step"], "optimiser"),
     (["aten::copy_", "aten::cat"], "concatenation"),
-    (["aten::index_select"], "others")])
+    (["aten::index_select"], "others"),
+    (["aten::zeros", "_NormReLUMatmul"], "1x1 GEMM with BatchNorm-ReLU forward (fused-gemm)"),
+    (["aten::sum", "_NormReLUMatmulBackward", "autograd::engine::evaluate_function: _NormReLUMatmulBackward"],
+     "1x1 GEMM with BatchNorm-ReLU backward (fused-gemm)")])
 def test_bench_profile_files_time_under_the_call_that_spent_it(calls, group):
     """A kernel is filed by the calls it was launched from, not by its name: cuDNN's GEMMs
     and reductions in a convolution's backward are that backward's, whatever they are called."""

@@ -262,3 +262,15 @@ def test_apply_fused_kernels_with_gemms_where_there_are_none_says_so_and_fuses(m
                                          "the 1x1 convolutions compute as with the fused kernels alone"):
         reason = apply_fused_kernels(model, "cpu", gemm=True)
     assert fused_densenet.kernels_of(model) == ("aten" if reason else "fused")
+
+
+def test_float32_gemms_multiply_as_cudnns_convolutions_are_let_to(gemm, monkeypatch):
+    """TF32 where torch's settings let cuDNN's convolutions use it, a "none" deferring to the
+    level above (where reading the legacy allow_tf32 would raise); bfloat16 as it is."""
+    conv, cudnn = torch.backends.cudnn.conv, torch.backends.cudnn
+    for conv_value, cudnn_value, expected in (("tf32", "none", "tf32"), ("ieee", "tf32", "ieee"),
+                                              ("none", "tf32", "tf32"), ("none", "none", "ieee")):
+        monkeypatch.setattr(conv, "fp32_precision", conv_value)
+        monkeypatch.setattr(cudnn, "fp32_precision", cudnn_value)
+        assert gemm._precision(torch.float32) == expected, (conv_value, cudnn_value)
+        assert gemm._precision(torch.bfloat16) == "ieee"
