@@ -17,7 +17,7 @@ before any real work. This script runs one training step of train.py (the same
   arithmetic, caches and overlap are left out);
 - per Triton kernel, its grid (programs per launch, fewest to most) and the loop each
   program runs: pixel tiles per program for the partial-sum passes, partial-sum rows added
-  by the finishing passes;
+  by a sum of rows (the last program of a partial-sum pass adds its rows too, unlisted);
 - with ``--ptx``, per Triton kernel, its global loads and stores as an H100 would run them:
   every variant the step launches, specialised as Triton's JIT would specialise it, compiled
   for sm_90 by the bundled Triton (no GPU needed), its PTX counted as 16-byte, 8-byte and
@@ -220,7 +220,7 @@ class _CountedLaunch:
             programs = 1
             for size in grid:
                 programs *= size
-            if "blocks" in named:  # a finishing pass adds every row of partial sums
+            if "blocks" in named:  # a sum of rows adds every row of partial sums
                 loop = named["blocks"]
             elif "tiles" in named:  # a partial-sum pass: each row of programs takes every rows-th tile
                 loop = -(-named["tiles"] // grid[0])
@@ -307,7 +307,7 @@ def count_step(cfg: run_config.RunConfig) -> Count:
 
 def _loop_kind(kernel: str) -> str:
     """What a kernel's programs loop over, by the argument that says how many: "tiles" (pixel
-    tiles), "blocks" (rows of partial sums, a finishing pass), or "" (nothing)."""
+    tiles), "blocks" (rows of partial sums, a sum of rows), or "" (nothing)."""
     names = _kernel(kernel).arg_names
     return "tiles" if "tiles" in names else "blocks" if "blocks" in names else ""
 

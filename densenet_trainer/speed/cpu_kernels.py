@@ -187,9 +187,10 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
 
 
 def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stride: int, mean: Tensor,
-          var: Tensor) -> None:
+          var: Tensor, counters: Tensor | None = None) -> None:
     """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``f_stride``) into
-    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None."""
+    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None
+    (``counters``: the Triton kernels', unused here)."""
     result = torch.empty(2, C, dtype=torch.float64)
     _call("stats", f.dtype, f, f_stride, P, C, dst, dst_stride, result[0], result[1])
     mean.copy_(result[0])
@@ -211,10 +212,12 @@ def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tenso
 
 def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride: int, P: int, C: int,
                        mean: Tensor, var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
-                       accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
+                       accumulate: bool, coefficients: Tensor | None,
+                       counters: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
-    gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``."""
+    gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``
+    (``counters``: the Triton kernels', unused here)."""
     if not accumulate:
         out[:, :C].zero_()
     invstd = torch.rsqrt(var + eps)

@@ -16,7 +16,7 @@ Four functions do a BatchNorm's work (``stats``, ``norm_relu``, ``norm_relu_back
 ``finish_grad``), with one interface and two implementations chosen per device type
 (``backend``): C loops on the CPU (cpu_kernels.py, float32 and float64), Triton on CUDA
 (triton_kernels.py, float32, and bfloat16 features with float32 statistics and gradient sums),
-one or two kernels each; the batch counters move in one operation a forward (``batch_counters``).
+one kernel each; the batch counters move in one operation a forward (``batch_counters``).
 Elsewhere (no compiler, no Triton, contiguous or other-typed tensors, autocast, torch.compile)
 ``densenet.py``'s ATen path computes. bench/kernels.py counts a step's kernels.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_trainer.speed import cpu_kernels
+from densenet_trainer.speed import cpu_kernels, pass_counters
 from densenet_trainer.speed.batch_counters import batch_counters, count_batch
 
 __all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "conv",
@@ -103,7 +103,7 @@ class SharedFeatures:
 
     def __init__(self, buffer: Tensor, filled: int = 0, batch_stats: bool = True) -> None:
         self.buffer, self.filled, self.pixel_stride = buffer, filled, pixel_stride(buffer)
-        self.batch_stats, self.counters = batch_stats, None  # counters: fused_gemm's, made on first use
+        self.batch_stats, self.counters = batch_stats, pass_counters.current(buffer.device)
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
         # low-precision features keep float32 statistics and gradient coefficients; their
@@ -135,7 +135,7 @@ class SharedFeatures:
         elif batch_stats:
             with torch.no_grad():
                 backend(features.device.type).stats(features, shared.pixel_stride, shared.pixels,
-                                                    shared.filled, None, 0, shared.mean, shared.var)
+                                                    shared.filled, None, 0, shared.mean, shared.var, shared.counters)
         return shared
 
     @torch.no_grad()
@@ -149,7 +149,7 @@ class SharedFeatures:
             return
         backend(feature.device.type).stats(feature, feature.shape[1], self.pixels, feature.shape[1],
                                            self.buffer[:, start:], self.pixel_stride,
-                                           self.mean[start:self.filled], self.var[start:self.filled])
+                                           self.mean[start:self.filled], self.var[start:self.filled], self.counters)
 
     def prefix(self, channels: int) -> Tensor:
         return self.buffer[:, :channels]
@@ -239,7 +239,7 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
     grad_weight, grad_bias = backend(g.device.type).norm_relu_backward(
         g, out, out.shape[1], shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
         eps, shared.grad, shared.pixel_stride, accumulate,
-        shared.coefficients if batch_stats else None)
+        shared.coefficients if batch_stats else None, shared.counters)
     newest = shared.finish_grad(channels - newest_channels, channels)
     return newest, grad_weight, grad_bias
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from densenet_trainer.speed import fused, fused_gemm
+from densenet_trainer.speed import fused, fused_gemm, pass_counters
 
 tested_on: set[str] = set()  # device types whose self-test passed in this process
 _warned: set[str] = set()  # device types a fused model has said it was not tested on
@@ -36,7 +36,8 @@ class FusedDenseNet(DenseNet):
             warnings.warn(f"the fused kernels were not tested on {x.device.type}: the model computes "
                           f"with ATen's operations there; apply them after moving the model",
                           stacklevel=2)
-        with fused.batch_counters():  # the fused BatchNorms count their batch all at once
+        # the fused BatchNorms count their batch all at once; the passes share the model's counters
+        with fused.batch_counters(), pass_counters.of_model(self, x.device):
             return super().forward(x)
 
     @staticmethod

@@ -65,7 +65,7 @@ class _NormReLUMatmul(torch.autograd.Function):
         mean, var, running = fused.batch_statistics(shared, norm, channels)
         out = backend(newest.device.type).norm_relu_matmul(
             shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
-            bias, norm.eps, conv_weight, stats, _counters(shared)[0], *running)
+            bias, norm.eps, conv_weight, stats, shared.counters, *running)
         ctx.save_for_backward(weight, bias, conv_weight)
         ctx.statistics = (mean, var)  # outside autograd's checks, as in fused._NormReLU
         ctx.shared, ctx.eps, ctx.batch_stats = shared, norm.eps, norm.training
@@ -82,17 +82,9 @@ class _NormReLUMatmul(torch.autograd.Function):
             grad_out.contiguous(memory_format=torch.channels_last), conv_weight, shared.prefix(channels),
             shared.pixel_stride, shared.pixels, channels, *ctx.statistics, weight, bias, ctx.eps,
             shared.grad, shared.pixel_stride, accumulate, shared.coefficients if ctx.batch_stats else None,
-            _counters(shared)[1:])
+            shared.counters)
         newest = shared.finish_grad(channels - ctx.newest_channels, channels)
         return newest, grad_weight, grad_bias, grad_conv, None, None, None
-
-
-def _counters(shared: fused.SharedFeatures) -> Tensor:
-    """The block's counters for the GEMMs' passes (gemm_kernels.counters): zeroed once a
-    forward, and set back to zero by each pass, which run one after another."""
-    if shared.counters is None:
-        shared.counters = backend(shared.buffer.device.type).counters(shared.buffer.shape[1], shared.buffer.device)
-    return shared.counters
 
 
 def norm_relu_matmul(norm: nn.BatchNorm2d, conv: nn.Conv2d, shared: fused.SharedFeatures, newest: Tensor,

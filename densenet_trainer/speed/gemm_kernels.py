@@ -11,7 +11,7 @@ holds by construction: no activation stored, no convolution run twice):
   shift made per channel from the batch statistics in the kernel, the running statistics moved
   by the first row of programs, and in its epilogue each program's per-channel count, mean
   and sum of squared deviations of ``out``: the next BatchNorm's batch statistics, combined
-  by a finishing pass (Chan's parallel formula, in float64, in a fixed order), instead of
+  by the pass's last program to finish (Chan's parallel formula, in float64, in a fixed order), instead of
   a pass of its own over ``out``;
 - ``norm_relu_matmul_backward``: one pass that, per tile of pixels and input channels,
   computes the data gradient ``g @ W^T``, masks it with the ReLU (recomputed from x: nothing
@@ -19,7 +19,8 @@ holds by construction: no activation stored, no convolution run twice):
   BatchNorm backward's per-channel partial sums, and the weight gradient's share of its
   pixels, ``relu(...)^T @ g``; the pixels are split over rows of programs in a fixed way and
   the rows' shares summed in a fixed order (no atomics: the same inputs give the same sums).
-  The BatchNorm's finishing pass is triton_kernels.py's.
+  The last row of programs to finish a channel tile does the BatchNorm's per-channel work for it
+  (triton_kernels.py's, as its own passes do: ``_last_program``).
 
 Arithmetic and sums are float32; the GEMMs take bfloat16 operands where the features are
 bfloat16, and float32 ones as TF32 where cuDNN's convolutions may (``torch.backends.cudnn.
@@ -35,7 +36,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from densenet_trainer.speed.triton_kernels import BLOCK_R, _add_rows, _align, _finish_backward
+from densenet_trainer.speed.triton_kernels import (
+    BLOCK_R,
+    _add_rows,
+    _align,
+    _finish_backward,
+    _last_program,
+    counters_for,
+)
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_N = 128  # output channels one program holds in full: 4k for growth rates up to 32
@@ -75,18 +83,6 @@ def _merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     delta = mean_b - mean_a
     share = count_b / tl.where(count > 0, count, 1.0)  # 0 where both sets are empty (masked channels)
     return count, mean_a + delta * share, m2_a + m2_b + delta * delta * count_a * share
-
-
-@triton.jit
-def _last_program(counter, programs):
-    """Whether this program is the last of ``programs`` to reach here, once the stores of all
-    its threads are made visible to the others (the counter goes back to 0 for the next
-    launch as the last one passes it)."""
-    tl.debug_barrier()  # every thread's stores before this program's arrival is counted
-    last = tl.atomic_add(counter, 1, sem="acq_rel") == programs - 1
-    if last:
-        tl.atomic_xchg(counter, 0, sem="relaxed")
-    return last
 
 
 @triton.jit(do_not_specialize=["x_units", "C_units"])
@@ -266,21 +262,15 @@ def forward_tile(P: int) -> int:
     return block_p
 
 
-def counters(channels: int, device: torch.device) -> Tensor:
-    """Zeroed counters for the passes over a block of ``channels``, one after another: a
-    pass's last program to finish finds itself by them, and sets them back to zero."""
-    return torch.zeros(1 + triton.cdiv(channels, BLOCK_K), dtype=torch.int32, device=device)
-
-
 def norm_relu_matmul(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
-                     bias: Tensor, eps: float, w: Tensor, stats: Tensor | None, counter: Tensor,
+                     bias: Tensor, eps: float, w: Tensor, stats: Tensor | None, counters: Tensor | None,
                      running_mean: Tensor | None = None, running_var: Tensor | None = None,
                      momentum: float = 0.0) -> Tensor:
     """relu(batch_norm(x)) @ w^T as a (n, N, h, w) channels-last map, for ``x`` the first C
     channels of a channels-last buffer of pixel stride ``x_stride`` and ``w`` a 1x1
     convolution's (N, C, 1, 1) weight; the running statistics move by ``momentum`` where
     given, and ``stats`` (2, N), unless None, gets the output's mean and biased variance
-    (``counter``: one of ``counters``)."""
+    (``counters``: triton_kernels.counters_for's)."""
     N = w.shape[0]
     out = torch.empty((x.shape[0], N, *x.shape[2:]), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
@@ -291,7 +281,7 @@ def norm_relu_matmul(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var
     align = _align(x_stride, C)
     _norm_relu_matmul_kernel[(rows,)](
         x, x_stride // align, w, out, mean, var, weight, bias, eps, running_mean if update else mean,
-        running_var if update else var, momentum, P / max(P - 1, 1), parts, counter,
+        running_var if update else var, momentum, P / max(P - 1, 1), parts, counters_for(N, x.device, counters),
         stats if stats is not None else mean, P, C // align, N, tiles, ALIGN=align, UPDATE=update,
         STATS=stats is not None, PRECISION=precision, UPCAST=UPCAST, BLOCK_P=block_p, BLOCK_K=BLOCK_K,
         BLOCK_N=_block_n(N), COMBINE_ROWS=COMBINE_ROWS, num_warps=_warps(precision, w.dtype))
@@ -301,12 +291,12 @@ def norm_relu_matmul(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var
 def norm_relu_matmul_backward(g: Tensor, w: Tensor, x: Tensor, x_stride: int, P: int, C: int, mean: Tensor,
                               var: Tensor, weight: Tensor, bias: Tensor, eps: float, out: Tensor,
                               out_stride: int, accumulate: bool, coefficients: Tensor | None,
-                              counters: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                              counters: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``norm_relu_matmul`` given the output's gradient ``g`` (channels-last,
     N channels): adds (or with ``accumulate`` False writes) x's gradient into ``out`` (pixel
     stride ``out_stride``) and the batch statistics' part into ``coefficients`` (rows b and
     d, as triton_kernels.norm_relu_backward) unless None; returns the gradients of w, of the
-    BatchNorm's weight and of its bias (``counters``: one per channel tile, of ``counters``)."""
+    BatchNorm's weight and of its bias (``counters``: triton_kernels.counters_for's)."""
     N = w.shape[0]
     rows, tiles = rows_of(P, triton.cdiv(C, BLOCK_K), BLOCK_P)
     parts = torch.empty(2, rows, C, dtype=torch.float32, device=x.device)
@@ -317,7 +307,8 @@ def norm_relu_matmul_backward(g: Tensor, w: Tensor, x: Tensor, x_stride: int, P:
     align, precision = _align(x_stride, out_stride, C), _precision(w.dtype)
     _norm_relu_matmul_backward_kernel[(rows, triton.cdiv(C, BLOCK_K))](
         g, w, x, x_stride // align, out, out_stride // align, mean, var, weight, bias, eps, parts[0],
-        parts[1], part_w, counters, grad_weight, grad_bias, coefficients if use else grad_bias,
+        parts[1], part_w, counters_for(C, x.device, counters), grad_weight, grad_bias,
+        coefficients if use else grad_bias,
         coefficients.stride(0) if use else 0, P, C // align, N, tiles, ALIGN=align, ACCUMULATE=accumulate,
         COEFFICIENTS=use, PRECISION=precision, UPCAST=UPCAST, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
         BLOCK_N=_block_n(N), BLOCK_R=BLOCK_R, num_warps=_warps(precision, w.dtype))

@@ -7,21 +7,22 @@ handful of launches instead of dozens of tiny operations around one kernel (insi
 graph every launch costs about 2 µs however little it does; bench/kernels.py counts them):
 
 - ``stats``: per channel mean and biased variance into the given vectors, and optionally a
-  copy into the buffer (a partial-sum pass over at most PARTIAL_ROWS rows of programs, each
-  looping over its pixel tiles, and a finishing pass);
+  copy into the buffer (one pass over at most PARTIAL_ROWS rows of programs, each looping
+  over its pixel tiles and leaving its partial sums);
 - ``norm_relu``: y = relu((x - mean) * rsqrt(var + eps) * weight + bias), the scale and shift
   made per channel in the kernel, zeros in y's padding channels (a convolution's padded
   input), and the running statistics updated by the first row of programs (one pass);
 - ``norm_relu_backward``: with gm = g where y > 0 and a = weight * rsqrt(var + eps),
   out (+)= gm * a, then the weight's and bias's gradients and the batch statistics' part of
   the input gradient, ``x * b + d`` per channel, added to (or written into) ``coefficients``
-  (a pass and a finishing pass);
+  (one pass, as ``stats``);
 - ``finish_grad``: a feature's complete gradient, grad + x * b + d, in the features' dtype.
 
-Arithmetic is float32 whatever the tensors hold; per-channel sums are taken per block of
-pixels in float32 and the blocks added in float64 by the finishing pass in a fixed order (no
-atomics: the same inputs give the same sums). Comparisons are written so that NaN passes
-through as in ATen. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which
+Arithmetic is float32 whatever the tensors hold; per-channel sums are taken per row of
+programs in float32, and the last program to finish a channel tile (``_last_program``: an
+atomic counter of pass_counters.py's) adds the rows in float64 in a fixed order, with no
+finishing pass launched after it: the same inputs give the same sums, whichever program is
+last. Comparisons are written so that NaN passes through as in ATen. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which
 is how tests/unit/test_triton.py checks them without a GPU.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ PIXEL_STRIDE_MULTIPLE = 16
 # tensor-core kernels for channels-last bfloat16 want each pixel's channels in whole 16 bytes
 # (1x1 convolutions of 24 + 12i channels are not, for odd i). float32 (TF32) wants 4: 4k + 24 are.
 CONV_INPUT_MULTIPLE = {torch.bfloat16: 8}
-BLOCK_R = 64  # partial-sum rows a finishing program adds per iteration
+BLOCK_R = 32  # partial-sum rows a pass's last program adds at a time (float64: more would spill)
 PARTIAL_ROWS = 256  # at most this many rows of partial sums per pass (partial_grid)
 
 
@@ -80,8 +81,10 @@ def _norm_relu_kernel(x, x_units, y, y_units, mean, var, weight, bias, eps, rmea
 
 @triton.jit(do_not_specialize=["y_units", "x_units", "out_units", "C_units"])
 def _norm_relu_backward_kernel(g, y, y_units, x, x_units, out, out_units, mean, var, weight, eps, part_g,
-                               part_gx, P, C_units, tiles, ALIGN: tl.constexpr, ACCUMULATE: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                               part_gx, counters, grad_weight, grad_bias, coefficients, coefficients_stride,
+                               P, C_units, tiles, ALIGN: tl.constexpr, ACCUMULATE: tl.constexpr,
+                               COEFFICIENTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_R: tl.constexpr):
     y_stride, x_stride, out_stride = y_units * ALIGN, x_units * ALIGN, out_units * ALIGN  # see _align
     C = C_units * ALIGN
     row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
@@ -106,11 +109,16 @@ def _norm_relu_backward_kernel(g, y, y_units, x, x_units, out, out_units, mean, 
         sum_gx += tl.sum(gm * centred, axis=0)
     tl.store(part_g + row * C + c1, sum_g, mask=c1 < C)
     tl.store(part_gx + row * C + c1, sum_gx, mask=c1 < C)
+    if _last_program(counters + tl.program_id(1), rows):  # the BatchNorm's per-channel work, once
+        total_g, total_gx = _add_rows(part_g, part_gx, rows, C, c1, c1 < C, BLOCK_R, BLOCK_C, ".cg")
+        _finish_backward(total_g, total_gx, P, c1, c1 < C, mean, var, weight, eps, grad_weight, grad_bias,
+                         coefficients, coefficients_stride, COEFFICIENTS, ACCUMULATE)
 
 
 @triton.jit(do_not_specialize=["f_units", "dst_units", "C_units"])
-def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, tiles, ALIGN: tl.constexpr,
-                  COPY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, counters, mean, var, tiles,
+                  ALIGN: tl.constexpr, COPY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
     f_stride, dst_stride, C = f_units * ALIGN, dst_units * ALIGN, C_units * ALIGN  # see _align
     row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -130,6 +138,26 @@ def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, tiles
         ss += tl.sum(d * d, axis=0)
     tl.store(part_s + row * C + c1, s, mask=c1 < C)
     tl.store(part_ss + row * C + c1, ss, mask=c1 < C)
+    if _last_program(counters + tl.program_id(1), rows):  # the rows' sums, once
+        total_s, total_ss = _add_rows(part_s, part_ss, rows, C, c1, c1 < C, BLOCK_R, BLOCK_C, ".cg")
+        total_s = total_s / P
+        centre = tl.load(f + c1, mask=c1 < C, other=0.0).to(tl.float64)
+        tl.store(mean + c1, (centre + total_s).to(mean.dtype.element_ty), mask=c1 < C)
+        v = total_ss / P - total_s * total_s
+        tl.store(var + c1, tl.where(v < 0, 0.0, v).to(var.dtype.element_ty), mask=c1 < C)  # NaN stays
+
+
+@triton.jit
+def _last_program(counter, programs):
+    """Whether this program is the last of ``programs`` to reach here, once the stores of all
+    its threads are visible to the others (a barrier, then one thread's acquire-release atomic);
+    the last sets the counter back to zero for the next pass. Its loads of what the others
+    wrote must read past the multiprocessor's cache (``.cg``)."""
+    tl.debug_barrier()  # every thread's stores before this program's arrival is counted
+    last = tl.atomic_add(counter, 1, sem="acq_rel") == programs - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed")
+    return last
 
 
 @triton.jit
@@ -148,30 +176,6 @@ def _add_rows(part_u, part_v, blocks, C, c, cm, BLOCK_R: tl.constexpr, BLOCK_C: 
         v += tl.sum(tl.load(part_v + r * C + c[None, :], mask=mask, other=0.0, cache_modifier=CACHE)
                     .to(tl.float64), axis=0)
     return u, v
-
-
-@triton.jit
-def _stats_finish_kernel(f, part_s, part_ss, blocks, P, C, mean, var,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    s, ss = _add_rows(part_s, part_ss, blocks, C, c, cm, BLOCK_R, BLOCK_C)
-    s = s / P
-    first = tl.load(f + c, mask=cm, other=0.0).to(tl.float64)
-    tl.store(mean + c, (first + s).to(mean.dtype.element_ty), mask=cm)
-    v = ss / P - s * s
-    tl.store(var + c, tl.where(v < 0, 0.0, v).to(var.dtype.element_ty), mask=cm)  # NaN stays
-
-
-@triton.jit
-def _backward_finish_kernel(part_g, part_gx, blocks, P, C, mean, var, weight, eps, grad_weight,
-                            grad_bias, coefficients, coefficients_stride, COEFFICIENTS: tl.constexpr,
-                            ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    sum_g, sum_gx = _add_rows(part_g, part_gx, blocks, C, c, cm, BLOCK_R, BLOCK_C)
-    _finish_backward(sum_g, sum_gx, P, c, cm, mean, var, weight, eps, grad_weight, grad_bias, coefficients,
-                     coefficients_stride, COEFFICIENTS, ACCUMULATE)
 
 
 @triton.jit
@@ -240,8 +244,8 @@ def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
 def partial_grid(P: int, C: int) -> tuple[tuple[int, int], int, int, int]:
     """For the passes that leave per-channel partial sums (stats, norm_relu_backward): at
     most PARTIAL_ROWS rows of programs, each looping over every rows-th pixel tile, so that
-    the finishing pass adds few rows however large the map (a few iterations on a handful
-    of programs) while the main pass keeps rows x channel tiles programs (256 rows: about
+    the last program adds few rows however large the map, while the pass keeps rows x
+    channel tiles programs (256 rows: about
     twice a 132-SM GPU's multiprocessors for a single channel tile). Returns the grid, the
     tile and the number of pixel tiles."""
     (tiles, channel_tiles), block_p, block_c = _tiles(P, C)
@@ -249,17 +253,16 @@ def partial_grid(P: int, C: int) -> tuple[tuple[int, int], int, int, int]:
 
 
 def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stride: int, mean: Tensor,
-          var: Tensor) -> None:
+          var: Tensor, counters: Tensor | None = None) -> None:
     """Mean and biased variance per channel of ``f`` (P x C, pixel stride ``f_stride``) into
-    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None."""
+    ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None
+    (``counters``: see ``counters_for``)."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
     align = _align(f_stride, C, dst_stride)
     _stats_kernel[grid](f, f_stride // align, P, C // align, f if dst is None else dst, dst_stride // align,
-                        parts[0], parts[1], tiles, ALIGN=align, COPY=dst is not None, BLOCK_P=block_p,
-                        BLOCK_C=block_c)
-    _stats_finish_kernel[(grid[1],)](f, parts[0], parts[1], grid[0], P, C, mean, var,
-                                     BLOCK_R=BLOCK_R, BLOCK_C=block_c)
+                        parts[0], parts[1], counters_for(C, f.device, counters), mean, var, tiles, ALIGN=align,
+                        COPY=dst is not None, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=BLOCK_R)
 
 
 def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tensor, weight: Tensor,
@@ -279,24 +282,34 @@ def norm_relu(x: Tensor, x_stride: int, P: int, C: int, mean: Tensor, var: Tenso
 
 def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride: int, P: int, C: int,
                        mean: Tensor, var: Tensor, weight: Tensor, eps: float, out: Tensor, out_stride: int,
-                       accumulate: bool, coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
+                       accumulate: bool, coefficients: Tensor | None,
+                       counters: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Adds (or with ``accumulate`` False writes) the gradient into ``out`` and the batch
     statistics' part into ``coefficients`` (rows b and d) unless None; returns the
-    gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``."""
+    gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``
+    (``counters``: see ``counters_for``)."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
     parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
-    align = _align(y_stride, x_stride, out_stride, C)
-    _norm_relu_backward_kernel[grid](g, y, y_stride // align, x, x_stride // align, out, out_stride // align,
-                                     mean, var, weight, eps, parts[0], parts[1], P, C // align, tiles, ALIGN=align,
-                                     ACCUMULATE=accumulate, BLOCK_P=block_p, BLOCK_C=block_c)
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)
     use = coefficients is not None
-    _backward_finish_kernel[(grid[1],)](
-        parts[0], parts[1], grid[0], P, C, mean, var, weight, eps, grad_weight, grad_bias,
-        coefficients if use else grad_bias, coefficients.stride(0) if use else 0,
-        COEFFICIENTS=use, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, BLOCK_C=block_c)
+    align = _align(y_stride, x_stride, out_stride, C)
+    _norm_relu_backward_kernel[grid](g, y, y_stride // align, x, x_stride // align, out, out_stride // align,
+                                     mean, var, weight, eps, parts[0], parts[1], counters_for(C, x.device, counters),
+                                     grad_weight, grad_bias, coefficients if use else grad_bias,
+                                     coefficients.stride(0) if use else 0, P, C // align, tiles, ALIGN=align,
+                                     ACCUMULATE=accumulate, COEFFICIENTS=use, BLOCK_P=block_p, BLOCK_C=block_c,
+                                     BLOCK_R=BLOCK_R)
     return grad_weight, grad_bias
+
+
+def counters_for(channels: int, device: torch.device, counters: Tensor | None) -> Tensor:
+    """``counters`` (pass_counters.py), by which a pass's last program to finish a channel tile
+    finds itself, or where None or too few, fresh zeros."""
+    slots = triton.cdiv(channels, 16) + 1  # a tile of 16 channels at the narrowest, and the GEMM forward's
+    if counters is None or counters.numel() < slots:
+        return torch.zeros(slots, dtype=torch.int32, device=device)
+    return counters
 
 
 def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,

@@ -87,9 +87,10 @@ def test_the_gemms_match_float64(gemm, dtype, shape, accumulate, monkeypatch):
     pixels = n * size * size
     stats = torch.empty(2, out_channels, device=DEVICE)
     running_mean, running_var = torch.zeros(channels, device=DEVICE), torch.ones(channels, device=DEVICE)
-    counters = gemm.counters(stride, DEVICE)
+    counters = torch.zeros(stride + 1, dtype=torch.int32, device=DEVICE)  # a model's (pass_counters.py)
     out = gemm.norm_relu_matmul(x, stride, pixels, channels, mean, var, weight, bias, EPS, w, stats,
-                                counters[0], running_mean, running_var, 0.1)
+                                counters, running_mean, running_var, 0.1)
+    assert not counters.any()  # the last program set its counter back
     leaves, expected = reference(x, mean, var, weight, bias, w)
     assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous(memory_format=LAST)
     torch.testing.assert_close(out.double().cpu(), expected.detach(), **TOLERANCE[dtype])
@@ -109,8 +110,8 @@ def test_the_gemms_match_float64(gemm, dtype, shape, accumulate, monkeypatch):
     coefficients_before = coefficients.double().cpu()
     grad_w, grad_weight, grad_bias = gemm.norm_relu_matmul_backward(
         g, w, x, stride, pixels, channels, mean, var, weight, bias, EPS, grad_buffer[:, :channels], stride,
-        accumulate, coefficients, counters[1:])
-    assert not counters.any()  # each pass's last program set its counter back
+        accumulate, coefficients, counters)
+    assert not counters.any()
     x_leaf, weight_leaf, bias_leaf, w_leaf = leaves
     added = grad_buffer[:, :channels].double().cpu() - (before[:, :channels] if accumulate else 0)
     torch.testing.assert_close(added, x_leaf.grad, **TOLERANCE[dtype])
@@ -135,13 +136,12 @@ def test_nan_passes_through_the_relu_as_in_aten(gemm):
     """A NaN in the features reaches the output and its channel's gradients, as ATen's would."""
     x, mean, var, weight, bias, w = layer_inputs(1, 4, 16, 16, 16, torch.float32)
     x[0, 3, 1, 1] = float("nan")
-    counters = gemm.counters(16, DEVICE)
-    out = gemm.norm_relu_matmul(x, 16, 16, 16, mean, var, weight, bias, EPS, w, None, counters[0])
+    out = gemm.norm_relu_matmul(x, 16, 16, 16, mean, var, weight, bias, EPS, w, None, None)
     assert out[0, :, 1, 1].isnan().all() and not out[0, :, 0, 0].isnan().any()
     grad_buffer = torch.zeros(1, 16, 4, 4, device=DEVICE).contiguous(memory_format=LAST)
     grad_w, _, _ = gemm.norm_relu_matmul_backward(
         torch.ones_like(out), w, x, 16, 16, 16, mean, var, weight, bias, EPS, grad_buffer, 16, False, None,
-        counters[1:])
+        None)
     assert grad_w[:, 3].isnan().all() and not grad_w[:, 2].isnan().any()
 
 
@@ -163,14 +163,23 @@ def test_a_bc_22_12_step_on_the_gemm_path_matches_aten_in_float64(gemm, memory_e
     """Forward, input and parameter gradients, and running statistics of DenseNet-BC-22-12,
     every bottleneck's 1x1 convolution a GEMM, within the fused path's tolerances (TF32 off:
     the GEMMs multiply as cuDNN would be let to); no activation is kept."""
+    from densenet_trainer.speed import triton_kernels
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     reference, ours = bc_models(memory_efficient)
-    calls = []
+    calls, counters = [], []
     monkeypatch.setattr(fused_gemm, "norm_relu_matmul", lambda *args, wrapped=fused_gemm.norm_relu_matmul:
                         calls.append(args[1]) or wrapped(*args))
+    real = triton_kernels.counters_for
+    for module in (triton_kernels, gemm):  # every pass, forward and backward, counts in the model's counters
+        monkeypatch.setattr(module, "counters_for", lambda channels, device, given:
+                            counters.append(given) or real(channels, device, given))
     assert_step_matches_float64(reference, ours, torch.randn(2, 3, 8, 8, device=DEVICE),
                                 torch.tensor([1, 3], device=DEVICE))
     assert len(calls) == 9 and all(conv.kernel_size == (1, 1) for conv in calls)  # every bottleneck
+    # per layer: the GEMM's two passes, its feature's statistics, norm2's backward; per block, its
+    # input's statistics; the transitions' and the final BatchNorm's backward
+    assert len(counters) == 9 * 4 + 3 + 3 and all(c is ours.pass_counters for c in counters)
+    assert not ours.pass_counters.any()  # each pass set back what it counted
     assert [m.num_batches_tracked.item() for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)] \
         == [1] * len([m for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)])
 

@@ -40,16 +40,33 @@ def test_the_fused_path_counts_its_triton_launches():
     # a slice per block input and per layer, and each bottleneck's BatchNorm; none for the
     # BatchNorms after each block, which read the statistics the block noted as it was written
     assert stats == 3 + 2 * layers
-    assert count.names["triton.backward_finish_kernel"] == norms
-    assert count.names["triton.stats_finish_kernel"] == stats
     assert count.names["triton.finish_grad_kernel"] == stats + 3  # the slices, the 3 BNs' inputs
-    assert count.triton == 3 * norms + 3 * stats + 3  # nothing else launches Triton
+    # nothing else launches Triton: each pass's last program does its finishing work
+    assert count.triton == 2 * norms + 2 * stats + 3
     assert kernel_count.count_step(RunConfig(**TINY_BC, kernels="aten")).triton == 0
     assert not any(name.split(".")[1] in kernel_count.NO_KERNEL or name == "aten.view"
                    for name in count.names)
     assert 0 < count.tiny < count.total and count.bytes > 0
     # an evaluation batch normalises with the running statistics: no batch statistics at all
     assert count.evaluation.names["triton.norm_relu_kernel"] == count.evaluation.triton == norms
+
+
+def test_the_gemm_path_counts_three_launches_a_bottleneck_where_the_fused_path_counts_five():
+    """fused-gemm: each bottleneck's first BatchNorm-ReLU and 1x1 convolution are one GEMM forward
+    (which leaves the second BatchNorm's statistics: no statistics pass for it), one backward
+    pass, and the weight gradient's sum; the model's counters are made once, before the
+    counted step (no zeroing a step)."""
+    fused = kernel_count.count_step(RunConfig(**TINY_BC, kernels="fused"))
+    gemm = kernel_count.count_step(RunConfig(**TINY_BC, kernels="fused-gemm"))
+    layers = sum(isinstance(m, DenseLayer) for m in DenseNet(10, 4).modules())
+    for kernel in ("norm_relu_matmul_kernel", "norm_relu_matmul_backward_kernel", "sum_rows_kernel"):
+        assert gemm.names[f"triton.{kernel}"] == layers, kernel
+    for kernel in ("norm_relu_kernel", "norm_relu_backward_kernel", "stats_kernel"):
+        assert gemm.names[f"triton.{kernel}"] == fused.names[f"triton.{kernel}"] - layers, kernel
+    assert gemm.names["aten.convolution"] == fused.names["aten.convolution"] - layers
+    assert gemm.names["aten.convolution_backward"] == fused.names["aten.convolution_backward"] - layers
+    assert gemm.total == fused.total - 2 * layers and gemm.bytes < fused.bytes
+    assert not any(name.startswith(("aten.zero", "aten.fill")) for name in set(gemm.names) - set(fused.names))
 
 
 def test_the_table(capsys):
@@ -68,24 +85,22 @@ def test_the_table(capsys):
     total, megabytes, floor = int(fused[3].replace(",", "")), float(fused[5].replace(",", "")), float(fused[6])
     assert floor == pytest.approx(max(total * 2e-3, megabytes / 3.35e3), abs=0.006)
     grids = {line.split()[1]: line for line in out if line.startswith("fused ") and "_kernel" in line}
-    assert set(grids) == {"stats_kernel", "stats_finish_kernel", "norm_relu_kernel",
-                          "norm_relu_backward_kernel", "backward_finish_kernel", "finish_grad_kernel"}
-    assert "partial-sum rows" in grids["stats_finish_kernel"] and "pixel tile(s)" in grids["stats_kernel"]
+    assert set(grids) == {"stats_kernel", "norm_relu_kernel", "norm_relu_backward_kernel", "finish_grad_kernel"}
+    assert "pixel tile(s)" in grids["stats_kernel"] and "1 tile" in grids["norm_relu_kernel"]
 
 
 @pytest.mark.slow
-def test_no_finish_loops_over_more_than_256_rows_and_passes_spread_where_they_can():
-    """On the paper's model at batch 64 (counted, not run): every finishing pass adds at most
-    PARTIAL_ROWS rows of partial sums, and every main pass with work enough for MIN_PROGRAMS
-    tiles of MIN_TILE elements has at least MIN_PROGRAMS programs (the GPU's 132 twice)."""
+def test_no_last_program_adds_more_than_256_rows_and_passes_spread_where_they_can():
+    """On the paper's model at batch 64 (counted, not run): a pass's last program adds at most
+    PARTIAL_ROWS rows of partial sums, however large the map, and every pass with work enough
+    for MIN_PROGRAMS tiles of MIN_TILE elements has at least MIN_PROGRAMS programs (the GPU's
+    132 twice)."""
     from densenet_trainer.speed import triton_kernels
+    assert triton_kernels.partial_grid(64 * 32 * 32, 24)[0][0] == triton_kernels.PARTIAL_ROWS == 256
     count = kernel_count.count_step(RunConfig(batch_size=64))
     for name, grid in count.grids.items():
-        if "finish" in name and "grad" not in name:
-            assert grid.loop <= triton_kernels.PARTIAL_ROWS == 256, name
-        else:
-            enough = grid.elements[0] >= triton_kernels.MIN_PROGRAMS * triton_kernels.MIN_TILE
-            assert grid.programs[0] >= triton_kernels.MIN_PROGRAMS or not enough, (name, grid)
+        enough = grid.elements[0] >= triton_kernels.MIN_PROGRAMS * triton_kernels.MIN_TILE
+        assert grid.programs[0] >= triton_kernels.MIN_PROGRAMS or not enough, (name, grid)
 
 
 
