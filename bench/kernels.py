@@ -223,7 +223,7 @@ class _CountedLaunch:
             if "blocks" in named:  # a sum of rows adds every row of partial sums
                 loop = named["blocks"]
             elif "tiles" in named:  # a partial-sum pass: each row of programs takes every rows-th tile
-                loop = -(-named["tiles"] // grid[0])
+                loop = -(-named["tiles"] // grid[-1])  # rows of programs: the grid's last axis
             else:
                 loop = 1
             if "size" in named:  # a sum of rows of ``size`` elements each

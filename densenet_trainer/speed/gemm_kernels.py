@@ -168,8 +168,8 @@ def _norm_relu_matmul_backward_kernel(g, w, x, x_units, out, out_units, mean, va
                                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr,
                                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     x_stride, out_stride, C = x_units * ALIGN, out_units * ALIGN, C_units * ALIGN
-    row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row, rows = tl.program_id(1), tl.num_programs(1)  # this program's pixel tiles: row, row + rows, ...
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # channel tiles vary fastest, as triton_kernels
     km = k < C
     m, _, scale, shift = _scale_shift(mean, var, weight, bias, eps, k, km)
     n = tl.arange(0, BLOCK_N)
@@ -199,7 +199,7 @@ def _norm_relu_matmul_backward_kernel(g, w, x, x_units, out, out_units, mean, va
     tl.store(part_gx + row * C + k, sum_gx, mask=km)
     tl.store(part_w + row * N * C + n[None, :] * C + k[:, None], grad_w, mask=km[:, None] & nm[None, :])
     # the last row to finish these channels does the BatchNorm's per-channel work for them
-    if _last_program(counters + tl.program_id(1), rows):
+    if _last_program(counters + tl.program_id(0), rows):
         total_g, total_gx = _add_rows(part_g, part_gx, rows, C, k, km, BLOCK_R, BLOCK_K, ".cg")
         _finish_backward(total_g, total_gx, P, k, km, mean, var, weight, eps, grad_weight, grad_bias, coefficients,
                          coefficients_stride, COEFFICIENTS, ACCUMULATE)
@@ -305,7 +305,7 @@ def norm_relu_matmul_backward(g: Tensor, w: Tensor, x: Tensor, x_stride: int, P:
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)
     use = coefficients is not None
     align, precision = _align(x_stride, out_stride, C), _precision(w.dtype)
-    _norm_relu_matmul_backward_kernel[(rows, triton.cdiv(C, BLOCK_K))](
+    _norm_relu_matmul_backward_kernel[(triton.cdiv(C, BLOCK_K), rows)](
         g, w, x, x_stride // align, out, out_stride // align, mean, var, weight, bias, eps, parts[0],
         parts[1], part_w, counters_for(C, x.device, counters), grad_weight, grad_bias,
         coefficients if use else grad_bias,

@@ -60,13 +60,13 @@ def _norm_relu_kernel(x, x_units, y, y_units, mean, var, weight, bias, eps, rmea
                       P, C_units, ALIGN: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr,
                       BLOCK_C: tl.constexpr):
     x_stride, y_stride, C = x_units * ALIGN, y_units * ALIGN, C_units * ALIGN  # see _align
-    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # channel tiles vary fastest: see _tiles
+    p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     cm = c < C
     m, v, scale = _scale(mean, var, weight, eps, c, cm)
     shift = tl.load(bias + c, mask=cm, other=0.0).to(tl.float32) - m * scale
     if UPDATE:  # the first row of programs moves the running statistics towards the batch's
-        first = cm & (tl.program_id(0) == 0)
+        first = cm & (tl.program_id(1) == 0)
         running = tl.load(rmean + c, mask=first, other=0.0)
         tl.store(rmean + c, running + momentum * (m - running), mask=first)
         running = tl.load(rvar + c, mask=first, other=0.0)
@@ -87,8 +87,8 @@ def _norm_relu_backward_kernel(g, y, y_units, x, x_units, out, out_units, mean, 
                                BLOCK_R: tl.constexpr):
     y_stride, x_stride, out_stride = y_units * ALIGN, x_units * ALIGN, out_units * ALIGN  # see _align
     C = C_units * ALIGN
-    row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
-    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row, rows = tl.program_id(1), tl.num_programs(1)  # this program's pixel tiles: row, row + rows, ...
+    c1 = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     m, _, a = _scale(mean, var, weight, eps, c1, c1 < C)
     c = c1[None, :]
     sum_g = tl.zeros([BLOCK_C], tl.float32)
@@ -109,7 +109,7 @@ def _norm_relu_backward_kernel(g, y, y_units, x, x_units, out, out_units, mean, 
         sum_gx += tl.sum(gm * centred, axis=0)
     tl.store(part_g + row * C + c1, sum_g, mask=c1 < C)
     tl.store(part_gx + row * C + c1, sum_gx, mask=c1 < C)
-    if _last_program(counters + tl.program_id(1), rows):  # the BatchNorm's per-channel work, once
+    if _last_program(counters + tl.program_id(0), rows):  # the BatchNorm's per-channel work, once
         total_g, total_gx = _add_rows(part_g, part_gx, rows, C, c1, c1 < C, BLOCK_R, BLOCK_C, ".cg")
         _finish_backward(total_g, total_gx, P, c1, c1 < C, mean, var, weight, eps, grad_weight, grad_bias,
                          coefficients, coefficients_stride, COEFFICIENTS, ACCUMULATE)
@@ -120,8 +120,8 @@ def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, count
                   ALIGN: tl.constexpr, COPY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_R: tl.constexpr):
     f_stride, dst_stride, C = f_units * ALIGN, dst_units * ALIGN, C_units * ALIGN  # see _align
-    row, rows = tl.program_id(0), tl.num_programs(0)  # this program's pixel tiles: row, row + rows, ...
-    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row, rows = tl.program_id(1), tl.num_programs(1)  # this program's pixel tiles: row, row + rows, ...
+    c1 = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[None, :]
     # sums about the first pixel's value, which keeps E[x^2] - E[x]^2 from cancelling
     first = tl.load(f + c, mask=c < C, other=0.0).to(tl.float32)
@@ -138,7 +138,7 @@ def _stats_kernel(f, f_units, P, C_units, dst, dst_units, part_s, part_ss, count
         ss += tl.sum(d * d, axis=0)
     tl.store(part_s + row * C + c1, s, mask=c1 < C)
     tl.store(part_ss + row * C + c1, ss, mask=c1 < C)
-    if _last_program(counters + tl.program_id(1), rows):  # the rows' sums, once
+    if _last_program(counters + tl.program_id(0), rows):  # the rows' sums, once
         total_s, total_ss = _add_rows(part_s, part_ss, rows, C, c1, c1 < C, BLOCK_R, BLOCK_C, ".cg")
         total_s = total_s / P
         centre = tl.load(f + c1, mask=c1 < C, other=0.0).to(tl.float64)
@@ -203,8 +203,8 @@ def _finish_backward(sum_g, sum_gx, P, c, cm, mean, var, weight, eps, grad_weigh
 def _finish_grad_kernel(grad, grad_units, x, x_units, coefficients, coefficients_stride, out, P, C_units,
                         ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     grad_stride, x_stride, C = grad_units * ALIGN, x_units * ALIGN, C_units * ALIGN  # see _align
-    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
-    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+    c1 = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.load(coefficients + c1, mask=c1 < C, other=0.0)[None, :]
     d = tl.load(coefficients + coefficients_stride + c1, mask=c1 < C, other=0.0)[None, :]
     c = c1[None, :]
@@ -229,7 +229,9 @@ def _align(*counts: int) -> int:
 
 
 def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
-    """The grid and tile (pixels, channels) for a P x C map: a channel width of 16, 32 or 64
+    """The grid (channel tiles, pixel tiles) and tile (pixels, channels) for a P x C map; the
+    channel tile varies fastest, so that programs running together read neighbouring channels of
+    the same pixels, whole rows of memory, rather than one tile of many pixels each. A channel width of 16, 32 or 64
     that leaves the fewest lanes idle on C (growth rates of 12 to 48 fill a 32-wide tile a
     third to three quarters), the widest among equals, and TILE elements in all; halved down
     to MIN_TILE while that leaves fewer than MIN_PROGRAMS programs, so that a small map still
@@ -238,18 +240,17 @@ def _tiles(P: int, C: int) -> tuple[tuple[int, int], int, int]:
     block_p = TILE // block_c
     while block_p * block_c > MIN_TILE and triton.cdiv(P, block_p) * triton.cdiv(C, block_c) < MIN_PROGRAMS:
         block_p //= 2
-    return (triton.cdiv(P, block_p), triton.cdiv(C, block_c)), block_p, block_c
+    return (triton.cdiv(C, block_c), triton.cdiv(P, block_p)), block_p, block_c
 
 
 def partial_grid(P: int, C: int) -> tuple[tuple[int, int], int, int, int]:
     """For the passes that leave per-channel partial sums (stats, norm_relu_backward): at
     most PARTIAL_ROWS rows of programs, each looping over every rows-th pixel tile, so that
     the last program adds few rows however large the map, while the pass keeps rows x
-    channel tiles programs (256 rows: about
-    twice a 132-SM GPU's multiprocessors for a single channel tile). Returns the grid, the
-    tile and the number of pixel tiles."""
-    (tiles, channel_tiles), block_p, block_c = _tiles(P, C)
-    return (min(tiles, PARTIAL_ROWS), channel_tiles), block_p, block_c, tiles
+    channel tiles programs (256 rows: about twice a 132-SM GPU's multiprocessors for a single
+    channel tile). Returns the grid (channel tiles, rows), the tile and the pixel tiles."""
+    (channel_tiles, tiles), block_p, block_c = _tiles(P, C)
+    return (channel_tiles, min(tiles, PARTIAL_ROWS)), block_p, block_c, tiles
 
 
 def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stride: int, mean: Tensor,
@@ -258,7 +259,7 @@ def stats(f: Tensor, f_stride: int, P: int, C: int, dst: Tensor | None, dst_stri
     ``mean`` and ``var``, copying ``f`` into ``dst`` (pixel stride ``dst_stride``) unless it is None
     (``counters``: see ``counters_for``)."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
-    parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=f.device)
+    parts = torch.empty(2, grid[1], C, dtype=torch.float32, device=f.device)
     align = _align(f_stride, C, dst_stride)
     _stats_kernel[grid](f, f_stride // align, P, C // align, f if dst is None else dst, dst_stride // align,
                         parts[0], parts[1], counters_for(C, f.device, counters), mean, var, tiles, ALIGN=align,
@@ -289,7 +290,7 @@ def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride:
     gradients of weight and bias. ``g`` and ``y`` are on the pixel stride ``y_stride``
     (``counters``: see ``counters_for``)."""
     grid, block_p, block_c, tiles = partial_grid(P, C)
-    parts = torch.empty(2, grid[0], C, dtype=torch.float32, device=x.device)
+    parts = torch.empty(2, grid[1], C, dtype=torch.float32, device=x.device)
     grad_weight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.empty(C, dtype=weight.dtype, device=weight.device)
     use = coefficients is not None

@@ -96,7 +96,7 @@ def test_no_last_program_adds_more_than_256_rows_and_passes_spread_where_they_ca
     for MIN_PROGRAMS tiles of MIN_TILE elements has at least MIN_PROGRAMS programs (the GPU's
     132 twice)."""
     from densenet_trainer.speed import triton_kernels
-    assert triton_kernels.partial_grid(64 * 32 * 32, 24)[0][0] == triton_kernels.PARTIAL_ROWS == 256
+    assert triton_kernels.partial_grid(64 * 32 * 32, 24)[0][1] == triton_kernels.PARTIAL_ROWS == 256
     count = kernel_count.count_step(RunConfig(batch_size=64))
     for name, grid in count.grids.items():
         enough = grid.elements[0] >= triton_kernels.MIN_PROGRAMS * triton_kernels.MIN_TILE
