@@ -29,7 +29,7 @@ from densenet_trainer.random_state import rng_state, seed_everything, set_rng_st
 from densenet_trainer.run.checkpoint import BestEpochs, Checkpoint, restore
 from densenet_trainer.run.files import RunError
 from densenet_trainer.runtime import Runtime
-from densenet_trainer.speed import apply_fused_kernels, cuda_graph
+from densenet_trainer.speed import apply_fused_kernels, cuda_graph, fused_gemm
 from densenet_trainer.speed.fused_densenet import kernels_of
 from densenet_trainer.speed.kernel_choice import (
     FUSED,
@@ -107,13 +107,14 @@ def load_data(cfg: RunConfig, log: Callable[..., None]) -> RunData:
 def build_model(cfg: RunConfig, kernels: str, device: torch.device) -> DenseNet:
     """The configuration's DenseNet on ``device`` in the run's memory layout, computing with
     ``kernels`` ("fused" or "fused-gemm": apply_fused_kernels, which leaves it on ATen's where
-    the kernels failed their self-test there, with a warning; or "aten")."""
+    the kernels failed their self-test there, with a warning; or "aten"). fused-gemm where
+    its GEMMs are unavailable (an --evaluate on the CPU) is fused: the same function."""
     model = DenseNet(depth=cfg.depth, growth_rate=cfg.growth_rate, bottleneck=cfg.bottleneck,
                      compression=cfg.compression, dropout=cfg.dropout, num_classes=cfg.num_classes,
                      memory_efficient=cfg.memory_efficient)
     model.to(device, memory_format=loader.memory_format(cfg.channels_last))
     if kernels in FUSED:
-        apply_fused_kernels(model, gemm=kernels == "fused-gemm")
+        apply_fused_kernels(model, gemm=kernels == "fused-gemm" and not fused_gemm.unavailable(device.type))
     return model
 
 

@@ -283,3 +283,17 @@ def test_float32_gemms_multiply_as_cudnns_convolutions_are_let_to(gemm, monkeypa
         monkeypatch.setattr(cudnn, "fp32_precision", cudnn_value)
         assert gemm._precision(torch.float32) == expected, (conv_value, cudnn_value)
         assert gemm._precision(torch.bfloat16) == "ieee"
+
+
+def test_a_fused_gemm_run_evaluated_on_the_cpu_computes_with_the_fused_kernels_and_says_nothing():
+    """--evaluate builds the run's model with the kernels its --kernels means on the device: a
+    fused-gemm run's, on a CPU that has no GEMM kernels, is the fused model, without a warning."""
+    import warnings
+
+    from densenet_trainer.config.run_config import RunConfig
+    from densenet_trainer.run import build
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build.build_model(RunConfig(depth=10, growth_rate=4, kernels="fused-gemm"), "fused-gemm",
+                                  torch.device("cpu"))
+    assert fused_densenet.kernels_of(model) == "fused"
