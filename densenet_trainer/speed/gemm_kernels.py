@@ -42,6 +42,8 @@ from densenet_trainer.speed.triton_kernels import (
     _align,
     _finish_backward,
     _last_program,
+    _move_running,
+    _scale_shift,
     counters_for,
 )
 
@@ -50,22 +52,13 @@ MAX_N = 128  # output channels one program holds in full: 4k for growth rates up
 BLOCK_P = 64  # pixels a tile ...
 MIN_BLOCK_P = 32  # ... or fewer, down to this, where a forward pass would leave multiprocessors idle
 SMS = 132  # multiprocessors of an H100 or H200
+TARGET_PROGRAMS = 2 * SMS  # a backward pass's rows x channel tiles: the GPU filled about twice
 SUM_ROWS, SUM_COLUMNS = 32, 128  # the weight gradient's shares, summed a tile of rows x columns at a time
 COMBINE_ROWS = 8  # rows the forward's last program combines at a time (float64: more spill registers)
 BLOCK_K = 32  # input channels a tile
-TARGET_PROGRAMS = 264  # about twice the multiprocessors of an H100 or H200 (132)
 # Triton's interpreter multiplies bfloat16 matrices as raw 16-bit integers: there the operands
 # go to float32 first, which gives the same products (those of two bfloat16 are exact in float32)
 UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _scale_shift(mean, var, weight, bias, eps, k, km):
-    """Per channel, float32: the mean, and the BatchNorm's scale and shift."""
-    m = tl.load(mean + k, mask=km, other=0.0).to(tl.float32)
-    v = tl.load(var + k, mask=km, other=1.0).to(tl.float32)  # 1: no 0/0 in masked lanes
-    scale = tl.load(weight + k, mask=km, other=0.0).to(tl.float32) / tl.sqrt(v + eps)
-    return m, v, scale, tl.load(bias + k, mask=km, other=0.0).to(tl.float32) - m * scale
 
 
 @triton.jit
@@ -97,10 +90,7 @@ def _norm_relu_matmul_kernel(x, x_units, w, out, mean, var, weight, bias, eps, r
         for start in range(0, C, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
             m, v, _, _ = _scale_shift(mean, var, weight, bias, eps, k, k < C)
-            running = tl.load(rmean + k, mask=k < C, other=0.0)
-            tl.store(rmean + k, running + momentum * (m - running), mask=k < C)
-            running = tl.load(rvar + k, mask=k < C, other=0.0)
-            tl.store(rvar + k, running + momentum * (v * unbias - running), mask=k < C)
+            _move_running(rmean, rvar, k, k < C, m, v, momentum, unbias)
     n = tl.arange(0, BLOCK_N)
     nm = n < N
     count = tl.zeros([BLOCK_N], tl.float32)

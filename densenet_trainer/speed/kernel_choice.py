@@ -119,10 +119,8 @@ def _gemm_problem(cfg: RunConfig, device: torch.device, log: Callable[..., None]
     self-test is also said at once, as a warning."""
     if not cfg.bottleneck:
         return "the GEMMs are DenseNet-BC's 1x1 convolutions, and this DenseNet has none"
-    if fused_gemm.unavailable(device.type):
-        return fused_gemm.unavailable(device.type)
-    return _said(kernel_check.gemm_failure(device.type), "GEMM", device, log,
-                 "the run's 1x1 convolutions are cuDNN's instead")
+    return fused_gemm.unavailable(device.type) or _said(
+        kernel_check.gemm_failure(device.type), "GEMM", device, log, "the run's 1x1 convolutions are cuDNN's instead")
 
 
 def _said(failure: str | None, kernels: str, device: torch.device, log: Callable[..., None],

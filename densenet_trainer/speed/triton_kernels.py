@@ -55,6 +55,23 @@ def _scale(mean, var, weight, eps, c, cm):
     return m, v, tl.load(weight + c, mask=cm, other=0.0).to(tl.float32) / tl.sqrt(v + eps)
 
 
+@triton.jit
+def _scale_shift(mean, var, weight, bias, eps, c, cm):
+    """Per channel, float32: mean, var, and the BatchNorm's scale and shift."""
+    m, v, scale = _scale(mean, var, weight, eps, c, cm)
+    return m, v, scale, tl.load(bias + c, mask=cm, other=0.0).to(tl.float32) - m * scale
+
+
+@triton.jit
+def _move_running(rmean, rvar, c, mask, m, v, momentum, unbias):
+    """The running statistics of channels ``c`` (where ``mask``) moved by ``momentum`` towards
+    the batch's mean ``m`` and biased variance ``v`` (unbiased by the factor ``unbias``)."""
+    running = tl.load(rmean + c, mask=mask, other=0.0)
+    tl.store(rmean + c, running + momentum * (m - running), mask=mask)
+    running = tl.load(rvar + c, mask=mask, other=0.0)
+    tl.store(rvar + c, running + momentum * (v * unbias - running), mask=mask)
+
+
 @triton.jit(do_not_specialize=["x_units", "y_units", "C_units"])
 def _norm_relu_kernel(x, x_units, y, y_units, mean, var, weight, bias, eps, rmean, rvar, momentum, unbias,
                       P, C_units, ALIGN: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -63,14 +80,9 @@ def _norm_relu_kernel(x, x_units, y, y_units, mean, var, weight, bias, eps, rmea
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # channel tiles vary fastest: see _tiles
     p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     cm = c < C
-    m, v, scale = _scale(mean, var, weight, eps, c, cm)
-    shift = tl.load(bias + c, mask=cm, other=0.0).to(tl.float32) - m * scale
+    m, v, scale, shift = _scale_shift(mean, var, weight, bias, eps, c, cm)
     if UPDATE:  # the first row of programs moves the running statistics towards the batch's
-        first = cm & (tl.program_id(1) == 0)
-        running = tl.load(rmean + c, mask=first, other=0.0)
-        tl.store(rmean + c, running + momentum * (m - running), mask=first)
-        running = tl.load(rvar + c, mask=first, other=0.0)
-        tl.store(rvar + c, running + momentum * (v * unbias - running), mask=first)
+        _move_running(rmean, rvar, c, cm & (tl.program_id(1) == 0), m, v, momentum, unbias)
     inside = (p[:, None] < P) & cm[None, :]
     value = tl.load(x + p[:, None] * x_stride + c[None, :], mask=inside, other=0.0).to(tl.float32)
     value = value * scale[None, :] + shift[None, :]  # 0 beyond C: scale and shift load as 0 there
