@@ -167,8 +167,29 @@ def densenet(kernels: str = "aten", **kwargs) -> DenseNet:
     """``DenseNet(**kwargs)``, with the fused kernels applied (on the CPU) for "fused"."""
     model = DenseNet(**kwargs)
     if kernels == "fused":
-        apply_fused_kernels(model, "cpu")
+        not_fused = apply_fused_kernels(model, "cpu") or ""
+        assert "self-test" not in not_fused, not_fused  # a test of the fused path must not pass on ATen's
     return model
+
+
+def padding_spied(monkeypatch) -> dict[str, list[int]]:
+    """The zero channels each weight padded by conv_padding gets from here on: "inputs" (a
+    padded BatchNorm-ReLU's) and "outputs" (a fused block's layers' last convolutions)."""
+    from densenet_trainer.speed import conv_padding
+    padded = {"inputs": [], "outputs": []}
+    pad, weight_of = conv_padding.padded_input, conv_padding.compute_weight
+
+    def padded_input(weight, channels):
+        padded["inputs"].extend([channels - weight.shape[1]] if channels > weight.shape[1] else [])
+        return pad(weight, channels)
+
+    def compute_weight(conv):
+        weight = weight_of(conv)
+        padded["outputs"].extend([len(weight) - conv.out_channels] if len(weight) > conv.out_channels else [])
+        return weight
+    monkeypatch.setattr(conv_padding, "padded_input", padded_input)
+    monkeypatch.setattr(conv_padding, "compute_weight", compute_weight)
+    return padded
 
 
 def same_weights(*kernels: str, **kwargs) -> list:

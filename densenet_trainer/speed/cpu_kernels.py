@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -45,7 +46,7 @@ _ARGUMENTS = {"norm_relu": [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64],
                                      _PTR, _PTR],
               "stats": [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR]}
 PIXEL_STRIDE_MULTIPLE = 1  # a block buffer's pixels need no padding here
-CONV_INPUT_MULTIPLE: dict[torch.dtype, int] = {}  # nor the convolutions' inputs (fused.conv_input_channels)
+CONV_CHANNEL_MULTIPLE: dict[torch.dtype, int] = {}  # nor the convolutions' channels (fused.conv_channels)
 
 
 CACHE_VARIABLE = "DENSENET_KERNEL_CACHE"  # where the built kernels are kept (see cache_folder)
@@ -238,11 +239,12 @@ def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride:
 
 
 def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,
-                dtype: torch.dtype) -> Tensor:
+                dtype: torch.dtype, width: int) -> Tensor:
     """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
-    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers, pixel
-    strides ``grad_stride`` and ``x_stride``. Computed in place in ``grad``."""
+    ``dtype``, with zero channels up to ``width``; grad and x are (N, C, H, W) channel slices of
+    channels-last buffers, pixel strides ``grad_stride`` and ``x_stride``. Computed in place in ``grad``."""
     if coefficients is not None:
         grad.addcmul_(x, coefficients[0].view(1, -1, 1, 1))
         grad.add_(coefficients[1].view(1, -1, 1, 1))
-    return grad.to(dtype)
+    grad = grad.to(dtype)
+    return F.pad(grad, (0, 0, 0, 0, 0, width - grad.shape[1])) if width > grad.shape[1] else grad

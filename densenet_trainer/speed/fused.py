@@ -6,11 +6,10 @@ writes each new feature map once into a preallocated channels-last buffer, and a
 its first C channels in place. A feature's batch statistics are computed once, when it is
 written, and shared by every later layer. BatchNorm-ReLU is one pass forward and two backward,
 and every layer adds its input gradient in place into one gradient buffer for the block, which
-autograd hands on one feature at a time. Where a BatchNorm-ReLU feeds a convolution, its output
-can carry zero channels up to a multiple the device's convolutions want (``conv_input_channels``:
-bfloat16 on CUDA), matched by zero input channels in a copy of the weight (``conv``). The
-function is ATen's (tests compare in float64, padded or not); float32 rounds otherwise. In the
-memory-efficient mode a layer's normalised input is recomputed in backward instead of stored.
+autograd hands on one feature at a time. A convolution's input and a dense layer's output can
+carry zero channels (conv_padding.py; a ``width`` here). The function is ATen's (tests compare
+in float64, padded or not); float32 rounds otherwise. Memory-efficient, a layer's normalised
+input is recomputed in backward, not stored.
 
 Four functions do a BatchNorm's work (``stats``, ``norm_relu``, ``norm_relu_backward``,
 ``finish_grad``), with one interface and two implementations chosen per device type
@@ -33,8 +32,8 @@ from torch import Tensor, nn
 from densenet_trainer.speed import cpu_kernels, pass_counters
 from densenet_trainer.speed.batch_counters import batch_counters, count_batch
 
-__all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "conv",
-           "conv_input_channels", "gather", "norm_relu", "norm_relu_conv"]
+__all__ = ["available", "backend", "batch_counters", "SharedFeatures", "batch_norm_relu", "gather",
+           "norm_relu", "norm_relu_conv"]
 
 
 @functools.cache
@@ -95,7 +94,8 @@ class SharedFeatures:
     elements from one pixel to the next (on CUDA the channels are padded up to a multiple of
     16, which lets the kernels vectorise their loads); ``mean`` and ``var`` (biased) their
     per-channel batch statistics, noted only where a BatchNorm reading them is in training
-    mode (``batch_stats``; evaluation copies the features alone). ``grad``, on the buffer's pixel
+    mode (``batch_stats``; evaluation copies the features alone); ``newest_start`` the first
+    channel of the feature appended last. ``grad``, on the buffer's pixel
     stride, is the gradient of the whole buffer: ``gather`` starts it in backward and every
     layer adds its share, so it is complete from the last channels down to the first;
     ``finish_grad`` hands each feature's part on.
@@ -103,6 +103,7 @@ class SharedFeatures:
 
     def __init__(self, buffer: Tensor, filled: int = 0, batch_stats: bool = True) -> None:
         self.buffer, self.filled, self.pixel_stride = buffer, filled, pixel_stride(buffer)
+        self.newest_start = 0
         self.batch_stats, self.counters = batch_stats, pass_counters.current(buffer.device)
         n, channels, h, w = buffer.shape
         self.pixels = n * h * w
@@ -139,17 +140,22 @@ class SharedFeatures:
         return shared
 
     @torch.no_grad()
-    def append(self, feature: Tensor) -> None:
-        """Copy ``feature`` into the next channels, and note its batch statistics if asked."""
-        feature = feature.contiguous(memory_format=torch.channels_last)
-        start = self.filled
-        self.filled += feature.shape[1]
+    def append(self, feature: Tensor, channels: int | None = None) -> None:
+        """Copy the first ``channels`` of ``feature`` (all: None; the rest are a padded feature's
+        zeros) into the next channels, and note their batch statistics if asked."""
+        channels = feature.shape[1] if channels is None else channels
+        stride = pixel_stride(feature)
+        if stride is None:
+            feature = feature.contiguous(memory_format=torch.channels_last)
+            stride = feature.shape[1]
+        self.newest_start, self.filled = self.filled, self.filled + channels
+        start = self.newest_start
         if not self.batch_stats:
-            self.buffer[:, start:self.filled].copy_(feature)
+            self.buffer[:, start:self.filled].copy_(feature[:, :channels])
             return
-        backend(feature.device.type).stats(feature, feature.shape[1], self.pixels, feature.shape[1],
-                                           self.buffer[:, start:], self.pixel_stride,
-                                           self.mean[start:self.filled], self.var[start:self.filled], self.counters)
+        backend(feature.device.type).stats(feature, stride, self.pixels, channels, self.buffer[:, start:],
+                                           self.pixel_stride, self.mean[start:self.filled],
+                                           self.var[start:self.filled], self.counters)
 
     def prefix(self, channels: int) -> Tensor:
         return self.buffer[:, :channels]
@@ -175,28 +181,16 @@ class SharedFeatures:
                         if batch_stats else None)
         return False
 
-    def finish_grad(self, start: int, end: int) -> Tensor:
-        """The complete gradient of channels start:end, whose every user has run backward.
+    def finish_grad(self, start: int, end: int, width: int) -> Tensor:
+        """The complete gradient of channels start:end, whose every user has run backward, with
+        zero channels up to ``width`` (a padded feature's).
         A BatchNorm passes gradient through its batch mean and variance as ``x * b + d`` per
         channel, and every later layer sees the same ``x``: the layers only sum their ``b``
         and ``d`` (``coefficients``), and the sum is applied here once, to these channels."""
         coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
         return backend(self.buffer.device.type).finish_grad(
             self.grad[:, start:end], self.pixel_stride, self.buffer[:, start:end], self.pixel_stride,
-            coefficients, self.buffer.dtype)
-
-
-def conv_input_channels(x: Tensor, channels: int) -> int:
-    """``channels`` padded up to the multiple the device's convolutions want for inputs in
-    x's dtype (bfloat16 on CUDA: 8): what a convolution's input gets on the fused path."""
-    multiple = backend(x.device.type).CONV_INPUT_MULTIPLE.get(x.dtype, 1)
-    return -(-channels // multiple) * multiple
-
-
-def _padded(conv_weight: Tensor, channels: int) -> Tensor:
-    """``conv_weight`` with zero input channels up to ``channels``."""
-    extra = channels - conv_weight.shape[1]
-    return F.pad(conv_weight, (0, 0, 0, 0, 0, extra)) if extra else conv_weight
+            coefficients, self.buffer.dtype, width)
 
 
 def batch_statistics(shared: SharedFeatures, norm: nn.BatchNorm2d, channels: int) -> tuple[Tensor, Tensor, tuple]:
@@ -209,17 +203,15 @@ def batch_statistics(shared: SharedFeatures, norm: nn.BatchNorm2d, channels: int
     return shared.mean[:channels], shared.var[:channels], running
 
 
-def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor,
-               statistics: tuple[Tensor, Tensor] | None = None,
-               conv_input: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bias: Tensor, width: int,
+               statistics: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """relu(batch_norm(the first C channels of the buffer)) in one pass: (out, mean, var);
-    for a convolution's input, ``out`` has zero channels up to conv_input_channels. In
+    ``out`` has zero channels from C up to ``width`` (a convolution's padded input). In
     training the batch statistics are the buffer's and the running ones move, unless
     ``statistics`` (mean, var) are given: a recomputation repeats the forward's."""
     channels = weight.shape[0]
     mean, var, running = statistics + ((),) if statistics else batch_statistics(shared, norm, channels)
     x = shared.prefix(channels)
-    width = conv_input_channels(x, channels) if conv_input else channels
     out = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
     backend(x.device.type).norm_relu(x, shared.pixel_stride, shared.pixels, channels, mean, var,
@@ -229,10 +221,11 @@ def _normalise(shared: SharedFeatures, norm: nn.BatchNorm2d, weight: Tensor, bia
 
 def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, weight: Tensor,
                         mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
-                        newest_channels: int) -> tuple[Tensor, Tensor, Tensor]:
+                        newest: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``_normalise``: adds the input gradient into the block's gradient buffer
-    and returns (the newest feature's complete gradient, grad weight, grad bias). ``out``
-    and ``grad_out`` have its channels, padded or not."""
+    and returns (the newest feature's complete gradient, grad weight, grad bias); ``newest``
+    is its (first channel, width: ``newest_of``). ``out`` and ``grad_out`` have its channels,
+    padded or not."""
     channels = weight.shape[0]
     g = grad_out.contiguous(memory_format=torch.channels_last)
     accumulate = shared.grad_started(batch_stats)
@@ -240,8 +233,8 @@ def _normalise_backward(shared: SharedFeatures, grad_out: Tensor, out: Tensor, w
         g, out, out.shape[1], shared.prefix(channels), shared.pixel_stride, shared.pixels, channels, mean, var, weight,
         eps, shared.grad, shared.pixel_stride, accumulate,
         shared.coefficients if batch_stats else None, shared.counters)
-    newest = shared.finish_grad(channels - newest_channels, channels)
-    return newest, grad_weight, grad_bias
+    start, width = newest
+    return shared.finish_grad(start, channels, width), grad_weight, grad_bias
 
 
 class _NormReLU(torch.autograd.Function):
@@ -254,20 +247,20 @@ class _NormReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, shared: SharedFeatures,
-                norm: nn.BatchNorm2d, conv_input: bool) -> Tensor:
-        out, mean, var = _normalise(shared, norm, weight, bias, conv_input=conv_input)
+                norm: nn.BatchNorm2d, width: int) -> Tensor:
+        out, mean, var = _normalise(shared, norm, weight, bias, width)
         ctx.save_for_backward(out, weight)
         # kept outside autograd's checks: later features' statistics are written beside them
         ctx.statistics, ctx.eps = (mean, var), norm.eps
         ctx.shared, ctx.batch_stats = shared, norm.training
-        ctx.newest_channels = newest.shape[1]
+        ctx.newest = newest_of(shared, newest)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         out, weight = ctx.saved_tensors
         return (*_normalise_backward(ctx.shared, grad_out, out, weight, *ctx.statistics, ctx.eps,
-                                     ctx.batch_stats, ctx.newest_channels), None, None, None)
+                                     ctx.batch_stats, ctx.newest), None, None, None)
 
 
 class _NormReLUConv(torch.autograd.Function):
@@ -276,32 +269,31 @@ class _NormReLUConv(torch.autograd.Function):
     The memory-efficient mode on this path: the normalised input, C channels that grow with
     depth, is recomputed in backward from the block's buffer (one pass; the buffer is written
     once and never changed) instead of being stored, and the convolution does not run twice.
+    ``conv_weight``'s input channels may be padded (the normalised input's are to match).
     """
 
     @staticmethod
     def forward(ctx, newest: Tensor, weight: Tensor, bias: Tensor, conv_weight: Tensor,
                 shared: SharedFeatures, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
-        activated, mean, var = _normalise(shared, norm, weight, bias, conv_input=True)
+        activated, mean, var = _normalise(shared, norm, weight, bias, conv_weight.shape[1])
         ctx.save_for_backward(weight, bias, conv_weight)
         ctx.statistics = (mean, var)  # outside autograd's checks, as in _NormReLU
         ctx.shared, ctx.norm, ctx.conv, ctx.batch_stats = shared, norm, conv, norm.training
-        ctx.newest_channels = newest.shape[1]
-        return F.conv2d(activated, _padded(conv_weight, activated.shape[1]), None, conv.stride,
+        ctx.newest = newest_of(shared, newest)
+        return F.conv2d(activated, conv_weight, None, conv.stride,
                         conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         weight, bias, conv_weight = ctx.saved_tensors
         conv: nn.Conv2d = ctx.conv
-        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, ctx.statistics, conv_input=True)
+        activated, _, _ = _normalise(ctx.shared, ctx.norm, weight, bias, conv_weight.shape[1], ctx.statistics)
         grad_activated, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_out, activated, _padded(conv_weight, activated.shape[1]), None, conv.stride,
+            grad_out, activated, conv_weight, None, conv.stride,
             conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False])
-        if grad_conv.shape != conv_weight.shape:  # the padding's zero input channels
-            grad_conv = torch.empty_like(conv_weight).copy_(grad_conv[:, :conv_weight.shape[1]])
         newest, grad_weight, grad_bias = _normalise_backward(
             ctx.shared, grad_activated, activated, weight, *ctx.statistics, ctx.norm.eps,
-            ctx.batch_stats, ctx.newest_channels)
+            ctx.batch_stats, ctx.newest)
         return newest, grad_weight, grad_bias, grad_conv, None, None, None
 
 
@@ -310,7 +302,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, newest: Tensor, shared: SharedFeatures) -> Tensor:
-        ctx.shared, ctx.newest_channels = shared, newest.shape[1]
+        ctx.shared, ctx.newest = shared, newest_of(shared, newest)
         return shared.buffer.view_as(shared.buffer)
 
     @staticmethod
@@ -319,35 +311,30 @@ class _Gather(torch.autograd.Function):
         grad = shared.like_buffer(shared.buffer.dtype)  # on the buffer's pixel stride
         grad.copy_(grad_out)
         shared.start_grad(grad, grad_out.new_zeros(2, shared.buffer.shape[1], dtype=shared.accumulate))
-        channels = shared.buffer.shape[1]
-        return shared.finish_grad(channels - ctx.newest_channels, channels), None
+        return shared.finish_grad(ctx.newest[0], shared.buffer.shape[1], ctx.newest[1]), None
 
 
-def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor,
-              conv_input: bool = False) -> Tensor:
-    """``relu(norm(concatenation so far))``, ``newest`` the last feature appended; for
-    ``conv`` (``conv_input``), with zero channels up to conv_input_channels."""
-    return _NormReLU.apply(newest, norm.weight, norm.bias, shared, norm, conv_input)
+def norm_relu(norm: nn.BatchNorm2d, shared: SharedFeatures, newest: Tensor, width: int | None = None) -> Tensor:
+    """``relu(norm(concatenation so far))``, ``newest`` the last feature appended, with zero
+    channels up to ``width`` (a convolution's padded input; None: none)."""
+    return _NormReLU.apply(newest, norm.weight, norm.bias, shared, norm, width or norm.num_features)
 
 
-def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, shared: SharedFeatures,
+def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, conv_weight: Tensor, shared: SharedFeatures,
                    newest: Tensor) -> Tensor:
-    """``conv(relu(norm(concatenation so far)))`` storing no activation (memory-efficient)."""
-    return _NormReLUConv.apply(newest, norm.weight, norm.bias, conv.weight, shared, norm, conv)
+    """``conv(relu(norm(concatenation so far)))`` with ``conv_weight`` (input channels padded or
+    not), storing no activation (memory-efficient)."""
+    return _NormReLUConv.apply(newest, norm.weight, norm.bias, conv_weight, shared, norm, conv)
 
 
-def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, conv_input: bool = False) -> Tensor:
-    """``relu(norm(x))`` in one pass, for a tensor ``available`` accepts (``conv_input``: above)."""
-    return norm_relu(norm, SharedFeatures.holding(x, norm.training), x, conv_input)
+def batch_norm_relu(norm: nn.BatchNorm2d, x: Tensor, width: int | None = None) -> Tensor:
+    """``relu(norm(x))`` in one pass, for a tensor ``available`` accepts (``width``: above)."""
+    return norm_relu(norm, SharedFeatures.holding(x, norm.training), x, width)
 
 
-def conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv(x)``, where ``x`` may have zero channels beyond the convolution's inputs
-    (norm_relu's ``conv_input``), matched by a copy of the weight padded with zeros (the
-    module's hooks, which would see a padded input, are then passed over)."""
-    if x.shape[1] == conv.in_channels:
-        return conv(x)
-    return conv._conv_forward(x, _padded(conv.weight, x.shape[1]), conv.bias)
+def newest_of(shared: SharedFeatures, newest: Tensor) -> tuple[int, int]:
+    """The newest feature's first channel in ``shared`` and its width, padded or not."""
+    return shared.newest_start, newest.shape[1]
 
 
 def gather(shared: SharedFeatures, newest: Tensor) -> Tensor:

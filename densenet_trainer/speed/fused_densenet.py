@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from densenet_trainer.speed import fused, fused_gemm, pass_counters
+from densenet_trainer.speed import conv_padding, fused, fused_gemm, pass_counters
 
 tested_on: set[str] = set()  # device types whose self-test passed in this process
 _warned: set[str] = set()  # device types a fused model has said it was not tested on
@@ -47,7 +47,9 @@ class FusedDenseNet(DenseNet):
 
 
 class FusedDenseBlock(DenseBlock):
-    """The block's features joined as they are made, in one fused.SharedFeatures buffer."""
+    """The block's features joined as they are made, in one fused.SharedFeatures buffer; each
+    layer's output carries zero channels where the device's convolutions want them padded
+    (conv_padding.padded_outputs)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not usable(x):
@@ -56,10 +58,16 @@ class FusedDenseBlock(DenseBlock):
         batch_stats = any(layer.norm1.training for layer in self.layers)
         shared = fused.SharedFeatures.for_block(x, self.out_channels, batch_stats)
         newest = x
-        for layer in self.layers:
-            newest = layer(newest, shared)
-            shared.append(newest)
+        with conv_padding.padded_outputs([last_conv(layer) for layer in self.layers]):
+            for layer in self.layers:
+                newest = layer(newest, shared)
+                shared.append(newest, last_conv(layer).out_channels)
         return fused.gather(shared, newest)
+
+
+def last_conv(layer: DenseLayer) -> nn.Conv2d:
+    """The convolution that writes a dense layer's new feature."""
+    return layer.conv2 if layer.bottleneck else layer.conv1
 
 
 class FusedDenseLayer(DenseLayer):
@@ -71,17 +79,20 @@ class FusedDenseLayer(DenseLayer):
         kernel instead of stored (no checkpointing, no convolution run twice)."""
         if shared is None:
             return super().forward(features)
+        width = conv_padding.conv_channels(features, self.norm1.num_features)
         if self.memory_efficient and torch.is_grad_enabled() and features.requires_grad:
-            return self._after_first_conv(fused.norm_relu_conv(self.norm1, self.conv1, shared, features))
-        activated = fused.norm_relu(self.norm1, shared, features, conv_input=True)
-        return self._after_first_conv(fused.conv(self.conv1, activated))
+            weight = conv_padding.padded_input(conv_padding.compute_weight(self.conv1), width)
+            return self._after_first_conv(fused.norm_relu_conv(self.norm1, self.conv1, weight, shared, features))
+        activated = fused.norm_relu(self.norm1, shared, features, width)
+        return self._after_first_conv(conv_padding.conv(self.conv1, activated))
 
     @staticmethod
     def norm_relu_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor) -> Tensor:
         """``conv(relu(norm(x)))``, BatchNorm-ReLU fused where it can be, with the convolution's
-        input channels padded where the device's convolutions want it (fused.conv_input_channels)."""
+        input channels padded where the device's convolutions want it (conv_padding)."""
         if usable(x):
-            return fused.conv(conv, fused.batch_norm_relu(norm, x, conv_input=True))
+            width = conv_padding.conv_channels(x, norm.num_features)
+            return conv_padding.conv(conv, fused.batch_norm_relu(norm, x, width))
         return DenseLayer.norm_relu_conv(norm, conv, x)
 
 

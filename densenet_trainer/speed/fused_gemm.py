@@ -69,7 +69,7 @@ class _NormReLUMatmul(torch.autograd.Function):
         ctx.save_for_backward(weight, bias, conv_weight)
         ctx.statistics = (mean, var)  # outside autograd's checks, as in fused._NormReLU
         ctx.shared, ctx.eps, ctx.batch_stats = shared, norm.eps, norm.training
-        ctx.newest_channels = newest.shape[1]
+        ctx.newest = fused.newest_of(shared, newest)
         return out
 
     @staticmethod
@@ -83,7 +83,7 @@ class _NormReLUMatmul(torch.autograd.Function):
             shared.pixel_stride, shared.pixels, channels, *ctx.statistics, weight, bias, ctx.eps,
             shared.grad, shared.pixel_stride, accumulate, shared.coefficients if ctx.batch_stats else None,
             shared.counters)
-        newest = shared.finish_grad(channels - ctx.newest_channels, channels)
+        newest = shared.finish_grad(ctx.newest[0], channels, ctx.newest[1])
         return newest, grad_weight, grad_bias, grad_conv, None, None, None
 
 

@@ -231,7 +231,7 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     _close(var, reference.var((0, 2, 3), correction=0), sums, "stats' variance of a prefix")
 
     # norm_relu on the prefix, moving the running statistics, into an output padded with
-    # zero channels (a convolution's input: fused.conv_input_channels) that held NaN
+    # zero channels (a convolution's input: conv_padding.conv_channels) that held NaN
     shared = buffer(total)
     x = shared[:, :channels]
     mean, var = vector(), vector(scale=0.5, offset=1.0).abs()
@@ -293,14 +293,14 @@ def check_kernels(kernels, device: torch.device, dtype: torch.dtype,
     _close(alone, gm * a, tolerance, "norm_relu_backward's gradient, written")
     _close(written, torch.stack([b, d]), sums, "the coefficients, written")
 
-    # finish_grad of channels 2:channels of the buffer
+    # finish_grad of channels 2:channels of the buffer, with 3 zero channels (a padded feature's)
     coefficients = _random((2, total), device, stats_dtype, generator)
     grad = out.clone()
     finished = kernels.finish_grad(grad[:, 2:channels], total, shared[:, 2:channels], total,
-                                   coefficients[:, 2:channels], dtype)
-    expected = (out[:, 2:channels].double().cpu() + shared[:, 2:channels].double().cpu()
-                * per_channel(coefficients[0, 2:channels]) + per_channel(coefficients[1, 2:channels]))
-    assert finished.dtype == dtype and finished.shape == (n, channels - 2, height, width)
+                                   coefficients[:, 2:channels], dtype, channels + 1)
+    expected = F.pad(out[:, 2:channels].double().cpu() + shared[:, 2:channels].double().cpu()
+                     * per_channel(coefficients[0, 2:channels]) + per_channel(coefficients[1, 2:channels]), (0, 0, 0, 0, 0, 3))
+    assert finished.dtype == dtype and finished.shape == (n, channels + 1, height, width)
     _close(finished, expected, tolerance, "finish_grad")
 
 

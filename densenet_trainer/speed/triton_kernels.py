@@ -28,6 +28,7 @@ is how tests/unit/test_triton.py checks them without a GPU.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -39,10 +40,11 @@ MIN_PROGRAMS = 256  # about twice the multiprocessors of an H100 or H200 (132): 
 # A block buffer's pixels start on 16-element boundaries (its channels padded up to a multiple
 # of 16), so that loads of a pixel's channels can be vectorised; the padding is never read.
 PIXEL_STRIDE_MULTIPLE = 16
-# A convolution's input channels, padded with zeros up to this multiple by dtype: cuDNN's
-# tensor-core kernels for channels-last bfloat16 want each pixel's channels in whole 16 bytes
-# (1x1 convolutions of 24 + 12i channels are not, for odd i). float32 (TF32) wants 4: 4k + 24 are.
-CONV_INPUT_MULTIPLE = {torch.bfloat16: 8}
+# A convolution's input channels, and a dense layer's output channels, padded with zeros up to
+# this multiple by dtype: cuDNN's tensor-core kernels for channels-last bfloat16 want each
+# pixel's channels in whole 16 bytes (1x1 convolutions of 24 + 12i channels are not, for odd i;
+# nor are growth rates of 12). float32 (TF32) wants 4: 4k + 24 and growth rates of 12 are.
+CONV_CHANNEL_MULTIPLE = {torch.bfloat16: 8}
 BLOCK_R = 32  # partial-sum rows a pass's last program adds at a time (float64: more would spill)
 PARTIAL_ROWS = 256  # at most this many rows of partial sums per pass (partial_grid)
 
@@ -213,8 +215,8 @@ def _finish_backward(sum_g, sum_gx, P, c, cm, mean, var, weight, eps, grad_weigh
 
 @triton.jit(do_not_specialize=["grad_units", "x_units", "C_units"])
 def _finish_grad_kernel(grad, grad_units, x, x_units, coefficients, coefficients_stride, out, P, C_units,
-                        ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    grad_stride, x_stride, C = grad_units * ALIGN, x_units * ALIGN, C_units * ALIGN  # see _align
+                        width_units, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    grad_stride, x_stride, C, width = grad_units * ALIGN, x_units * ALIGN, C_units * ALIGN, width_units * ALIGN
     p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
     c1 = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.load(coefficients + c1, mask=c1 < C, other=0.0)[None, :]
@@ -223,7 +225,8 @@ def _finish_grad_kernel(grad, grad_units, x, x_units, coefficients, coefficients
     inside = (p < P) & (c < C)
     value = tl.load(grad + p * grad_stride + c, mask=inside, other=0.0).to(tl.float32)
     value += tl.load(x + p * x_stride + c, mask=inside, other=0.0).to(tl.float32) * b + d
-    tl.store(out + p * C + c, value.to(out.dtype.element_ty), mask=inside)
+    # out's channels past C are zeros (a padded feature's, fused.SharedFeatures.finish_grad)
+    tl.store(out + p * width + c, value.to(out.dtype.element_ty), mask=(p < P) & (c < width))
 
 
 def _align(*counts: int) -> int:
@@ -326,18 +329,19 @@ def counters_for(channels: int, device: torch.device, counters: Tensor | None) -
 
 
 def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,
-                dtype: torch.dtype) -> Tensor:
+                dtype: torch.dtype, width: int) -> Tensor:
     """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
-    ``dtype``; grad and x are (N, C, H, W) channel slices of channels-last buffers, pixel
-    strides ``grad_stride`` and ``x_stride``."""
-    if coefficients is None:
-        return grad.to(dtype)
+    ``dtype``, with zero channels up to ``width``; grad and x are (N, C, H, W) channel slices of
+    channels-last buffers, pixel strides ``grad_stride`` and ``x_stride``."""
     n, channels, h, w = grad.shape
-    out = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=torch.channels_last)
+    if coefficients is None:
+        grad = grad.to(dtype)
+        return F.pad(grad, (0, 0, 0, 0, 0, width - channels)) if width > channels else grad
+    out = torch.empty((n, width, h, w), dtype=dtype, device=grad.device, memory_format=torch.channels_last)
     pixels = n * h * w
-    grid, block_p, block_c = _tiles(pixels, channels)
-    align = _align(grad_stride, x_stride, channels)
+    grid, block_p, block_c = _tiles(pixels, width)
+    align = _align(grad_stride, x_stride, channels, width)
     _finish_grad_kernel[grid](grad, grad_stride // align, x, x_stride // align, coefficients,
-                              coefficients.stride(0), out, pixels, channels // align, ALIGN=align,
-                              BLOCK_P=block_p, BLOCK_C=block_c)
+                              coefficients.stride(0), out, pixels, channels // align, width // align,
+                              ALIGN=align, BLOCK_P=block_p, BLOCK_C=block_c)
     return out

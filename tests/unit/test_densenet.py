@@ -137,7 +137,7 @@ def test_memory_efficient_fused_path_recomputes_one_normalisation_per_layer(monk
     recomputed, convolutions = [], []
     normalise = fused._normalise
     monkeypatch.setattr(fused, "_normalise", lambda *args, **kwargs: (
-        recomputed.append(len(args) == 5), normalise(*args, **kwargs))[1])
+        recomputed.append(len(args) == 6), normalise(*args, **kwargs))[1])
     for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
         conv.register_forward_hook(lambda *args: convolutions.append(1))
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)

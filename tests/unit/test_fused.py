@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from densenet import DenseLayer, DenseNet
 from densenet_trainer.speed import apply_fused_kernels, cpu_kernels, fused
-from helpers import densenet, same_weights
+from helpers import densenet, padding_spied, same_weights
 
 pytestmark = pytest.mark.skipif(fused.backend("cpu") is None,
                                 reason="no C compiler with OpenMP: the fused path is not built")
@@ -34,17 +34,13 @@ def step(model: DenseNet, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return out, x.grad
 
 
-def padding_recorded(monkeypatch, multiple: int) -> list[int]:
-    """The CPU's convolutions given inputs padded to ``multiple`` channels, as bfloat16's are on
-    CUDA (fused.conv_input_channels); returns the list of zero channels each padded weight got."""
+def padding_recorded(monkeypatch, multiple: int) -> dict[str, list[int]]:
+    """The CPU's convolutions given channels padded to ``multiple``, as bfloat16's are on CUDA
+    (conv_padding); returns helpers.padding_spied's record."""
     from densenet_trainer.speed import kernel_check
     kernel_check.failure("cpu")  # the self-test (once per process) before anything is recorded
-    monkeypatch.setattr(cpu_kernels, "CONV_INPUT_MULTIPLE", {torch.float64: multiple, torch.float32: multiple})
-    padded, pad = [], fused._padded
-    monkeypatch.setattr(fused, "_padded", lambda weight, channels: (
-        padded.extend([channels - weight.shape[1]] if channels > weight.shape[1] else []),
-        pad(weight, channels))[1])
-    return padded
+    monkeypatch.setattr(cpu_kernels, "CONV_CHANNEL_MULTIPLE", {torch.float64: multiple, torch.float32: multiple})
+    return padding_spied(monkeypatch)
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
@@ -52,16 +48,18 @@ def padding_recorded(monkeypatch, multiple: int) -> list[int]:
 @pytest.mark.parametrize("conv_multiple", [1, 8])
 def test_fused_matches_aten_in_float64(bottleneck, memory_efficient, conv_multiple, monkeypatch):
     """The same outputs, gradients and running statistics, also where the convolutions'
-    inputs are padded with zero channels (to 8 here: 8 + 4i channels are for odd i)."""
+    inputs and the layers' outputs are padded with zero channels (to 8 here: 8 + 4i channels
+    are for odd i; the growth rate of 4 always)."""
     aten, fast = twins(bottleneck=bottleneck, compression=0.5, memory_efficient=memory_efficient)
     x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
     labels = torch.randint(0, 10, (6,))
     assert not fused.available(x) and fused.available(x.contiguous(memory_format=CHANNELS_LAST))
     padded = padding_recorded(monkeypatch, conv_multiple)
     out_aten, grad_aten = step(aten, x, labels)
-    assert not padded  # the ATen path pads nothing
+    assert padded == {"inputs": [], "outputs": []}  # the ATen path pads nothing
     out_fast, grad_fast = step(fast, x.contiguous(memory_format=CHANNELS_LAST), labels)
-    assert (max(padded, default=0) == 4) == (conv_multiple == 8), padded
+    assert (max(padded["inputs"], default=0) == 4) == (conv_multiple == 8), padded
+    assert set(padded["outputs"]) == ({4} if conv_multiple == 8 else set()), padded
     torch.testing.assert_close(out_fast, out_aten, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_fast, grad_aten, rtol=1e-10, atol=1e-14)
     for (name, a), b in zip(aten.named_parameters(), fast.parameters()):
