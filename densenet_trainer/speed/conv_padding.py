@@ -40,14 +40,17 @@ def padded_input(weight: Tensor, channels: int) -> Tensor:
 
 class _ZeroRows(torch.autograd.Function):
     """Weights with zero output channels up to ``rows`` each, in one zeroed buffer filled by one
-    multi-tensor copy; backward hands each weight the first rows of its gradient (views)."""
+    multi-tensor copy, each in its weight's memory format (channels-last weights stay so: the
+    copy keeps its fast path, and cuDNN converts nothing); backward hands each weight the first
+    rows of its gradient (views), or nothing where a copy went unused."""
 
     @staticmethod
     def forward(ctx, rows: Sequence[int], *weights: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
         shapes = [(count, *weight.shape[1:]) for count, weight in zip(rows, weights)]
         sizes = [math.prod(shape) for shape in shapes]
         storage = weights[0].new_zeros(sum(sizes))
-        padded = [part.view(shape) for part, shape in zip(storage.split(sizes), shapes)]
+        padded = [_laid_out_as(weight, part, shape) for weight, part, shape in zip(weights, storage.split(sizes), shapes)]
         torch._foreach_copy_([out[:len(weight)] for out, weight in zip(padded, weights)], list(weights))
         ctx.channels = [len(weight) for weight in weights]
         return tuple(padded)
@@ -55,6 +58,15 @@ class _ZeroRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
         return (None, *(None if grad is None else grad[:count] for grad, count in zip(grads, ctx.channels)))
+
+
+def _laid_out_as(weight: Tensor, part: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``part`` of a flat buffer as a (rows, C, kh, kw) tensor in ``weight``'s memory format, so
+    that its first rows have the weight's strides."""
+    if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        rows, channels, height, width = shape
+        return part.view(rows, height, width, channels).permute(0, 3, 1, 2)
+    return part.view(shape)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """densenet.py's DenseNet computed with the fused kernels (fused.py), put on a built model.
 
 Each class here is densenet.py's with a forward of its own, so that a fused model is the same
-model (the same modules, parameters, state dict and forward hooks): each dense block writes
+model (the same modules, parameters, state dict and forward hooks; but where its channels are
+padded, in bfloat16 on CUDA, a dense layer's output carries its zero channels and a padded
+convolution's own hooks are passed over: conv_padding): each dense block writes
 its features once into one shared buffer and every BatchNorm-ReLU is one fused pass; the
 BatchNorms count their batch in one operation (``batch_counters``). ``fuse`` turns a built
 ``DenseNet`` into one by the classes of its modules alone;

@@ -213,7 +213,7 @@ def _finish_backward(sum_g, sum_gx, P, c, cm, mean, var, weight, eps, grad_weigh
         tl.store(coefficients + coefficients_stride + c, d, mask=cm)
 
 
-@triton.jit(do_not_specialize=["grad_units", "x_units", "C_units"])
+@triton.jit(do_not_specialize=["grad_units", "x_units", "C_units", "width_units"])
 def _finish_grad_kernel(grad, grad_units, x, x_units, coefficients, coefficients_stride, out, P, C_units,
                         width_units, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     grad_stride, x_stride, C, width = grad_units * ALIGN, x_units * ALIGN, C_units * ALIGN, width_units * ALIGN

@@ -103,6 +103,23 @@ def test_memory_efficient_fused_with_dropout_matches_standard_fused():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST])
+def test_padded_weight_copies_keep_their_layout_and_hand_back_gradients_as_views(memory_format):
+    """conv_padding's copies with zero output channels: the weights' values, then zeros; their
+    first rows with the weights' strides (one multi-tensor copy, and nothing for cuDNN to
+    convert); gradients back to the weights, none to a weight whose copy went unused."""
+    from densenet_trainer.speed.conv_padding import _ZeroRows
+    weights = [torch.randn(shape).to(memory_format=memory_format).requires_grad_()
+               for shape in ((4, 6, 3, 3), (5, 3, 3, 3))]
+    padded = _ZeroRows.apply([8, 16], *weights)
+    for weight, copy_, rows in zip(weights, padded, (8, 16)):
+        assert copy_.shape == (rows, *weight.shape[1:]) and copy_[:len(weight)].stride() == weight.stride()
+        assert torch.equal(copy_[:len(weight)], weight) and not copy_[len(weight):].any()
+    (padded[0] * torch.arange(8.0).view(8, 1, 1, 1)).sum().backward()
+    assert torch.equal(weights[0].grad, torch.arange(4.0).view(4, 1, 1, 1).expand(4, 6, 3, 3))
+    assert weights[1].grad is None
+
+
 def test_layers_are_called_as_modules_on_the_fused_path():
     """Forward hooks (attic/summary.py uses them) see every dense layer on both paths."""
     model = densenet("fused", depth=16, growth_rate=4).to(memory_format=CHANNELS_LAST)
