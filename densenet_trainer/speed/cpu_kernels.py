@@ -46,7 +46,7 @@ _ARGUMENTS = {"norm_relu": [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64],
                                      _PTR, _PTR],
               "stats": [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR]}
 PIXEL_STRIDE_MULTIPLE = 1  # a block buffer's pixels need no padding here
-CONV_CHANNEL_MULTIPLE: dict[torch.dtype, int] = {}  # nor the convolutions' channels (fused.conv_channels)
+CONV_CHANNEL_MULTIPLE: dict[torch.dtype, int] = {}  # nor the convolutions' channels (conv_padding.conv_channels)
 
 
 CACHE_VARIABLE = "DENSENET_KERNEL_CACHE"  # where the built kernels are kept (see cache_folder)
