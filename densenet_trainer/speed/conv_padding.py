@@ -74,18 +74,19 @@ def padded_outputs(convs: Sequence[nn.Conv2d]) -> Iterator[None]:
     """Within it, each of ``convs`` whose output channels the device's convolutions want padded
     computes on the fused path with a copy of its weight that has zero output channels up to
     conv_channels (``compute_weight``): a fused block's layers' last convolutions."""
-    padding = [conv for conv in convs if conv.bias is None and conv.groups == 1
-               and conv_channels(conv.weight, conv.out_channels) > conv.out_channels]
+    padding = [(conv, conv_channels(conv.weight, conv.out_channels)) for conv in convs
+               if conv.bias is None and conv.groups == 1]
+    padding = [(conv, rows) for conv, rows in padding if rows > conv.out_channels]
     if not padding:
         yield
         return
-    rows = [conv_channels(conv.weight, conv.out_channels) for conv in padding]
-    for conv, weight in zip(padding, _ZeroRows.apply(rows, *(conv.weight for conv in padding))):
+    copies = _ZeroRows.apply([rows for _, rows in padding], *(conv.weight for conv, _ in padding))
+    for (conv, _), weight in zip(padding, copies):
         conv.__dict__["padded_weight"] = weight  # not a module attribute: gone after the block
     try:
         yield
     finally:
-        for conv in padding:
+        for conv, _ in padding:
             del conv.__dict__["padded_weight"]
 
 

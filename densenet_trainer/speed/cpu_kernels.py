@@ -238,13 +238,16 @@ def norm_relu_backward(g: Tensor, y: Tensor, y_stride: int, x: Tensor, x_stride:
     return sum_gx * invstd, sum_g
 
 
-def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,
+def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor,
                 dtype: torch.dtype, width: int) -> Tensor:
-    """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
-    ``dtype``, with zero channels up to ``width``; grad and x are (N, C, H, W) channel slices of
-    channels-last buffers, pixel strides ``grad_stride`` and ``x_stride``. Computed in place in ``grad``."""
-    if coefficients is not None:
-        grad.addcmul_(x, coefficients[0].view(1, -1, 1, 1))
-        grad.add_(coefficients[1].view(1, -1, 1, 1))
-    grad = grad.to(dtype)
-    return F.pad(grad, (0, 0, 0, 0, 0, width - grad.shape[1])) if width > grad.shape[1] else grad
+    """grad + x * b + d per channel (``coefficients`` rows b and d), in ``dtype``, with zero
+    channels up to ``width``; grad and x are (N, C, H, W) channel slices of channels-last
+    buffers, pixel strides ``grad_stride`` and ``x_stride``. Computed in place in ``grad``."""
+    grad.addcmul_(x, coefficients[0].view(1, -1, 1, 1))
+    grad.add_(coefficients[1].view(1, -1, 1, 1))
+    return zero_padded(grad.to(dtype), width)
+
+
+def zero_padded(x: Tensor, width: int) -> Tensor:
+    """``x`` (N, C, H, W) with zero channels up to ``width``."""
+    return F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1])) if width > x.shape[1] else x

@@ -187,10 +187,11 @@ class SharedFeatures:
         A BatchNorm passes gradient through its batch mean and variance as ``x * b + d`` per
         channel, and every later layer sees the same ``x``: the layers only sum their ``b``
         and ``d`` (``coefficients``), and the sum is applied here once, to these channels."""
-        coefficients = None if self.coefficients is None else self.coefficients[:, start:end]
+        if self.coefficients is None:  # no batch statistics: the gradient as it stands
+            return cpu_kernels.zero_padded(self.grad[:, start:end].to(self.buffer.dtype), width)
         return backend(self.buffer.device.type).finish_grad(
             self.grad[:, start:end], self.pixel_stride, self.buffer[:, start:end], self.pixel_stride,
-            coefficients, self.buffer.dtype, width)
+            self.coefficients[:, start:end], self.buffer.dtype, width)
 
 
 def batch_statistics(shared: SharedFeatures, norm: nn.BatchNorm2d, channels: int) -> tuple[Tensor, Tensor, tuple]:

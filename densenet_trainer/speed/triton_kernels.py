@@ -28,7 +28,6 @@ is how tests/unit/test_triton.py checks them without a GPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -328,15 +327,12 @@ def counters_for(channels: int, device: torch.device, counters: Tensor | None) -
     return counters
 
 
-def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor | None,
+def finish_grad(grad: Tensor, grad_stride: int, x: Tensor, x_stride: int, coefficients: Tensor,
                 dtype: torch.dtype, width: int) -> Tensor:
-    """grad + x * b + d per channel (``coefficients`` rows b and d; None: grad alone), in
-    ``dtype``, with zero channels up to ``width``; grad and x are (N, C, H, W) channel slices of
-    channels-last buffers, pixel strides ``grad_stride`` and ``x_stride``."""
+    """grad + x * b + d per channel (``coefficients`` rows b and d), in ``dtype``, with zero
+    channels up to ``width``; grad and x are (N, C, H, W) channel slices of channels-last
+    buffers, pixel strides ``grad_stride`` and ``x_stride``."""
     n, channels, h, w = grad.shape
-    if coefficients is None:
-        grad = grad.to(dtype)
-        return F.pad(grad, (0, 0, 0, 0, 0, width - channels)) if width > channels else grad
     out = torch.empty((n, width, h, w), dtype=dtype, device=grad.device, memory_format=torch.channels_last)
     pixels = n * h * w
     grid, block_p, block_c = _tiles(pixels, width)
